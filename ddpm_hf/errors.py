@@ -1,0 +1,49 @@
+"""User-facing failures: one line on stderr and a non-zero exit, never a traceback.
+
+Library code raises `UsageError` (the user asked for something impossible: exit 2)
+or `DDPMError` (a runtime failure such as an unreachable dataset: exit 1). The
+scripts wrap their `main` in `run_cli`, which turns these into one line.
+"""
+
+import functools
+import os
+import sys
+
+
+class DDPMError(Exception):
+    """A failure the user can fix; its message says what is wrong and how to fix it."""
+
+    exit_code = 1
+
+
+class UsageError(DDPMError):
+    """Impossible flags or settings (exit code 2, like argparse)."""
+
+    exit_code = 2
+
+
+def _debug_requested(argv) -> bool:
+    return "--debug" in argv or os.environ.get("DDPM_HF_DEBUG") == "1"
+
+
+def fail(message: str, exit_code: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(exit_code)
+
+
+def run_cli(main):
+    """Run a script's `main(argv)`; known failures become one stderr line and an exit code."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        argv = sys.argv[1:] if argv is None else argv
+        try:
+            return main(argv)
+        except DDPMError as err:
+            if _debug_requested(argv):
+                raise
+            fail(str(err), err.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted by the user", 130)
+
+    return wrapper

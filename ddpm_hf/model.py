@@ -1,0 +1,67 @@
+"""The original's openai-style UNet expressed as a diffusers `UNet2DModel`.
+
+The mapping (seed-semantics.md, "Model"): widths are `model_channels * mult`,
+`attention_resolutions` are downsample factors (level i has attention when 2**i is
+listed), the middle block always has attention, `num_head_channels` wins over
+`num_heads`, and GroupNorm uses 32 groups everywhere, attention included.
+"""
+
+import torch
+from diffusers import UNet2DModel
+
+from .config import DDPMConfig
+from .errors import UsageError
+
+
+def unet_kwargs(cfg: DDPMConfig, in_channels: int, sample_size: int) -> dict:
+    levels = len(cfg.channel_mult)
+    factor = 2 ** (levels - 1)
+    if sample_size % factor:
+        raise UsageError(f"--size {sample_size} is not divisible by {factor}, the UNet's total downsampling with "
+                         f"{levels} levels (--channel_mult); use a multiple of {factor}")
+    attention = [2**i in cfg.attention_resolutions for i in range(levels)]
+    # Levels without attention get ResNet samplers with --resblock_updown; attention levels
+    # take the sampler type from downsample_type/upsample_type.
+    down_plain, up_plain = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if cfg.resblock_updown else ("DownBlock2D", "UpBlock2D")
+    head_dim = cfg.num_head_channels if cfg.num_head_channels != -1 else cfg.model_channels * cfg.channel_mult[0] // cfg.num_heads
+    return dict(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
+        layers_per_block=cfg.num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else down_plain for a in attention),
+        up_block_types=tuple("AttnUpBlock2D" if a else up_plain for a in reversed(attention)),
+        downsample_type="resnet" if cfg.resblock_updown else "conv",
+        upsample_type="resnet" if cfg.resblock_updown else "conv",
+        attention_head_dim=head_dim,
+        norm_num_groups=32,
+        attn_norm_num_groups=32,
+        norm_eps=1e-5,
+        act_fn="silu",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        downsample_padding=1,
+        dropout=cfg.dropout,
+        resnet_time_scale_shift="scale_shift" if cfg.use_scale_shift_norm else "default",
+    )
+
+
+def zero_init_like_original(unet: UNet2DModel) -> None:
+    """The original zero-initialises each ResBlock's second conv, attention outputs and the final conv,
+    so every residual branch starts as the identity."""
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("conv2") or name.endswith("to_out.0") or name == "conv_out":
+                for p in module.parameters():
+                    p.zero_()
+
+
+def build_unet(cfg: DDPMConfig, in_channels: int, sample_size: int) -> UNet2DModel:
+    unet = UNet2DModel(**unet_kwargs(cfg, in_channels, sample_size))
+    zero_init_like_original(unet)
+    return unet
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
