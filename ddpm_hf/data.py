@@ -210,12 +210,21 @@ def _pil_to_array(img: Image.Image, channels: int, size: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _infer_channels(ds, column) -> int:
-    first = ds[0][column]
-    if isinstance(first, Image.Image):
-        return 1 if first.mode in ("L", "1", "I", "I;16", "F") else 3
-    first = np.asarray(first)
-    return 1 if first.ndim == 2 or first.shape[-1] == 1 else 3
+def _open(ref) -> Image.Image:
+    """A PIL image from a non-decoded `datasets.Image` value ({"bytes", "path"})."""
+    img = Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref["path"])
+    img.load()
+    return img
+
+
+def _first_readable(raw, column, name) -> Image.Image:
+    for i in range(min(len(raw), 50)):
+        try:
+            return _open(raw[i][column])
+        except Exception:
+            continue
+    raise DDPMError(f"none of the first {min(len(raw), 50)} images of {name} can be read (damaged or not images); "
+                    f"check the files, or remove the unreadable ones")
 
 
 @dataclass
@@ -235,11 +244,8 @@ def load_images(name: str, split: str, cfg, size: Optional[int] = None, channels
         raise UsageError(f"dataset {name} ({split} split) holds no images")
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    channels = channels or cfg.channels or spec.channels or _infer_channels(ds, column)
     size = size or cfg.size or spec.size
-    if not size:
-        first = ds[0][column]
-        size = min(first.size) if isinstance(first, Image.Image) else np.asarray(first).shape[0]
+    channels = channels or cfg.channels or spec.channels
     if spec.loader is not None:  # array-backed: convert and resize whole batches
         arr = np.asarray(ds.with_format("numpy")[column], dtype=np.uint8)
         images = torch.cat([_resize_batch(torch.from_numpy(_to_channels(arr[i:i + 4096], channels)), size)
@@ -247,13 +253,16 @@ def load_images(name: str, split: str, cfg, size: Optional[int] = None, channels
         return ImageData(images, channels, size, name)
     import datasets
 
-    raw = ds.cast_column(column, datasets.Image(decode=False))
+    raw = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped, not fatal
+    if not channels or not size:  # a folder or an unregistered Hub dataset: follow its first image
+        first = _first_readable(raw, column, name)
+        channels = channels or (1 if first.mode in ("L", "1", "I", "I;16", "F", "LA") else 3)
+        size = size or min(first.size)
     out, skipped = [], 0
     for item in tqdm(raw, desc=f"decoding {name} ({split})", disable=not progress, unit="img", mininterval=2):
         ref = item[column]
         try:
-            with Image.open(io.BytesIO(ref["bytes"]) if ref.get("bytes") else ref["path"]) as img:
-                img.load()
+            with _open(ref) as img:
                 out.append(_pil_to_array(img, channels, size))
         except Exception as err:  # unreadable or truncated file: skip it and count it
             skipped += 1
