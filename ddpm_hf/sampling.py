@@ -22,6 +22,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from .errors import UsageError
+from .latent import decode_latents  # noqa: F401  (latent models decode here; ood.py imports it from here)
 
 
 def make_noise_scheduler(timesteps: int, beta_start: float, beta_end: float) -> DDPMScheduler:
@@ -98,11 +99,6 @@ def generate(unet, scheduler, num_images: int, steps: int, eta: float = 1.0, see
         for b in tqdm(range(batches), desc="sampling batches", disable=not progress or batches == 1)])
 
 
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    scale = vae.config.scaling_factor
-    return vae.decode(latents.to(vae.dtype) / scale).sample.float()
-
-
 def _save_png(image_uint8: torch.Tensor, path: Path) -> None:
     """Write to a temporary name, then rename: an interrupted run never leaves a truncated
     PNG under a final name that a rerun would count as done."""
@@ -120,7 +116,9 @@ def fid_folder(cfg, loaded) -> Path:
     if match:  # the original parsed N from "...epochN.pt"
         epochs = int(match.group(1))
     root = Path(cfg.output_dir or ".")
-    return root / "fid_samples" / dataset / f"ddpm_{cfg.ddpm}_timesteps_{cfg.sample_timesteps}_ep{epochs}"
+    # Other samplers get their own folder, so a rerun never reuses another sampler's images.
+    suffix = "" if cfg.scheduler == "ddim" else f"_{cfg.scheduler}"
+    return root / "fid_samples" / dataset / f"ddpm_{cfg.ddpm}_timesteps_{cfg.sample_timesteps}_ep{epochs}{suffix}"
 
 
 def run_sampling(cfg, device=None) -> Path:
@@ -129,6 +127,14 @@ def run_sampling(cfg, device=None) -> Path:
     from .pipeline import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    evaluator = None
+    if cfg.fid_reference:
+        if not cfg.fid:
+            raise UsageError("--fid_reference measures the --fid folder; add --fid (and --num_samples N)")
+        from .fid import FIDEvaluator
+
+        # Before loading the model and sampling: missing Inception weights fail in a second.
+        evaluator = FIDEvaluator(cfg, cfg.fid_reference, cfg.fid_reference_split, device=device)
     loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
     num_images = cfg.num_samples or (50_000 if cfg.fid else 16)
     out = fid_folder(cfg, loaded) if cfg.fid else Path(cfg.output_dir or f"samples/{Path(cfg.checkpoint).stem}")
@@ -161,4 +167,11 @@ def run_sampling(cfg, device=None) -> Path:
     elapsed = time.time() - start
     print(f"wrote {done} new image(s) ({num_images - done} already there) to {out} in {elapsed:.1f} s"
           + ("" if cfg.fid else f"; grid: {out / 'grid.png'}"))
+    if evaluator is not None:
+        from .fid import evaluate_folder
+
+        eta = cfg.ddpm if "eta" in _step_kwargs(scheduler, cfg.ddpm, None) else None
+        evaluate_folder(evaluator, out, num_images, sampler=dict(
+            scheduler=cfg.scheduler, steps=steps, sample_timesteps=cfg.sample_timesteps, eta=eta, seed=cfg.seed,
+            checkpoint=str(cfg.checkpoint), sampling_seconds_this_run=round(elapsed, 1)))
     return out

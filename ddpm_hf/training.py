@@ -6,6 +6,7 @@ grids from the EMA model, resumable checkpoints written atomically, a JSON-lines
 and at the end a standard diffusers pipeline folder holding the EMA weights.
 """
 
+import itertools
 import json
 import math
 import os
@@ -14,25 +15,33 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from .config import DDPMConfig
 from .data import load_images, to_model_range
 from .errors import DDPMError, UsageError
+from .hub import TrainingPush
+from .latent import encode_dataset, latent_format, load_training_vae, training_latents
 from .losses import elementwise_loss
-from .model import build_unet, count_parameters
+from .model import build_unet, count_parameters, unet_kwargs
 from .pipeline import public_config, save_pipeline
 from .sampling import generate, make_noise_scheduler, make_sampler, num_inference_steps
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"
+DISCARD_SUFFIX = ".discard"
+MANIFEST = "ddpm_hf_checkpoint.json"  # written last; lists every file with its size
+EMA_FILE = "ema.safetensors"
+TRAINER_STATE = "trainer_state.json"  # data position, counters, EMA and LR-schedule state
 
 
 class PlainEMA(EMAModel):
@@ -43,14 +52,33 @@ class PlainEMA(EMAModel):
         return self.decay
 
 
-def prepare_output_dir(cfg: DDPMConfig) -> Path:
+def check_output_dir(cfg: DDPMConfig) -> Path:
+    """Refuse to clobber an earlier run and check that the folder can be written, creating
+    nothing yet: a run that fails on its data or flags leaves the disk as it was."""
     out = Path(cfg.resolved_output_dir())
-    if (out / "model_index.json").exists() and not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
-        raise UsageError(f"{out} already holds a trained pipeline; pass --overwrite_output_dir to replace it, "
-                         f"--resume_from_checkpoint latest to continue, or another --output_dir")
+    if not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
+        if (out / "model_index.json").exists():
+            raise UsageError(f"{out} already holds a trained pipeline; pass --overwrite_output_dir to replace it, "
+                             f"--resume_from_checkpoint latest to continue, or another --output_dir")
+        if list_checkpoints(out / "checkpoints"):
+            raise UsageError(f"{out} holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue it, "
+                             f"--overwrite_output_dir to start over, or another --output_dir")
+    resume = cfg.resume_from_checkpoint
+    if resume and resume != "latest" and not (Path(resume).is_dir() and Path(resume).name.startswith(CHECKPOINT_PREFIX)):
+        raise UsageError(f"--resume_from_checkpoint {resume} is not a checkpoint folder (OUTPUT_DIR/checkpoints/checkpoint-N) or 'latest'")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {out} is not writable ({existing} is not a writable folder); choose another --output_dir")
+    return out
+
+
+def prepare_output_dir(cfg: DDPMConfig) -> Path:
+    out = check_output_dir(cfg)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        probe = out / f".write_test_{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
@@ -58,12 +86,20 @@ def prepare_output_dir(cfg: DDPMConfig) -> Path:
     return out
 
 
+def _test_kill(variable: str, step: int) -> None:
+    """Test hook (README, section reliability): DDPM_HF_KILL_AT_STEP=N and DDPM_HF_KILL_DURING_SAVE=N
+    SIGKILL this process after optimiser step N or halfway through saving checkpoint N, so a test
+    can prove that a kill at a moment it chooses loses nothing."""
+    if os.environ.get(variable) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX):])
 
 
 def list_checkpoints(checkpoint_root: Path) -> list:
-    """Complete checkpoints, oldest first (partial ones carry a suffix and are ignored)."""
+    """Checkpoints under their final name, oldest first (interrupted saves carry a suffix)."""
     if not checkpoint_root.is_dir():
         return []
     found = [p for p in checkpoint_root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
@@ -71,9 +107,40 @@ def list_checkpoints(checkpoint_root: Path) -> list:
     return sorted(found, key=_checkpoint_step)
 
 
-def save_checkpoint(accelerator, checkpoint_root: Path, step: int, limit=None) -> Path:
-    """save_state into `checkpoint-N.partial`, then rename: a kill mid-save never leaves a
-    checkpoint that `latest` would pick."""
+def _discard(path: Path) -> None:
+    """Rename, then delete: a kill halfway through never leaves a half-deleted checkpoint-N."""
+    doomed = path.with_name(path.name + DISCARD_SUFFIX)
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    """Written last: the list of every file of the checkpoint with its size."""
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps(dict(step=step, files=files), indent=1))
+
+
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be trusted (None when its manifest matches its files)."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}: its save did not finish"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes instead of {size}"
+    return None
+
+
+def save_checkpoint(accelerator, checkpoint_root: Path, step: int, limit=None, write_extra=None) -> Path:
+    """save_state (+ `write_extra(folder)`, + the manifest) into `checkpoint-N.partial`, then
+    rename: a kill mid-save never leaves a checkpoint-N that `latest` would pick."""
     final = checkpoint_root / f"{CHECKPOINT_PREFIX}{step}"
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     if accelerator.is_main_process:
@@ -82,37 +149,54 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, limit=None) -
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _test_kill("DDPM_HF_KILL_DURING_SAVE", step)
+        if write_extra:
+            write_extra(partial)
+        _write_manifest(partial, step)
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(partial, final)
         if limit:
             for old in list_checkpoints(checkpoint_root)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, cfg: DDPMConfig, checkpoint_root: Path) -> int:
-    """Restore the requested checkpoint; return the optimiser step it was saved at.
-    With 'latest', a damaged checkpoint is reported and the next older one is tried."""
+def load_checkpoint(accelerator, cfg: DDPMConfig, checkpoint_root: Path, read_extra=None) -> int:
+    """Restore the requested checkpoint (`read_extra(folder)` restores what save_checkpoint's
+    `write_extra` wrote); return the optimiser step it was saved at. With 'latest', a damaged
+    checkpoint is reported in one line and the next older one is tried."""
     if cfg.resume_from_checkpoint == "latest":
+        if accelerator.is_main_process and checkpoint_root.is_dir():
+            for stale in sorted(checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*{PARTIAL_SUFFIX}")):
+                print(f"notice: removing {stale}, a checkpoint whose save was interrupted", file=sys.stderr)
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*{DISCARD_SUFFIX}"):
+                shutil.rmtree(stale, ignore_errors=True)  # an interrupted deletion of an old checkpoint
+        accelerator.wait_for_everyone()
         candidates = list_checkpoints(checkpoint_root)[::-1]
         if not candidates:
             accelerator.print(f"no checkpoint in {checkpoint_root}; starting a new run")
             return 0
     else:
-        path = Path(cfg.resume_from_checkpoint)
-        if not path.is_dir() or not path.name.startswith(CHECKPOINT_PREFIX):
-            raise UsageError(f"--resume_from_checkpoint {path} is not a checkpoint folder (checkpoints/checkpoint-N) or 'latest'")
-        candidates = [path]
+        candidates = [Path(cfg.resume_from_checkpoint)]  # a checkpoint folder: check_output_dir made sure
     for path in candidates:
-        try:
-            accelerator.load_state(str(path))
-        except Exception as err:
-            message = f"checkpoint {path} is damaged or incomplete ({type(err).__name__})"
+        problem = checkpoint_problem(path)
+        if problem is None:
+            try:
+                if read_extra:
+                    read_extra(path)
+                accelerator.load_state(str(path))
+            except UsageError:
+                raise
+            except Exception as err:
+                problem = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'cannot be loaded'}"
+        if problem is not None:
+            message = f"checkpoint {path} is damaged or incomplete ({problem})"
             if cfg.resume_from_checkpoint != "latest":
-                raise DDPMError(f"{message}; resume from another checkpoint or 'latest'") from None
-            print(f"warning: {message}; trying an older one", file=sys.stderr)
+                raise DDPMError(f"{message}; resume from another checkpoint or 'latest'")
+            print(f"warning: {message}; falling back to an older one", file=sys.stderr)
             continue
         accelerator.print(f"resumed from {path}")
         return _checkpoint_step(path)
@@ -141,7 +225,9 @@ def _log_grid(accelerator, tracker, grid: torch.Tensor, step: int) -> None:
 
 def _one_cycle(optimizer, cfg: DDPMConfig, total_steps: int, steps_per_epoch: int):
     """The original's OneCycleLR: from 1e-6 up to lr over --warmup epochs, cosine back to 1e-6."""
-    pct_start = min(cfg.warmup * steps_per_epoch / total_steps, (total_steps - 1) / total_steps) if total_steps > 1 else 0.0
+    warm = min(cfg.warmup * steps_per_epoch, total_steps - 1)
+    # A one-step warm-up is a 0/0 inside OneCycleLR (its first phase would end at step 0): none instead.
+    pct_start = warm / total_steps if warm > 1 else 0.0
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start, anneal_strategy="cos",
         cycle_momentum=False, div_factor=cfg.lr / 1e-6, final_div_factor=1)
@@ -160,15 +246,104 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C quits at once (checkpoints on disk stay whole)
         self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
+              + (" (Ctrl-C again quits at once)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
 
+def _model_config(model) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(dict(model.config), default=str)).items() if not k.startswith("_")}
+
+
+def _trim_log(log_path: Path, step: int) -> None:
+    """On resume, drop the log lines of steps after the checkpoint (they are trained again), and a
+    line a kill cut short."""
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, log_path)
+
+
+def _save_pipeline_atomically(out: Path, save) -> None:
+    """`save(folder)` into a hidden folder, then move its entries in with model_index.json last: the
+    file that marks a finished run appears only when everything else is in place."""
+    tmp = out / ".pipeline.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    for entry in sorted(tmp.iterdir(), key=lambda e: e.name == "model_index.json"):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp.rmdir()
+
+
+class _FidHook:
+    """--eval_fid_every: FID/KID of the EMA model at epoch ends (main process), logged to
+    train_log.jsonl and the tracker; --save_best_fid keeps the best pipeline in best_fid/."""
+
+    def __init__(self, cfg: DDPMConfig, out: Path, accelerator, vae=None):
+        from .fid import FIDEvaluator
+
+        self.cfg, self.out, self.accelerator, self.vae = cfg, out, accelerator, vae
+        self.best_dir = out / "best_fid"
+        # Loads Inception now: missing weights fail before any training step.
+        self.evaluator = FIDEvaluator(cfg, cfg.fid_reference or cfg.dataset, cfg.fid_reference_split,
+                                      device=accelerator.device) if accelerator.is_main_process else None
+        self.best = math.inf
+        if cfg.resume_from_checkpoint and (self.best_dir / "fid.json").exists():
+            self.best = json.loads((self.best_dir / "fid.json").read_text())["fid"]
+
+    def __call__(self, model, ema, sampler, steps: int, epoch: int, global_step: int, noise_config) -> None:
+        from .data import to_uint8
+        from .fid import write_json
+
+        cfg = self.cfg
+        if self.evaluator is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+            model.eval()
+            # The same noise at every evaluation: FID changes come from the model, not the draw.
+            images = generate(model, sampler, cfg.fid_num_samples, steps, eta=cfg.ddpm, seed=cfg.seed,
+                              batch_size=cfg.batch_size, vae=self.vae, progress=False)
+            result = self.evaluator.evaluate(to_uint8(images))
+            record = dict(step=global_step, epoch=epoch, fid=result["fid"], kid_mean=result["kid_mean"],
+                          kid_std=result["kid_std"], fid_num_samples=len(images))
+            with (self.out / "train_log.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.accelerator.log({"FID": result["fid"], "KID": result["kid_mean"]}, step=global_step)
+            print(f"epoch {epoch + 1}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({len(images)} EMA samples)")
+            if cfg.save_best_fid and result["fid"] < self.best:
+                self.best = result["fid"]
+                best = UNet2DModel.from_config(model.config)
+                best.load_state_dict(model.state_dict())  # the EMA weights, copied in above
+                trained = dict(trained_steps=global_step, trained_epochs=epoch + 1, fid=result["fid"])
+                self.best_dir.mkdir(exist_ok=True)
+                _save_pipeline_atomically(self.best_dir, lambda folder: save_pipeline(
+                    folder, best, make_sampler("ddim", noise_config), {**cfg.to_dict(), **trained}, vae=self.vae))
+                write_json(self.best_dir / "fid.json", dict(result, step=global_step, epoch=epoch))
+            model.train()
+            ema.restore(model.parameters())
+        self.accelerator.wait_for_everyone()
+
+
 def train(cfg: DDPMConfig) -> Path:
-    out = prepare_output_dir(cfg)
+    out = check_output_dir(cfg)
+    vae = load_training_vae(cfg)  # --latent: the frozen AutoencoderKL; an unreachable one fails in a second
+    if cfg.size:  # --size the UNet cannot downsample fails now, not after loading the data
+        unet_kwargs(cfg, 1, latent_format(cfg, vae, 1, cfg.size)[1] if vae else cfg.size)
     tracker = _setup_tracker(cfg)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -179,16 +354,38 @@ def train(cfg: DDPMConfig) -> Path:
     )
     set_seed(cfg.seed)
     main = accelerator.is_main_process
+    if accelerator.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") \
+            and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        # accelerate 1.x runs `launch --cpu --num_processes N` as ONE process unless it is given an MPI hostfile.
+        print("notice: accelerate started one CPU process; for several use "
+              "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train_ddpm.py ...`", file=sys.stderr)
 
     data = load_images(cfg.dataset, "train", cfg, limit=cfg.max_train_samples, progress=main)
-    unet = build_unet(cfg, data.channels, data.size)
+    if vae is not None:
+        vae.to(accelerator.device)  # never prepared: no DDP wrapper, no optimiser, no checkpoint
+    unet_channels, unet_size = latent_format(cfg, vae, data.channels, data.size) if vae else (data.channels, data.size)
+    unet = build_unet(cfg, unet_channels, unet_size)
+    fid_hook = _FidHook(cfg, out, accelerator, vae) if cfg.eval_fid_every else None
+    prepare_output_dir(cfg)  # only now: bad data or flags leave the disk as it was
+    if main and cfg.overwrite_output_dir:  # start over: an earlier run's checkpoints and log would mix with this one's
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+    # --push_to_hub: the repository is created now, so a bad token or no network fails before training.
+    hub = TrainingPush(cfg, out) if cfg.push_to_hub and main else None
+    accelerator.wait_for_everyone()
     accelerator.print(f"data: {cfg.dataset}, {len(data.images)} images of {data.channels}x{data.size}x{data.size}; "
                       f"UNet: {count_parameters(unet):,} parameters")
+    if vae is not None:
+        accelerator.print(f"latent: the UNet diffuses {unet_channels}x{unet_size}x{unet_size} latents of the VAE {cfg.vae} "
+                          f"(latent_dist.{cfg.latent_mode} x {vae.config.scaling_factor}"
+                          f"{', cached once' if cfg.cache_latents else ', encoded every batch'})")
     noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)
     ema = PlainEMA(unet.parameters(), decay=cfg.ema_rate, min_decay=cfg.ema_rate, use_ema_warmup=False,
                    foreach=True, model_cls=UNet2DModel, model_config=unet.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.decay, foreach=True)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images), batch_size=cfg.batch_size,
+    # --cache_latents: the loader serves the encoded dataset instead of the images.
+    train_tensor = encode_dataset(vae, data.images, cfg.latent_mode, cfg.batch_size, progress=main) if cfg.cache_latents else data.images
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_tensor), batch_size=cfg.batch_size,
                                          shuffle=True, num_workers=cfg.num_workers,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     if cfg.compile:
@@ -198,14 +395,60 @@ def train(cfg: DDPMConfig) -> Path:
 
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
     max_steps = cfg.max_train_steps or cfg.n_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
     # Stepped by hand once per optimiser update, so accumulation and process count
     # never change the schedule's length.
     lr_scheduler = _one_cycle(optimizer.optimizer, cfg, max_steps, steps_per_epoch)
-    accelerator.register_for_checkpointing(lr_scheduler, ema)
+
+    # Saved with every checkpoint besides Accelerate's model/optimiser/RNG files: where the data
+    # stands (epoch, batches of it consumed), the counters, the log's running loss, the LR schedule
+    # and the EMA (weights as safetensors, the rest as JSON; nothing is unpickled on resume).
+    state = dict(epoch=0, batches=0, skipped_nonfinite=0, loss_sum=0.0, loss_count=0)
+    resumed = {}
+    loss_sum = torch.zeros((), device=accelerator.device)
+    model = accelerator.unwrap_model(unet, keep_torch_compile=False)
+    param_names = [name for name, _ in model.named_parameters()]
+
+    def write_trainer_state(folder: Path) -> None:
+        save_file({n: p.detach().cpu().contiguous() for n, p in zip(param_names, ema.shadow_params)}, folder / EMA_FILE)
+        ema_scalars = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
+        (folder / TRAINER_STATE).write_text(json.dumps(dict(
+            progress=dict(state, loss_sum=loss_sum.item()), ema=ema_scalars, lr_scheduler=lr_scheduler.state_dict(),
+            model_config=_model_config(model)), indent=1))
+
+    def read_trainer_state(folder: Path) -> None:
+        saved = json.loads((folder / TRAINER_STATE).read_text())
+        if saved["model_config"] != _model_config(model):
+            differ = sorted(k for k in saved["model_config"] if saved["model_config"][k] != _model_config(model).get(k))
+            raise UsageError(f"checkpoint {folder} is of a different model ({', '.join(differ)} differ); resume with the "
+                             f"flags of the run that wrote it (see {out / 'train_config.json'})")
+        shadow = load_file(str(folder / EMA_FILE))
+        with torch.no_grad():
+            for name, p in zip(param_names, ema.shadow_params):
+                p.copy_(shadow[name])
+        ema.load_state_dict(saved["ema"])
+        schedule = saved["lr_scheduler"]
+        resumed["total_steps"] = schedule["total_steps"]
+        if schedule["total_steps"] != max_steps:  # a longer or shorter run: keep the position, take the new length
+            schedule = {**schedule, "total_steps": lr_scheduler.total_steps, "_schedule_phases": lr_scheduler._schedule_phases}
+        lr_scheduler.load_state_dict(schedule)
+        state.update(saved["progress"])
+        loss_sum.fill_(state["loss_sum"])
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(accelerator, checkpoint_root, step, cfg.checkpoints_total_limit, write_trainer_state)
 
     checkpoint_root = out / "checkpoints"
-    global_step = load_checkpoint(accelerator, cfg, checkpoint_root) if cfg.resume_from_checkpoint else 0
+    log_path = out / "train_log.jsonl"
+    global_step = 0
+    if cfg.resume_from_checkpoint:
+        global_step = load_checkpoint(accelerator, cfg, checkpoint_root, read_trainer_state)
+        if resumed.get("total_steps", max_steps) != max_steps and global_step < max_steps:
+            lr_scheduler.last_epoch -= 1
+            lr_scheduler.step()  # the learning rate of this step on the new schedule (the optimiser kept the old one)
+            accelerator.print(f"notice: the run was planned for {resumed['total_steps']} steps and now has {max_steps}; "
+                              f"the LR schedule continues from step {global_step} on the new length")
+        if main and log_path.exists():
+            _trim_log(log_path, global_step)
     if main:
         (out / "samples").mkdir(exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(public_config(cfg.to_dict()), indent=2))
@@ -216,7 +459,6 @@ def train(cfg: DDPMConfig) -> Path:
     sampler = make_sampler(cfg.scheduler, noise_scheduler.config)
     steps = num_inference_steps(cfg.timesteps, cfg.sample_timesteps)
     images_per_update = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
-    log_path = out / "train_log.jsonl"
 
     def save_samples(epoch: int) -> None:
         if main:
@@ -226,7 +468,7 @@ def train(cfg: DDPMConfig) -> Path:
             model.eval()
             # The same noise every time, so grids compare across epochs.
             images = generate(model, sampler, cfg.num_samples or 16, steps, eta=cfg.ddpm, seed=cfg.seed,
-                              batch_size=cfg.batch_size, progress=False)
+                              batch_size=cfg.batch_size, vae=vae, progress=False)
             model.train()
             ema.restore(model.parameters())
             grid = make_grid((images + 1) / 2, nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
@@ -235,40 +477,55 @@ def train(cfg: DDPMConfig) -> Path:
                 _log_grid(accelerator, tracker, grid, global_step)
         accelerator.wait_for_everyone()
 
-    first_epoch = global_step // steps_per_epoch
-    skip_batches = (global_step % steps_per_epoch) * cfg.gradient_accumulation_steps
+    def export_pipeline(folder: Path, step: int) -> None:
+        """The EMA weights as a standard pipeline folder (the final output; --hub_strategy every_save)."""
+        final = UNet2DModel.from_config(accelerator.unwrap_model(unet, keep_torch_compile=False).config)
+        ema.copy_to(final.parameters())
+        trained = dict(trained_steps=step, trained_epochs=math.ceil(step / steps_per_epoch))
+        save_pipeline(folder, final, make_sampler("ddim", noise_scheduler.config), {**cfg.to_dict(), **trained}, vae=vae)
+
+    # Resume exactly where the data stood (skipped non-finite batches consumed data but no step).
+    first_epoch, skip_batches = state["epoch"], state["batches"]
+    # Until max_steps, even past the planned epochs when non-finite batches were skipped; none for a finished run.
+    epochs = itertools.count(first_epoch) if global_step < max_steps else ()
     progress = tqdm(total=max_steps, initial=global_step, desc="training", disable=not main, unit="step")
-    loss_sum, loss_count, skipped_steps = torch.zeros((), device=accelerator.device), 0, 0
-    last_log_time, last_log_step = time.time(), global_step
+    last_log_time, last_log_step, last_saved = time.time(), global_step, global_step
     unet.train()
     with _StopRequest() as stop:
-        for epoch in range(first_epoch, num_epochs):
+        for epoch in epochs:
             loader.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
-            for (batch,) in batches:
+            for batch_index, (batch,) in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
+                state.update(epoch=epoch, batches=batch_index + 1)
                 with accelerator.accumulate(unet):
-                    x0 = to_model_range(batch)
+                    x0 = training_latents(vae, batch, cfg.latent_mode, cfg.cache_latents) if vae else to_model_range(batch)
                     noise = torch.randn_like(x0)
                     t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=x0.device)
                     with accelerator.autocast():
                         pred = unet(noise_scheduler.add_noise(x0, noise, t), t).sample
                     loss = elementwise_loss(pred.float(), noise, cfg.loss_type).mean()
+                    if os.environ.get("DDPM_HF_NAN_AT_STEP") == str(global_step + 1):
+                        del os.environ["DDPM_HF_NAN_AT_STEP"]  # test hook (README, reliability): one non-finite loss
+                        loss = loss * float("nan")
                     # One collective per batch: every process learns whether any loss is
                     # non-finite and whether any process was asked to stop.
                     flags = accelerator.gather(torch.stack([(~torch.isfinite(loss.detach())).float(),
                                                             torch.tensor(float(stop.requested), device=loss.device)])).view(-1, 2).amax(0)
                     if flags[0] > 0:
                         if not cfg.skip_nonfinite_steps:
-                            raise DDPMError(f"the loss became non-finite at step {global_step + 1}; the last good checkpoint "
-                                            f"is kept in {checkpoint_root}; lower --lr, use --mixed_precision no, or pass --skip_nonfinite_steps")
-                        skipped_steps += 1
+                            kept = list_checkpoints(checkpoint_root)
+                            where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved yet"
+                            progress.close()  # the error line starts a line of its own
+                            raise DDPMError(f"the loss became non-finite at step {global_step + 1}; {where}; lower --lr, "
+                                            f"use --mixed_precision no, or pass --skip_nonfinite_steps to skip such updates")
+                        state["skipped_nonfinite"] += 1
                         optimizer.zero_grad(set_to_none=True)
                         continue
                     accelerator.backward(loss)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
-                loss_count += 1
+                state["loss_count"] += 1
                 if not accelerator.sync_gradients:
                     continue
                 lr_scheduler.step()
@@ -277,43 +534,50 @@ def train(cfg: DDPMConfig) -> Path:
                 progress.update(1)
 
                 if global_step % cfg.logging_steps == 0 or global_step == max_steps:
-                    mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
+                    mean_loss = accelerator.reduce(loss_sum / max(state["loss_count"], 1), "mean").item()
                     now = time.time()
                     record = dict(step=global_step, epoch=epoch, loss=mean_loss, lr=lr_scheduler.get_last_lr()[0],
                                   images_per_sec=(global_step - last_log_step) * images_per_update / max(now - last_log_time, 1e-9),
-                                  skipped_nonfinite=skipped_steps)
+                                  skipped_nonfinite=state["skipped_nonfinite"])
                     loss_sum.zero_()
-                    loss_count, last_log_time, last_log_step = 0, now, global_step
+                    state["loss_count"], last_log_time, last_log_step = 0, now, global_step
                     if main:
                         with log_path.open("a") as f:
                             f.write(json.dumps(record) + "\n")
                         progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
                     accelerator.log({"Train Loss": mean_loss, "Learning Rate": record["lr"], "images_per_sec": record["images_per_sec"]}, step=global_step)
                 if global_step % cfg.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, checkpoint_root, global_step, cfg.checkpoints_total_limit)
+                    checkpoint(global_step)
+                    last_saved = global_step
+                    if hub and cfg.hub_strategy == "every_save":
+                        hub.snapshot(global_step, lambda folder: export_pipeline(folder, global_step))
                 if flags[1] > 0:
-                    path = save_checkpoint(accelerator, checkpoint_root, global_step, cfg.checkpoints_total_limit)
+                    path = checkpoint_root / f"{CHECKPOINT_PREFIX}{global_step}" if last_saved == global_step else checkpoint(global_step)
+                    progress.close()
                     accelerator.print(f"stopped at step {global_step}; checkpoint saved to {path}. Resume with the same "
                                       f"command plus --resume_from_checkpoint latest")
                     accelerator.end_training()
                     return out
+                _test_kill("DDPM_HF_KILL_AT_STEP", global_step)
                 if global_step >= max_steps:
                     break
             skip_batches = 0
             if epoch == 0 or (epoch + 1) % cfg.sample_and_save_freq == 0 or global_step >= max_steps:
                 save_samples(epoch)
+            if fid_hook and ((epoch + 1) % cfg.eval_fid_every == 0 or global_step >= max_steps):
+                fid_hook(accelerator.unwrap_model(unet, keep_torch_compile=False), ema, sampler, steps, epoch, global_step,
+                         noise_scheduler.config)
             if global_step >= max_steps:
                 break
     progress.close()
 
     if not (checkpoint_root / f"{CHECKPOINT_PREFIX}{global_step}").exists():
-        save_checkpoint(accelerator, checkpoint_root, global_step, cfg.checkpoints_total_limit)
+        checkpoint(global_step)
     if main:
-        final = UNet2DModel.from_config(accelerator.unwrap_model(unet, keep_torch_compile=False).config)
-        ema.copy_to(final.parameters())
-        trained = dict(trained_steps=global_step, trained_epochs=math.ceil(global_step / steps_per_epoch))
-        save_pipeline(out, final, make_sampler("ddim", noise_scheduler.config), {**cfg.to_dict(), **trained})
+        _save_pipeline_atomically(out, lambda folder: export_pipeline(folder, global_step))
         print(f"saved the pipeline (EMA weights) to {out}; sample it with: python sample_ddpm.py --checkpoint {out}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if hub:
+        hub.final()  # a failure leaves the saved output as it is: one line, non-zero exit (DDPMError)
     return out

