@@ -8,7 +8,7 @@ from ddpm_hf.config import build_parser, parse_config
 from ddpm_hf.errors import run_cli
 from ddpm_hf.training import train
 
-GROUPS = ("data", "model", "diffusion", "latent", "batch", "train", "output", "seed", "sampler", "samples", "fid_metric", "fid_train", "hub_train", "hub")
+GROUPS = ("data", "model", "diffusion", "latent", "batch", "train", "precision", "output", "seed", "sampler", "samples", "fid_metric", "fid_train", "hub_train", "hub")
 
 
 @run_cli

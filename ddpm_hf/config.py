@@ -39,6 +39,8 @@ class DDPMConfig:
     medmnist_root: Optional[str] = _opt(None, "Folder holding MedMNIST .npz files (default: ~/.medmnist).", "data")
     max_train_samples: Optional[int] = _opt(None, "Use only the first N training images (quick experiments).", "data")
     num_workers: int = _opt(0, "DataLoader worker processes.", "data")
+    streaming: bool = _opt(False, "Stream the training split (Hub datasets too large to download whole): read lazily, shuffled through a buffer, split across processes; needs --max_train_steps.", "data")
+    shuffle_buffer_size: int = _opt(10000, "Images in the shuffle buffer of --streaming.", "data")
     # ---- model (openai UNet flags, mapped onto diffusers UNet2DModel) ---------------------
     model_channels: int = _opt(64, "Base channel width of the UNet.", "model")
     num_res_blocks: int = _opt(2, "Residual blocks per resolution level.", "model")
@@ -75,7 +77,7 @@ class DDPMConfig:
     overwrite_output_dir: bool = _opt(False, "Allow training into a folder that already holds a finished pipeline.", "train")
     seed: int = _opt(0, "Random seed.", "seed")
     gradient_accumulation_steps: int = _opt(1, "Batches per optimiser step.", "train")
-    mixed_precision: Optional[str] = _opt(None, "Mixed precision (default: as `accelerate config` says).", "train", choices=("no", "fp16", "bf16"))
+    mixed_precision: Optional[str] = _opt(None, "Mixed precision: training through Accelerate (default: as `accelerate config` says); sampling as autocast of the UNet (default: full precision). bf16 pays off on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs.", "precision", choices=("no", "fp16", "bf16"))
     checkpointing_steps: int = _opt(500, "Save a resumable checkpoint every N optimiser steps.", "train")
     checkpoints_total_limit: Optional[int] = _opt(None, "Keep at most N checkpoints (oldest deleted first).", "train")
     resume_from_checkpoint: Optional[str] = _opt(None, "'latest' or a checkpoint folder to resume from.", "train")
@@ -108,6 +110,7 @@ class DDPMConfig:
     max_samples: Optional[int] = _opt(None, "Score at most N images of each set.", "ood")
     recon_factors: Optional[List[float]] = _opt(None, "Several noise levels in one run (replaces --recon_factor): each level's error is z-scored with in-distribution training images and the z-scores are averaged.", "ood")
     stats_samples: int = _opt(256, "In-distribution training images (never scored) whose per-level mean/std z-score --recon_factors.", "ood")
+    recon_draws: int = _opt(1, "Independent noisings per image and level, their errors averaged (1: the original; more: a less noisy score).", "ood")
     # ---- Hugging Face Hub (ddpm_hf/hub.py) -------------------------------------------------
     push_to_hub: bool = _opt(False, "Upload the final pipeline and a model card to the Hub (never checkpoints/, tracker logs or tokens).", "hub_train")
     hub_strategy: str = _opt("end", "end: push once after training; every_save: also push the EMA pipeline at each checkpoint.", "hub_train", choices=("end", "every_save"))
@@ -278,6 +281,8 @@ def validate(cfg: DDPMConfig) -> None:
         raise UsageError(f"--recon_factor must be in (0, 1], got {cfg.recon_factor}")
     if cfg.recon_factors is not None and not all(0 < f <= 1 for f in cfg.recon_factors):
         raise UsageError(f"--recon_factors must all be in (0, 1], got {' '.join(map(str, cfg.recon_factors))}")
+    if cfg.recon_draws < 1:
+        raise UsageError(f"--recon_draws must be a positive integer, got {cfg.recon_draws}")
     if cfg.stats_samples < 2:
         raise UsageError(f"--stats_samples must be at least 2 (a standard deviation needs two images), got {cfg.stats_samples}")
     if cfg.hub_model_id is not None and (not cfg.hub_model_id.strip("/") or cfg.hub_model_id.count("/") > 1):
@@ -287,5 +292,11 @@ def validate(cfg: DDPMConfig) -> None:
     # Mutually exclusive flags (README, section reliability).
     if cfg.no_wandb and cfg.report_to == "tensorboard":
         raise UsageError("--no_wandb turns every tracker off, so it contradicts --report_to tensorboard; pass only one of them")
+    if cfg.streaming and not cfg.max_train_steps:
+        raise UsageError("--streaming has no epochs to count (a stream has no known length); set the length of training with --max_train_steps N")
+    if cfg.streaming and cfg.cache_latents:
+        raise UsageError("--cache_latents encodes the whole dataset once, which --streaming never holds; drop one of them")
+    if cfg.shuffle_buffer_size <= 0:
+        raise UsageError(f"--shuffle_buffer_size must be a positive integer, got {cfg.shuffle_buffer_size}")
     if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
         raise UsageError("--resume_from_checkpoint continues a run and --overwrite_output_dir starts it over; pass only one of them")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .errors import DDPMError, UsageError
 
 OFFLINE_HINT = "offline, use --dataset mnist5k or animalmnist (shipped in packages) or a local image folder"
+STREAM_SHARDS = 8  # shards of an in-memory dataset streamed with --streaming (split across processes)
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def resolve_spec(name: str) -> DatasetSpec:
     raise UsageError(f"unknown dataset '{name}'; choose one of {', '.join(REGISTRY)}, a Hub id (user/name) or an image folder")
 
 
-def _hub_dataset(hub_id, config, split):
+def _hub_dataset(hub_id, config, split, streaming=False):
     import datasets
     import huggingface_hub
 
@@ -134,7 +135,7 @@ def _hub_dataset(hub_id, config, split):
             raise DDPMError(f"cannot reach the Hugging Face Hub for dataset '{hub_id}' ({type(err).__name__}); "
                             f"set HF_HUB_OFFLINE=1 to use a cached copy, or {OFFLINE_HINT}") from None
     try:
-        return datasets.load_dataset(hub_id, config, split=split)
+        return datasets.load_dataset(hub_id, config, split=split, streaming=streaming)
     except ValueError as err:
         if "split" in str(err).lower():
             raise DDPMError(f"dataset '{hub_id}' has no split '{split}'") from None
@@ -143,14 +144,14 @@ def _hub_dataset(hub_id, config, split):
         raise DDPMError(f"cannot load dataset '{hub_id}' ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); {OFFLINE_HINT}") from None
 
 
-def _folder_dataset(folder, split):
+def _folder_dataset(folder, split, streaming=False):
     import datasets
 
     files = [p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")]
     if not files:
         raise UsageError(f"image folder {folder} is empty; put image files (png, jpg, ...) in it")
     try:
-        splits = datasets.load_dataset("imagefolder", data_dir=str(folder))
+        splits = datasets.load_dataset("imagefolder", data_dir=str(folder), streaming=streaming)
     except Exception as err:
         raise DDPMError(f"cannot read image folder {folder} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
     if split not in splits:
@@ -158,18 +159,20 @@ def _folder_dataset(folder, split):
     return splits[split]
 
 
-def load_split(name: str, split: str, cfg):
-    """(datasets.Dataset, image column, spec) for the train or test split of `name`."""
+def load_split(name: str, split: str, cfg, streaming: bool = False):
+    """(datasets.Dataset, image column, spec) for the train or test split of `name`; with
+    `streaming`, a `datasets.IterableDataset` that reads (and downloads) lazily."""
     spec = resolve_spec(name)
     if spec.loader is not None:
-        return spec.loader(split, cfg), "image", spec
+        ds = spec.loader(split, cfg)  # arrays shipped in a package: already in memory
+        return (ds.to_iterable_dataset(num_shards=STREAM_SHARDS) if streaming else ds), "image", spec
     if spec.hub_id is not None:
         hub_split = split if split == "train" else spec.test_split
-        ds = _hub_dataset(spec.hub_id, spec.config or cfg.dataset_config_name, hub_split)
+        ds = _hub_dataset(spec.hub_id, spec.config or cfg.dataset_config_name, hub_split, streaming)
     else:
-        ds = _folder_dataset(name, split)
+        ds = _folder_dataset(name, split, streaming)
     column = (cfg.image_column if name not in REGISTRY else None) or spec.image_column
-    if column not in ds.column_names:
+    if ds.column_names is not None and column not in ds.column_names:  # a stream may not know its columns
         import datasets
 
         image_columns = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
@@ -276,6 +279,34 @@ def load_images(name: str, split: str, cfg, size: Optional[int] = None, channels
     return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped)
 
 
+class ImageBatches(torch.utils.data.Dataset):
+    """A uint8 image tensor served a batch at a time: the DataLoader passes a batch's indices to
+    `__getitems__`, which answers with one indexing op; fetching and collating image by image costs
+    more than the images themselves (benchmarks/run.py, data). Items are `(images,)`, as TensorDataset's."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return (self.images[index],)
+
+    def __getitems__(self, indices):
+        return (self.images[torch.as_tensor(indices)],)
+
+
+def _already_batched(batch):
+    return batch
+
+
+def batch_loader(images: torch.Tensor, batch_size: int, seed: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """The shuffled training loader (the order is DataLoader(shuffle=True)'s for the seeded generator)."""
+    return torch.utils.data.DataLoader(ImageBatches(images), batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(seed), collate_fn=_already_batched)
+
+
 def to_model_range(batch: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return batch.float().div_(127.5).sub_(1.0)
@@ -284,3 +315,125 @@ def to_model_range(batch: torch.Tensor) -> torch.Tensor:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float [-1, 1] -> uint8 [0, 255]."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# ---- --streaming: datasets too large to download or decode whole ------------------------------
+
+@dataclass
+class StreamData:
+    dataset: object  # datasets.IterableDataset of {"pixels": uint8 (C, size, size)}: this process's part
+    channels: int
+    size: int
+    name: str
+    images: None = None  # nothing is decoded up front
+
+
+def _stream_pixels(value, channels: int, size: int) -> Optional[np.ndarray]:
+    """One streamed image as uint8 (C, size, size); None when it cannot be read (then skipped)."""
+    if isinstance(value, (dict, Image.Image)):  # datasets.Image(decode=False) gives {"bytes", "path"}
+        try:
+            with (_open(value) if isinstance(value, dict) else value) as img:
+                return _pil_to_array(img, channels, size)
+        except Exception as err:
+            where = value.get("path") if isinstance(value, dict) else None
+            print(f"warning: skipping unreadable image {where or ''} ({type(err).__name__})", file=sys.stderr)
+            return None
+    arr = _to_channels(np.asarray(value, np.uint8)[None], channels)  # an array column (shipped datasets)
+    return _resize_batch(torch.from_numpy(arr), size)[0].numpy()
+
+
+def _stream_format(ds, column: str, name: str):
+    """(channels, size) of the first readable image of a stream (a folder or an unregistered Hub dataset)."""
+    for example in ds.take(50):
+        value = example[column]
+        if not isinstance(value, (dict, Image.Image)):
+            arr = np.asarray(value)
+            return (1 if arr.ndim == 2 else arr.shape[-1]), min(arr.shape[:2])
+        try:
+            img = _open(value) if isinstance(value, dict) else value
+        except Exception:
+            continue
+        return (1 if img.mode in ("L", "1", "I", "I;16", "F", "LA") else 3), min(img.size)
+    raise DDPMError(f"none of the first 50 images of {name} can be read (damaged or not images)")
+
+
+def stream_images(name: str, cfg, rank: int = 0, world_size: int = 1, size: Optional[int] = None,
+                  channels: Optional[int] = None) -> StreamData:
+    """--streaming: the training split read lazily (a Hub dataset is never downloaded whole), limited
+    to --max_train_samples, shuffled through a buffer of --shuffle_buffer_size with --seed (the same
+    seed on every process, which split_dataset_by_node needs), and split with
+    `datasets.distributed.split_dataset_by_node`: process `rank` of `world_size` reads only its part
+    (whole shards when their number divides world_size, else every world_size-th image)."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    ds, column, spec = load_split(name, "train", cfg, streaming=True)
+    if ds.features is not None and isinstance(ds.features.get(column), datasets.Image):
+        ds = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped
+    size, channels = size or cfg.size or spec.size, channels or cfg.channels or spec.channels
+    if not size or not channels:
+        first_channels, first_size = _stream_format(ds, column, name)
+        size, channels = size or first_size, channels or first_channels
+    if cfg.max_train_samples:
+        ds = ds.take(cfg.max_train_samples)
+    ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer_size)
+    ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    ds = ds.map(lambda ex: {"pixels": _stream_pixels(ex[column], channels, size)}, remove_columns=ds.column_names)
+    return StreamData(ds.filter(lambda ex: ex["pixels"] is not None), channels, size, name)
+
+
+def _collate_pixels(examples) -> torch.Tensor:
+    return torch.from_numpy(np.stack([ex["pixels"] for ex in examples]))
+
+
+class StreamingBatches:
+    """The trainer's loader under --streaming: `num_batches` uint8 batches per (virtual) epoch, drawn
+    from an endless stream; every pass over the data is reshuffled (IterableDataset.set_epoch).
+
+    The trainer calls `set_epoch(epoch)` and, resuming mid-epoch, `skip(n)` (where a map-style loader
+    gets `accelerator.skip_first_batches`). A resumed run continues on the stream reshuffled with a
+    seed no earlier pass used: nothing is replayed in order, but the uninterrupted run's order is not
+    reproduced (the non-streaming path resumes exactly)."""
+
+    def __init__(self, data: StreamData, batch_size: int, num_batches: int, num_workers: int = 0, device="cpu"):
+        self.data, self.batch_size, self.num_batches, self.device = data, batch_size, num_batches, device
+        self.loader = torch.utils.data.DataLoader(data.dataset, batch_size=batch_size, num_workers=num_workers,
+                                                  collate_fn=_collate_pixels)
+        self.epoch, self.remaining, self.passes, self.iterator, self.started = 0, num_batches, 0, None, False
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.remaining = epoch, self.num_batches
+        if epoch and not self.started:  # resuming at an epoch boundary
+            self._reshuffle_from(epoch * self.num_batches)
+
+    def skip(self, n: int) -> "StreamingBatches":
+        self.remaining = self.num_batches - n
+        if not self.started:
+            self._reshuffle_from(self.epoch * self.num_batches + n)
+        return self
+
+    def _reshuffle_from(self, position: int) -> None:
+        # Earlier passes numbered at most (batches consumed) x (batch size): start past them.
+        self.passes = position * self.batch_size + 1
+
+    def __iter__(self):
+        self.started = True
+        for _ in range(self.remaining):
+            yield (self._next().to(self.device, non_blocking=True),)
+
+    def _next(self) -> torch.Tensor:
+        empty_pass = False
+        while True:
+            if self.iterator is None:
+                self.data.dataset.set_epoch(self.passes)
+                self.iterator, empty_pass = iter(self.loader), True
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                if empty_pass:
+                    raise DDPMError(f"the stream of {self.data.name} yields no readable image for this process; "
+                                    f"check the dataset (or use fewer processes than it has images)") from None
+                self.passes, self.iterator = self.passes + 1, None

@@ -166,6 +166,7 @@ class Scorer:
         self.unet, self.vae, self.levels, self.sampler = loaded.unet, loaded.vae, levels, sampler
         self.noise_scheduler = make_noise_scheduler(sc["num_train_timesteps"], sc["beta_start"], sc["beta_end"])
         self.eta, self.loss_type, self.seed, self.batch_size = cfg.ddpm, cfg.loss_type, cfg.seed, cfg.batch_size
+        self.draws = cfg.recon_draws
         self.lpips_model, self.device = lpips_model, device
         self.latent_mode = loaded.train_config.get("latent_mode", "sample")  # as the model was trained (and the original)
 
@@ -173,15 +174,16 @@ class Scorer:
     def score_batch(self, images: torch.Tensor, generator) -> dict:
         x0 = to_model_range(images).to(self.device)
         z0 = self._encode(x0, generator)
-        recon = reconstruct(self.unet, self.sampler, self.noise_scheduler, z0, self.levels, self.eta, generator)
+        # Each draw is one more "level" in the shared reverse pass; errors are averaged over draws.
+        runs = [level for level in self.levels for _ in range(self.draws)]
+        recon = reconstruct(self.unet, self.sampler, self.noise_scheduler, z0, runs, self.eta, generator)
         if self.vae is not None:  # latent model: compare in pixel space, as the original
             recon = decode_latents(self.vae, recon.flatten(0, 1)).unflatten(0, recon.shape[:2])
-        target = x0.expand(len(self.levels), *x0.shape)
-        errors = per_image_loss(recon.flatten(0, 1), target.flatten(0, 1), self.loss_type).view(len(self.levels), -1)
-        result = {"recon_error": errors.cpu().double()}
+        target = x0.expand(len(runs), *x0.shape).flatten(0, 1)
+        per_level = lambda v: v.view(len(self.levels), self.draws, -1).mean(1).cpu().double()
+        result = {"recon_error": per_level(per_image_loss(recon.flatten(0, 1), target, self.loss_type))}
         if self.lpips_model is not None:
-            lp = lpips_distance(self.lpips_model, recon.flatten(0, 1), target.flatten(0, 1))
-            result["lpips"] = lp.view(len(self.levels), -1).cpu().double()
+            result["lpips"] = per_level(lpips_distance(self.lpips_model, recon.flatten(0, 1), target))
         return result
 
     def _encode(self, x0, generator):
@@ -335,9 +337,19 @@ def plot_results(out: Path, in_final, out_final, per_level_scores, labels, metri
     plt.close(fig)
 
 
+def describe_score(cfg, factors) -> str:
+    parts = "reconstruction error" + (" and LPIPS" if cfg.lpips else "")
+    draws = f", each the mean of {cfg.recon_draws} noise draws" if cfg.recon_draws > 1 else ""
+    if cfg.recon_factors is None:
+        return f"{cfg.loss_type} {parts.replace(' and ', ' + ')} at recon_factor {factors[0]:g}{draws}"
+    return f"mean z-score of the {cfg.loss_type} {parts} at recon_factors {' '.join(f'{f:g}' for f in factors)}{draws}"
+
+
 def format_report(results: dict) -> str:
-    m = results
+    m, c = results, results["counts"]
     lines = [
+        f"OOD report: {m['settings']['dataset']} ({c['in']} in-distribution images) vs {m['settings']['out_dataset']} "
+        f"({c['out']} OOD images); score: {m['score']}",
         f"AUC score: {m['auroc']} FPR95: {m['fpr95']}",  # the original's line
         f"AUROC (OOD positive):                                  {m['auroc']:.4f}",
         f"FPR95, original (in-dist. flagged at 95% OOD caught):  {m['fpr95']:.4f}",
@@ -386,8 +398,9 @@ def run_ood(cfg, device=None) -> dict:
 
     scorer = Scorer(loaded, levels, sampler, cfg, lpips_model, device)
     batches = sum(math.ceil(len(v) / cfg.batch_size) for v in images.values())
+    nfe = cfg.recon_draws * sum(len(lv.timesteps) for lv in levels)  # network evaluations per image
     score_start = time.perf_counter()
-    with tqdm(total=batches, desc=f"scoring ({len(levels)} level(s), {sum(len(lv.timesteps) for lv in levels)} NFE/image)",
+    with tqdm(total=batches, desc=f"scoring ({len(levels)} level(s) x {cfg.recon_draws} draw(s), {nfe} NFE/image)",
               unit="batch") as bar:
         raw = {name: scorer.score(imgs, name, bar) for name, imgs in images.items()}
     score_s = time.perf_counter() - score_start
@@ -406,18 +419,17 @@ def run_ood(cfg, device=None) -> dict:
         **metrics,
         "per_level": per_level,
         "counts": {"in": len(images["in"]), "out": len(images["out"]), "stats": len(images.get("stats", [])), "scored": scored},
-        "score": ("mean z-score of " + ("reconstruction error and LPIPS" if cfg.lpips else "reconstruction error")
-                  + " over levels" if multi else "reconstruction error" + (" + LPIPS" if cfg.lpips else "")),
+        "score": describe_score(cfg, factors),
         "settings": {
             "dataset": cfg.dataset, "out_dataset": cfg.out_dataset, "recon_factors": factors,
             "t_start": [lv.t_start for lv in levels], "ddpm_eta": cfg.ddpm, "sample_timesteps": cfg.sample_timesteps,
             "loss_type": cfg.loss_type, "lpips": cfg.lpips, "batch_size": cfg.batch_size, "max_samples": cfg.max_samples,
-            "stats_samples": cfg.stats_samples if multi else None, "seed": cfg.seed,
+            "recon_draws": cfg.recon_draws, "stats_samples": cfg.stats_samples if multi else None, "seed": cfg.seed,
         },
         "model": {"checkpoint": str(cfg.checkpoint), "source": str(loaded.source), "image_size": size, "channels": channels,
                   "latent": loaded.vae is not None, "timesteps": loaded.scheduler_config["num_train_timesteps"],
                   "parameters": count_parameters(loaded.unet)},
-        "cost": {"nfe_per_image": sum(len(lv.timesteps) for lv in levels),
+        "cost": {"nfe_per_image": nfe,
                  "model_calls_per_batch": max(len(lv.timesteps) for lv in levels)},
         "timing": {"load_s": round(load_s, 3), "score_s": round(score_s, 3), "images_per_s": scored / max(score_s, 1e-9),
                    "total_s": None, "device": str(device)},

@@ -6,6 +6,7 @@ grids from the EMA model, resumable checkpoints written atomically, a JSON-lines
 and at the end a standard diffusers pipeline folder holding the EMA weights.
 """
 
+import contextlib
 import itertools
 import json
 import math
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -27,7 +28,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from .config import DDPMConfig
-from .data import load_images, to_model_range
+from .data import StreamingBatches, batch_loader, load_images, stream_images, to_model_range
 from .errors import DDPMError, UsageError
 from .hub import TrainingPush
 from .latent import encode_dataset, latent_format, load_training_vae, training_latents
@@ -50,6 +51,36 @@ class PlainEMA(EMAModel):
 
     def get_decay(self, optimization_step: int) -> float:
         return self.decay
+
+    @torch.no_grad()
+    def step(self, parameters) -> None:
+        """shadow += (1 - decay) * (param - shadow) as one in-place foreach lerp: the stock update
+        allocates temporaries the size of the model every step (benchmarks/run.py, components)."""
+        parameters = list(parameters)
+        if any(not p.requires_grad or p.dtype != s.dtype for p, s in zip(parameters, self.shadow_params)):
+            return super().step(parameters)  # frozen or reduced-precision parameters: the stock rule
+        self.optimization_step += 1
+        self.cur_decay_value = decay = self.get_decay(self.optimization_step)
+        torch._foreach_lerp_(self.shadow_params, parameters, 1 - decay)
+
+
+def make_optimizer(parameters, cfg: DDPMConfig) -> torch.optim.AdamW:
+    """AdamW, with PyTorch's fused kernel (one pass over all parameters) on CPU and CUDA, else the
+    foreach one (benchmarks/run.py, components: fused is several times faster on CPU)."""
+    parameters = list(parameters)
+    fast = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in parameters) else {"foreach": True}
+    return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.decay, **fast)
+
+
+def diffusion_loss(unet, noise_scheduler, x0: torch.Tensor, cfg: DDPMConfig, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """The objective of one batch (the trainer's and benchmarks/run.py's): Gaussian noise, uniform
+    timesteps, the forward process, the UNet under `autocast()` (Accelerate's mixed precision), and
+    the mean --loss_type between the predicted and the true noise."""
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=x0.device)
+    with autocast():
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t).sample
+    return elementwise_loss(pred.float(), noise, cfg.loss_type).mean()
 
 
 def check_output_dir(cfg: DDPMConfig) -> Path:
@@ -354,13 +385,17 @@ def train(cfg: DDPMConfig) -> Path:
     )
     set_seed(cfg.seed)
     main = accelerator.is_main_process
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise UsageError("FSDP shards the UNet's parameters, but the every-step EMA and the saved pipeline need them whole; "
+                         "use DDP (configs/accelerate/multi_node_gpu.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)")
     if accelerator.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") \
             and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         # accelerate 1.x runs `launch --cpu --num_processes N` as ONE process unless it is given an MPI hostfile.
         print("notice: accelerate started one CPU process; for several use "
               "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train_ddpm.py ...`", file=sys.stderr)
 
-    data = load_images(cfg.dataset, "train", cfg, limit=cfg.max_train_samples, progress=main)
+    data = (stream_images(cfg.dataset, cfg, accelerator.process_index, accelerator.num_processes) if cfg.streaming
+            else load_images(cfg.dataset, "train", cfg, limit=cfg.max_train_samples, progress=main))
     if vae is not None:
         vae.to(accelerator.device)  # never prepared: no DDP wrapper, no optimiser, no checkpoint
     unet_channels, unet_size = latent_format(cfg, vae, data.channels, data.size) if vae else (data.channels, data.size)
@@ -373,7 +408,7 @@ def train(cfg: DDPMConfig) -> Path:
     # --push_to_hub: the repository is created now, so a bad token or no network fails before training.
     hub = TrainingPush(cfg, out) if cfg.push_to_hub and main else None
     accelerator.wait_for_everyone()
-    accelerator.print(f"data: {cfg.dataset}, {len(data.images)} images of {data.channels}x{data.size}x{data.size}; "
+    accelerator.print(f"data: {cfg.dataset}, {'streamed' if cfg.streaming else len(data.images)} images of {data.channels}x{data.size}x{data.size}; "
                       f"UNet: {count_parameters(unet):,} parameters")
     if vae is not None:
         accelerator.print(f"latent: the UNet diffuses {unet_channels}x{unet_size}x{unet_size} latents of the VAE {cfg.vae} "
@@ -382,15 +417,20 @@ def train(cfg: DDPMConfig) -> Path:
     noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)
     ema = PlainEMA(unet.parameters(), decay=cfg.ema_rate, min_decay=cfg.ema_rate, use_ema_warmup=False,
                    foreach=True, model_cls=UNet2DModel, model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.decay, foreach=True)
-    # --cache_latents: the loader serves the encoded dataset instead of the images.
-    train_tensor = encode_dataset(vae, data.images, cfg.latent_mode, cfg.batch_size, progress=main) if cfg.cache_latents else data.images
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_tensor), batch_size=cfg.batch_size,
-                                         shuffle=True, num_workers=cfg.num_workers,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
+    optimizer = make_optimizer(unet.parameters(), cfg)
+    if cfg.streaming:  # epochs are virtual: --max_train_steps in --n_epochs parts (warm-up, sample grids, FID)
+        loader = StreamingBatches(data, cfg.batch_size, math.ceil(cfg.max_train_steps / cfg.n_epochs) * cfg.gradient_accumulation_steps,
+                                  cfg.num_workers, accelerator.device)
+    else:
+        # --cache_latents: the loader serves the encoded dataset instead of the images.
+        train_tensor = encode_dataset(vae, data.images, cfg.latent_mode, cfg.batch_size, progress=main) if cfg.cache_latents else data.images
+        loader = batch_loader(train_tensor, cfg.batch_size, cfg.seed, cfg.num_workers)
     if cfg.compile:
         unet = torch.compile(unet)
-    unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
+    if cfg.streaming:  # each process already reads its own part (split_dataset_by_node): Accelerate must not shard it again
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    else:
+        unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     ema.to(accelerator.device)
 
     steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
@@ -494,16 +534,15 @@ def train(cfg: DDPMConfig) -> Path:
     with _StopRequest() as stop:
         for epoch in epochs:
             loader.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
+            if epoch == first_epoch and skip_batches:
+                batches = loader.skip(skip_batches) if cfg.streaming else accelerator.skip_first_batches(loader, skip_batches)
+            else:
+                batches = loader
             for batch_index, (batch,) in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
                 state.update(epoch=epoch, batches=batch_index + 1)
                 with accelerator.accumulate(unet):
                     x0 = training_latents(vae, batch, cfg.latent_mode, cfg.cache_latents) if vae else to_model_range(batch)
-                    noise = torch.randn_like(x0)
-                    t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=x0.device)
-                    with accelerator.autocast():
-                        pred = unet(noise_scheduler.add_noise(x0, noise, t), t).sample
-                    loss = elementwise_loss(pred.float(), noise, cfg.loss_type).mean()
+                    loss = diffusion_loss(unet, noise_scheduler, x0, cfg, accelerator.autocast)
                     if os.environ.get("DDPM_HF_NAN_AT_STEP") == str(global_step + 1):
                         del os.environ["DDPM_HF_NAN_AT_STEP"]  # test hook (README, reliability): one non-finite loss
                         loss = loss * float("nan")

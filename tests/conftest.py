@@ -18,9 +18,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("HF_TOKEN", None)
-# TEMPORARY (dev machine shared by several engineers): avoid thread oversubscription when busy.
-if os.getloadavg()[0] > 4 and "CI" not in os.environ:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

@@ -233,14 +233,15 @@ def test_multi_level_with_lpips_in_process(trained_pipeline, tmp_path, monkeypat
 
     monkeypatch.setattr(ood, "load_lpips", lambda device="cpu": load_lpips(pnet_rand=True))
     ood_main(["--checkpoint", str(trained_pipeline), *OFFLINE_SETS, "--max_samples", "6", "--batch_size", "16",
-              "--sample_timesteps", "10", "--recon_factors", "0.2", "0.5", "--stats_samples", "5", "--lpips",
+              "--sample_timesteps", "10", "--recon_factors", "0.2", "0.5", "--stats_samples", "5", "--lpips", "--recon_draws", "2",
               "--output_dir", str(tmp_path)])
     report = capsys.readouterr().out
     results = json.loads((tmp_path / "ood_results.json").read_text())
     assert results["counts"] == {"in": 6, "out": 6, "stats": 5, "scored": 17}
     assert [lv["recon_factor"] for lv in results["per_level"]] == [0.2, 0.5]
     assert [lv["steps"] for lv in results["per_level"]] == [2, 5]
-    assert results["cost"] == {"nfe_per_image": 7, "model_calls_per_batch": 5}
+    assert results["cost"] == {"nfe_per_image": 14, "model_calls_per_batch": 5}  # 2 draws x (2 + 5) steps
+    assert results["score"] == "mean z-score of the huber reconstruction error and LPIPS at recon_factors 0.2 0.5, each the mean of 2 noise draws"
     assert "recon_factor 0.2" in report and "recon_factor 0.5" in report
     rows = read_csv(tmp_path / "scores.csv")
     assert list(rows[0]) == ["set", "index", "recon_error@0.2", "lpips@0.2", "recon_error@0.5", "lpips@0.5", "score"]

@@ -1,0 +1,461 @@
+"""Benchmark suite of ddpm-hf on this machine; the last line of its output is one JSON document.
+
+    .venv/bin/python benchmarks/run.py --quick              # under 3 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/run.py --json bench.json    # the full suite (README, performance)
+
+Sections (all on the seed's default model, 1x32x32, 6,469,889 parameters):
+  train     ddpm-hf's training step (the trainer's `diffusion_loss`, fused AdamW, foreach EMA, uint8
+            batches) in fp32 and bf16, interleaved with a naive step written as diffusers'
+            train_unconditional.py does it (benchmarks/naive.py); peak RSS
+  sample    `sample_batch` (fp32, bf16 autocast) against a stock `DDIMPipeline` call, interleaved
+  ood       `ddpm_hf.ood.Scorer` for the default single level and a multi-level score
+  data      our input pipeline (decoded once, batches normalised) against per-item PIL transforms
+  roofline  measured matmul GFLOP/s and the model's FLOPs (torch.utils.flop_counter)
+  components  AdamW (default/foreach/fused) and EMA (stock/foreach/lerp) update times
+  leak      RSS of the real trainer (train_ddpm.py, tiny model) over --leak_steps steps
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+SCRATCH = Path(tempfile.mkdtemp(prefix="ddpm-hf-bench-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_DATASETS_CACHE"] = str(SCRATCH / "datasets_cache")  # imagefolder caches stay out of ~/.cache
+
+import torch  # noqa: E402
+from diffusers import DDIMPipeline, UNet2DModel  # noqa: E402
+
+from ddpm_hf.config import DDPMConfig  # noqa: E402
+from ddpm_hf.data import batch_loader, load_images, to_model_range  # noqa: E402
+from ddpm_hf.model import build_unet, count_parameters, unet_kwargs  # noqa: E402
+from ddpm_hf.sampling import inference_autocast, make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
+from ddpm_hf.training import PlainEMA, diffusion_loss, make_optimizer  # noqa: E402
+from naive import NaiveStep, per_item_loader  # noqa: E402
+from timing import interleave, log, rate, speedup, sync  # noqa: E402
+
+QUICK = dict(train_batch=32, train_rounds=2, sample_batches=[16], sample_steps=3, sample_rounds=2, ood_images=8,
+             ood_sample_timesteps=30, data_rounds=2, matmul_n=1024, component_rounds=5, leak_steps=0)
+FULL = dict(train_batch=128, train_rounds=4, sample_batches=[16, 128], sample_steps=5, sample_rounds=3, ood_images=8,
+            ood_sample_timesteps=300, data_rounds=3, matmul_n=2048, component_rounds=10, leak_steps=1000)
+MULTI_LEVEL = [0.1, 0.2, 0.3, 0.4, 0.5]
+
+
+# ---- machine -------------------------------------------------------------------------------
+
+def cpu_flags() -> set:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def bf16_supported(device) -> bool:
+    """bf16 autocast pays off: AVX512-BF16/AMX on CPU, or a GPU that has bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def rss_mb(field: str = "VmRSS", pid="self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def machine(device, threads) -> dict:
+    name = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                 if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    info = dict(cpu=name, cores=os.cpu_count(), threads=threads, device=str(device), torch=torch.__version__,
+                bf16=bf16_supported(device), cpu_bf16_flags=sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags()),
+                load_average_start=[round(x, 2) for x in os.getloadavg()])
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ---- models and data ---------------------------------------------------------------------
+
+def seed_model(cfg, init="original") -> UNet2DModel:
+    """The seed's default UNet; `init="random"` skips the original's zero init (non-trivial outputs for sampling)."""
+    torch.manual_seed(0)
+    return build_unet(cfg, 1, 32) if init == "original" else UNet2DModel(**unet_kwargs(cfg, 1, 32))
+
+
+class Inputs:
+    """The 5,000 mnist5k digits (28 px) written once as PNG files, as a folder or Hub dataset delivers
+    them; `decoded()` is our pipeline's one-time decode of them to uint8 32 px (timed), `png_dataset()`
+    the `datasets` view that the per-item baseline transforms."""
+
+    def __init__(self, cfg):
+        from PIL import Image
+
+        import datasets
+
+        datasets.disable_progress_bars()
+        self.cfg, self.folder = cfg, SCRATCH / "mnist5k_png"
+        self.folder.mkdir(exist_ok=True)
+        raw = torch.cat([load_images("mnist5k", split, cfg, size=28, channels=1, progress=False).images for split in ("train", "test")])
+        for i, a in enumerate(raw):
+            Image.fromarray(a[0].numpy()).save(self.folder / f"{i:05d}.png")
+        self.count, self._decoded, self.decode_seconds = len(raw), None, None
+
+    def png_dataset(self):
+        import datasets
+
+        return datasets.load_dataset("imagefolder", data_dir=str(self.folder), split="train")
+
+    def decoded(self) -> torch.Tensor:
+        if self._decoded is None:
+            start = time.perf_counter()
+            self._decoded = load_images(str(self.folder), "train", self.cfg, size=32, channels=1, progress=False).images
+            self.decode_seconds = time.perf_counter() - start
+        return self._decoded
+
+
+class OurStep:
+    """ddpm-hf's training step as train_ddpm.py runs it: uint8 batches from the shuffled loader,
+    `to_model_range`, `diffusion_loss` under Accelerate's autocast, fused AdamW, the one-cycle LR,
+    the foreach EMA (`PlainEMA`)."""
+
+    def __init__(self, unet, images: torch.Tensor, cfg: DDPMConfig, precision: str, device, channels_last=False):
+        self.unet, self.cfg, self.device, self.channels_last = unet.to(device).train(), cfg, device, channels_last
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        self.noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+        self.optimizer = make_optimizer(self.unet.parameters(), cfg)
+        self.lr_scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.lr, total_steps=10**6,
+                                                                pct_start=0.1, cycle_momentum=False)
+        self.ema = PlainEMA(self.unet.parameters(), decay=cfg.ema_rate, min_decay=cfg.ema_rate, use_ema_warmup=False,
+                            foreach=True, model_cls=UNet2DModel, model_config=self.unet.config)
+        self.ema.to(device)
+        # What accelerator.autocast() enters under --mixed_precision bf16 (one Accelerator per process
+        # allows one precision, and the arms run interleaved in one process).
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        self.autocast = (lambda: torch.autocast(torch.device(device).type, dtype=dtype)) if precision != "no" else contextlib.nullcontext
+        self.loader = batch_loader(images, cfg.batch_size, cfg.seed)
+        self.batches = self._endless()
+        self.loss_sum = torch.zeros((), device=device)
+
+    def _endless(self):
+        while True:
+            for (batch,) in self.loader:
+                yield batch
+
+    def __call__(self):
+        x0 = to_model_range(next(self.batches).to(self.device))
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        loss = diffusion_loss(self.unet, self.noise_scheduler, x0, self.cfg, self.autocast)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        self.ema.step(self.unet.parameters())
+        self.loss_sum += loss.detach()
+
+
+# ---- sections ------------------------------------------------------------------------------
+
+def bench_train(cfg, s, device, bf16, args, inputs) -> dict:
+    train32 = inputs.decoded()
+    run_cfg = DDPMConfig(batch_size=s["train_batch"])
+    base = seed_model(cfg)
+    arms = {"naive_fp32": NaiveStep(copy.deepcopy(base), inputs.png_dataset(), 32, s["train_batch"], device=device),
+            "ours_fp32": OurStep(copy.deepcopy(base), train32, run_cfg, "no", device)}
+    if bf16:
+        arms["ours_bf16"] = OurStep(copy.deepcopy(base), train32, run_cfg, "bf16", device)
+    if args.channels_last:
+        arms["ours_bf16_channels_last" if bf16 else "ours_fp32_channels_last"] = OurStep(
+            copy.deepcopy(base), train32, run_cfg, "bf16" if bf16 else "no", device, channels_last=True)
+    if args.compile:
+        step = OurStep(copy.deepcopy(base), train32, run_cfg, "bf16" if bf16 else "no", device)
+        step.unet = torch.compile(step.unet)
+        log("compiling (minutes on a CPU)")
+        step()
+        step()  # the backward graph and any recompilation
+        arms["ours_bf16_compiled" if bf16 else "ours_fp32_compiled"] = step
+    log(f"train: batch {s['train_batch']}, arms {', '.join(arms)}")
+    times = interleave(arms, s["train_rounds"], warmup=1, device=device, label="train")
+    result = {name: rate(t, s["train_batch"]) for name, t in times.items()}
+    result["speedup_vs_naive"] = {name: speedup(times[name], times["naive_fp32"]) for name in arms if name != "naive_fp32"}
+    result["batch_size"] = s["train_batch"]
+    result["peak_rss_mb"] = rss_mb("VmHWM")  # the whole process so far: data, every arm's model, optimiser and EMA
+    result["rss_mb"] = rss_mb()
+    result["arms_in_process"] = len(arms)
+    return result
+
+
+def bench_sample(cfg, s, device, bf16) -> dict:
+    unet = seed_model(cfg, init="random").to(device).eval()
+    noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+    pipe = DDIMPipeline(unet=unet, scheduler=make_sampler("ddim", noise_scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    steps, out = s["sample_steps"], {}
+    for n in s["sample_batches"]:
+        def ours(precision):
+            sampler = make_sampler("ddim", noise_scheduler.config)
+            with inference_autocast(precision, device):
+                return sample_batch(unet, sampler, n, steps, 1.0, torch.Generator().manual_seed(0))
+
+        arms = {"stock_ddim_pipeline": lambda: pipe(batch_size=n, num_inference_steps=steps, eta=1.0,
+                                                    generator=torch.Generator().manual_seed(0), output_type="np"),
+                "ours_fp32": lambda: ours("no")}
+        if bf16:
+            arms["ours_bf16"] = lambda: ours("bf16")
+        log(f"sample: batch {n}, {steps} DDIM steps")
+        times = interleave(arms, s["sample_rounds"], warmup=1, device=device, label=f"sample {n}")
+        result = {name: rate(t, n * steps) for name, t in times.items()}
+        result["speedup_vs_stock"] = {name: speedup(times[name], times["stock_ddim_pipeline"])
+                                      for name in arms if name != "stock_ddim_pipeline"}
+        if bf16:  # same noise: how far bf16 moves the samples (images in [-1, 1])
+            result["bf16_max_abs_diff_vs_fp32"] = round(float((ours("bf16") - ours("no")).abs().max()), 4)
+        out[f"batch_{n}"] = result
+    out["steps"] = steps
+    return out
+
+
+def bench_ood(cfg, s, device, inputs) -> dict:
+    from ddpm_hf.ood import Scorer, plan_levels
+
+    unet = seed_model(cfg, init="random").to(device).eval()
+    rows = []
+    handle = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+    loaded = SimpleNamespace(unet=unet, vae=None, train_config={}, scheduler_config=dict(noise_scheduler.config))
+    images = inputs.decoded()[:s["ood_images"]]
+    ood_cfg = DDPMConfig(sample_timesteps=s["ood_sample_timesteps"], batch_size=len(images))
+    out = dict(images=len(images), sample_timesteps=s["ood_sample_timesteps"], timesteps=cfg.timesteps)
+    for name, factors in (("default", [ood_cfg.recon_factor]), ("multi_level", MULTI_LEVEL)):
+        sampler, levels = plan_levels(factors, loaded.scheduler_config, ood_cfg.sample_timesteps)
+        scorer = Scorer(loaded, levels, sampler, ood_cfg, device=device)
+        rows.clear()
+        log(f"ood {name}: recon factors {factors}, {len(images)} images")
+        start = time.perf_counter()
+        scorer.score_batch(images, torch.Generator().manual_seed(0))
+        sync(device)
+        elapsed = time.perf_counter() - start
+        out[name] = dict(recon_factors=factors, images_per_sec=round(len(images) / elapsed, 4),
+                         network_evaluations_per_image=sum(rows) / len(images), model_calls_per_batch=len(rows),
+                         model_calls_if_levels_ran_one_by_one=sum(len(l.timesteps) for l in levels))
+    handle.remove()
+    return out
+
+
+def bench_data(cfg, s, inputs) -> dict:
+    """Epochs over the 5,000 mnist5k images stored as PNG files (how a Hub or folder dataset arrives)."""
+    n, batch = inputs.count, 128
+    loader = batch_loader(inputs.decoded(), batch, seed=0)
+    baseline = per_item_loader(inputs.png_dataset(), 32, 1, batch)
+
+    def ours_epoch():
+        for (b,) in loader:
+            to_model_range(b)
+
+    def per_item_epoch():
+        for b in baseline:
+            b["input"]
+
+    log(f"data: {n} images, batch {batch}")
+    times = interleave({"per_item_pil": per_item_epoch, "ours": ours_epoch}, s["data_rounds"], warmup=1, label="data")
+    result = {name: rate(t, n) for name, t in times.items()}
+    result["speedup_vs_per_item_pil"] = speedup(times["ours"], times["per_item_pil"])
+    result["ours_decode_once_seconds"] = round(inputs.decode_seconds, 2)
+    result["ours_first_epoch_images_per_sec"] = round(n / (inputs.decode_seconds + statistics.median(times["ours"]["wall"])), 1)
+    result["images"] = n
+    return result
+
+
+def matmul_gflops(n: int, dtype, device, repeats=5) -> dict:
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - start)
+    flops = 2 * n ** 3
+    return dict(best=round(flops / min(times) / 1e9, 1), median=round(flops / statistics.median(times) / 1e9, 1))
+
+
+def model_flops(cfg, device) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = seed_model(cfg).to(device)
+    x, t = torch.randn(2, 1, 32, 32, device=device), torch.randint(0, cfg.timesteps, (2,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t).sample.sum().backward()
+    train = counter.get_total_flops() / 2
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, t)
+    return dict(train_flops_per_image=int(train), inference_flops_per_image=int(counter.get_total_flops() / 2))
+
+
+def bench_components(cfg, s, device) -> dict:
+    """Update times of the optimiser and the EMA over the default model's parameters."""
+    from diffusers.training_utils import EMAModel
+
+    base = seed_model(cfg).to(device)
+    for p in base.parameters():
+        p.data.normal_(0, 0.02)
+    models = {k: copy.deepcopy(base) for k in ("default", "foreach", "fused")}
+    kinds = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    opts = {k: torch.optim.AdamW(models[k].parameters(), lr=1e-3, weight_decay=1e-5, **kinds[k]) for k in models}
+    for m in models.values():
+        for p in m.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+    params = list(base.parameters())
+    emas = {"ema_stock": EMAModel(params, decay=0.999), "ema_stock_foreach": EMAModel(params, decay=0.999, foreach=True),
+            "ema_ours_lerp": PlainEMA(params, decay=0.999, min_decay=0.999, use_ema_warmup=False)}
+    for e in emas.values():
+        e.to(device)
+    arms = {f"adamw_{k}": (lambda k=k: opts[k].step()) for k in opts}
+    arms.update({k: (lambda e=e: e.step(params)) for k, e in emas.items()})
+    times = interleave(arms, s["component_rounds"], warmup=1, device=device, label="components")
+    return {k: dict(median_ms=round(1000 * statistics.median(t["wall"]), 2), best_ms=round(1000 * min(t["wall"]), 2),
+                    cpu_median_ms=round(1000 * statistics.median(t["cpu"]), 2)) for k, t in times.items()}
+
+
+def bench_leak(steps: int, threads: int) -> dict:
+    """RSS of train_ddpm.py (tiny model, mnist5k) sampled at every logged step of a `steps`-step run."""
+    out = SCRATCH / "leak_run"
+    log_every = max(steps // 40, 1)
+    cmd = [sys.executable, str(REPO / "train_ddpm.py"), "--dataset", "mnist5k", "--max_train_samples", "512", "--batch_size", "32",
+           "--size", "16", "--model_channels", "32", "--channel_mult", "1", "2", "--num_res_blocks", "1",
+           "--attention_resolutions", "2", "--timesteps", "100", "--sample_timesteps", "10", "--num_samples", "4",
+           "--max_train_steps", str(steps), "--logging_steps", str(log_every), "--checkpointing_steps", str(max(steps // 2, 1)),
+           "--sample_and_save_freq", "100000", "--no_wandb", "--output_dir", str(out), "--overwrite_output_dir"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    log(f"leak: train_ddpm.py, tiny model, {steps} steps")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    samples, log_path = {}, out / "train_log.jsonl"
+    while proc.poll() is None:
+        try:
+            lines = log_path.read_text().splitlines() if log_path.exists() else []
+            step = json.loads(lines[-1])["step"] if lines else 0
+            samples[step] = rss_mb(pid=proc.pid)
+        except (OSError, ValueError, KeyError, IndexError):
+            pass
+        time.sleep(0.2)
+    if proc.returncode != 0:
+        return dict(error=f"train_ddpm.py exited {proc.returncode}: {proc.stderr.read()[-500:]}")
+    warm = max(steps // 10, log_every)  # RSS after the first 10% of steps is the reference
+    after = {k: v for k, v in samples.items() if k >= warm}
+    reference = after[min(after)]
+    growth = max(after.values()) / reference - 1
+    return dict(steps=steps, warmup_steps=warm, rss_mb_at_warmup=reference, rss_mb_max_after=max(after.values()),
+                rss_mb_last=after[max(after)], growth_after_warmup=round(growth, 4), flat_within_5_percent=growth <= 0.05,
+                samples={str(k): v for k, v in sorted(samples.items())})
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small batches and few rounds: under 3 minutes on 2 CPU cores")
+    parser.add_argument("--json", help="also write the JSON document to this file")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for every arm")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sections", nargs="+", default=["train", "sample", "ood", "data", "roofline", "components", "leak"])
+    parser.add_argument("--train_batch", type=int, help="override the training batch size")
+    parser.add_argument("--train_rounds", type=int, help="override the number of interleaved training rounds")
+    parser.add_argument("--leak_steps", type=int, help="steps of the leak run (0: skip)")
+    parser.add_argument("--channels_last", action="store_true", help="add a channels_last training arm")
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile training arm (compiles for minutes on a CPU)")
+    args = parser.parse_args()
+
+    started = time.time()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    s = dict(QUICK if args.quick else FULL)
+    for key in ("train_batch", "train_rounds", "leak_steps"):
+        if getattr(args, key) is not None:
+            s[key] = getattr(args, key)
+    cfg = DDPMConfig()
+    bf16 = bf16_supported(device)
+    doc = dict(machine=machine(device, args.threads), settings=dict(quick=args.quick, **s),
+               model=dict(shape="1x32x32", parameters=count_parameters(seed_model(cfg))))
+    sections = set(args.sections)
+    inputs = Inputs(cfg) if sections & {"train", "ood", "data"} else None
+    if "train" in sections:
+        doc["train_images_per_sec"] = bench_train(cfg, s, device, bf16, args, inputs)
+    if "sample" in sections:
+        doc["sample_image_steps_per_sec"] = bench_sample(cfg, s, device, bf16)
+    if "ood" in sections:
+        doc["ood_images_per_sec"] = bench_ood(cfg, s, device, inputs)
+    if "data" in sections:
+        doc["data_images_per_sec"] = bench_data(cfg, s, inputs)
+    if "roofline" in sections:
+        log("roofline: matmul and model FLOPs")
+        roof = dict(matmul_n=s["matmul_n"], matmul_gflops_fp32=matmul_gflops(s["matmul_n"], torch.float32, device))
+        if bf16:
+            roof["matmul_gflops_bf16"] = matmul_gflops(s["matmul_n"], torch.bfloat16, device)
+        roof.update(model_flops(cfg, device))
+        train = doc.get("train_images_per_sec", {})
+        for arm, figures in train.items():
+            if not isinstance(figures, dict) or "median" not in figures:
+                continue
+            peak = roof["matmul_gflops_bf16" if "bf16" in arm else "matmul_gflops_fp32"]["best"]
+            achieved = figures["median"] * roof["train_flops_per_image"] / 1e9
+            roof[f"{arm}_gflops"] = round(achieved, 1)
+            roof[f"{arm}_fraction_of_roofline"] = round(achieved / peak, 3)
+            roof[f"{arm}_fraction_of_roofline_best"] = round(figures["best"] * roof["train_flops_per_image"] / 1e9 / peak, 3)
+        doc["roofline"] = roof
+    if "components" in sections:
+        doc["components"] = bench_components(cfg, s, device)
+    if "leak" in sections and s["leak_steps"]:
+        doc["memory_leak"] = bench_leak(s["leak_steps"], args.threads)
+    doc["targets"] = targets(doc)
+    doc["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    doc["seconds"] = round(time.time() - started, 1)
+    text = json.dumps(doc)
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    print(text)
+
+
+def targets(doc) -> dict:
+    """The issue's targets, checked against this run (None: not measured)."""
+    def get(*keys):
+        node = doc
+        for k in keys:
+            if not isinstance(node, dict) or k not in node:
+                return None
+            node = node[k]
+        return node
+
+    bf16_train = get("train_images_per_sec", "speedup_vs_naive", "ours_bf16", "ratio_of_medians")
+    fp32_train = get("train_images_per_sec", "speedup_vs_naive", "ours_fp32", "ratio_of_medians")
+    roof = get("roofline", "ours_bf16_fraction_of_roofline")
+    samples = [v["speedup_vs_stock"].get("ours_bf16", {}).get("ratio_of_medians") for k, v in
+               (get("sample_image_steps_per_sec") or {}).items() if isinstance(v, dict)]
+    data = get("data_images_per_sec", "speedup_vs_per_item_pil", "ratio_of_medians")
+    leak = get("memory_leak", "flat_within_5_percent")
+    check = lambda value, bound: None if value is None else value >= bound  # noqa: E731
+    return {"train_bf16_vs_naive_>=2.0": check(bf16_train, 2.0), "train_fp32_vs_naive_>=1.0": check(fp32_train, 1.0),
+            "train_bf16_>=70%_of_bf16_matmul_roofline": check(roof, 0.7),
+            "sample_bf16_vs_stock_>=1.5_every_batch": None if not samples or None in samples else all(v >= 1.5 for v in samples),
+            "data_vs_per_item_pil_>=10": check(data, 10.0), "rss_flat_within_5%": leak}
+
+
+if __name__ == "__main__":
+    main()
