@@ -393,6 +393,12 @@ def train(cfg: DDPMConfig) -> Path:
         # accelerate 1.x runs `launch --cpu --num_processes N` as ONE process unless it is given an MPI hostfile.
         print("notice: accelerate started one CPU process; for several use "
               "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train_ddpm.py ...`", file=sys.stderr)
+    if accelerator.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun started several processes, but without a GPU each one sees only itself unless
+        # ACCELERATE_USE_CPU is set: every process would train the whole run alone, into the same folder.
+        raise UsageError(f"{os.environ['WORLD_SIZE']} processes were launched but each one would train alone (no GPU, and "
+                         f"ACCELERATE_USE_CPU is not set); for CPU processes launch with ACCELERATE_USE_CPU=1 "
+                         f"(see configs/accelerate/multi_cpu.yaml)")
 
     data = (stream_images(cfg.dataset, cfg, accelerator.process_index, accelerator.num_processes) if cfg.streaming
             else load_images(cfg.dataset, "train", cfg, limit=cfg.max_train_samples, progress=main))

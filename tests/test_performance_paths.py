@@ -182,7 +182,8 @@ def test_streaming_training_with_two_processes(tmp_path):
            "--shuffle_buffer_size", "64", "--batch_size", "16", "--max_train_steps", "4", "--n_epochs", "2",
            "--timesteps", "100", "--sample_timesteps", "5", "--num_samples", "2", "--no_wandb", "--logging_steps", "2",
            "--checkpointing_steps", "4", "--output_dir", str(out), *TINY_MODEL]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "streamed images of 1x16x16" in proc.stdout
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
