@@ -24,7 +24,7 @@ from ddpm_hf.data import load_images, to_uint8  # noqa: E402
 from ddpm_hf.errors import run_cli  # noqa: E402
 from ddpm_hf.fid import FIDEvaluator  # noqa: E402
 from ddpm_hf.pipeline import load_model  # noqa: E402
-from ddpm_hf.sampling import generate, make_sampler  # noqa: E402
+from ddpm_hf.sampling import generate, inference_autocast, make_sampler, resolve_mixed_precision  # noqa: E402
 
 
 def parse(argv):
@@ -40,6 +40,8 @@ def parse(argv):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ddim only)")
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed_precision", default="auto", choices=("no", "fp16", "bf16", "auto"),
+                   help="autocast of the UNet while sampling (auto: bf16 where native)")
     p.add_argument("--inception_weights", default=None)
     p.add_argument("--fid_cache_dir", default=None)
     p.add_argument("--out", default="benchmarks/results/schedulers.json")
@@ -81,12 +83,13 @@ def main(argv=None):
         for steps in args.steps:
             scheduler = make_sampler(name, loaded.scheduler_config)
             start = time.time()
-            images = generate(loaded.unet, scheduler, args.num_samples, steps, eta=args.eta, seed=args.seed,
-                              batch_size=args.batch_size, progress=False)
+            with inference_autocast(args.mixed_precision, "cpu"):
+                images = generate(loaded.unet, scheduler, args.num_samples, steps, eta=args.eta, seed=args.seed,
+                                  batch_size=args.batch_size, progress=False).float()
             seconds = time.time() - start
             label = f"ddim (eta {args.eta:g})" if name == "ddim" else name
             record(dict(sampler=label, steps=steps, sampling_seconds=seconds, **_metrics(evaluator.evaluate(to_uint8(images)))))
-    print(f"\n{len(rows)} rows, {args.num_samples} images each, reference {args.reference} ({args.reference_split}, "
+    print(f"\n{len(rows)} rows, {args.num_samples} images each, precision {resolve_mixed_precision(args.mixed_precision, 'cpu')}, reference {args.reference} ({args.reference_split}, "
           f"{rows[0]['num_reference']} images), extractor {evaluator.extractor.info['name']}\n")
     print(table(rows))
     print(f"\nwrote {out}")

@@ -34,7 +34,8 @@ from .data import load_images, resolve_spec, to_model_range
 from .errors import DDPMError, UsageError
 from .latent import downsample_factor, encode
 from .losses import per_image_loss
-from .sampling import batch_generator, decode_latents, denoise, make_noise_scheduler, make_sampler, num_inference_steps
+from .sampling import (batch_generator, decode_latents, denoise, inference_autocast, make_noise_scheduler, make_sampler,
+                       num_inference_steps, resolve_mixed_precision)
 
 LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet, fetched by `lpips` on first use
 LPIPS_MIN_SIZE = 32  # AlexNet's strides and pools need >= 31 px; smaller images are upsampled for LPIPS
@@ -166,7 +167,7 @@ class Scorer:
         self.unet, self.vae, self.levels, self.sampler = loaded.unet, loaded.vae, levels, sampler
         self.noise_scheduler = make_noise_scheduler(sc["num_train_timesteps"], sc["beta_start"], sc["beta_end"])
         self.eta, self.loss_type, self.seed, self.batch_size = cfg.ddpm, cfg.loss_type, cfg.seed, cfg.batch_size
-        self.draws = cfg.recon_draws
+        self.draws, self.mixed_precision = cfg.recon_draws, cfg.mixed_precision
         self.lpips_model, self.device = lpips_model, device
         self.latent_mode = loaded.train_config.get("latent_mode", "sample")  # as the model was trained (and the original)
 
@@ -176,7 +177,8 @@ class Scorer:
         z0 = self._encode(x0, generator)
         # Each draw is one more "level" in the shared reverse pass; errors are averaged over draws.
         runs = [level for level in self.levels for _ in range(self.draws)]
-        recon = reconstruct(self.unet, self.sampler, self.noise_scheduler, z0, runs, self.eta, generator)
+        with inference_autocast(self.mixed_precision, self.device):
+            recon = reconstruct(self.unet, self.sampler, self.noise_scheduler, z0, runs, self.eta, generator).float()
         if self.vae is not None:  # latent model: compare in pixel space, as the original
             recon = decode_latents(self.vae, recon.flatten(0, 1)).unflatten(0, recon.shape[:2])
         target = x0.expand(len(runs), *x0.shape).flatten(0, 1)
@@ -425,6 +427,7 @@ def run_ood(cfg, device=None) -> dict:
             "t_start": [lv.t_start for lv in levels], "ddpm_eta": cfg.ddpm, "sample_timesteps": cfg.sample_timesteps,
             "loss_type": cfg.loss_type, "lpips": cfg.lpips, "batch_size": cfg.batch_size, "max_samples": cfg.max_samples,
             "recon_draws": cfg.recon_draws, "stats_samples": cfg.stats_samples if multi else None, "seed": cfg.seed,
+            "mixed_precision": resolve_mixed_precision(cfg.mixed_precision, device) or "no",
         },
         "model": {"checkpoint": str(cfg.checkpoint), "source": str(loaded.source), "image_size": size, "channels": channels,
                   "latent": loaded.vae is not None, "timesteps": loaded.scheduler_config["num_train_timesteps"],

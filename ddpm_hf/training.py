@@ -35,7 +35,7 @@ from .latent import encode_dataset, latent_format, load_training_vae, training_l
 from .losses import elementwise_loss
 from .model import build_unet, count_parameters, unet_kwargs
 from .pipeline import public_config, save_pipeline
-from .sampling import generate, make_noise_scheduler, make_sampler, num_inference_steps
+from .sampling import generate, make_noise_scheduler, make_sampler, num_inference_steps, resolve_mixed_precision
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"
@@ -378,7 +378,7 @@ def train(cfg: DDPMConfig) -> Path:
     tracker = _setup_tracker(cfg)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu"),
         log_with=tracker,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -513,8 +513,9 @@ def train(cfg: DDPMConfig) -> Path:
             ema.copy_to(model.parameters())
             model.eval()
             # The same noise every time, so grids compare across epochs.
-            images = generate(model, sampler, cfg.num_samples or 16, steps, eta=cfg.ddpm, seed=cfg.seed,
-                              batch_size=cfg.batch_size, vae=vae, progress=False)
+            with accelerator.autocast():
+                images = generate(model, sampler, cfg.num_samples or 16, steps, eta=cfg.ddpm, seed=cfg.seed,
+                                  batch_size=cfg.batch_size, vae=vae, progress=False).float()
             model.train()
             ema.restore(model.parameters())
             grid = make_grid((images + 1) / 2, nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)

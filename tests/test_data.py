@@ -91,3 +91,15 @@ def test_range_conversions_round_trip():
     y = to_model_range(x)
     assert y.min() == -1 and y.max() == 1
     assert torch.equal(to_uint8(y), x)
+
+
+def test_shipped_arrays_are_stored_as_fixed_shape_arrays():
+    """The column reads back as one numpy array (not nested lists converted row by row)."""
+    import datasets
+
+    from ddpm_hf.data import load_split
+
+    ds, column, _ = load_split("animalmnist", "test", DDPMConfig())
+    assert isinstance(ds.features[column], datasets.Array2D) and ds.features[column].shape == (28, 28)
+    block = ds.with_format("numpy", columns=[column])[:5][column]
+    assert isinstance(block, np.ndarray) and block.shape == (5, 28, 28)

@@ -190,3 +190,36 @@ def test_streaming_training_with_two_processes(tmp_path):
     assert [r["step"] for r in log] == [2, 4] and [r["epoch"] for r in log] == [0, 1]  # 2 virtual epochs of 2 steps
     assert (out / "checkpoints" / "checkpoint-4" / "random_states_1.pkl").exists()  # two processes
     assert isinstance(DiffusionPipeline.from_pretrained(out), DDIMPipeline)
+
+
+def test_mixed_precision_auto_follows_native_bf16(monkeypatch):
+    from ddpm_hf import sampling
+
+    for native, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(sampling, "native_bf16", lambda device, native=native: native)
+        assert sampling.resolve_mixed_precision("auto", "cpu") == expected
+        assert sampling.resolve_mixed_precision("fp16", "cpu") == "fp16"  # explicit choices pass through
+        assert sampling.resolve_mixed_precision(None, "cpu") is None
+    monkeypatch.undo()
+    with sampling.inference_autocast("auto", "cpu"):
+        # under the real check: bf16 autocast exactly where this CPU computes bf16 natively
+        assert torch.is_autocast_enabled("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_ood_scores_under_bf16_stay_close_to_fp32():
+    from types import SimpleNamespace
+
+    from ddpm_hf.ood import Scorer, plan_levels
+
+    unet = tiny_unet().eval()
+    sc = dict(make_noise_scheduler(100, 1e-4, 0.02).config)
+    loaded = SimpleNamespace(unet=unet, vae=None, train_config={}, scheduler_config=sc)
+    images = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8)
+    scores = {}
+    for precision in ("no", "bf16"):
+        cfg = DDPMConfig(sample_timesteps=10, ddpm=0.0, batch_size=6, mixed_precision=precision)
+        sampler, levels = plan_levels([0.5], sc, cfg.sample_timesteps)
+        scores[precision] = Scorer(loaded, levels, sampler, cfg).score_batch(images, torch.Generator().manual_seed(0))["recon_error"]
+    assert scores["bf16"].dtype == torch.float64 and scores["bf16"].shape == (1, 6)
+    rel = ((scores["bf16"] - scores["no"]).abs() / scores["no"]).max()
+    assert 0 < rel < 0.05  # autocast really ran (not bitwise equal), and moved no score by 5%
