@@ -43,7 +43,7 @@ from diffusers import DDIMPipeline, UNet2DModel  # noqa: E402
 from ddpm_hf.config import DDPMConfig  # noqa: E402
 from ddpm_hf.data import batch_loader, load_images, to_model_range  # noqa: E402
 from ddpm_hf.model import build_unet, count_parameters, unet_kwargs  # noqa: E402
-from ddpm_hf.sampling import inference_autocast, make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
+from ddpm_hf.sampling import inference_autocast, make_noise_scheduler, make_sampler, native_bf16, sample_batch  # noqa: E402
 from ddpm_hf.training import PlainEMA, diffusion_loss, make_optimizer  # noqa: E402
 from naive import NaiveStep, per_item_loader  # noqa: E402
 from timing import interleave, log, rate, speedup, sync  # noqa: E402
@@ -66,13 +66,6 @@ def cpu_flags() -> set:
     return set(line.split(":", 1)[-1].split())
 
 
-def bf16_supported(device) -> bool:
-    """bf16 autocast pays off: AVX512-BF16/AMX on CPU, or a GPU that has bf16."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
 def rss_mb(field: str = "VmRSS", pid="self") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -84,7 +77,7 @@ def machine(device, threads) -> dict:
     name = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
                  if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     info = dict(cpu=name, cores=os.cpu_count(), threads=threads, device=str(device), torch=torch.__version__,
-                bf16=bf16_supported(device), cpu_bf16_flags=sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags()),
+                bf16=native_bf16(device), cpu_bf16_flags=sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags()),
                 load_average_start=[round(x, 2) for x in os.getloadavg()])
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -414,7 +407,7 @@ def main():
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     cfg = DDPMConfig()
-    bf16 = bf16_supported(device)
+    bf16 = native_bf16(device)  # the rule of --mixed_precision auto
     doc = dict(machine=machine(device, args.threads), settings=dict(quick=args.quick, **s),
                model=dict(shape="1x32x32", parameters=count_parameters(seed_model(cfg))))
     sections = set(args.sections)

@@ -85,7 +85,7 @@ def main(argv=None):
             start = time.time()
             with inference_autocast(args.mixed_precision, "cpu"):
                 images = generate(loaded.unet, scheduler, args.num_samples, steps, eta=args.eta, seed=args.seed,
-                                  batch_size=args.batch_size, progress=False).float()
+                                  batch_size=args.batch_size, progress=False)
             seconds = time.time() - start
             label = f"ddim (eta {args.eta:g})" if name == "ddim" else name
             record(dict(sampler=label, steps=steps, sampling_seconds=seconds, **_metrics(evaluator.evaluate(to_uint8(images)))))

@@ -178,7 +178,7 @@ class Scorer:
         # Each draw is one more "level" in the shared reverse pass; errors are averaged over draws.
         runs = [level for level in self.levels for _ in range(self.draws)]
         with inference_autocast(self.mixed_precision, self.device):
-            recon = reconstruct(self.unet, self.sampler, self.noise_scheduler, z0, runs, self.eta, generator).float()
+            recon = reconstruct(self.unet, self.sampler, self.noise_scheduler, z0, runs, self.eta, generator)
         if self.vae is not None:  # latent model: compare in pixel space, as the original
             recon = decode_latents(self.vae, recon.flatten(0, 1)).unflatten(0, recon.shape[:2])
         target = x0.expand(len(runs), *x0.shape).flatten(0, 1)

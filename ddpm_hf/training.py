@@ -515,7 +515,7 @@ def train(cfg: DDPMConfig) -> Path:
             # The same noise every time, so grids compare across epochs.
             with accelerator.autocast():
                 images = generate(model, sampler, cfg.num_samples or 16, steps, eta=cfg.ddpm, seed=cfg.seed,
-                                  batch_size=cfg.batch_size, vae=vae, progress=False).float()
+                                  batch_size=cfg.batch_size, vae=vae, progress=False).float()  # a VAE decodes in bf16 under autocast
             model.train()
             ema.restore(model.parameters())
             grid = make_grid((images + 1) / 2, nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
