@@ -20,6 +20,10 @@ from .errors import UsageError
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "unipc")
 LOSS_TYPES = ("huber", "l2", "l1")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# The original's one-cycle schedule, then diffusers.optimization.get_scheduler's names.
+LR_SCHEDULERS = ("one_cycle", "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 REPORT_TO = ("wandb", "tensorboard", "none")
 
 
@@ -59,6 +63,9 @@ class DDPMConfig:
     beta_start: float = _opt(0.0001, "First beta of the linear schedule.", "diffusion")
     beta_end: float = _opt(0.02, "Last beta of the linear schedule.", "diffusion")
     loss_type: str = _opt("huber", "Loss on the predicted noise (training) and OOD reconstruction error.", "diffusion", choices=LOSS_TYPES)
+    beta_schedule: str = _opt("linear", "Noise schedule (diffusers' names; squaredcos_cap_v2 is the cosine schedule of Nichol & Dhariwal).", "diffusion", choices=BETA_SCHEDULES)
+    prediction_type: str = _opt("epsilon", "What the UNet predicts: the noise (the original), the velocity v, or the clean image.", "diffusion", choices=PREDICTION_TYPES)
+    clip_sample: bool = _opt(False, "Clip the sampler's predicted clean image to [-1, 1] at every step (pixel models; the original does not).", "diffusion")
     # ---- latent diffusion ---------------------------------------------------------------
     latent: bool = _opt(False, "Diffuse in the latent space of a pretrained AutoencoderKL.", "latent")
     vae: str = _opt("stabilityai/sd-vae-ft-mse", "VAE for --latent: a Hub id or a local folder.", "latent")
@@ -71,7 +78,15 @@ class DDPMConfig:
     lr: float = _opt(1e-3, "Peak learning rate of the one-cycle schedule.", "train")
     warmup: int = _opt(10, "Warm-up epochs of the one-cycle schedule.", "train")
     decay: float = _opt(1e-5, "AdamW weight decay.", "train")
-    ema_rate: float = _opt(0.999, "EMA decay applied after every optimiser step.", "train")
+    ema_rate: float = _opt(0.999, "EMA decay applied after every optimiser step (the maximum decay with --ema_warmup).", "train")
+    ema_warmup: bool = _opt(False, "Warm the EMA decay up as diffusers' EMAModel does: 1 - (1 + step / inv_gamma) ** -power, capped at --ema_rate.", "train")
+    ema_inv_gamma: float = _opt(1.0, "inv_gamma of --ema_warmup.", "train")
+    ema_power: float = _opt(0.75, "power of --ema_warmup (3/4 as diffusers' training examples; 2/3 suits runs of a million steps).", "train")
+    snr_gamma: Optional[float] = _opt(None, "Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's value); default: unweighted, as the original.", "train")
+    max_grad_norm: Optional[float] = _opt(None, "Clip the gradient norm to this value (default: no clipping, as the original).", "train")
+    random_flip: bool = _opt(False, "Flip training images horizontally at random.", "train")
+    lr_scheduler: str = _opt("one_cycle", "Learning-rate schedule: the original's one-cycle, or a diffusers get_scheduler name.", "train", choices=LR_SCHEDULERS)
+    lr_warmup_steps: Optional[int] = _opt(None, "Warm-up optimiser steps of the LR schedule (default: --warmup epochs for one_cycle, 0 for the others).", "train")
     sample_and_save_freq: int = _opt(5, "Save a sample grid every N epochs (and after the first and last).", "train")
     output_dir: Optional[str] = _opt(None, "Output folder (training default: outputs/ddpm_{dataset}).", "output")
     overwrite_output_dir: bool = _opt(False, "Allow training into a folder that already holds a finished pipeline.", "train")
@@ -287,6 +302,14 @@ def validate(cfg: DDPMConfig) -> None:
         raise UsageError(f"--stats_samples must be at least 2 (a standard deviation needs two images), got {cfg.stats_samples}")
     if cfg.hub_model_id is not None and (not cfg.hub_model_id.strip("/") or cfg.hub_model_id.count("/") > 1):
         raise UsageError(f"--hub_model_id must be 'name' or 'user/name', got {cfg.hub_model_id!r}")
+    if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
+        raise UsageError(f"--snr_gamma must be > 0 (5 is the paper's value), got {cfg.snr_gamma}")
+    if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
+        raise UsageError(f"--max_grad_norm must be > 0, got {cfg.max_grad_norm}")
+    if not (cfg.ema_inv_gamma > 0 and cfg.ema_power > 0):
+        raise UsageError(f"--ema_inv_gamma and --ema_power must be > 0, got {cfg.ema_inv_gamma} and {cfg.ema_power}")
+    if cfg.lr_warmup_steps is not None and cfg.lr_warmup_steps < 0:
+        raise UsageError(f"--lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
     if cfg.lr <= 0 or not 0 <= cfg.ema_rate < 1 or cfg.decay < 0:
         raise UsageError("--lr must be > 0, --ema_rate in [0, 1) and --decay >= 0")
     # Mutually exclusive flags (README, section reliability).
@@ -294,6 +317,8 @@ def validate(cfg: DDPMConfig) -> None:
         raise UsageError("--no_wandb turns every tracker off, so it contradicts --report_to tensorboard; pass only one of them")
     if cfg.streaming and not cfg.max_train_steps:
         raise UsageError("--streaming has no epochs to count (a stream has no known length); set the length of training with --max_train_steps N")
+    if cfg.random_flip and cfg.cache_latents:
+        raise UsageError("--random_flip mirrors images, but --cache_latents trains on latents encoded once; drop one of them")
     if cfg.streaming and cfg.cache_latents:
         raise UsageError("--cache_latents encodes the whole dataset once, which --streaming never holds; drop one of them")
     if cfg.shuffle_buffer_size <= 0:

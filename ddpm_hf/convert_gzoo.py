@@ -198,13 +198,16 @@ def load_original_checkpoint(path, cfg=None, device="cpu") -> LoadedModel:
     from .config import DDPMConfig
 
     cfg = cfg or DDPMConfig()
+    if cfg.prediction_type != "epsilon" or cfg.beta_schedule != "linear":
+        raise UsageError(f"an original .pt checkpoint predicts the noise on linear betas; drop --prediction_type "
+                         f"{cfg.prediction_type} / --beta_schedule {cfg.beta_schedule} (they describe ddpm-hf training runs)")
     state_dict = read_state_dict(path)
     channels, size = image_shape(cfg)
     # --latent: the original's LatDDPM_ UNet works on the VAE's latents (4 channels at 1/8 size for sd-vae-ft-mse).
     vae = load_vae(cfg.vae, device) if cfg.latent else None
     unet = build_unet(cfg, *(latent_format(cfg, vae, channels, size) if vae else (channels, size)))
     unet.load_state_dict(convert_state_dict(state_dict, unet, cfg, source=str(path)))
-    scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)
+    scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end, clip_sample=cfg.clip_sample)
     train_config = {**public_config(cfg.to_dict()), "channels": channels, "size": size, "converted_from": Path(path).name}
     match = re.search(r"epoch_?(\d+)", Path(path).stem)
     if match:  # the original named checkpoints ..._epoch{N}.pt

@@ -34,7 +34,7 @@ from .data import load_images, resolve_spec, to_model_range
 from .errors import DDPMError, UsageError
 from .latent import downsample_factor, encode
 from .losses import per_image_loss
-from .sampling import (batch_generator, decode_latents, denoise, inference_autocast, make_noise_scheduler, make_sampler,
+from .sampling import (batch_generator, decode_latents, denoise, inference_autocast, make_sampler, noise_scheduler_from_config,
                        num_inference_steps, resolve_mixed_precision)
 
 LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet, fetched by `lpips` on first use
@@ -165,7 +165,7 @@ class Scorer:
     def __init__(self, loaded, levels, sampler, cfg, lpips_model=None, device="cpu"):
         sc = loaded.scheduler_config
         self.unet, self.vae, self.levels, self.sampler = loaded.unet, loaded.vae, levels, sampler
-        self.noise_scheduler = make_noise_scheduler(sc["num_train_timesteps"], sc["beta_start"], sc["beta_end"])
+        self.noise_scheduler = noise_scheduler_from_config(sc)
         self.eta, self.loss_type, self.seed, self.batch_size = cfg.ddpm, cfg.loss_type, cfg.seed, cfg.batch_size
         self.draws, self.mixed_precision = cfg.recon_draws, cfg.mixed_precision
         self.lpips_model, self.device = lpips_model, device

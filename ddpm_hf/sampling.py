@@ -1,6 +1,6 @@
 """Noise schedulers and the one sampling loop used by previews, sample_ddpm.py and OOD.
 
-Training noise comes from `DDPMScheduler` (linear betas). Sampling uses `DDIMScheduler`
+Training noise comes from `DDPMScheduler` (linear betas by default, --beta_schedule otherwise). Sampling uses `DDIMScheduler`
 with trailing spacing, where `eta` is the seed's `--ddpm`, or any other diffusers
 scheduler (`--scheduler`): the loop scales the initial noise by `init_noise_sigma`,
 calls `scale_model_input`, and passes `eta`/`generator` only to `step`s that take them.
@@ -26,19 +26,29 @@ from .errors import UsageError
 from .latent import decode_latents  # noqa: F401  (latent models decode here; ood.py imports it from here)
 
 
-def make_noise_scheduler(timesteps: int, beta_start: float, beta_end: float) -> DDPMScheduler:
-    """The forward process; `add_noise` equals the original's exactly."""
+def make_noise_scheduler(timesteps: int, beta_start: float, beta_end: float, beta_schedule: str = "linear",
+                         prediction_type: str = "epsilon", clip_sample: bool = False) -> DDPMScheduler:
+    """The forward process (with the seed's linear betas, `add_noise` equals the original's exactly).
+    Its config is what every sampler and the saved pipeline inherit: T, betas, the prediction type
+    and whether a sampler clips its predicted clean image."""
     return DDPMScheduler(num_train_timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
-                         beta_schedule="linear", clip_sample=False)
+                         beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=clip_sample)
+
+
+def noise_scheduler_from_config(config) -> DDPMScheduler:
+    """The forward process of a saved model (any scheduler's config of it: T, betas, prediction type)."""
+    return DDPMScheduler.from_config(config, clip_sample=config.get("clip_sample", False))
 
 
 def make_sampler(name: str, config) -> object:
-    """A sampling scheduler built from a noise scheduler's config (same T and betas)."""
+    """A sampling scheduler built from a noise scheduler's config (same T, betas, prediction type and
+    clipping; configs saved before --clip_sample existed do not clip, as the original)."""
+    clip = bool(config.get("clip_sample", False))
     if name == "ddim":
-        return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+        return DDIMScheduler.from_config(config, clip_sample=clip, set_alpha_to_one=True, steps_offset=0,
                                          timestep_spacing="trailing")
     if name == "ddpm":
-        return DDPMScheduler.from_config(config, clip_sample=False, timestep_spacing="trailing")
+        return DDPMScheduler.from_config(config, clip_sample=clip, timestep_spacing="trailing")
     if name == "dpmsolver++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", timestep_spacing="trailing")
     if name == "unipc":

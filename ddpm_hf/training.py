@@ -32,7 +32,7 @@ from .data import StreamingBatches, batch_loader, load_images, stream_images, to
 from .errors import DDPMError, UsageError
 from .hub import TrainingPush
 from .latent import encode_dataset, latent_format, load_training_vae, training_latents
-from .losses import elementwise_loss
+from .losses import elementwise_loss, min_snr_weights, per_image_loss, prediction_target
 from .model import build_unet, count_parameters, unet_kwargs
 from .pipeline import public_config, save_pipeline
 from .sampling import generate, make_noise_scheduler, make_sampler, num_inference_steps, resolve_mixed_precision
@@ -46,11 +46,12 @@ TRAINER_STATE = "trainer_state.json"  # data position, counters, EMA and LR-sche
 
 
 class PlainEMA(EMAModel):
-    """diffusers' EMAModel with the original's rule: the same decay from the first update
-    (the stock class uses decay 0, a plain copy, on its first step)."""
+    """diffusers' EMAModel with the original's rule by default: the same decay from the first update
+    (the stock class uses decay 0, a plain copy, on its first step). With use_ema_warmup (--ema_warmup)
+    the stock warm-up rule instead."""
 
     def get_decay(self, optimization_step: int) -> float:
-        return self.decay
+        return super().get_decay(optimization_step) if self.use_ema_warmup else self.decay
 
     @torch.no_grad()
     def step(self, parameters) -> None:
@@ -64,6 +65,13 @@ class PlainEMA(EMAModel):
         torch._foreach_lerp_(self.shadow_params, parameters, 1 - decay)
 
 
+def make_ema(unet, cfg: DDPMConfig) -> PlainEMA:
+    """The every-step EMA: constant --ema_rate (the original), or diffusers' warm-up up to it."""
+    return PlainEMA(unet.parameters(), decay=cfg.ema_rate, min_decay=0.0 if cfg.ema_warmup else cfg.ema_rate,
+                    use_ema_warmup=cfg.ema_warmup, inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power,
+                    foreach=True, model_cls=UNet2DModel, model_config=unet.config)
+
+
 def make_optimizer(parameters, cfg: DDPMConfig) -> torch.optim.AdamW:
     """AdamW, with PyTorch's fused kernel (one pass over all parameters) on CPU and CUDA, else the
     foreach one (benchmarks/run.py, components: fused is several times faster on CPU)."""
@@ -75,12 +83,23 @@ def make_optimizer(parameters, cfg: DDPMConfig) -> torch.optim.AdamW:
 def diffusion_loss(unet, noise_scheduler, x0: torch.Tensor, cfg: DDPMConfig, autocast=contextlib.nullcontext) -> torch.Tensor:
     """The objective of one batch (the trainer's and benchmarks/run.py's): Gaussian noise, uniform
     timesteps, the forward process, the UNet under `autocast()` (Accelerate's mixed precision), and
-    the mean --loss_type between the predicted and the true noise."""
+    the mean --loss_type between the UNet's output and its target (--prediction_type), each image's
+    loss weighted by min-SNR-gamma under --snr_gamma."""
     noise = torch.randn_like(x0)
-    t = torch.randint(0, cfg.timesteps, (x0.shape[0],), device=x0.device)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
     with autocast():
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t).sample
-    return elementwise_loss(pred.float(), noise, cfg.loss_type).mean()
+    target = prediction_target(noise_scheduler, x0, noise, t)
+    if cfg.snr_gamma is None:
+        return elementwise_loss(pred.float(), target, cfg.loss_type).mean()
+    return (per_image_loss(pred.float(), target, cfg.loss_type) * min_snr_weights(noise_scheduler, t, cfg.snr_gamma)).mean()
+
+
+def random_hflip(images: torch.Tensor) -> torch.Tensor:
+    """--random_flip: each image mirrored left-right with probability 1/2 (the global RNG, so seeded
+    and restored with the checkpoint's RNG states)."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
 def check_output_dir(cfg: DDPMConfig) -> Path:
@@ -254,9 +273,16 @@ def _log_grid(accelerator, tracker, grid: torch.Tensor, step: int) -> None:
         accelerator.get_tracker("tensorboard").writer.add_image("DDPM Samples", grid, step)
 
 
-def _one_cycle(optimizer, cfg: DDPMConfig, total_steps: int, steps_per_epoch: int):
-    """The original's OneCycleLR: from 1e-6 up to lr over --warmup epochs, cosine back to 1e-6."""
-    warm = min(cfg.warmup * steps_per_epoch, total_steps - 1)
+def make_lr_scheduler(optimizer, cfg: DDPMConfig, total_steps: int, steps_per_epoch: int):
+    """--lr_scheduler, stepped once per optimiser update: the original's OneCycleLR (from 1e-6 up to lr
+    over --warmup epochs or --lr_warmup_steps, cosine back to 1e-6), or diffusers' get_scheduler."""
+    if cfg.lr_scheduler != "one_cycle":
+        from diffusers.optimization import get_scheduler
+
+        return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps or 0,
+                             num_training_steps=total_steps)
+    warm = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else cfg.warmup * steps_per_epoch
+    warm = min(warm, total_steps - 1)
     # A one-step warm-up is a 0/0 inside OneCycleLR (its first phase would end at step 0): none instead.
     pct_start = warm / total_steps if warm > 1 else 0.0
     return torch.optim.lr_scheduler.OneCycleLR(
@@ -420,9 +446,9 @@ def train(cfg: DDPMConfig) -> Path:
         accelerator.print(f"latent: the UNet diffuses {unet_channels}x{unet_size}x{unet_size} latents of the VAE {cfg.vae} "
                           f"(latent_dist.{cfg.latent_mode} x {vae.config.scaling_factor}"
                           f"{', cached once' if cfg.cache_latents else ', encoded every batch'})")
-    noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)
-    ema = PlainEMA(unet.parameters(), decay=cfg.ema_rate, min_decay=cfg.ema_rate, use_ema_warmup=False,
-                   foreach=True, model_cls=UNet2DModel, model_config=unet.config)
+    noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
+                                           cfg.prediction_type, cfg.clip_sample)
+    ema = make_ema(unet, cfg)
     optimizer = make_optimizer(unet.parameters(), cfg)
     if cfg.streaming:  # epochs are virtual: --max_train_steps in --n_epochs parts (warm-up, sample grids, FID)
         loader = StreamingBatches(data, cfg.batch_size, math.ceil(cfg.max_train_steps / cfg.n_epochs) * cfg.gradient_accumulation_steps,
@@ -443,7 +469,7 @@ def train(cfg: DDPMConfig) -> Path:
     max_steps = cfg.max_train_steps or cfg.n_epochs * steps_per_epoch
     # Stepped by hand once per optimiser update, so accumulation and process count
     # never change the schedule's length.
-    lr_scheduler = _one_cycle(optimizer.optimizer, cfg, max_steps, steps_per_epoch)
+    lr_scheduler = make_lr_scheduler(optimizer.optimizer, cfg, max_steps, steps_per_epoch)
 
     # Saved with every checkpoint besides Accelerate's model/optimiser/RNG files: where the data
     # stands (epoch, batches of it consumed), the counters, the log's running loss, the LR schedule
@@ -458,7 +484,7 @@ def train(cfg: DDPMConfig) -> Path:
         save_file({n: p.detach().cpu().contiguous() for n, p in zip(param_names, ema.shadow_params)}, folder / EMA_FILE)
         ema_scalars = {k: v for k, v in ema.state_dict().items() if k != "shadow_params"}
         (folder / TRAINER_STATE).write_text(json.dumps(dict(
-            progress=dict(state, loss_sum=loss_sum.item()), ema=ema_scalars, lr_scheduler=lr_scheduler.state_dict(),
+            progress=dict(state, loss_sum=loss_sum.item()), ema=ema_scalars, lr_scheduler=lr_scheduler.state_dict(), lr_total_steps=max_steps,
             model_config=_model_config(model)), indent=1))
 
     def read_trainer_state(folder: Path) -> None:
@@ -473,8 +499,10 @@ def train(cfg: DDPMConfig) -> Path:
                 p.copy_(shadow[name])
         ema.load_state_dict(saved["ema"])
         schedule = saved["lr_scheduler"]
-        resumed["total_steps"] = schedule["total_steps"]
-        if schedule["total_steps"] != max_steps:  # a longer or shorter run: keep the position, take the new length
+        resumed["total_steps"] = saved.get("lr_total_steps", schedule.get("total_steps", max_steps))
+        if "total_steps" in schedule and schedule["total_steps"] != max_steps:
+            # OneCycleLR keeps its length in its state: a longer or shorter run keeps the position, takes the new length
+            # (get_scheduler's schedules take the new length from their re-made lambda).
             schedule = {**schedule, "total_steps": lr_scheduler.total_steps, "_schedule_phases": lr_scheduler._schedule_phases}
         lr_scheduler.load_state_dict(schedule)
         state.update(saved["progress"])
@@ -548,6 +576,8 @@ def train(cfg: DDPMConfig) -> Path:
             for batch_index, (batch,) in enumerate(batches, start=skip_batches if epoch == first_epoch else 0):
                 state.update(epoch=epoch, batches=batch_index + 1)
                 with accelerator.accumulate(unet):
+                    if cfg.random_flip:
+                        batch = random_hflip(batch)
                     x0 = training_latents(vae, batch, cfg.latent_mode, cfg.cache_latents) if vae else to_model_range(batch)
                     loss = diffusion_loss(unet, noise_scheduler, x0, cfg, accelerator.autocast)
                     if os.environ.get("DDPM_HF_NAN_AT_STEP") == str(global_step + 1):
@@ -568,6 +598,8 @@ def train(cfg: DDPMConfig) -> Path:
                         optimizer.zero_grad(set_to_none=True)
                         continue
                     accelerator.backward(loss)
+                    if cfg.max_grad_norm and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
