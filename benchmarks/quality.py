@@ -135,9 +135,11 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, r in sorted(results["recipes"].items(), key=lambda kv: min([p["fid"] for p in kv[1]["points"]] or [1e9])):
-        if r["points"]:
-            ax.plot([p["images"] for p in r["points"]], [p["fid"] for p in r["points"]], marker="o", ms=3, label=name)
+    ranked = sorted(results["recipes"].items(), key=lambda kv: min([p["fid"] for p in kv[1].get("points", [])] or [1e9]))
+    for i, (name, r) in enumerate(ranked):  # 20 colours, and line styles, so that no two recipes look alike
+        if r.get("points"):
+            ax.plot([p["images"] for p in r["points"]], [p["fid"] for p in r["points"]], marker="o", ms=3, label=name,
+                    color=plt.cm.tab20(i % 20), ls=("-", "--", ":")[i // 20 % 3] if i < 20 else "-.")
     if results.get("floor"):
         ax.axhline(results["floor"]["fid"], ls="--", color="k", label=f"held-out digits ({results['floor']['fid']:.1f})")
     ax.set_yscale("log")
@@ -150,16 +152,21 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def table(results: dict) -> str:
-    lines = ["| recipe | images seen | CPU minutes | FID | KID ×1000 |", "|---|---:|---:|---:|---:|"]
-    for name, r in sorted(results["recipes"].items(), key=lambda kv: kv[1]["points"][-1]["fid"] if kv[1]["points"] else 1e9):
-        if not r["points"]:
-            lines.append(f"| {name} | – | – | failed (exit {r['exit_code']}) | – |")
-            continue
-        last = r["points"][-1]
-        ips = r.get("train_images_per_sec")
+def fid_at(points: list, images: int):
+    return next((p["fid"] for p in points if p["images"] == images), None)
+
+
+def table(results: dict, early: int = 8000) -> str:
+    """One row per recipe, best final FID first; the FID at `early` images compares runs stopped early too."""
+    lines = [f"| recipe | images seen | CPU minutes | FID at {early:,} | FID | KID ×1000 |", "|---|---:|---:|---:|---:|---:|"]
+    done = {k: r for k, r in results["recipes"].items() if r.get("points")}
+    for name, r in sorted(done.items(), key=lambda kv: (kv[1]["points"][-1]["images"] < results["images_budget"], kv[1]["points"][-1]["fid"])):
+        last, ips = r["points"][-1], r.get("train_images_per_sec")
         minutes = f"{last['images'] / ips / 60:.1f}" if ips else "–"
-        lines.append(f"| {name} | {last['images']:,} | {minutes} | {last['fid']:.1f} | {1000 * last['kid']:.1f} |")
+        at = fid_at(r["points"], early)
+        lines.append(f"| {name} | {last['images']:,} | {minutes} | {f'{at:.1f}' if at else '–'} | {last['fid']:.1f} | "
+                     f"{1000 * last['kid']:.1f} |")
+    lines += [f"| {name} | – | – | – | failed (exit {r.get('exit_code')}) | – |" for name, r in results["recipes"].items() if not r.get("points")]
     return "\n".join(lines)
 
 
@@ -173,7 +180,7 @@ def main(argv=None):
         print(table(results))
         return
     configs = {r.stem: recipe_config(args.base, r) for r in args.recipes}
-    results = dict(images_budget=args.images, fid_num_samples=args.fid_num_samples, base=str(args.base.relative_to(REPO)),
+    results = dict(images_budget=args.images, fid_num_samples=args.fid_num_samples, base=str(args.base.resolve().relative_to(REPO)),
                    train_flags=args.train_flags, recipes={})
     if args.speed_only:
         results = json.loads(path.read_text())
