@@ -13,6 +13,9 @@ Sections (all on the seed's default model, 1x32x32, 6,469,889 parameters):
   roofline  measured matmul GFLOP/s and the model's FLOPs (torch.utils.flop_counter)
   components  AdamW (default/foreach/fused) and EMA (stock/foreach/lerp) update times
   leak      RSS of the real trainer (train_ddpm.py, tiny model) over --leak_steps steps
+  fid       FID feature extraction (ddpm_hf.fid's fast Inception) against the plain TorchScript on
+            torch-fidelity's resize (the code before it), interleaved with fp32 matmuls; Inception's
+            FLOPs and the fraction of that roofline reached
 """
 
 import argparse
@@ -49,9 +52,11 @@ from naive import NaiveStep, per_item_loader  # noqa: E402
 from timing import interleave, log, rate, speedup, sync  # noqa: E402
 
 QUICK = dict(train_batch=32, train_rounds=2, sample_batches=[16], sample_steps=3, sample_rounds=2, ood_images=8,
-             ood_sample_timesteps=30, data_rounds=2, matmul_n=1024, component_rounds=5, leak_steps=0)
+             ood_sample_timesteps=30, data_rounds=2, matmul_n=1024, component_rounds=5, leak_steps=0,
+             fid_batch=16, fid_rounds=2, fid_inputs=["1x28"])
 FULL = dict(train_batch=128, train_rounds=4, sample_batches=[16, 128], sample_steps=5, sample_rounds=3, ood_images=8,
-            ood_sample_timesteps=300, data_rounds=3, matmul_n=2048, component_rounds=10, leak_steps=1000)
+            ood_sample_timesteps=300, data_rounds=3, matmul_n=2048, component_rounds=10, leak_steps=1000,
+            fid_batch=64, fid_rounds=5, fid_inputs=["1x28", "3x32"])
 MULTI_LEVEL = [0.1, 0.2, 0.3, 0.4, 0.5]
 
 
@@ -383,6 +388,47 @@ def bench_leak(steps: int, threads: int) -> dict:
                 samples={str(k): v for k, v in sorted(samples.items())})
 
 
+def fid_inputs(shape: str, n: int) -> torch.Tensor:
+    """n uint8 images: mnist5k digits for "1x28" (FID's main use here), seeded noise otherwise
+    (Inception's cost does not depend on the pixels)."""
+    channels, size = map(int, shape.split("x"))
+    if (channels, size) == (1, 28):
+        return load_images("mnist5k", "test", DDPMConfig(), size=28, channels=1, limit=n, progress=False).images
+    return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def bench_fid(s, device) -> dict:
+    """One batch of FID features per call, `ours` (InceptionFeatures.forward) and `old`
+    (InceptionFeatures.plain), interleaved with ~1 s of fp32 matmuls for the roofline."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddpm_hf.fid import INPUT_SIZE, load_feature_extractor
+
+    extractor = load_feature_extractor(None, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), torch.jit.optimized_execution(False):
+        extractor.net(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, device=device))
+    flops = counter.get_total_flops()
+    matmul, matmul_flops = matmul_arm(s["matmul_n"], torch.float32, device)
+    n, out = s["fid_batch"], dict(batch=s["fid_batch"], inception_flops_per_image=flops, matmul_n=s["matmul_n"])
+    for shape in s["fid_inputs"]:
+        images, last = fid_inputs(shape, n).to(device), {}
+        arms = {"old": lambda: last.__setitem__("old", extractor.plain(images)),
+                "ours": lambda: last.__setitem__("ours", extractor(images)), "matmul_fp32": matmul}
+        log(f"fid: {n} images {shape}, old and ours")
+        times = interleave(arms, s["fid_rounds"], warmup=1, device=device, label=f"fid {shape}")
+        result = {name: rate(times[name], n) for name in ("old", "ours")}
+        result["speedup_vs_old"] = speedup(times["ours"], times["old"])
+        result["max_abs_feature_diff"] = float((last["ours"] - last["old"]).abs().max())
+        peak = rate(times["matmul_fp32"], matmul_flops / 1e9)
+        result["interleaved_matmul_gflops_fp32"] = peak
+        for name in ("old", "ours"):  # by wall and by CPU time against the matmuls of the same rounds
+            result[f"{name}_gflops"] = round(result[name]["median"] * flops / 1e9, 1)
+            result[f"{name}_fraction_of_roofline"] = round(result[name]["median"] * flops / 1e9 / peak["median"], 3)
+            result[f"{name}_fraction_of_roofline_cpu_time"] = round(result[name]["cpu_median"] * flops / 1e9 / peak["cpu_median"], 3)
+        out[shape] = result
+    return out
+
+
 # ---- main ----------------------------------------------------------------------------------
 
 def main():
@@ -391,10 +437,12 @@ def main():
     parser.add_argument("--json", help="also write the JSON document to this file")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for every arm")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", nargs="+", default=["train", "sample", "ood", "data", "roofline", "components", "leak"])
+    parser.add_argument("--sections", nargs="+", default=["train", "sample", "ood", "data", "roofline", "components", "leak", "fid"])
     parser.add_argument("--train_batch", type=int, help="override the training batch size")
     parser.add_argument("--train_rounds", type=int, help="override the number of interleaved training rounds")
     parser.add_argument("--leak_steps", type=int, help="steps of the leak run (0: skip)")
+    parser.add_argument("--fid_batch", type=int, help="override the FID section's images per call")
+    parser.add_argument("--fid_rounds", type=int, help="override the FID section's interleaved rounds")
     parser.add_argument("--channels_last", action="store_true", help="add a channels_last training arm")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile training arm (compiles for minutes on a CPU)")
     args = parser.parse_args()
@@ -403,7 +451,7 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     s = dict(QUICK if args.quick else FULL)
-    for key in ("train_batch", "train_rounds", "leak_steps"):
+    for key in ("train_batch", "train_rounds", "leak_steps", "fid_batch", "fid_rounds"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     cfg = DDPMConfig()
@@ -446,6 +494,8 @@ def main():
         doc["components"] = bench_components(cfg, s, device)
     if "leak" in sections and s["leak_steps"]:
         doc["memory_leak"] = bench_leak(s["leak_steps"], args.threads)
+    if "fid" in sections:
+        doc["fid_images_per_sec"] = bench_fid(s, device)
     doc["targets"] = targets(doc)
     doc["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     doc["seconds"] = round(time.time() - started, 1)
@@ -472,11 +522,13 @@ def targets(doc) -> dict:
                (get("sample_image_steps_per_sec") or {}).items() if isinstance(v, dict)]
     data = get("data_images_per_sec", "speedup_vs_per_item_pil", "ratio_of_medians")
     leak = get("memory_leak", "flat_within_5_percent")
+    fid = get("fid_images_per_sec", "1x28", "speedup_vs_old", "ratio_of_medians")
     check = lambda value, bound: None if value is None else value >= bound  # noqa: E731
     return {"train_bf16_vs_naive_>=2.0": check(bf16_train, 2.0), "train_fp32_vs_naive_>=1.0": check(fp32_train, 1.0),
             "train_bf16_>=70%_of_bf16_matmul_roofline": check(roof, 0.7),
             "sample_bf16_vs_stock_>=1.5_every_batch": None if not samples or None in samples else all(v >= 1.5 for v in samples),
-            "data_vs_per_item_pil_>=10": check(data, 10.0), "rss_flat_within_5%": leak}
+            "data_vs_per_item_pil_>=10": check(data, 10.0), "rss_flat_within_5%": leak,
+            "fid_features_1x28_vs_old_>=3": check(fid, 3.0)}
 
 
 if __name__ == "__main__":

