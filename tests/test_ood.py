@@ -96,6 +96,19 @@ def test_combine_single_level_adds_lpips_and_multi_level_averages_z_scores():
     assert combine(scores, stats) == pytest.approx(expected)
 
 
+def test_report_prints_metrics_to_four_decimals():
+    """The original's `AUC score: X FPR95: Y` line shows 4 decimals, not a raw float (0.9612080000000001)."""
+    from ddpm_hf.ood import format_report
+
+    results = {"auroc": 0.9612080000000001, "fpr95": 0.212, "fpr95_in_positive": 0.176, "aupr_in": 0.955, "aupr_out": 0.967,
+               "per_level": [{}], "counts": {"in": 500, "out": 500, "scored": 1000},
+               "settings": {"dataset": "mnist5k", "out_dataset": "animalmnist"}, "score": "huber reconstruction error",
+               "cost": {"nfe_per_image": 10, "model_calls_per_batch": 10}, "timing": {"images_per_s": 38.5, "score_s": 26.0}}
+    lines = format_report(results).splitlines()
+    assert lines[1] == "AUC score: 0.9612 FPR95: 0.2120"
+    assert "AUROC (OOD positive):" in lines[2] and lines[2].endswith(" 0.9612")
+
+
 # ---- reconstruction ------------------------------------------------------------------------
 
 def test_levels_follow_the_original_timestep_rule():
@@ -196,8 +209,8 @@ def test_end_to_end_outputs_and_determinism(trained_pipeline, tmp_path):
     assert (a / "scores.csv").read_text() == (b / "scores.csv").read_text()  # same command, same scores
 
     results = json.loads((a / "ood_results.json").read_text())
-    line = re.search(r"^AUC score: (\S+) FPR95: (\S+)$", first.stdout, re.M)
-    assert line and float(line[1]) == results["auroc"] and float(line[2]) == results["fpr95"]
+    line = re.search(r"^AUC score: (\d\.\d{4}) FPR95: (\d\.\d{4})$", first.stdout, re.M)  # 4 decimals, not a raw float
+    assert line and float(line[1]) == round(results["auroc"], 4) and float(line[2]) == round(results["fpr95"], 4)
     for name in ("auroc", "fpr95", "fpr95_in_positive", "aupr_in", "aupr_out"):
         assert 0 <= results[name] <= 1
         assert results[name] == json.loads((b / "ood_results.json").read_text())[name]
