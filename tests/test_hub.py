@@ -213,3 +213,34 @@ def test_upload_list_and_token_guard(tmp_path, trained):
         f.write(json.dumps({"note": TOKEN}) + "\n")
     with pytest.raises(DDPMError, match="train_log.jsonl contains your Hub token"):
         push_output(copy, "tester/leak", token=TOKEN)  # refused before any request
+
+
+def test_model_card_files_metrics_under_the_measured_dataset_and_records_what_ran(tmp_path):
+    """Offline, no server: OOD metrics measured on mnist5k's test split are filed under mnist5k (not
+    ylecun/mnist), trained steps/epochs are not listed as flags, mixed precision shows what ran, and the
+    card has a limitations section."""
+    from ddpm_hf.hub import build_model_card
+
+    out = tmp_path / "run"
+    (out / "unet").mkdir(parents=True)
+    (out / "scheduler").mkdir()
+    (out / "ood").mkdir()
+    (out / "unet" / "config.json").write_text(json.dumps({"in_channels": 1, "sample_size": 28}))
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"num_train_timesteps": 300, "beta_start": 0.0001, "beta_end": 0.02}))
+    (out / "ddpm_hf_config.json").write_text(json.dumps(
+        {"dataset": "mnist5k", "timesteps": 300, "sample_timesteps": 20, "batch_size": 32, "mixed_precision": "auto",
+         "mixed_precision_used": "bf16", "trained_steps": 625, "trained_epochs": 5, "ddpm": 1.0}))
+    (out / "ood" / "ood_results.json").write_text(json.dumps(
+        {"auroc": 0.9612080000000001, "fpr95": 0.212, "settings": {"dataset": "mnist5k", "out_dataset": "animalmnist"}}))
+    card = build_model_card(out, "tester/ddpm-quickstart")
+    data = card.data.to_dict()
+    assert data["datasets"] == ["ylecun/mnist"]  # the training images are MNIST digits
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert results["roc_auc"].dataset_type == "mnist5k" and results["roc_auc"].dataset_split == "test"
+    assert results["roc_auc"].metric_value == 0.9612
+    assert "ylecun/mnist" not in {r.dataset_type for r in card.data.eval_results}
+    assert "`--trained_steps`" not in card.text and "`--trained_epochs`" not in card.text
+    assert "Trained for 625 optimiser steps (5 epochs)." in card.text
+    assert "| `--mixed_precision` | bf16 (`--mixed_precision auto`) |" in card.text
+    assert "## Limitations" in card.text

@@ -27,6 +27,7 @@ def test_trained_output_is_a_standard_pipeline(trained_pipeline):
     assert (trained_pipeline / "unet" / "diffusion_pytorch_model.safetensors").exists()
     config = json.loads((trained_pipeline / "ddpm_hf_config.json").read_text())
     assert config["dataset"] == "mnist5k" and config["trained_steps"] == 8 and config["timesteps"] == 100
+    assert config["mixed_precision"] is None and config["mixed_precision_used"] == "no"  # the flag, and what ran
 
 
 def test_saved_unet_holds_the_ema_weights(trained_pipeline):
