@@ -1,7 +1,7 @@
 """Benchmark suite of ddpm-hf on this machine; the last line of its output is one JSON document.
 
     .venv/bin/python benchmarks/run.py --quick              # under 3 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/run.py --json bench.json    # the full suite (README, performance)
+    .venv/bin/python benchmarks/run.py --json bench.json    # the full suite (docs/performance.md)
 
 Sections (all on the seed's default model, 1x32x32, 6,469,889 parameters):
   train     ddpm-hf's training step (the trainer's `diffusion_loss`, fused AdamW, foreach EMA, uint8

@@ -1,4 +1,4 @@
-"""The fast paths of README section "performance" compute what the plain paths compute: bf16
+"""The fast paths of docs/performance.md compute what the plain paths compute: bf16
 autocast, the fused optimiser, the lerp EMA, the batch-indexed loader, --streaming (split across
 processes with split_dataset_by_node) and the shipped Accelerate configs. No timing here:
 benchmarks/run.py measures speed."""

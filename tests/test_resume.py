@@ -2,7 +2,7 @@
 ends with the EMA weights of the same run never interrupted (CPU, fp32, max |diff| <= 1e-6).
 
 Kills land where the test chooses through the trainer's documented test hooks
-(README, section reliability): DDPM_HF_KILL_AT_STEP=N and DDPM_HF_KILL_DURING_SAVE=N make the
+(docs/reliability.md): DDPM_HF_KILL_AT_STEP=N and DDPM_HF_KILL_DURING_SAVE=N make the
 process SIGKILL itself; DDPM_HF_NAN_AT_STEP=N makes one loss NaN. SIGTERM/SIGINT come from outside.
 """
 
