@@ -30,8 +30,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+# naive.py and timing.py sit next to this script (sys.path[0] when run as python benchmarks/run.py).
+try:
+    import ddpm_hf  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # a checkout without the install, run as python benchmarks/run.py from the repo root
+    sys.path.insert(0, str(REPO))
 
 SCRATCH = Path(tempfile.mkdtemp(prefix="ddpm-hf-bench-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
