@@ -173,6 +173,7 @@ def test_accelerate_configs_parse(path):
     assert {p.name for p in ACCELERATE_CONFIGS} >= {"multi_cpu.yaml", "multi_node_gpu.yaml", "deepspeed_zero2.yaml"}
 
 
+@pytest.mark.slow
 def test_streaming_training_with_two_processes(tmp_path):
     """`accelerate launch --config_file configs/accelerate/multi_cpu.yaml`: two gloo processes, each
     streaming its half of mnist5k; the result is a standard pipeline."""

@@ -20,6 +20,9 @@ from safetensors.torch import load_file
 from conftest import REPO, TINY_MODEL, run_script
 from ddpm_hf.training import MANIFEST, checkpoint_problem
 
+# Every test here trains, kills and resumes: `make test-all` (CI) runs them, `make test` does not.
+pytestmark = pytest.mark.slow
+
 # 48 images in batches of 8: 6 steps per epoch, 12 steps = 2 epochs, a checkpoint every 3 steps.
 # One thread: identical arithmetic in every run and no fight for the shared cores.
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -1,6 +1,7 @@
 """sample_ddpm.py: grid and PNGs; --fid folder naming and resumption."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import run_script
@@ -18,6 +19,7 @@ def test_grid_and_one_png_per_image(trained_pipeline, tmp_path):
     assert image.shape == (16, 16) and image.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_fid_folder_naming_and_rerun_skips_written_images(trained_pipeline, tmp_path):
     args = ["--checkpoint", trained_pipeline, "--output_dir", tmp_path, "--fid", "--num_samples", "6",
             "--batch_size", "4", "--sample_timesteps", "5", "--ddpm", "0.5"]

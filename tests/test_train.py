@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from diffusers import DDIMPipeline, DiffusionPipeline
 from PIL import Image
@@ -55,6 +56,7 @@ def test_log_grid_and_checkpoints(trained_pipeline):
     assert sorted(p.name for p in (trained_pipeline / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step(trained_pipeline, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(trained_pipeline, out)
@@ -66,6 +68,7 @@ def test_resume_continues_from_the_saved_step(trained_pipeline, tmp_path):
     assert json.loads((out / "ddpm_hf_config.json").read_text())["trained_steps"] == 12
 
 
+@pytest.mark.slow
 def test_two_processes_with_accelerate_launch(tmp_path):
     out = tmp_path / "ddp"
     # accelerate 1.15 runs `launch --cpu --num_processes 2` as one process (its multi-CPU path wants MPI);
