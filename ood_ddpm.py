@@ -7,24 +7,48 @@
 
 import argparse
 
-from ddpm_hf.config import build_parser, parse_config
+# torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
+from ddpm_hf.config import build_parser, parse_config, script_help
 from ddpm_hf.errors import run_cli
-from ddpm_hf.ood import run_ood
 
 # model flags describe an original .pt checkpoint (converted on the fly); diffusion holds --loss_type.
-GROUPS = ("checkpoint", "sampler", "ood", "data", "batch", "seed", "output", "diffusion", "model")
+GROUPS = ("checkpoint", "data", "ood", "sampler", "diffusion", "batch", "precision", "seed", "output", "model")
+# Training-only data flags, and --scheduler (reconstruction is DDIM with eta --ddpm, as the original's).
+EXCLUDE = ("max_train_samples", "num_workers", "streaming", "shuffle_buffer_size", "scheduler")
+HELPS = {
+    "dataset": "In-distribution dataset, scored on its test split (a registry name, a Hub dataset id or an image folder).",
+    "ddpm": "DDIM eta of the reconstruction: 1.0 is DDPM-like ancestral sampling, 0.0 deterministic DDIM.",
+    "sample_timesteps": "Sampling steps of the whole chain (the original's step rule: T // (T // S)); a reconstruction "
+                        "runs the steps below its starting noise level.",
+    "batch_size": "Images scored per batch.",
+    "output_dir": "Folder of the OOD results (default: ood_results/<checkpoint name>).",
+    "mixed_precision": "Autocast of the UNet while scoring (default: full precision); auto: bf16 where the device "
+                       "computes it natively, else no.",
+    "loss_type": "Per-image reconstruction error of the score.",
+}
+NOTES = {
+    "sampler": "The reconstruction: DDIM over the sampling steps below each noise level.",
+    "model": "Only for an original .pt --checkpoint (the flags it was trained with); a pipeline records its own.",
+    "diffusion": "--timesteps and the betas only for an original .pt --checkpoint; a pipeline records its own.",
+}
 
 
 def _extra(parser):
-    parser.add_argument("--overwrite_output_dir", dest="overwrite_output_dir", action=argparse.BooleanOptionalAction,
-                        help="Replace OOD results already in --output_dir (default: refuse). "
-                             "Default --output_dir: ood_results/<checkpoint name>.")
+    output = next(g for g in parser._action_groups if g.title == "output")
+    output.add_argument("--overwrite_output_dir", dest="overwrite_output_dir", action=argparse.BooleanOptionalAction,
+                        help="Replace OOD results already in --output_dir (default: refuse).")
+
+
+def build(prog="ood_ddpm.py"):
+    description, epilog = script_help(__doc__)
+    return build_parser(prog, description, GROUPS, extra=_extra, epilog=epilog, exclude=EXCLUDE, helps=HELPS, notes=NOTES)
 
 
 @run_cli
 def main(argv):
-    parser = build_parser("ood_ddpm.py", __doc__.strip().splitlines()[0], GROUPS, extra=_extra)
-    cfg, _ = parse_config(parser, argv)
+    cfg, _ = parse_config(build(), argv)
+    from ddpm_hf.ood import run_ood
+
     run_ood(cfg)
 
 

@@ -1,22 +1,48 @@
 """Sample a trained DDPM: a grid and one PNG per image, or a resumable folder for FID.
 
     python sample_ddpm.py --checkpoint outputs/quickstart --num_samples 64 --ddpm 0 --sample_timesteps 50
+    python sample_ddpm.py --checkpoint outputs/quickstart --scheduler dpmsolver++ --sample_timesteps 20
     python sample_ddpm.py --checkpoint user/ddpm-mnist --fid --num_samples 10000
     python sample_ddpm.py --checkpoint outputs/quickstart --fid --num_samples 1000 --fid_reference mnist5k
+    python sample_ddpm.py --checkpoint DDPM_mnist_epoch100.pt --dataset mnist --timesteps 1000 --ddpm 0
 """
 
-from ddpm_hf.config import build_parser, parse_config
+# torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
+from ddpm_hf.config import build_parser, parse_config, script_help
 from ddpm_hf.errors import run_cli
-from ddpm_hf.sampling import run_sampling
 
 # model/diffusion/data flags describe an original .pt checkpoint (converted on the fly).
 GROUPS = ("checkpoint", "sampler", "samples", "fid", "fid_metric", "batch", "precision", "seed", "output", "data", "model", "diffusion")
+# Training-only data flags: they do nothing here.
+EXCLUDE = ("max_train_samples", "num_workers", "streaming", "shuffle_buffer_size")
+HELPS = {
+    "output_dir": "Output folder (default: samples/<checkpoint name>; with --fid, the folder that holds fid_samples/, "
+                  "default: the current folder).",
+    "fid_reference": "Compute FID and KID of the --fid folder against this dataset (any --dataset form), into fid.json.",
+    "dataset": "With a .pt --checkpoint: the dataset it was trained on (sets channels and size); also names the --fid folder.",
+    "batch_size": "Images per sampling batch.",
+    "mixed_precision": "Autocast of the UNet while sampling (default: full precision); auto: bf16 where the device "
+                       "computes it natively, else no.",
+}
+NOTES = {
+    "data": "A pipeline folder or Hub model records these; they matter for a .pt --checkpoint, "
+            "and for the --fid_reference dataset.",
+    "model": "Only for an original .pt --checkpoint (the flags it was trained with); a pipeline records its own.",
+    "diffusion": "Only for an original .pt --checkpoint; a pipeline records its own.",
+    "fid_metric": "Needs --fid.",
+}
+
+
+def build(prog="sample_ddpm.py"):
+    description, epilog = script_help(__doc__)
+    return build_parser(prog, description, GROUPS, epilog=epilog, exclude=EXCLUDE, helps=HELPS, notes=NOTES)
 
 
 @run_cli
 def main(argv):
-    parser = build_parser("sample_ddpm.py", __doc__.strip().splitlines()[0], GROUPS)
-    cfg, _ = parse_config(parser, argv)
+    cfg, _ = parse_config(build(), argv)
+    from ddpm_hf.sampling import run_sampling
+
     run_sampling(cfg)
 
 

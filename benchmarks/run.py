@@ -1,7 +1,7 @@
 """Benchmark suite of ddpm-hf on this machine; the last line of its output is one JSON document.
 
     .venv/bin/python benchmarks/run.py --quick              # under 3 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/run.py --json bench.json    # the full suite (README, performance)
+    .venv/bin/python benchmarks/run.py --json bench.json    # the full suite (docs/performance.md)
 
 Sections (all on the seed's default model, 1x32x32, 6,469,889 parameters):
   train     ddpm-hf's training step (the trainer's `diffusion_loss`, fused AdamW, foreach EMA, uint8
@@ -33,8 +33,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+# naive.py and timing.py sit next to this script (sys.path[0] when run as python benchmarks/run.py).
+try:
+    import ddpm_hf  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # a checkout without the install, run as python benchmarks/run.py from the repo root
+    sys.path.insert(0, str(REPO))
 
 SCRATCH = Path(tempfile.mkdtemp(prefix="ddpm-hf-bench-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

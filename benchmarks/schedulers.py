@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:
+    import ddpm_hf  # noqa: F401  (installed: pip install -e .)
+except ImportError:  # a checkout without the install, run as python benchmarks/schedulers.py from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddpm_hf.config import SCHEDULERS, DDPMConfig  # noqa: E402
 from ddpm_hf.data import load_images, to_uint8  # noqa: E402

@@ -35,7 +35,7 @@ def _opt(default, help, group, choices=None, **extra):
 @dataclass
 class DDPMConfig:
     # ---- data -------------------------------------------------------------------------
-    dataset: str = _opt("mnist", "Dataset: a registry name (see README), a Hub dataset id (user/name) or a local image folder.", "data")
+    dataset: str = _opt("mnist", "Dataset: a registry name (mnist5k, cifar10, ...: see docs/training.md), a Hub dataset id (user/name) or a local image folder.", "data")
     size: Optional[int] = _opt(None, "Image size in pixels (default: the dataset's own, e.g. 32 for MNIST).", "data")
     channels: Optional[int] = _opt(None, "Force 1 (grayscale) or 3 (RGB) channels (default: the dataset's own).", "data", choices=(1, 3))
     image_column: Optional[str] = _opt(None, "Image column of a Hub dataset (default: the registry's, or the first Image column).", "data")
@@ -212,30 +212,108 @@ class _OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser(prog, description, groups, extra=None) -> argparse.ArgumentParser:
-    """A parser with a flag for each field of `groups`; defaults are applied later (SUPPRESS)."""
-    parser = _OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="YAML file of settings; command-line flags override it.")
+# Titles of the flag groups in --help, in words (the group keys stay internal).
+GROUP_TITLES = {
+    "checkpoint": "trained model",
+    "data": "data",
+    "model": "model (the original's UNet flags)",
+    "diffusion": "diffusion process",
+    "latent": "latent diffusion",
+    "batch": "batch size",
+    "train": "training",
+    "precision": "precision",
+    "output": "output",
+    "seed": "randomness",
+    "sampler": "sampler",
+    "samples": "samples",
+    "fid": "samples for FID",
+    "fid_metric": "FID and KID",
+    "fid_train": "FID during training",
+    "ood": "out-of-distribution scoring",
+    "hub_train": "pushing to the Hugging Face Hub",
+    "hub": "Hugging Face Hub repository",
+}
+# Placeholders in --help for the value a flag takes (default: N for integers, X for floats).
+METAVARS = {
+    "dataset": "NAME", "out_dataset": "NAME", "fid_reference": "NAME", "fid_reference_split": "SPLIT",
+    "image_column": "COLUMN", "dataset_config_name": "CONFIG", "medmnist_root": "DIR", "output_dir": "DIR",
+    "fid_cache_dir": "DIR", "checkpoint": "DIR|ID|FILE.pt", "revision": "REV", "vae": "ID|DIR",
+    "resume_from_checkpoint": "latest|DIR", "inception_weights": "FILE", "hub_model_id": "[USER/]NAME",
+    "hub_token": "TOKEN", "hub_license": "LICENSE", "attention_resolutions": "FACTOR", "channel_mult": "MULT",
+    "recon_factors": "FACTOR",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help text wrapped as usual; the description and the examples epilog keep their lines."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34, width=100)
+
+
+def _shown_default(default, scalar) -> Optional[str]:
+    """The default as a user would type it, or None when the help text says it in words."""
+    if default is None:
+        return None
+    if scalar is bool:
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return " ".join(map(str, default))
+    return str(default)
+
+
+def build_parser(prog, description, groups, extra=None, epilog=None, exclude=(), helps=None, notes=None,
+                 usage=None) -> argparse.ArgumentParser:
+    """A parser with a flag for each field of `groups`; defaults are applied later (SUPPRESS).
+
+    `epilog`: the script's examples, shown after the flags; `exclude`: fields of those groups that
+    do nothing in this script (not offered); `helps`: {field: help text} where the script's meaning
+    differs from the shared text; `notes`: {group: a line under the group's title}; `usage`: the
+    usage line (default: PROG [--config FILE] [options]). Each flag's
+    default is shown once: appended as "(default: X)" unless the help text already says it.
+    """
+    helps, notes = helps or {}, notes or {}
+    parser = _OneLineParser(prog=prog, usage=usage or f"{prog} [--config FILE] [options]", description=description, epilog=epilog,
+                            formatter_class=_HelpFormatter, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE", help="YAML file of settings (flag names without '--'); "
+                                                          "flags given on the command line override it.")
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
     for group in groups:
-        arg_group = parser.add_argument_group(group)
+        arg_group = parser.add_argument_group(GROUP_TITLES.get(group, group), notes.get(group))
         for name, f in FIELDS.items():
-            if f.metadata["group"] != group:
+            if f.metadata["group"] != group or name in exclude:
                 continue
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            help_text = f"{f.metadata['help']} (default: {default})"
             scalar, is_list, _ = _base_type(name)
-            kwargs = dict(help=help_text, dest=name)
+            help_text = helps.get(name, f.metadata["help"])
+            shown = _shown_default(default, scalar)
+            if shown is not None and "default" not in help_text:
+                help_text = f"{help_text} (default: {shown})"
+            kwargs = dict(help=help_text.replace("%", "%%"), dest=name)
+            if scalar is bool and name.startswith("no_"):
+                # A plain switch: --no_wandb, never --no-no_wandb (still accepted, not shown).
+                kwargs["action"] = "store_true"
+                arg_group.add_argument(f"--{name}", **kwargs)
+                arg_group.add_argument(f"--no-{name}", dest=name, action="store_false", help=argparse.SUPPRESS)
+                continue
             if scalar is bool:
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
-                kwargs.update(type=scalar, choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else name.upper())
+                metavar = METAVARS.get(name) or {int: "N", float: "X"}.get(scalar) or name.upper()
+                kwargs.update(type=scalar, choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else metavar)
                 if is_list:
                     kwargs["nargs"] = "+"
             arg_group.add_argument(f"--{name}", **kwargs)
     if extra:
         extra(parser)
     return parser
+
+
+def script_help(doc: str) -> tuple:
+    """(description, epilog) of a script from its docstring: the first line, then its example commands."""
+    lines = doc.strip().splitlines()
+    examples = [line.strip() for line in lines[1:] if line.strip()]
+    return lines[0], ("examples:\n" + "\n".join(f"  {line}" for line in examples)) if examples else None
 
 
 def parse_config(parser, argv):

@@ -34,7 +34,7 @@ MODEL_SETTINGS = ("dataset", "channels", "size", "latent", "vae", "model_channel
                   "use_new_attention_order", "dropout", "timesteps", "beta_start", "beta_end")
 # Not known for a converted checkpoint of the original (its file records no training settings).
 TRAIN_SETTINGS = ("loss_type", "batch_size", "n_epochs", "max_train_steps", "lr", "warmup", "decay", "ema_rate",
-                  "mixed_precision", "seed", "trained_steps", "trained_epochs")
+                  "mixed_precision", "seed")
 
 # Jinja template of the card body; the metadata block comes from ModelCardData.
 TEMPLATE = """---
@@ -77,12 +77,25 @@ With ddpm-hf: `python sample_ddpm.py --checkpoint {{ repo_id }} --num_samples 64
 {% for m in metrics %}| {{ m.name }} | {{ m.value }} | {{ m.details }} |
 {% endfor %}{% endif %}
 ## {{ "Model settings" if converted_from else "Training settings" }}
-
+{% if trained %}
+{{ trained }}
+{% endif %}
 | flag | value |
 |---|---|
 {% for name, value in settings %}| `--{{ name }}` | {{ value }} |
 {% endfor %}
 The full configuration is in `ddpm_hf_config.json`{% if log %}, the training loss in `train_log.jsonl`{% endif %}.
+
+## Limitations
+
+- An unconditional generator of {{ shape }} images like those of **{{ dataset }}**: it reproduces that data's
+  content and biases and nothing else; it takes no prompt or label.
+- Sample quality depends on the training length and the sampler (`num_inference_steps`, `eta`); a short run gives
+  rough shapes rather than clean images.{% if has_fid %} FID and KID are measured on the number of images stated
+  above: FID is biased upwards at small sample counts, so compare FIDs only at equal counts.{% endif %}
+- As an out-of-distribution detector (reconstruction error), a score is only meaningful relative to
+  **{{ dataset }}**-like data; an AUROC holds for the outlier set it was measured on, not for outliers in general.
+- Not evaluated for any safety-critical use (such as medical diagnosis).
 """
 
 
@@ -163,12 +176,14 @@ def _check_no_secret(files: dict, token: Optional[str]) -> None:
 # ---- the model card ------------------------------------------------------------------------------
 
 
-def _dataset_ids(dataset: str) -> tuple:
-    """(name shown in the card, Hub dataset id or None) of a --dataset value."""
+def _dataset_ids(dataset: str, source: bool = True) -> tuple:
+    """(name shown in the card, Hub dataset id or None) of a --dataset value. `source`: an offline
+    registry dataset maps to the Hub dataset its images come from (mnist5k -> ylecun/mnist), right for
+    the training data; metrics use source=False, since their splits are the offline dataset's own."""
     from .data import REGISTRY
 
     if dataset in REGISTRY:
-        return dataset, REGISTRY[dataset].hub_id or SOURCE_DATASETS.get(dataset)
+        return dataset, REGISTRY[dataset].hub_id or (SOURCE_DATASETS.get(dataset) if source else None)
     if Path(dataset).is_dir() or dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
         return Path(dataset).name, None  # a local image folder
     return dataset, dataset
@@ -180,7 +195,8 @@ def collect_metrics(out: Path, dataset: str) -> list:
     from huggingface_hub import EvalResult
 
     def result(metric_type, name, value, on_dataset, split, extra=""):
-        shown, hub_id = _dataset_ids(on_dataset)
+        # Filed under the dataset actually measured on: mnist5k's test split is not ylecun/mnist's.
+        shown, hub_id = _dataset_ids(on_dataset, source=False)
         return EvalResult(task_type="unconditional-image-generation", task_name="Unconditional image generation",
                           dataset_type=hub_id or shown, dataset_name=shown, dataset_split=split,
                           metric_type=metric_type, metric_name=name + extra, metric_value=round(value, 4))
@@ -200,12 +216,13 @@ def collect_metrics(out: Path, dataset: str) -> list:
         elif path.name == "ood_results.json" and _number(_find(data, "auroc")) is not None:
             auroc, fpr95 = _number(_find(data, "auroc")), _number(_find(data, "fpr95"))
             outlier = str(_find(data, "out_dataset") or "?")
-            details = f"in: {_find(data, 'dataset') or dataset} (test), out: {outlier} (test); `{where}`"
+            inlier = str(_find(data, "dataset") or dataset)  # the in-distribution set the OOD run scored
+            details = f"in: {inlier} (test), out: {outlier} (test); `{where}`"
             rows.append(dict(name=f"OOD AUROC vs {outlier}", value=f"{auroc:.4f}", details=details,
-                             eval=result("roc_auc", "OOD AUROC", auroc, dataset, "test", f" vs {outlier}")))
+                             eval=result("roc_auc", "OOD AUROC", auroc, inlier, "test", f" vs {outlier}")))
             if fpr95 is not None:
                 rows.append(dict(name=f"OOD FPR95 vs {outlier}", value=f"{fpr95:.4f}", details=details,
-                                 eval=result("fpr95", "OOD FPR95", fpr95, dataset, "test", f" vs {outlier}")))
+                                 eval=result("fpr95", "OOD FPR95", fpr95, inlier, "test", f" vs {outlier}")))
     if not any(r["name"] == "FID" for r in rows) and (out / "train_log.jsonl").is_file():
         last = None
         for line in (out / "train_log.jsonl").read_text().splitlines():
@@ -268,13 +285,25 @@ def build_model_card(out: Path, repo_id: str, license: str = "mit", pipeline_dir
     names = [k for k in MODEL_SETTINGS + (() if converted_from else TRAIN_SETTINGS) if k in config]
     names = [k for k in names if config[k] is not None and (k != "vae" or config.get("latent"))]
     settings = [(k, json.dumps(config[k]) if isinstance(config[k], (list, bool)) else config[k]) for k in names]
+    # What ran, not the flag: --mixed_precision auto (or none: `accelerate config`) resolved at training time.
+    used = config.get("mixed_precision_used")
+    settings = [(k, f"{used} (`--mixed_precision {v}`)" if k == "mixed_precision" and used and used != v else v)
+                for k, v in settings]
+    if used and "mixed_precision" not in names and not converted_from:
+        settings.append(("mixed_precision", used))
+    trained = None
+    if config.get("trained_steps") is not None and not converted_from:
+        epochs = config.get("trained_epochs")
+        trained = (f"Trained for {config['trained_steps']:,} optimiser steps"
+                   + (f" ({epochs} epoch{'s' if epochs != 1 else ''})" if epochs is not None else "") + ".")
     card = ModelCard.from_template(
         data, template_str=TEMPLATE, title=f"DDPM on {dataset}: {repo_id}", marker=CARD_MARKER, dataset=dataset,
         shape=shape, params=f"{params:,}" if params else "?", timesteps=timesteps, beta_start=scheduler.get("beta_start"),
         beta_end=scheduler.get("beta_end"), repo_id=repo_id, steps=sample_steps, eta=config.get("ddpm", 1.0),
         grid=grids[-1].relative_to(out).as_posix() if grids else None,
         grid_note=f"{len(grids)} grid(s) in `samples/`, the last shown" if grids else "",
-        metrics=metrics, settings=settings, log=(out / "train_log.jsonl").is_file(), converted_from=converted_from)
+        metrics=metrics, has_fid=any(r["name"] in ("FID", "KID") for r in metrics), settings=settings, trained=trained, log=(out / "train_log.jsonl").is_file(),
+        converted_from=converted_from)
     tags = TAGS + (["latent-diffusion"] if config.get("latent") else [])
     return populate_model_card(card, tags=tags)  # adds library_name: diffusers and the tags
 

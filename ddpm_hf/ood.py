@@ -352,7 +352,7 @@ def format_report(results: dict) -> str:
     lines = [
         f"OOD report: {m['settings']['dataset']} ({c['in']} in-distribution images) vs {m['settings']['out_dataset']} "
         f"({c['out']} OOD images); score: {m['score']}",
-        f"AUC score: {m['auroc']} FPR95: {m['fpr95']}",  # the original's line
+        f"AUC score: {m['auroc']:.4f} FPR95: {m['fpr95']:.4f}",  # the original's line (its values to 4 decimals)
         f"AUROC (OOD positive):                                  {m['auroc']:.4f}",
         f"FPR95, original (in-dist. flagged at 95% OOD caught):  {m['fpr95']:.4f}",
         f"FPR at 95% TPR, in-dist. positive (OOD accepted):      {m['fpr95_in_positive']:.4f}",

@@ -120,6 +120,9 @@ def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = No
     # LDMPipeline's type hint names VQModel; the AutoencoderKL it holds is what it decodes with.
     quiet = _DropMessages("Expected types for vqvae")
     diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils").addFilter(quiet)
+    # No "Loading pipeline components..." bar in every command's output: loading takes a second.
+    bar_was_on = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(checkpoint, revision=revision, use_safetensors=True)
     except Exception as err:
@@ -132,6 +135,8 @@ def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = No
         raise DDPMError(f"cannot load the pipeline {where} {checkpoint} ({type(err).__name__}: {message})") from None
     finally:
         diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils").removeFilter(quiet)
+        if bar_was_on:
+            diffusers_logging.enable_progress_bar()
     unet = pipe.unet.to(device).eval()
     vae = getattr(pipe, "vqvae", None)
     if vae is not None:

@@ -21,7 +21,8 @@ def _extra(parser):
 
 @run_cli
 def main(argv=None):
-    parser = build_parser("python -m ddpm_hf.push", __doc__.strip().splitlines()[0], ("hub",), _extra)
+    parser = build_parser("python -m ddpm_hf.push", __doc__.strip().splitlines()[0], ("hub",), _extra,
+                          usage="python -m ddpm_hf.push OUTPUT_DIR [options]")
     cfg, extra = parse_config(parser, argv)
     out = Path(cfg.output_dir)
     push_output(out, cfg.hub_model_id or default_repo_id(out), cfg.hub_token, cfg.hub_private_repo, cfg.hub_license,

@@ -97,14 +97,18 @@ def _step_kwargs(scheduler, eta, generator) -> dict:
 
 
 @torch.inference_mode()
-def denoise(unet, scheduler, x: torch.Tensor, timesteps, eta: float = 0.0, generator=None, progress=False) -> torch.Tensor:
-    """Run `scheduler.step` over `timesteps` (descending) from `x`: one model call per step."""
+def denoise(unet, scheduler, x: torch.Tensor, timesteps, eta: float = 0.0, generator=None, progress=False,
+            on_step=None) -> torch.Tensor:
+    """Run `scheduler.step` over `timesteps` (descending) from `x`: one model call per step.
+    `on_step()`, if given, is called after every step (a caller's progress bar)."""
     kwargs = _step_kwargs(scheduler, eta, generator)
     dtype = next(unet.parameters()).dtype
     for t in tqdm(timesteps, desc="sampling", leave=False, disable=not progress):
         model_input = scheduler.scale_model_input(x, t).to(dtype)
         eps = unet(model_input, t).sample.float()
         x = scheduler.step(eps, t, x, **kwargs).prev_sample
+        if on_step is not None:
+            on_step()
     return x
 
 
@@ -115,13 +119,14 @@ def batch_generator(seed: int, index: int) -> torch.Generator:
 
 
 @torch.inference_mode()
-def sample_batch(unet, scheduler, n: int, steps: int, eta: float, generator, vae=None, progress=False) -> torch.Tensor:
+def sample_batch(unet, scheduler, n: int, steps: int, eta: float, generator, vae=None, progress=False,
+                 on_step=None) -> torch.Tensor:
     """`n` samples in [-1, 1] (pixel space; latents are decoded through `vae`), on the CPU."""
     device = next(unet.parameters()).device
     shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     scheduler.set_timesteps(steps, device=device)
     x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * scheduler.init_noise_sigma
-    x = denoise(unet, scheduler, x, scheduler.timesteps, eta=eta, generator=generator, progress=progress)
+    x = denoise(unet, scheduler, x, scheduler.timesteps, eta=eta, generator=generator, progress=progress, on_step=on_step)
     return (decode_latents(vae, x) if vae is not None else x).cpu()
 
 
@@ -183,21 +188,31 @@ def run_sampling(cfg, device=None) -> Path:
     scheduler = make_sampler(cfg.scheduler, loaded.scheduler_config)
     steps = num_inference_steps(loaded.scheduler_config["num_train_timesteps"], min(cfg.sample_timesteps, loaded.scheduler_config["num_train_timesteps"]))
     batches = math.ceil(num_images / cfg.batch_size)
+    todo = []  # (batch index, PNG paths) still to sample
+    for b in range(batches):
+        first, n = b * cfg.batch_size, min(cfg.batch_size, num_images - b * cfg.batch_size)
+        paths = [out / f"{i}.png" for i in range(first, first + n)]
+        if not (cfg.fid and all(p.exists() for p in paths)):  # else: written by an earlier run
+            todo.append((b, paths))
     done = 0
     start = time.time()
     all_images = []
-    for b in tqdm(range(batches), desc=f"sampling {num_images} images ({cfg.scheduler}, {steps} steps)", unit="batch"):
-        first, n = b * cfg.batch_size, min(cfg.batch_size, num_images - b * cfg.batch_size)
-        paths = [out / f"{i}.png" for i in range(first, first + n)]
-        if cfg.fid and all(p.exists() for p in paths):
-            continue  # written by an earlier run
-        with inference_autocast(cfg.mixed_precision, device):
-            images = to_uint8(sample_batch(loaded.unet, scheduler, n, steps, cfg.ddpm, batch_generator(cfg.seed, b), loaded.vae))
-        for image, path in zip(images, paths):
-            _save_png(image, path)
-        done += n
-        if not cfg.fid:
-            all_images.append(images)
+    # The bar counts sampling steps (one UNet call on a whole batch each), not batches: a single
+    # batch of 300 steps moves 300 times instead of sitting at 0/1.
+    per_batch = f"{steps} steps per batch" if len(todo) > 1 else f"{steps} steps"
+    with tqdm(total=len(todo) * steps, desc=f"sampling {sum(len(p) for _, p in todo)} images ({cfg.scheduler}, {per_batch})",
+              unit="step") as bar:
+        for k, (b, paths) in enumerate(todo):
+            if len(todo) > 1:
+                bar.set_postfix_str(f"batch {k + 1}/{len(todo)}")
+            with inference_autocast(cfg.mixed_precision, device):
+                images = to_uint8(sample_batch(loaded.unet, scheduler, len(paths), steps, cfg.ddpm, batch_generator(cfg.seed, b),
+                                               loaded.vae, on_step=lambda: bar.update(1)))
+            for image, path in zip(images, paths):
+                _save_png(image, path)
+            done += len(paths)
+            if not cfg.fid:
+                all_images.append(images)
     if not cfg.fid:
         grid = make_grid(torch.cat(all_images)[:256], nrow=int(math.ceil(math.sqrt(min(num_images, 256)))), padding=2)
         _save_png(grid, out / "grid.png")

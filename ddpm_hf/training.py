@@ -556,7 +556,8 @@ def train(cfg: DDPMConfig) -> Path:
         """The EMA weights as a standard pipeline folder (the final output; --hub_strategy every_save)."""
         final = UNet2DModel.from_config(accelerator.unwrap_model(unet, keep_torch_compile=False).config)
         ema.copy_to(final.parameters())
-        trained = dict(trained_steps=step, trained_epochs=math.ceil(step / steps_per_epoch))
+        trained = dict(trained_steps=step, trained_epochs=math.ceil(step / steps_per_epoch),
+                       mixed_precision_used=accelerator.mixed_precision)  # what ran: `auto` resolved, for the model card
         save_pipeline(folder, final, make_sampler("ddim", noise_scheduler.config), {**cfg.to_dict(), **trained}, vae=vae)
 
     # Resume exactly where the data stood (skipped non-finite batches consumed data but no step).

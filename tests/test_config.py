@@ -104,3 +104,80 @@ def test_shipped_configs_parse_and_validate(path):
     validate(cfg)
     if path.name != "quickstart.yaml":  # the family configs keep the seed's defaults
         assert (cfg.timesteps, cfg.sample_timesteps, cfg.loss_type, cfg.decay, cfg.lr) == (300, 300, "huber", 1e-5, 1e-3)
+
+
+SCRIPTS = ("train_ddpm.py", "sample_ddpm.py", "ood_ddpm.py")
+
+
+def script_help(script) -> str:
+    """--help of a script, run in this interpreter as `python SCRIPT --help` would run it."""
+    import contextlib
+    import io
+    import runpy
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / script), run_name="not_main")["main"](["--help"])
+    assert exit_.value.code == 0
+    return out.getvalue()
+
+
+def help_entries(text) -> dict:
+    """{first option string: its whole help entry} of a --help text."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("   "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_reads_well(script):
+    text = script_help(script)
+    entries = help_entries(text)
+    assert text.startswith(f"usage: {script} [--config FILE] [options]\n")
+    # Group titles in words, not internal keys such as fid_metric.
+    titles = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert titles and all("_" not in title for title in titles), titles
+    for flag, entry in entries.items():
+        assert entry.count("(default:") <= 1, entry  # each default shown once
+        assert "(default: None)" not in entry and "(default: [" not in entry, entry
+    assert "--no-no_" not in text  # plain switches: --no_wandb only
+    # The script's examples close the help.
+    assert "\nexamples:\n" in text and f"  python {script}" in text.split("\nexamples:\n")[1]
+
+
+def test_each_script_offers_only_flags_it_uses():
+    train, sample, ood = (help_entries(script_help(s)) for s in SCRIPTS)
+    for training_only in ("--streaming", "--shuffle_buffer_size", "--max_train_samples", "--num_workers"):
+        assert training_only in train and training_only not in sample and training_only not in ood
+    assert "--scheduler" in sample and "--scheduler" not in ood  # OOD reconstructs with DDIM (eta --ddpm)
+    assert "--mixed_precision" in ood  # the scorer autocasts the UNet under it
+    assert "(default: 300)" in train["--timesteps"] and "(default: off)" in train["--latent"]
+    assert "(default: 1 2 2)" in train["--channel_mult"]
+
+
+def test_switches_keep_their_names():
+    assert parse(["--no_wandb"]).no_wandb is True
+    assert parse(["--no-no_wandb"]).no_wandb is False  # still accepted, no longer shown
+
+
+def test_scripts_parse_flags_before_importing_torch():
+    """--help answers in well under 2 s: no torch, diffusers or accelerate before the flags are parsed."""
+    code = ("import runpy, sys\n"
+            "for script in ('train_ddpm.py', 'sample_ddpm.py', 'ood_ddpm.py'):\n"
+            "    sys.argv = [script, '--help']\n"
+            "    try:\n"
+            "        runpy.run_path(script, run_name='__main__')\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "import ddpm_hf\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'accelerate', 'datasets') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "[]"

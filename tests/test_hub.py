@@ -89,6 +89,7 @@ def pushed(hub, trained, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_failed_final_push_keeps_the_output_and_exits_nonzero(hub, trained):
     out, proc = trained
     assert proc.returncode == 1
@@ -105,6 +106,7 @@ def test_failed_final_push_keeps_the_output_and_exits_nonzero(hub, trained):
     assert PIPELINE_FILES <= set(snapshot["files"])
 
 
+@pytest.mark.slow
 def test_retry_uploads_the_pipeline_and_nothing_else(hub, pushed):
     out, proc = pushed
     assert "pushed" in proc.stdout and "tester/ddpm-tiny" in proc.stdout
@@ -124,6 +126,7 @@ def test_retry_uploads_the_pipeline_and_nothing_else(hub, pushed):
     assert hub.state.authorizations == {f"Bearer {TOKEN}"}
 
 
+@pytest.mark.slow
 def test_model_card_metadata_and_body(hub, pushed):
     card = ModelCard(hub.state.repos["tester/ddpm-tiny"]["commits"][-1]["files"]["README.md"].decode())
     data = card.data.to_dict()
@@ -137,6 +140,7 @@ def test_model_card_metadata_and_body(hub, pushed):
     assert "hub_token" not in card.content
 
 
+@pytest.mark.slow
 def test_from_pretrained_through_the_endpoint_gives_identical_weights(hub, pushed, tmp_path):
     """Stock diffusers loads the Hub copy; sample_ddpm.py takes the Hub id with --revision (the snapshot commit)."""
     out, _ = pushed
@@ -156,6 +160,7 @@ def test_from_pretrained_through_the_endpoint_gives_identical_weights(hub, pushe
     assert any(f"/resolve/{snapshot}/" in path for _, path in hub.state.requests)  # the revision was asked for
 
 
+@pytest.mark.slow
 def test_metrics_of_ood_and_fid_runs_enter_the_card(hub, pushed, tmp_path):
     out, _ = pushed
     copy = tmp_path / "run"
@@ -181,6 +186,7 @@ def test_metrics_of_ood_and_fid_runs_enter_the_card(hub, pushed, tmp_path):
     assert "| OOD AUROC vs animalmnist | 0.9731 |" in card.text and "| FID | 41.50 |" in card.text
 
 
+@pytest.mark.slow
 def test_push_to_a_dead_endpoint_keeps_the_output(pushed, tmp_path):
     out, _ = pushed
     before = folder_state(out)
@@ -191,6 +197,7 @@ def test_push_to_a_dead_endpoint_keeps_the_output(pushed, tmp_path):
     assert folder_state(out) == before
 
 
+@pytest.mark.slow
 def test_training_with_an_unreachable_hub_fails_before_training(tmp_path):
     out = tmp_path / "never"
     proc = run([REPO / "train_ddpm.py", *TINY_TRAIN, "--max_train_steps", "3", "--output_dir", out, "--push_to_hub",
@@ -200,6 +207,7 @@ def test_training_with_an_unreachable_hub_fails_before_training(tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "model_index.json").exists()
 
 
+@pytest.mark.slow
 def test_upload_list_and_token_guard(tmp_path, trained):
     out, _ = trained
     copy = tmp_path / "run"
@@ -213,3 +221,34 @@ def test_upload_list_and_token_guard(tmp_path, trained):
         f.write(json.dumps({"note": TOKEN}) + "\n")
     with pytest.raises(DDPMError, match="train_log.jsonl contains your Hub token"):
         push_output(copy, "tester/leak", token=TOKEN)  # refused before any request
+
+
+def test_model_card_files_metrics_under_the_measured_dataset_and_records_what_ran(tmp_path):
+    """Offline, no server: OOD metrics measured on mnist5k's test split are filed under mnist5k (not
+    ylecun/mnist), trained steps/epochs are not listed as flags, mixed precision shows what ran, and the
+    card has a limitations section."""
+    from ddpm_hf.hub import build_model_card
+
+    out = tmp_path / "run"
+    (out / "unet").mkdir(parents=True)
+    (out / "scheduler").mkdir()
+    (out / "ood").mkdir()
+    (out / "unet" / "config.json").write_text(json.dumps({"in_channels": 1, "sample_size": 28}))
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"num_train_timesteps": 300, "beta_start": 0.0001, "beta_end": 0.02}))
+    (out / "ddpm_hf_config.json").write_text(json.dumps(
+        {"dataset": "mnist5k", "timesteps": 300, "sample_timesteps": 20, "batch_size": 32, "mixed_precision": "auto",
+         "mixed_precision_used": "bf16", "trained_steps": 625, "trained_epochs": 5, "ddpm": 1.0}))
+    (out / "ood" / "ood_results.json").write_text(json.dumps(
+        {"auroc": 0.9612080000000001, "fpr95": 0.212, "settings": {"dataset": "mnist5k", "out_dataset": "animalmnist"}}))
+    card = build_model_card(out, "tester/ddpm-quickstart")
+    data = card.data.to_dict()
+    assert data["datasets"] == ["ylecun/mnist"]  # the training images are MNIST digits
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert results["roc_auc"].dataset_type == "mnist5k" and results["roc_auc"].dataset_split == "test"
+    assert results["roc_auc"].metric_value == 0.9612
+    assert "ylecun/mnist" not in {r.dataset_type for r in card.data.eval_results}
+    assert "`--trained_steps`" not in card.text and "`--trained_epochs`" not in card.text
+    assert "Trained for 625 optimiser steps (5 epochs)." in card.text
+    assert "| `--mixed_precision` | bf16 (`--mixed_precision auto`) |" in card.text
+    assert "## Limitations" in card.text

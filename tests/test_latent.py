@@ -108,6 +108,7 @@ def test_bad_vae_settings_fail_with_one_clear_line(tmp_path):
         load_vae(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_pipeline_folder_serves_as_vae(latent_run, vae):
     run, _ = latent_run
     again = load_vae(str(run))  # its vqvae/ subfolder
@@ -147,6 +148,7 @@ def test_unreachable_hub_is_asked_once_without_retries(monkeypatch):
 
 # ---- training ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_training_saves_an_ldm_pipeline_with_the_frozen_vae(latent_run, vae_dir):
     run, proc = latent_run
     assert "the UNet diffuses 4x4x4 latents" in proc.stdout
@@ -166,6 +168,7 @@ def test_training_saves_an_ldm_pipeline_with_the_frozen_vae(latent_run, vae_dir)
     assert grid.mode == "RGB" and grid.size == (2 * 34 + 2, 2 * 34 + 2)
 
 
+@pytest.mark.slow
 def test_cache_latents_trains_identically(latent_run, vae_dir, tmp_path):
     run, _ = latent_run
     proc = run_script("train_ddpm.py", *LATENT_TRAIN, "--cache_latents", "--vae", vae_dir, "--output_dir", tmp_path / "cached")
@@ -179,6 +182,7 @@ def test_cache_latents_trains_identically(latent_run, vae_dir, tmp_path):
 
 # ---- the saved pipeline, sampling and OOD --------------------------------------------------------
 
+@pytest.mark.slow
 def test_stock_ldm_pipeline_loads_and_samples_like_ddpm_hf(latent_run):
     from diffusers import DiffusionPipeline, LDMPipeline
 
@@ -199,6 +203,7 @@ def test_stock_ldm_pipeline_loads_and_samples_like_ddpm_hf(latent_run):
     assert images.std() > 0.01 and np.abs(images - ours).max() < 1e-5
 
 
+@pytest.mark.slow
 def test_sample_script_writes_decoded_pixel_images(latent_run, tmp_path):
     from ddpm_hf.pipeline import load_model
     from ddpm_hf.sampling import batch_generator, make_sampler, sample_batch
@@ -217,6 +222,7 @@ def test_sample_script_writes_decoded_pixel_images(latent_run, tmp_path):
     assert np.abs(first.astype(int) - expected.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_ood_scores_latent_models_in_pixel_space(latent_run, tmp_path):
     from ddpm_hf.ood import Scorer, load_lpips, plan_levels
     from ddpm_hf.pipeline import load_model

@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,19 @@ def test_combine_single_level_adds_lpips_and_multi_level_averages_z_scores():
     assert combine(scores, stats) == pytest.approx(expected)
 
 
+def test_report_prints_metrics_to_four_decimals():
+    """The original's `AUC score: X FPR95: Y` line shows 4 decimals, not a raw float (0.9612080000000001)."""
+    from ddpm_hf.ood import format_report
+
+    results = {"auroc": 0.9612080000000001, "fpr95": 0.212, "fpr95_in_positive": 0.176, "aupr_in": 0.955, "aupr_out": 0.967,
+               "per_level": [{}], "counts": {"in": 500, "out": 500, "scored": 1000},
+               "settings": {"dataset": "mnist5k", "out_dataset": "animalmnist"}, "score": "huber reconstruction error",
+               "cost": {"nfe_per_image": 10, "model_calls_per_batch": 10}, "timing": {"images_per_s": 38.5, "score_s": 26.0}}
+    lines = format_report(results).splitlines()
+    assert lines[1] == "AUC score: 0.9612 FPR95: 0.2120"
+    assert "AUROC (OOD positive):" in lines[2] and lines[2].endswith(" 0.9612")
+
+
 # ---- reconstruction ------------------------------------------------------------------------
 
 def test_levels_follow_the_original_timestep_rule():
@@ -186,21 +200,26 @@ def test_lpips_offline_without_weights_fails_in_one_line(tmp_path):
 
 # ---- the script end to end -----------------------------------------------------------------
 
-def test_end_to_end_outputs_and_determinism(trained_pipeline, tmp_path):
-    args = ["--checkpoint", trained_pipeline, *OFFLINE_SETS, "--max_samples", "12", "--batch_size", "8",
-            "--sample_timesteps", "10", "--ddpm", "1.0", "--seed", "3"]
-    first = run_script("ood_ddpm.py", *args, "--output_dir", tmp_path / "a")
-    second = run_script("ood_ddpm.py", *args, "--output_dir", tmp_path / "b")
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert sorted(p.name for p in a.iterdir()) == ["histogram.png", "ood_results.json", "roc.png", "scores.csv"]
-    assert (a / "scores.csv").read_text() == (b / "scores.csv").read_text()  # same command, same scores
+E2E_ARGS = [*OFFLINE_SETS, "--max_samples", "12", "--batch_size", "8", "--sample_timesteps", "10", "--ddpm", "1.0",
+            "--seed", "3"]
 
+
+@pytest.fixture(scope="module")
+def first_run(trained_pipeline, tmp_path_factory):
+    """One ood_ddpm.py run on the tiny trained pipeline (the thin end-to-end path of `make test`)."""
+    out = tmp_path_factory.mktemp("ood") / "a"
+    return out, run_script("ood_ddpm.py", "--checkpoint", trained_pipeline, *E2E_ARGS, "--output_dir", out)
+
+
+def test_end_to_end_outputs(first_run):
+    a, first = first_run
+    assert sorted(p.name for p in a.iterdir()) == ["histogram.png", "ood_results.json", "roc.png", "scores.csv"]
     results = json.loads((a / "ood_results.json").read_text())
-    line = re.search(r"^AUC score: (\S+) FPR95: (\S+)$", first.stdout, re.M)
-    assert line and float(line[1]) == results["auroc"] and float(line[2]) == results["fpr95"]
+    line = re.search(r"^AUC score: (\d\.\d{4}) FPR95: (\d\.\d{4})$", first.stdout, re.M)  # 4 decimals, not a raw float
+    assert line and float(line[1]) == round(results["auroc"], 4) and float(line[2]) == round(results["fpr95"], 4)
     for name in ("auroc", "fpr95", "fpr95_in_positive", "aupr_in", "aupr_out"):
         assert 0 <= results[name] <= 1
-        assert results[name] == json.loads((b / "ood_results.json").read_text())[name]
+    assert "Loading pipeline components" not in first.stderr
     for label in ("AUROC (OOD positive)", "FPR at 95% TPR, in-dist. positive", "AUPR-in", "AUPR-out", "network evaluations per image"):
         assert label in first.stdout
     assert results["counts"] == {"in": 12, "out": 12, "stats": 0, "scored": 24}
@@ -220,6 +239,18 @@ def test_end_to_end_outputs_and_determinism(trained_pipeline, tmp_path):
         with Image.open(a / png) as img:
             assert img.format == "PNG" and img.size[0] >= 500
 
+
+@pytest.mark.slow
+def test_same_command_same_scores_and_no_silent_overwrite(trained_pipeline, first_run, tmp_path):
+    a = Path(shutil.copytree(first_run[0], tmp_path / "a"))  # the fixture's folder stays as it was
+    args = ["--checkpoint", trained_pipeline, *E2E_ARGS]
+    results = json.loads((a / "ood_results.json").read_text())
+    b = tmp_path / "b"
+    run_script("ood_ddpm.py", *args, "--output_dir", b)
+    assert (a / "scores.csv").read_text() == (b / "scores.csv").read_text()  # same command, same scores
+    for name in ("auroc", "fpr95", "fpr95_in_positive", "aupr_in", "aupr_out"):
+        assert results[name] == json.loads((b / "ood_results.json").read_text())[name]
+
     # A rerun into the same folder refuses to overwrite; another seed gives other scores.
     with pytest.raises(UsageError, match="already holds OOD results.*--overwrite_output_dir"):
         ood_main.__wrapped__([*map(str, args), "--output_dir", str(a)])
@@ -228,6 +259,7 @@ def test_end_to_end_outputs_and_determinism(trained_pipeline, tmp_path):
     assert (a / "scores.csv").read_text() != (b / "scores.csv").read_text()
 
 
+@pytest.mark.slow
 def test_multi_level_with_lpips_in_process(trained_pipeline, tmp_path, monkeypatch, capsys):
     import ddpm_hf.ood as ood
 

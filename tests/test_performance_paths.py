@@ -1,4 +1,4 @@
-"""The fast paths of README section "performance" compute what the plain paths compute: bf16
+"""The fast paths of docs/performance.md compute what the plain paths compute: bf16
 autocast, the fused optimiser, the lerp EMA, the batch-indexed loader, --streaming (split across
 processes with split_dataset_by_node) and the shipped Accelerate configs. No timing here:
 benchmarks/run.py measures speed."""
@@ -173,6 +173,7 @@ def test_accelerate_configs_parse(path):
     assert {p.name for p in ACCELERATE_CONFIGS} >= {"multi_cpu.yaml", "multi_node_gpu.yaml", "deepspeed_zero2.yaml"}
 
 
+@pytest.mark.slow
 def test_streaming_training_with_two_processes(tmp_path):
     """`accelerate launch --config_file configs/accelerate/multi_cpu.yaml`: two gloo processes, each
     streaming its half of mnist5k; the result is a standard pipeline."""

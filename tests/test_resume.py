@@ -2,7 +2,7 @@
 ends with the EMA weights of the same run never interrupted (CPU, fp32, max |diff| <= 1e-6).
 
 Kills land where the test chooses through the trainer's documented test hooks
-(README, section reliability): DDPM_HF_KILL_AT_STEP=N and DDPM_HF_KILL_DURING_SAVE=N make the
+(docs/reliability.md): DDPM_HF_KILL_AT_STEP=N and DDPM_HF_KILL_DURING_SAVE=N make the
 process SIGKILL itself; DDPM_HF_NAN_AT_STEP=N makes one loss NaN. SIGTERM/SIGINT come from outside.
 """
 
@@ -19,6 +19,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY_MODEL, run_script
 from ddpm_hf.training import MANIFEST, checkpoint_problem
+
+# Every test here trains, kills and resumes: `make test-all` (CI) runs them, `make test` does not.
+pytestmark = pytest.mark.slow
 
 # 48 images in batches of 8: 6 steps per epoch, 12 steps = 2 epochs, a checkpoint every 3 steps.
 # One thread: identical arithmetic in every run and no fight for the shared cores.

@@ -108,6 +108,7 @@ def _leaks(text_or_bytes) -> list:
     return [name for name, secret in SECRETS.items() if secret.encode() in data]
 
 
+@pytest.mark.slow
 def test_tokens_are_never_printed_logged_saved_or_put_in_model_cards(tmp_path):
     out = tmp_path / "run"
     env = {"HF_TOKEN": SECRETS["HF_TOKEN"], "WANDB_API_KEY": SECRETS["WANDB_API_KEY"], "OMP_NUM_THREADS": "1"}

@@ -1,6 +1,7 @@
 """sample_ddpm.py: grid and PNGs; --fid folder naming and resumption."""
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import run_script
@@ -8,13 +9,17 @@ from conftest import run_script
 
 def test_grid_and_one_png_per_image(trained_pipeline, tmp_path):
     out = tmp_path / "s"
-    run_script("sample_ddpm.py", "--checkpoint", trained_pipeline, "--output_dir", out, "--num_samples", "5",
-               "--batch_size", "2", "--sample_timesteps", "5", "--ddpm", "0")
+    proc = run_script("sample_ddpm.py", "--checkpoint", trained_pipeline, "--output_dir", out, "--num_samples", "5",
+                      "--batch_size", "2", "--sample_timesteps", "5", "--ddpm", "0")
     assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}.png" for i in range(5)] + ["grid.png"])
+    # The bar counts sampling steps (3 batches x 5 steps), not batches; diffusers' loading bar stays quiet.
+    assert "15/15" in proc.stderr and "step" in proc.stderr, proc.stderr[-2000:]
+    assert "Loading pipeline components" not in proc.stderr
     image = np.asarray(Image.open(out / "0.png"))
     assert image.shape == (16, 16) and image.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_fid_folder_naming_and_rerun_skips_written_images(trained_pipeline, tmp_path):
     args = ["--checkpoint", trained_pipeline, "--output_dir", tmp_path, "--fid", "--num_samples", "6",
             "--batch_size", "4", "--sample_timesteps", "5", "--ddpm", "0.5"]

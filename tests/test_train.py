@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from diffusers import DDIMPipeline, DiffusionPipeline
 from PIL import Image
@@ -27,6 +28,7 @@ def test_trained_output_is_a_standard_pipeline(trained_pipeline):
     assert (trained_pipeline / "unet" / "diffusion_pytorch_model.safetensors").exists()
     config = json.loads((trained_pipeline / "ddpm_hf_config.json").read_text())
     assert config["dataset"] == "mnist5k" and config["trained_steps"] == 8 and config["timesteps"] == 100
+    assert config["mixed_precision"] is None and config["mixed_precision_used"] == "no"  # the flag, and what ran
 
 
 def test_saved_unet_holds_the_ema_weights(trained_pipeline):
@@ -54,6 +56,7 @@ def test_log_grid_and_checkpoints(trained_pipeline):
     assert sorted(p.name for p in (trained_pipeline / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_saved_step(trained_pipeline, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(trained_pipeline, out)
@@ -65,6 +68,7 @@ def test_resume_continues_from_the_saved_step(trained_pipeline, tmp_path):
     assert json.loads((out / "ddpm_hf_config.json").read_text())["trained_steps"] == 12
 
 
+@pytest.mark.slow
 def test_two_processes_with_accelerate_launch(tmp_path):
     out = tmp_path / "ddp"
     # accelerate 1.15 runs `launch --cpu --num_processes 2` as one process (its multi-CPU path wants MPI);
