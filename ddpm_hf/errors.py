@@ -45,5 +45,9 @@ def run_cli(main):
             fail(str(err), err.exit_code)
         except KeyboardInterrupt:
             fail("interrupted by the user", 130)
+        finally:
+            from .lock import release_all
+
+            release_all()  # the output folders this command held (lock.py)
 
     return wrapper
