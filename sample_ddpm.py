@@ -5,7 +5,7 @@
     python sample_ddpm.py --checkpoint outputs/quickstart --fid --num_samples 1000 --fid_reference mnist5k
 """
 
-from ddpm_hf.config import build_parser, parse_config
+from ddpm_hf.config import build_parser, overwrite_flag, parse_config
 from ddpm_hf.errors import run_cli
 from ddpm_hf.sampling import run_sampling
 
@@ -15,7 +15,9 @@ GROUPS = ("checkpoint", "sampler", "samples", "fid", "fid_metric", "batch", "pre
 
 @run_cli
 def main(argv):
-    parser = build_parser("sample_ddpm.py", __doc__.strip().splitlines()[0], GROUPS)
+    parser = build_parser("sample_ddpm.py", __doc__.strip().splitlines()[0], GROUPS, extra=overwrite_flag(
+        "Replace the samples already in --output_dir, or the images of a --fid folder made with other settings "
+        "(default: refuse)."))
     cfg, _ = parse_config(parser, argv)
     run_sampling(cfg)
 

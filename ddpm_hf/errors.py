@@ -26,7 +26,18 @@ def _debug_requested(argv) -> bool:
     return "--debug" in argv or os.environ.get("DDPM_HF_DEBUG") == "1"
 
 
+def _close_progress_bars() -> None:
+    """End the progress bars still drawn (their last state and a newline), so the error line starts a line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
 def fail(message: str, exit_code: int) -> None:
+    _close_progress_bars()
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(exit_code)
 

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import DDPMError
+from .errors import DDPMError, UsageError
 
 DISK_FULL_HOOK = "DDPM_HF_DISK_FULL"
 NEARLY_FULL = 64 << 20  # a write that fails with less free space than this failed for want of space
@@ -39,15 +39,37 @@ def simulate_disk_full(point: str) -> None:
 
 
 def existing_parent(path) -> Path:
-    path = Path(path).absolute()
+    """`path` or its nearest ancestor that exists."""
+    path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
 
+def check_writable(out) -> None:
+    """Refuse an output folder that cannot be created or written, creating nothing."""
+    existing = existing_parent(out)
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {out} is not writable ({existing} is not a writable folder); choose another --output_dir")
+
+
+def make_output_dir(out) -> Path:
+    """Create the output folder and prove it writable (one line otherwise)."""
+    out = Path(out)
+    check_writable(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"output folder {out} is not writable ({err.strerror}); choose another --output_dir") from None
+    return out
+
+
 def free_bytes(folder) -> int:
     """Free space of the file system that holds (or will hold) `folder`."""
-    return shutil.disk_usage(existing_parent(folder)).free
+    return shutil.disk_usage(existing_parent(Path(folder).absolute())).free
 
 
 def _reason(err: BaseException, folder) -> str:
