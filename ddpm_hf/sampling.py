@@ -245,13 +245,14 @@ def _check_capacity(cfg, out: Path, num_images: int, unet, vae) -> None:
                          + (" or choose another --output_dir" if "disk" in problem else ""))
 
 
-def _sampling_setup(cfg, loaded, device):
-    """(output folder, sampler, steps, eta) after the folder checks; the folder is locked."""
+def _sampling_setup(cfg, loaded, device, num_images: int):
+    """(output folder, sampler, steps, eta) after the folder and capacity checks; the folder is locked."""
     T = loaded.scheduler_config["num_train_timesteps"]
     scheduler = make_sampler(cfg.scheduler, loaded.scheduler_config)
     steps = num_inference_steps(T, min(cfg.sample_timesteps, T))
     eta = cfg.ddpm if "eta" in _step_kwargs(scheduler, cfg.ddpm, None) else None
     out = fid_folder(cfg, loaded) if cfg.fid else Path(cfg.output_dir or f"samples/{Path(cfg.checkpoint).stem}")
+    _check_capacity(cfg, out, num_images, loaded.unet, loaded.vae)
     make_output_dir(out)
     lock_output_dir(out)
     if cfg.fid:
@@ -283,8 +284,7 @@ def run_sampling(cfg, device=None) -> Path:
             prepare_sample_dir(early, overwrite=False)
     loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
     num_images = cfg.num_samples or (50_000 if cfg.fid else 16)
-    out, scheduler, steps, eta = _sampling_setup(cfg, loaded, device)
-    _check_capacity(cfg, out, num_images, loaded.unet, loaded.vae)
+    out, scheduler, steps, eta = _sampling_setup(cfg, loaded, device, num_images)
     advice = ("the images already written are kept: free some space and run the same command again to add the rest"
               if cfg.fid else "free some space (or choose another --output_dir) and run the command again with --overwrite_output_dir")
     batches = math.ceil(num_images / cfg.batch_size)

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from .config import DDPMConfig
 from .data import StreamingBatches, batch_loader, load_images, stream_images, to_model_range
 from .errors import DDPMError, UsageError
-from .files import append_line, atomic_write, check_writable, make_output_dir, read_json, simulate_disk_full, write_text, writing
+from .files import (append_line, atomic_write, check_writable, make_output_dir, read_json, safetensors_problem,
+                    simulate_disk_full, write_text, writing)
 from .hub import TrainingPush
 from .latent import encode_dataset, latent_format, load_training_vae, training_latents
 from .lock import ensure_not_in_use, lock_output_dir
@@ -194,6 +195,19 @@ def checkpoint_problem(folder: Path) -> Optional[str]:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes instead of {size}"
+    return _content_problem(folder, files)
+
+
+def _content_problem(folder: Path, files: dict) -> Optional[str]:
+    """A checkpoint file of the right size whose content is damaged: safetensors headers and JSON are parsed."""
+    for name in files:
+        if name.endswith(".safetensors") and safetensors_problem(folder / name):
+            return f"{name} is damaged ({safetensors_problem(folder / name)})"
+        if name.endswith(".json"):
+            try:
+                read_json(folder / name)
+            except DDPMError:
+                return f"{name} is not valid JSON"
     return None
 
 
