@@ -294,7 +294,7 @@ def _warn_rng_state(folder: Path, process_index: int) -> None:
 
     path = folder / f"random_states_{process_index}.pkl"
     try:
-        states = load(path)  # as load_state reads it (weights_only)
+        states = load(path, weights_only=True)  # as load_state reads it
         random.Random().setstate(states["random_state"])
         np.random.RandomState().set_state(states["numpy_random_seed"])
         torch.Generator().set_state(states["torch_manual_seed"])
