@@ -58,9 +58,15 @@ def _in_use(folder: Path, info: dict) -> DDPMError:
     return DDPMError(f"{folder} is in use by another run: {_describe(info)}; wait until it ends, or choose another --output_dir")
 
 
+def _ours(folder) -> Optional["OutputLock"]:
+    return next((held for held in _held if held.folder.resolve() == Path(folder).resolve()), None)
+
+
 def ensure_not_in_use(folder) -> None:
     """Refuse at once when a live run holds `folder`, creating nothing (the lock itself is taken
     later, when the folder is created)."""
+    if _ours(folder):
+        return
     path = Path(folder) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -127,9 +133,9 @@ class OutputLock:
 
 def lock_output_dir(folder, command: Optional[str] = None) -> OutputLock:
     """Hold `folder` (which must exist) for this process until the command ends."""
-    for held in _held:  # already ours (a library caller running twice into one folder)
-        if held.folder.resolve() == Path(folder).resolve():
-            return held
+    held = _ours(folder)
+    if held:  # a library caller running twice into one folder
+        return held
     command = command or Path(sys.argv[0]).name or "python"
     return OutputLock(folder, command).acquire()
 
