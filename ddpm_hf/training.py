@@ -39,7 +39,7 @@ from .lock import ensure_not_in_use, lock_output_dir
 from .losses import elementwise_loss
 from .model import build_unet, count_parameters, unet_kwargs
 from .pipeline import public_config, save_pipeline
-from .sampling import generate, make_noise_scheduler, make_sampler, num_inference_steps, resolve_mixed_precision
+from .sampling import GRID_MAX, generate, make_noise_scheduler, make_sampler, num_inference_steps, resolve_mixed_precision
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"
@@ -453,6 +453,9 @@ class _FidHook:
 
 def train(cfg: DDPMConfig) -> Path:
     out = check_output_dir(cfg)
+    if (cfg.num_samples or 0) > GRID_MAX:  # every image of a training grid is held in memory
+        raise UsageError(f"--num_samples {cfg.num_samples} is the size of the training sample grids; use at most {GRID_MAX} "
+                         f"(sample_ddpm.py writes any number)")
     vae = load_training_vae(cfg)  # --latent: the frozen AutoencoderKL; an unreachable one fails in a second
     if cfg.size:  # --size the UNet cannot downsample fails now, not after loading the data
         unet_kwargs(cfg, 1, latent_format(cfg, vae, 1, cfg.size)[1] if vae else cfg.size)
