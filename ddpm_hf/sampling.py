@@ -189,8 +189,9 @@ def check_fid_folder(folder: Path, origin: dict, overwrite: bool) -> None:
     --overwrite_output_dir empties it instead. Records the origin of a new folder."""
     record = folder / FID_ORIGIN
     pngs = [p for p in folder.glob("*.png") if p.stem.isdigit()]
-    if record.exists() or pngs:
+    if pngs:  # images to protect (an empty folder just takes the new record)
         saved = read_json(record, "pass --overwrite_output_dir to start the folder over") if record.exists() else None
+        saved = {} if saved is not None and not isinstance(saved, dict) else saved  # not a record: matches nothing
         differ = _differences(saved, origin) if saved is not None else [f"origin unknown: no {FID_ORIGIN} (an older version, or by hand)"]
         if not differ:
             return
