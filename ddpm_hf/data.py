@@ -113,6 +113,11 @@ REGISTRY = {
 }
 
 
+def same_dataset(a, b) -> bool:
+    """The same --dataset, a folder however it is spelled."""
+    return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b))
+
+
 def resolve_spec(name: str) -> DatasetSpec:
     """Registry entry, local folder or Hub id (channels/size of the last two found when loading)."""
     if name in REGISTRY:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .data import load_images, resolve_spec, to_model_range
+from .data import load_images, resolve_spec, same_dataset, to_model_range
 from .errors import DDPMError, UsageError
 from .files import make_output_dir, remove, simulate_disk_full, writing
 from .latent import downsample_factor, encode
@@ -293,10 +293,6 @@ def write_results(out: Path, results: dict, write_others) -> None:
         for name in RESULT_FILES:
             os.replace(staging / name, out / name)
         staging.rmdir()
-
-
-def same_dataset(a: str, b: str) -> bool:
-    return a == b or (os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b))
 
 
 def _level_tag(levels, level):

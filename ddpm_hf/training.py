@@ -29,7 +29,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from .config import DDPMConfig
-from .data import StreamingBatches, batch_loader, load_images, stream_images, to_model_range
+from .data import StreamingBatches, batch_loader, load_images, same_dataset, stream_images, to_model_range
 from .errors import DDPMError, UsageError
 from .files import (append_line, atomic_write, check_writable, make_output_dir, read_json, safetensors_problem,
                     simulate_disk_full, write_text, writing)
@@ -128,7 +128,7 @@ def check_resume_flags(cfg: DDPMConfig, out: Path) -> None:
         return
     now = cfg.to_dict()
     changed = [f"--{k} {_flag_value(now[k])} (the run used {_flag_value(saved[k])})"
-               for k in RESUME_FIXED if k in saved and saved[k] != now[k]]
+               for k in RESUME_FIXED if k in saved and saved[k] != now[k] and not (k == "dataset" and same_dataset(saved[k], now[k]))]
     if changed:
         raise UsageError(f"--resume_from_checkpoint continues the run in {record.parent}, which used other data/diffusion/batch "
                          f"flags: {'; '.join(changed)}; {RESUME_ADVICE}")
