@@ -22,7 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) train_ddpm.py --config configs/quickstart.yaml --output_dir $(DEMO) --overwrite_output_dir
-	HF_HUB_OFFLINE=1 $(PY) sample_ddpm.py --config configs/quickstart.yaml --checkpoint $(DEMO) --output_dir $(DEMO)/generated --num_samples 64
+	HF_HUB_OFFLINE=1 $(PY) sample_ddpm.py --config configs/quickstart.yaml --checkpoint $(DEMO) --output_dir $(DEMO)/generated --num_samples 64 --overwrite_output_dir
 	HF_HUB_OFFLINE=1 $(PY) ood_ddpm.py --config configs/quickstart.yaml --checkpoint $(DEMO) --output_dir $(DEMO)/ood --overwrite_output_dir
 
 # Unit tests and a thin end-to-end path (train -> sample -> OOD on a tiny model); no test marked slow.

@@ -8,7 +8,7 @@
 """
 
 # torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
-from ddpm_hf.config import build_parser, parse_config, script_help
+from ddpm_hf.config import build_parser, overwrite_flag, parse_config, script_help
 from ddpm_hf.errors import run_cli
 
 # model/diffusion/data flags describe an original .pt checkpoint (converted on the fly).
@@ -35,7 +35,9 @@ NOTES = {
 
 def build(prog="sample_ddpm.py"):
     description, epilog = script_help(__doc__)
-    return build_parser(prog, description, GROUPS, epilog=epilog, exclude=EXCLUDE, helps=HELPS, notes=NOTES)
+    replace = overwrite_flag("Replace the samples already in --output_dir, or the images of a --fid folder made with "
+                             "other settings (default: refuse).")
+    return build_parser(prog, description, GROUPS, extra=replace, epilog=epilog, exclude=EXCLUDE, helps=HELPS, notes=NOTES)
 
 
 @run_cli

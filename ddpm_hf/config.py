@@ -8,6 +8,8 @@ Precedence: dataclass default < `--config FILE.yaml` < flags given on the comman
 
 import argparse
 import dataclasses
+import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -188,14 +190,55 @@ def _check_scalar(name, value, scalar, source):
     return value
 
 
+class _YAMLKeyError(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with three fixes for config files: `1e-3` is a float (YAML 1.2; PyYAML
+    reads YAML 1.1, where it is a string), a key given twice and a key that is not a string
+    (`1:`, `yes:`) are errors instead of the last value winning or a key no flag can match."""
+
+    def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise _YAMLKeyError(f"key {key_node.value!r} on line {line} is read as the {type(key).__name__} {key!r}, "
+                                    f"not a flag name; keys are the flag names without '--'")
+            if key in seen:
+                raise _YAMLKeyError(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(  # 1e-3, 5E+4, -2e2: floats without a dot
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _read_yaml(path: Path):
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                         f"save it as UTF-8") from None
+    except OSError as err:
+        raise UsageError(f"config file {path} cannot be read ({err.strerror})") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader) or {}
+    except _YAMLKeyError as err:
+        raise UsageError(f"config file {path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+
+
 def load_yaml(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file {path} not found; pass an existing YAML file to --config (see configs/)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UsageError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    data = _read_yaml(path)
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must be a mapping of flag names to values")
     unknown = sorted(set(data) - set(FIELDS))
@@ -325,12 +368,35 @@ def parse_config(parser, argv):
     extra = {k: args.pop(k) for k in list(args) if k not in FIELDS}
     values.update(args)
     cfg = DDPMConfig(**values)
-    validate(cfg)
+    # Scripts that load a model take T from it: --timesteps there only describes an original .pt file.
+    takes_checkpoint = any(action.dest == "checkpoint" for action in parser._actions)
+    validate(cfg, timesteps_known="timesteps" in values or not takes_checkpoint)
     return cfg, argparse.Namespace(**extra)
 
 
-def validate(cfg: DDPMConfig) -> None:
-    """Reject impossible settings early, with a line that says how to fix them."""
+def overwrite_flag(help_text: str):
+    """`--overwrite_output_dir` for the scripts whose flag groups lack it (`build_parser(extra=...)`)."""
+    def add(parser):
+        parser.add_argument("--overwrite_output_dir", dest="overwrite_output_dir", action=argparse.BooleanOptionalAction,
+                            help=help_text)
+    return add
+
+
+def _check_finite(cfg: DDPMConfig) -> None:
+    """argparse and YAML read 'nan' and 'inf' as floats; no setting takes them."""
+    for name in FIELDS:
+        if _base_type(name)[0] is not float:
+            continue
+        value = getattr(cfg, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not math.isfinite(v):
+                raise UsageError(f"--{name} must be a finite number, got {v}")
+
+
+def validate(cfg: DDPMConfig, timesteps_known: bool = True) -> None:
+    """Reject impossible settings early, with a line that says how to fix them. `timesteps_known`:
+    False where T comes from the loaded model (sample_ddpm.py, ood_ddpm.py without --timesteps)."""
+    _check_finite(cfg)
     for name in ("batch_size", "n_epochs", "timesteps", "sample_timesteps", "model_channels", "num_res_blocks",
                  "gradient_accumulation_steps", "checkpointing_steps", "logging_steps", "sample_and_save_freq"):
         if getattr(cfg, name) <= 0:
@@ -360,7 +426,7 @@ def validate(cfg: DDPMConfig) -> None:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not 0 < cfg.beta_start < cfg.beta_end < 1:
         raise UsageError("betas must satisfy 0 < --beta_start < --beta_end < 1")
-    if cfg.sample_timesteps > cfg.timesteps:
+    if timesteps_known and cfg.sample_timesteps > cfg.timesteps:
         raise UsageError(f"--sample_timesteps {cfg.sample_timesteps} is larger than --timesteps {cfg.timesteps}; use at most {cfg.timesteps}")
     if cfg.eval_fid_every < 0 or cfg.fid_num_samples < 2:
         raise UsageError("--eval_fid_every must be >= 0 and --fid_num_samples >= 2 (FID needs two images)")

@@ -13,6 +13,7 @@ do not match, reported in one line.
 
 import pickle
 import re
+import shlex
 from pathlib import Path
 
 import torch
@@ -230,7 +231,7 @@ def convert(cfg) -> Path:
     except OSError as err:
         raise UsageError(f"output folder {out} is not writable ({err.strerror}); choose another --output_dir") from None
     save_pipeline(out, loaded.unet, make_sampler("ddim", loaded.scheduler_config), loaded.train_config, vae=loaded.vae)
-    print(f"converted {cfg.checkpoint} to the pipeline folder {out}; sample it with: python sample_ddpm.py --checkpoint {out}")
+    print(f"converted {cfg.checkpoint} to the pipeline folder {out}; sample it with: python sample_ddpm.py --checkpoint {shlex.quote(str(out))}")
     return out
 
 

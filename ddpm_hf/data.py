@@ -113,6 +113,11 @@ REGISTRY = {
 }
 
 
+def same_dataset(a, b) -> bool:
+    """The same --dataset, a folder however it is spelled."""
+    return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b))
+
+
 def resolve_spec(name: str) -> DatasetSpec:
     """Registry entry, local folder or Hub id (channels/size of the last two found when loading)."""
     if name in REGISTRY:
@@ -121,6 +126,8 @@ def resolve_spec(name: str) -> DatasetSpec:
         return DatasetSpec(channels=0, size=0)
     if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
         return DatasetSpec(channels=0, size=0, hub_id=name)
+    if os.path.isfile(name):
+        raise UsageError(f"--dataset {name} is a file; pass the folder that holds the images (or a registry name or Hub id)")
     if "/" in name or os.sep in name:
         raise UsageError(f"image folder {name} does not exist; pass an existing folder of images")
     raise UsageError(f"unknown dataset '{name}'; choose one of {', '.join(REGISTRY)}, a Hub id (user/name) or an image folder")
@@ -148,12 +155,32 @@ def _hub_dataset(hub_id, config, split, streaming=False):
         raise DDPMError(f"cannot load dataset '{hub_id}' ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); {OFFLINE_HINT}") from None
 
 
+def _check_metadata(folder) -> None:
+    """datasets' imagefolder reads metadata.csv / metadata.jsonl beside the images (labels, file names);
+    a malformed one, or one naming missing files, is one line naming that file (the folder needs none)."""
+    import pandas as pd
+
+    for meta in sorted(Path(folder).rglob("metadata.csv")) + sorted(Path(folder).rglob("metadata.jsonl")):
+        fix = f"fix {meta} or remove it (an image folder needs no metadata file)"
+        try:
+            table = pd.read_csv(meta) if meta.suffix == ".csv" else pd.read_json(meta, lines=True)
+        except Exception as err:
+            raise UsageError(f"{meta} is malformed ({type(err).__name__}: {str(err).strip().splitlines()[0][:120]}); {fix}") from None
+        if "file_name" not in table.columns:
+            raise UsageError(f"{meta} has no file_name column (columns: {', '.join(map(str, table.columns))}); {fix}")
+        missing = [str(f) for f in table["file_name"] if not (meta.parent / str(f)).is_file()]
+        if missing:
+            raise UsageError(f"{meta} names {len(missing)} file(s) that do not exist ({', '.join(missing[:3])}"
+                             f"{', ...' if len(missing) > 3 else ''}); {fix}")
+
+
 def _folder_dataset(folder, split, streaming=False):
     import datasets
 
     files = [p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")]
     if not files:
         raise UsageError(f"image folder {folder} is empty; put image files (png, jpg, ...) in it")
+    _check_metadata(folder)
     try:
         splits = datasets.load_dataset("imagefolder", data_dir=str(folder), streaming=streaming)
     except Exception as err:
@@ -205,8 +232,24 @@ def _resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+GRAY_MODES = ("L", "1", "I", "F", "LA")
+
+
+def _is_gray(mode: str) -> bool:
+    return mode in GRAY_MODES or mode.startswith("I;16")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) grayscale, e.g. 16-bit PNGs, scaled to 8 bits: 65535 -> 255.
+    PIL's convert("L") clips such values instead, which turns nearly every pixel white."""
+    if not (img.mode == "I" or img.mode.startswith("I;16")):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+
+
 def _pil_to_array(img: Image.Image, channels: int, size: int) -> np.ndarray:
-    img = img.convert("L" if channels == 1 else "RGB")
+    img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     scale = size / min(w, h)  # shorter side to `size`, then centre crop (non-square images)
     if (w, h) != (size, size):
@@ -263,7 +306,7 @@ def load_images(name: str, split: str, cfg, size: Optional[int] = None, channels
     raw = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped, not fatal
     if not channels or not size:  # a folder or an unregistered Hub dataset: follow its first image
         first = _first_readable(raw, column, name)
-        channels = channels or (1 if first.mode in ("L", "1", "I", "I;16", "F", "LA") else 3)
+        channels = channels or (1 if _is_gray(first.mode) else 3)
         size = size or min(first.size)
     out, skipped = [], 0
     for item in tqdm(raw, desc=f"decoding {name} ({split})", disable=not progress, unit="img", mininterval=2):
@@ -357,7 +400,7 @@ def _stream_format(ds, column: str, name: str):
             img = _open(value) if isinstance(value, dict) else value
         except Exception:
             continue
-        return (1 if img.mode in ("L", "1", "I", "I;16", "F", "LA") else 3), min(img.size)
+        return (1 if _is_gray(img.mode) else 3), min(img.size)
     raise DDPMError(f"none of the first 50 images of {name} can be read (damaged or not images)")
 
 

@@ -26,7 +26,18 @@ def _debug_requested(argv) -> bool:
     return "--debug" in argv or os.environ.get("DDPM_HF_DEBUG") == "1"
 
 
+def _close_progress_bars() -> None:
+    """End the progress bars still drawn (their last state and a newline), so the error line starts a line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:
+            pass
+
+
 def fail(message: str, exit_code: int) -> None:
+    _close_progress_bars()
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(exit_code)
 
@@ -45,5 +56,9 @@ def run_cli(main):
             fail(str(err), err.exit_code)
         except KeyboardInterrupt:
             fail("interrupted by the user", 130)
+        finally:
+            from .lock import release_all
+
+            release_all()  # the output folders this command held (lock.py)
 
     return wrapper

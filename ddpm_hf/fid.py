@@ -438,9 +438,9 @@ def read_folder(folder: Path, num_images: int) -> torch.Tensor:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from .files import write_text  # under a temporary name, renamed; a full disk is one line (files.py)
+
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n", point="fid_json")
 
 
 def evaluate_folder(evaluator: FIDEvaluator, folder: Path, num_images: int, sampler: dict) -> dict:

@@ -13,6 +13,7 @@ A failed push leaves the output folder as it was and says how to retry:
 
 import json
 import math
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -380,7 +381,7 @@ def push_output(out, repo_id: str, token: Optional[str] = None, private: bool = 
         raise
     except Exception as err:
         raise DDPMError(f"push of {out} to the Hub repository {repo_id} at {_endpoint()} failed ({_describe(err, token)}); "
-                        f"the local output is intact; retry with: python -m ddpm_hf.push {out} --hub_model_id {repo_id}") from None
+                        f"the local output is intact; retry with: python -m ddpm_hf.push {shlex.quote(str(out))} --hub_model_id {shlex.quote(repo_id)}") from None
     if pipeline_dir is None and not own_card:  # after success: the folder then mirrors the Hub repository
         readme.write_text(card_text)
     print(f"pushed {len(operations)} files to {_endpoint()}/{repo_id} (commit {str(info.oid)[:8]})")

@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .data import load_images, resolve_spec, to_model_range
+from .data import load_images, resolve_spec, same_dataset, to_model_range
 from .errors import DDPMError, UsageError
+from .files import make_output_dir, remove, simulate_disk_full, writing
 from .latent import downsample_factor, encode
+from .lock import ensure_not_in_use, lock_output_dir
 from .losses import per_image_loss
 from .sampling import (batch_generator, decode_latents, denoise, inference_autocast, make_sampler, noise_scheduler_from_config,
                        num_inference_steps, resolve_mixed_precision)
@@ -266,17 +268,31 @@ def default_output_dir(checkpoint: str) -> Path:
 
 def prepare_output_dir(cfg) -> Path:
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.checkpoint)
+    ensure_not_in_use(out)
     existing = [f for f in RESULT_FILES if (out / f).exists()]
     if existing and not cfg.overwrite_output_dir:
         raise UsageError(f"{out} already holds OOD results ({', '.join(existing)}); pass --overwrite_output_dir "
                          f"to replace them or choose another --output_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"output folder {out} is not writable ({err.strerror}); choose another --output_dir") from None
-    if not os.access(out, os.W_OK):
-        raise UsageError(f"output folder {out} is not writable; choose another --output_dir")
+    make_output_dir(out)
+    lock_output_dir(out)
     return out
+
+
+def write_results(out: Path, results: dict, write_others) -> None:
+    """The four result files, written into a hidden folder and moved in together: a full disk leaves
+    neither a partial scores.csv (which would block a rerun) nor a mix of old and new results."""
+    staging = out / ".ood_results.partial"
+    remove(staging)
+    kept = "the earlier results there are unchanged" if (out / RESULT_FILES[0]).exists() else "nothing was written"
+    with writing(out, f"the OOD results ({', '.join(RESULT_FILES)})", cleanup=[staging],
+                 advice=f"{kept}; free some space (or choose another --output_dir) and run the command again"):
+        staging.mkdir()
+        write_others(staging)
+        (staging / "ood_results.json").write_text(json.dumps(results, indent=2))
+        simulate_disk_full("ood_results")
+        for name in RESULT_FILES:
+            os.replace(staging / name, out / name)
+        staging.rmdir()
 
 
 def _level_tag(levels, level):
@@ -391,6 +407,9 @@ def run_ood(cfg, device=None) -> dict:
             print(f"notice: --{flag} {value} ignored: the model scores {used}-{'px' if flag == 'size' else 'channel'} images", file=sys.stderr)
     if cfg.scheduler != "ddim":
         print(f"notice: --scheduler {cfg.scheduler} ignored: reconstruction uses DDIM with eta = --ddpm, as the original", file=sys.stderr)
+    if same_dataset(cfg.dataset, cfg.out_dataset):
+        print(f"notice: --out_dataset {cfg.out_dataset} is the in-distribution --dataset: both sets are its test split, "
+              f"so the scores cannot separate them (AUROC near 0.5); pass another --out_dataset", file=sys.stderr)
 
     images = {"in": load_set(cfg.dataset, "test", cfg, channels, size, cfg.max_samples, "in-distribution"),
               "out": load_set(cfg.out_dataset, "test", cfg, channels, size, cfg.max_samples, "OOD")}
@@ -437,11 +456,14 @@ def run_ood(cfg, device=None) -> dict:
         "timing": {"load_s": round(load_s, 3), "score_s": round(score_s, 3), "images_per_s": scored / max(score_s, 1e-9),
                    "total_s": None, "device": str(device)},
     }
-    write_scores_csv(out_dir / "scores.csv", {s: (raw[s], final[s]) for s in ("in", "out")}, levels, cfg.lpips)
-    plot_results(out_dir, final["in"], final["out"], per_level_scores, (cfg.dataset, cfg.out_dataset),
-                 {**metrics, **({"lpips": True} if cfg.lpips else {})}, multi)
+
+    def write_others(folder: Path) -> None:
+        write_scores_csv(folder / "scores.csv", {s: (raw[s], final[s]) for s in ("in", "out")}, levels, cfg.lpips)
+        plot_results(folder, final["in"], final["out"], per_level_scores, (cfg.dataset, cfg.out_dataset),
+                     {**metrics, **({"lpips": True} if cfg.lpips else {})}, multi)
+
     results["timing"]["total_s"] = round(time.perf_counter() - start, 3)
-    (out_dir / "ood_results.json").write_text(json.dumps(results, indent=2))
+    write_results(out_dir, results, write_others)
     print(format_report(results))
     print(f"results: {out_dir / 'ood_results.json'}, {out_dir / 'scores.csv'}, {out_dir / 'histogram.png'}, {out_dir / 'roc.png'}")
     return results

@@ -19,9 +19,13 @@ from typing import Optional
 import torch
 
 from .errors import DDPMError, UsageError
+from .files import read_json, safetensors_problem
 
 CONFIG_NAME = "ddpm_hf_config.json"
 SECRET_KEYS = ("hub_token",)
+ACCEPTED = ("--checkpoint takes a pipeline folder (holding model_index.json, e.g. a train_ddpm.py --output_dir), "
+            "a Hub model id (user/name) or an original GenerativeZoo .pt file")
+WEIGHT_SUFFIXES = (".pth", ".safetensors", ".bin", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -60,7 +64,35 @@ def _read_train_config(source, revision) -> dict:
             path = Path(hf_hub_download(source, CONFIG_NAME, revision=revision))
         except Exception:
             return {}
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path, "re-save the pipeline, or restore the file") if path.exists() else {}
+
+
+def _refuse_weight_file(checkpoint: str) -> None:
+    """A weights file other than an original .pt: say what --checkpoint takes (and which folder to pass)."""
+    path = Path(checkpoint)
+    if not (path.suffix in WEIGHT_SUFFIXES or path.is_file()):
+        return
+    inside = next((p for p in path.parents if (p / "model_index.json").is_file()), None)
+    hint = f"; it is part of the pipeline folder {inside}: pass that folder" if inside else ""
+    state = f"is a {path.suffix or 'plain'} file" if path.is_file() else "does not exist"
+    raise UsageError(f"checkpoint file {checkpoint} {state}; {ACCEPTED}{hint}")
+
+
+def check_pipeline_folder(folder) -> None:
+    """Every config (JSON) and weights file (safetensors header) of a pipeline folder's components is
+    readable; a damaged one is one line naming it (instead of a traceback from deep in diffusers)."""
+    folder = Path(folder)
+    advice = "re-save the pipeline, or restore the file"
+    index = read_json(folder / "model_index.json", advice)
+    if not isinstance(index, dict):
+        raise DDPMError(f"{folder / 'model_index.json'} is damaged (not a JSON object); {advice}")
+    for component in sorted(k for k, v in index.items() if isinstance(v, list) and (folder / k).is_dir()):
+        for config in sorted((folder / component).glob("*.json")):
+            read_json(config, advice)
+        for weights in sorted((folder / component).glob("*.safetensors")):
+            problem = safetensors_problem(weights)
+            if problem:
+                raise DDPMError(f"{weights} is damaged ({problem}); {advice}")
 
 
 class _DropMessages:
@@ -100,6 +132,8 @@ def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = No
     """A pipeline folder, a Hub model id or an original `.pt` file -> LoadedModel."""
     if not checkpoint:
         raise UsageError("--checkpoint is required: a trained pipeline folder, a Hub model id or an original .pt file")
+    if not checkpoint.endswith(".pt"):
+        _refuse_weight_file(checkpoint)
     if checkpoint.endswith(".pt"):
         if not os.path.isfile(checkpoint):
             raise UsageError(f"checkpoint file {checkpoint} does not exist")
@@ -110,6 +144,7 @@ def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = No
         if not Path(checkpoint, "model_index.json").exists():
             hint = " (a training checkpoint folder: use the output folder above checkpoints/)" if Path(checkpoint).parent.name == "checkpoints" else ""
             raise UsageError(f"{checkpoint} is not a diffusers pipeline folder (no model_index.json){hint}")
+        check_pipeline_folder(checkpoint)
     elif checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1:
         raise UsageError(f"checkpoint {checkpoint} does not exist; pass a pipeline folder, a Hub model id (user/name) or a .pt file")
     else:

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -28,14 +29,17 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from .config import DDPMConfig
-from .data import StreamingBatches, batch_loader, load_images, stream_images, to_model_range
+from .data import StreamingBatches, batch_loader, load_images, same_dataset, stream_images, to_model_range
 from .errors import DDPMError, UsageError
+from .files import (append_line, atomic_write, check_writable, make_output_dir, read_json, safetensors_problem,
+                    simulate_disk_full, write_text, writing)
 from .hub import TrainingPush
 from .latent import encode_dataset, latent_format, load_training_vae, training_latents
+from .lock import ensure_not_in_use, lock_output_dir
 from .losses import elementwise_loss, min_snr_weights, per_image_loss, prediction_target
 from .model import build_unet, count_parameters, unet_kwargs
 from .pipeline import public_config, save_pipeline
-from .sampling import generate, make_noise_scheduler, make_sampler, num_inference_steps, resolve_mixed_precision
+from .sampling import GRID_MAX, generate, make_noise_scheduler, make_sampler, num_inference_steps, resolve_mixed_precision
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"
@@ -43,6 +47,13 @@ DISCARD_SUFFIX = ".discard"
 MANIFEST = "ddpm_hf_checkpoint.json"  # written last; lists every file with its size
 EMA_FILE = "ema.safetensors"
 TRAINER_STATE = "trainer_state.json"  # data position, counters, EMA and LR-schedule state
+# Flags a resumed run must keep (the data, its order, the noise process, the batches): the checkpoint's
+# optimiser, data position and schedule mean nothing under others. --n_epochs / --max_train_steps may change.
+RESUME_FIXED = ("dataset", "size", "channels", "image_column", "dataset_config_name", "max_train_samples", "streaming",
+                "shuffle_buffer_size", "latent", "vae", "latent_mode", "cache_latents", "timesteps", "beta_start",
+                "beta_end", "beta_schedule", "prediction_type", "loss_type", "snr_gamma", "batch_size",
+                "gradient_accumulation_steps", "seed")
+RESUME_ADVICE = "resume with its flags (only --n_epochs and --max_train_steps may change), or train into another --output_dir"
 
 
 class PlainEMA(EMAModel):
@@ -116,23 +127,42 @@ def check_output_dir(cfg: DDPMConfig) -> Path:
     resume = cfg.resume_from_checkpoint
     if resume and resume != "latest" and not (Path(resume).is_dir() and Path(resume).name.startswith(CHECKPOINT_PREFIX)):
         raise UsageError(f"--resume_from_checkpoint {resume} is not a checkpoint folder (OUTPUT_DIR/checkpoints/checkpoint-N) or 'latest'")
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {out} is not writable ({existing} is not a writable folder); choose another --output_dir")
+    check_writable(out)
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process (the one that locks the folder)
+        ensure_not_in_use(out)
+    if resume:
+        check_resume_flags(cfg, out)
     return out
 
 
-def prepare_output_dir(cfg: DDPMConfig) -> Path:
-    out = check_output_dir(cfg)
+def check_resume_flags(cfg: DDPMConfig, out: Path) -> None:
+    """A resume continues the run that wrote the checkpoint: its data, diffusion and batch flags (RESUME_FIXED)
+    must be the same, or the optimiser state, data position and schedule no longer fit (one line lists them)."""
+    resume = cfg.resume_from_checkpoint
+    if resume == "latest" and not list_checkpoints(out / "checkpoints"):
+        return  # nothing to continue: a new run
+    record = (out if resume == "latest" else Path(resume).parent.parent) / "train_config.json"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test_{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"output folder {out} is not writable ({err.strerror}); choose another --output_dir") from None
+        saved = read_json(record, "restore it, or resume with the flags of the run that wrote the checkpoints")
+    except FileNotFoundError:
+        return
+    now = cfg.to_dict()
+    changed = [f"--{k} {_flag_value(now[k])} (the run used {_flag_value(saved[k])})"
+               for k in RESUME_FIXED if k in saved and saved[k] != now[k] and not (k == "dataset" and same_dataset(saved[k], now[k]))]
+    if changed:
+        raise UsageError(f"--resume_from_checkpoint continues the run in {record.parent}, which used other data/diffusion/batch "
+                         f"flags: {'; '.join(changed)}; {RESUME_ADVICE}")
+
+
+def _flag_value(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def prepare_output_dir(cfg: DDPMConfig, lock: bool = True) -> Path:
+    """Create the output folder and, in the main process (`lock`), hold it for this run (lock.py)."""
+    out = make_output_dir(check_output_dir(cfg))
+    if lock:
+        lock_output_dir(out, "train_ddpm.py")
     return out
 
 
@@ -185,6 +215,19 @@ def checkpoint_problem(folder: Path) -> Optional[str]:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes instead of {size}"
+    return _content_problem(folder, files)
+
+
+def _content_problem(folder: Path, files: dict) -> Optional[str]:
+    """A checkpoint file of the right size whose content is damaged: safetensors headers and JSON are parsed."""
+    for name in files:
+        if name.endswith(".safetensors") and safetensors_problem(folder / name):
+            return f"{name} is damaged ({safetensors_problem(folder / name)})"
+        if name.endswith(".json"):
+            try:
+                read_json(folder / name)
+            except DDPMError:
+                return f"{name} is not valid JSON"
     return None
 
 
@@ -196,13 +239,20 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, limit=None, w
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
+    kept = list_checkpoints(checkpoint_root)
+    advice = (f"its partial files were removed and the earlier checkpoints are intact (latest: {kept[-1].name}); free some space, "
+              f"then continue with the same command plus --resume_from_checkpoint latest") if kept else \
+        "its partial files were removed; free some space and run the command again"
+    with writing(checkpoint_root, f"the checkpoint {final.name}", cleanup=[partial], advice=advice):
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _test_kill("DDPM_HF_KILL_DURING_SAVE", step)
+            simulate_disk_full("checkpoint")
+            if write_extra:
+                write_extra(partial)
+            _write_manifest(partial, step)
     if accelerator.is_main_process:
-        _test_kill("DDPM_HF_KILL_DURING_SAVE", step)
-        if write_extra:
-            write_extra(partial)
-        _write_manifest(partial, step)
         if final.exists():
             _discard(final)
         os.replace(partial, final)
@@ -248,9 +298,29 @@ def load_checkpoint(accelerator, cfg: DDPMConfig, checkpoint_root: Path, read_ex
                 raise DDPMError(f"{message}; resume from another checkpoint or 'latest'")
             print(f"warning: {message}; falling back to an older one", file=sys.stderr)
             continue
+        _warn_rng_state(path, accelerator.process_index)
         accelerator.print(f"resumed from {path}")
         return _checkpoint_step(path)
     raise DDPMError(f"no loadable checkpoint in {checkpoint_root}; remove the damaged ones or start without --resume_from_checkpoint")
+
+
+def _warn_rng_state(folder: Path, process_index: int) -> None:
+    """Accelerate's load_state skips RNG states it cannot restore with only an INFO log line; say so,
+    since the resumed run then draws other noise than the uninterrupted one."""
+    import random
+
+    import numpy as np
+    from accelerate.utils import load
+
+    path = folder / f"random_states_{process_index}.pkl"
+    try:
+        states = load(path, weights_only=True)  # as load_state reads it
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except Exception as err:
+        print(f"warning: cannot restore the random states from {path} ({type(err).__name__}); training goes on, but the resume is no "
+              f"longer bit-exact (other noise and timesteps than an uninterrupted run)", file=sys.stderr)
 
 
 def _setup_tracker(cfg: DDPMConfig):
@@ -291,10 +361,11 @@ def make_lr_scheduler(optimizer, cfg: DDPMConfig, total_steps: int, steps_per_ep
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM finish the current step, save a checkpoint and exit cleanly."""
+    """SIGINT/SIGTERM finish the current step, save a checkpoint and exit cleanly; during the final save
+    (`final`), they let it finish."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, final: bool = False):
+        self.requested, self.final = False, final
         self.previous = {}
 
     def __enter__(self):
@@ -306,7 +377,8 @@ class _StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C quits at once (checkpoints on disk stay whole)
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
+        what = "finishing the final save first" if self.final else "stopping after this step and saving a checkpoint"
+        print(f"\n{signal.Signals(signum).name}: {what}"
               + (" (Ctrl-C again quits at once)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
@@ -328,9 +400,15 @@ def _trim_log(log_path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             continue
-    tmp = log_path.with_name(log_path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, log_path)
+    write_text(log_path, "".join(kept), "the training log (trimmed to the checkpoint)")
+
+
+_RESUME_HINT = ("the checkpoints saved so far are intact; free some space, then continue with the same command plus "
+                "--resume_from_checkpoint latest")
+
+
+def _append_log(log_path: Path, record: dict) -> None:
+    append_line(log_path, json.dumps(record) + "\n", "a line of the training log", point="log", advice=_RESUME_HINT)
 
 
 def _save_pipeline_atomically(out: Path, save) -> None:
@@ -338,7 +416,12 @@ def _save_pipeline_atomically(out: Path, save) -> None:
     file that marks a finished run appears only when everything else is in place."""
     tmp = out / ".pipeline.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
+    kept = " and the earlier pipeline there is unchanged" if (out / "model_index.json").exists() else ""
+    with writing(out, "the pipeline", cleanup=[tmp],
+                 advice=f"its partial files were removed{kept}; the last checkpoint is saved: free some space, then write "
+                        f"the pipeline with the same command plus --resume_from_checkpoint latest"):
+        save(tmp)
+        simulate_disk_full("pipeline")
     for entry in sorted(tmp.iterdir(), key=lambda e: e.name == "model_index.json"):
         target = out / entry.name
         if target.is_dir() and not target.is_symlink():
@@ -361,7 +444,7 @@ class _FidHook:
                                       device=accelerator.device) if accelerator.is_main_process else None
         self.best = math.inf
         if cfg.resume_from_checkpoint and (self.best_dir / "fid.json").exists():
-            self.best = json.loads((self.best_dir / "fid.json").read_text())["fid"]
+            self.best = read_json(self.best_dir / "fid.json", "restore it or delete best_fid/")["fid"]
 
     def __call__(self, model, ema, sampler, steps: int, epoch: int, global_step: int, noise_config) -> None:
         from .data import to_uint8
@@ -378,8 +461,7 @@ class _FidHook:
             result = self.evaluator.evaluate(to_uint8(images))
             record = dict(step=global_step, epoch=epoch, fid=result["fid"], kid_mean=result["kid_mean"],
                           kid_std=result["kid_std"], fid_num_samples=len(images))
-            with (self.out / "train_log.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_log(self.out / "train_log.jsonl", record)
             self.accelerator.log({"FID": result["fid"], "KID": result["kid_mean"]}, step=global_step)
             print(f"epoch {epoch + 1}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({len(images)} EMA samples)")
             if cfg.save_best_fid and result["fid"] < self.best:
@@ -398,6 +480,9 @@ class _FidHook:
 
 def train(cfg: DDPMConfig) -> Path:
     out = check_output_dir(cfg)
+    if (cfg.num_samples or 0) > GRID_MAX:  # every image of a training grid is held in memory
+        raise UsageError(f"--num_samples {cfg.num_samples} is the size of the training sample grids; use at most {GRID_MAX} "
+                         f"(sample_ddpm.py writes any number)")
     vae = load_training_vae(cfg)  # --latent: the frozen AutoencoderKL; an unreachable one fails in a second
     if cfg.size:  # --size the UNet cannot downsample fails now, not after loading the data
         unet_kwargs(cfg, 1, latent_format(cfg, vae, 1, cfg.size)[1] if vae else cfg.size)
@@ -433,7 +518,7 @@ def train(cfg: DDPMConfig) -> Path:
     unet_channels, unet_size = latent_format(cfg, vae, data.channels, data.size) if vae else (data.channels, data.size)
     unet = build_unet(cfg, unet_channels, unet_size)
     fid_hook = _FidHook(cfg, out, accelerator, vae) if cfg.eval_fid_every else None
-    prepare_output_dir(cfg)  # only now: bad data or flags leave the disk as it was
+    prepare_output_dir(cfg, lock=main)  # only now: bad data or flags leave the disk as it was
     if main and cfg.overwrite_output_dir:  # start over: an earlier run's checkpoints and log would mix with this one's
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "train_log.jsonl").unlink(missing_ok=True)
@@ -525,7 +610,7 @@ def train(cfg: DDPMConfig) -> Path:
             _trim_log(log_path, global_step)
     if main:
         (out / "samples").mkdir(exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(public_config(cfg.to_dict()), indent=2))
+        write_text(out / "train_config.json", json.dumps(public_config(cfg.to_dict()), indent=2), point="config")
     if tracker:
         flat = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in public_config(cfg.to_dict()).items()}
         accelerator.init_trackers("DDPM", config=flat, init_kwargs={"wandb": {"name": f"DDPM_{Path(cfg.dataset).name}"}})
@@ -547,7 +632,8 @@ def train(cfg: DDPMConfig) -> Path:
             model.train()
             ema.restore(model.parameters())
             grid = make_grid((images + 1) / 2, nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
-            save_image(grid, out / "samples" / f"epoch_{epoch + 1:04d}.png")
+            atomic_write(out / "samples" / f"epoch_{epoch + 1:04d}.png", lambda tmp: save_image(grid, tmp, format="PNG"),
+                         f"the sample grid epoch_{epoch + 1:04d}.png", point="grid", advice=_RESUME_HINT)
             if tracker:
                 _log_grid(accelerator, tracker, grid, global_step)
         accelerator.wait_for_everyone()
@@ -621,8 +707,7 @@ def train(cfg: DDPMConfig) -> Path:
                     loss_sum.zero_()
                     state["loss_count"], last_log_time, last_log_step = 0, now, global_step
                     if main:
-                        with log_path.open("a") as f:
-                            f.write(json.dumps(record) + "\n")
+                        _append_log(log_path, record)
                         progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
                     accelerator.log({"Train Loss": mean_loss, "Learning Rate": record["lr"], "images_per_sec": record["images_per_sec"]}, step=global_step)
                 if global_step % cfg.checkpointing_steps == 0:
@@ -650,11 +735,17 @@ def train(cfg: DDPMConfig) -> Path:
                 break
     progress.close()
 
-    if not (checkpoint_root / f"{CHECKPOINT_PREFIX}{global_step}").exists():
-        checkpoint(global_step)
-    if main:
-        _save_pipeline_atomically(out, lambda folder: export_pipeline(folder, global_step))
-        print(f"saved the pipeline (EMA weights) to {out}; sample it with: python sample_ddpm.py --checkpoint {out}")
+    with _StopRequest(final=True) as late:  # a signal now lets the save finish (README, reliability)
+        if os.environ.get("DDPM_HF_SIGTERM_AT_FINAL_SAVE") == "1":
+            os.kill(os.getpid(), signal.SIGTERM)  # test hook: a SIGTERM that lands during the final save
+        if not (checkpoint_root / f"{CHECKPOINT_PREFIX}{global_step}").exists():
+            checkpoint(global_step)
+        if main:
+            _save_pipeline_atomically(out, lambda folder: export_pipeline(folder, global_step))
+            print(f"saved the pipeline (EMA weights) to {out}; sample it with: python sample_ddpm.py --checkpoint {shlex.quote(str(out))}")
+    if late.requested:
+        accelerator.print(f"stopped at step {global_step}; checkpoint saved to {checkpoint_root / f'{CHECKPOINT_PREFIX}{global_step}'}. "
+                          f"The run had finished: its pipeline is saved too")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if hub:

@@ -7,6 +7,7 @@ Each row is its own process: one harness interpreter imports the scripts once, t
 per row (its own exit code, stderr and library state) instead of paying ~5 s of imports per row.
 """
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -22,13 +23,15 @@ import pytest
 
 PROGRESS = re.compile(r"(it|examples|img|step|batch)/s\]|s/(it|step|batch)\]|\d+%\|")
 
-from conftest import REPO, TINY_MODEL, run_script
+from conftest import REPO, TINY_MODEL, TINY_TRAIN, run_script
 
 TRAIN = ["--dataset", "animalmnist", "--max_train_samples", "16", "--batch_size", "8", "--timesteps", "100",
          "--sample_timesteps", "5", "--no_wandb", *TINY_MODEL, "--max_train_steps", "1", "--output_dir", "out"]
 SAMPLE = ["--checkpoint", "pipe", "--num_samples", "2", "--batch_size", "2", "--sample_timesteps", "5", "--output_dir", "samples"]
 OOD = ["--checkpoint", "pipe", "--dataset", "animalmnist", "--out_dataset", "mnist5k", "--max_samples", "4",
        "--batch_size", "4", "--sample_timesteps", "5", "--output_dir", "ood"]
+# The flags of the session's trained pipeline (conftest.trained_pipeline): a resume must keep them.
+RESUME = [*TINY_TRAIN, "--max_train_steps", "8", "--checkpointing_steps", "4", "--output_dir", "out"]
 
 
 NO_TOKEN = "error: a Hub push needs a token with write access: pass --hub_token, set HF_TOKEN, or run `hf auth login`"
@@ -102,6 +105,9 @@ class Row:
     setup: Optional[Callable] = None
     env: dict = field(default_factory=dict)
     fresh: bool = False  # its env must be seen at import time: run it in a new interpreter, not a fork
+    kind: str = "error"  # the one stderr line starts with "{kind}: " (a notice or warning row runs on)
+    may_change: tuple = ()  # globs of files (relative to the row's folder) the command may write; all others stay as they were
+    check: Optional[Callable] = None  # check(folder, result): what else must hold afterwards
 
     def command(self) -> list:
         target = self.script.split() if self.script.startswith("-m ") else [str(REPO / self.script)]
@@ -156,10 +162,10 @@ ROWS = [
         [*TRAIN, "--resume_from_checkpoint", "out/checkpoints/checkpoint-99"], 2,
         ("checkpoint-99 is not a checkpoint folder", "'latest'")),
     Row("resume_damaged", "`--resume_from_checkpoint` naming a damaged checkpoint", "train_ddpm.py",
-        [*TRAIN, "--resume_from_checkpoint", "out/checkpoints/checkpoint-8"], 1,
+        [*RESUME, "--resume_from_checkpoint", "out/checkpoints/checkpoint-8"], 1,
         ("checkpoint-8 is damaged or incomplete", "model.safetensors has", "resume from another checkpoint"), _damaged_checkpoint),
     Row("resume_other_model", "resuming with model flags that do not match the checkpoint", "train_ddpm.py",
-        [*TRAIN, "--resume_from_checkpoint", "latest", "--model_channels", "64"], 2,
+        [*RESUME, "--resume_from_checkpoint", "latest", "--model_channels", "64"], 2,
         ("is of a different model (block_out_channels differ)", "flags of the run that wrote it"), _finished_run),
     Row("checkpoint_missing", "checkpoint path missing", "sample_ddpm.py", [*SAMPLE, "--checkpoint", "./no_such_run"], 2,
         ("no_such_run does not exist",)),
@@ -248,26 +254,27 @@ class Result:
     stdout: str
     stderr: str
     changed: list
+    folder: Path
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory, trained_pipeline):
-    root = tmp_path_factory.mktemp("bad_inputs")
-    before, jobs = {}, []
-    for row in ROWS:
+def run_rows(rows, root: Path, trained) -> dict:
+    """Set up each row in its own folder under `root`, run them all (forked from one harness
+    interpreter, or fresh ones), and return {row id: Result} with the files changed on disk."""
+    before = {}
+    for row in rows:
         w = root / row.id
         w.mkdir()
         if row.setup:
-            row.setup(w, trained_pipeline)
+            row.setup(w, trained)
         before[row.id] = snapshot(w)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
-    forked = [row for row in ROWS if not row.fresh]
+    forked = [row for row in rows if not row.fresh]
     jobs = [dict(script=row.script, argv=row.argv, cwd=str(root / row.id), env=row.env) for row in forked]
     proc = subprocess.run([sys.executable, __file__], input=json.dumps(jobs), capture_output=True, text=True,
-                          cwd=REPO, timeout=900, env=env)
+                          cwd=REPO, timeout=1800, env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
     codes = dict(zip([row.id for row in forked], json.loads(proc.stdout)))
-    for row in ROWS:
+    for row in rows:
         if row.fresh:
             fresh = subprocess.run(row.command(), capture_output=True, text=True, cwd=root / row.id, timeout=600,
                                    env={**env, **row.env})
@@ -275,27 +282,42 @@ def results(tmp_path_factory, trained_pipeline):
             (root / f"{row.id}.stderr").write_text(fresh.stderr)
             codes[row.id] = fresh.returncode
     out = {}
-    for row in ROWS:
-        code = codes[row.id]
+    for row in rows:
         w = root / row.id
         after = snapshot(w)
         changed = sorted(k for k in set(before[row.id]) | set(after) if before[row.id].get(k) != after.get(k))
-        out[row.id] = Result(code, (root / f"{row.id}.stdout").read_text(), (root / f"{row.id}.stderr").read_text(), changed)
+        out[row.id] = Result(codes[row.id], (root / f"{row.id}.stdout").read_text(), (root / f"{row.id}.stderr").read_text(),
+                             changed, w)
     return out
 
 
-@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
-def test_bad_input(row, results):
-    result = results[row.id]
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, trained_pipeline):
+    return run_rows(ROWS, tmp_path_factory.mktemp("bad_inputs"), trained_pipeline)
+
+
+def check_row(row, result) -> None:
+    """One `{kind}:` line on stderr with the row's needles, its exit code, no traceback, and no file
+    changed on disk but those the row may write (pre-existing files compared by checksum)."""
     report = f"exit {result.code}\nstderr:\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr, report
     # One line; besides it only the progress bars of work done before the failure (datasets, tqdm).
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip() and not PROGRESS.search(line)]
-    assert len(lines) == 1 and lines[0].startswith("error: "), report
+    assert len(lines) == 1 and lines[0].startswith(f"{row.kind}: "), report
     for needle in row.needles:
-        assert needle in lines[0], f"{needle!r} not in the error line\n{report}"
+        assert needle in lines[0], f"{needle!r} not in the {row.kind} line\n{report}"
     assert result.code == row.code, report
-    assert result.changed == [], f"files changed on disk: {result.changed}"
+    unexpected = [k for k in result.changed if not any(fnmatch.fnmatch(k, glob) for glob in row.may_change)]
+    assert unexpected == [], f"files changed on disk: {unexpected}"
+    leftovers = [k for k in result.changed if re.search(r"(\.tmp|\.partial|\.lock)(/|$)", k) and (result.folder / k).exists()]
+    assert leftovers == [], f"partial files or a lock left behind: {leftovers}"
+    if row.check:
+        row.check(result.folder, result)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
+def test_bad_input(row, results):
+    check_row(row, results[row.id])
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -1,0 +1,186 @@
+"""Every file the tools write or read back, with one-line failures (README, section reliability).
+
+Writing: `writing(folder, what)` turns any failed write (a full disk above all) into one `DDPMError`
+line that names the folder and what was being written, after removing the partial files it was
+given; `atomic_write` writes a file under a temporary name and renames it, so a failure never
+leaves a truncated file under its final name; `append_line` undoes a half-written line.
+Reading: `read_json` and `safetensors_problem` name the damaged file instead of a traceback.
+
+Test hook (for the tests only): DDPM_HF_DISK_FULL=POINT[:N] makes the N-th write (default the
+first) at the write point POINT fail with ENOSPC after part of it is on disk, as a full disk would.
+Points: log, config, checkpoint, pipeline, grid, png, fid_origin, fid_json, ood_results.
+"""
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from .errors import DDPMError, UsageError
+
+DISK_FULL_HOOK = "DDPM_HF_DISK_FULL"
+NEARLY_FULL = 64 << 20  # a write that fails with less free space than this failed for want of space
+_DISK_FULL_TEXT = ("No space left", "os error 28", "code: 28", "StorageFull", "Disk quota exceeded")
+RETRY = "free some space (or choose another --output_dir) and run the command again"
+_hook_calls = {}
+
+
+def simulate_disk_full(point: str) -> None:
+    """The DDPM_HF_DISK_FULL test hook: raise ENOSPC at the chosen call of write point `point`."""
+    name, _, nth = os.environ.get(DISK_FULL_HOOK, "").partition(":")
+    if name != point:
+        return
+    _hook_calls[point] = _hook_calls.get(point, 0) + 1
+    if _hook_calls[point] == int(nth or 1):
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (simulated by {DISK_FULL_HOOK})")
+
+
+def existing_parent(path) -> Path:
+    """`path` or its nearest ancestor that exists."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(out) -> None:
+    """Refuse an output folder that cannot be created or written, creating nothing."""
+    existing = existing_parent(out)
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {out} is not writable ({existing} is not a writable folder); choose another --output_dir")
+
+
+def make_output_dir(out) -> Path:
+    """Create the output folder and prove it writable (one line otherwise)."""
+    out = Path(out)
+    check_writable(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"output folder {out} is not writable ({err.strerror}); choose another --output_dir") from None
+    return out
+
+
+def free_bytes(folder) -> int:
+    """Free space of the file system that holds (or will hold) `folder`."""
+    return shutil.disk_usage(existing_parent(Path(folder).absolute())).free
+
+
+def _reason(err: BaseException, folder) -> str:
+    """Why a write failed, in words. torch.save and safetensors report a full disk in their own
+    terms (a RuntimeError about positions, a SafetensorError), so a nearly full disk decides."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device"
+    if isinstance(err, OSError) and err.errno == errno.EFBIG:
+        return "file too large for this file system"
+    try:
+        full = any(text in str(err) for text in _DISK_FULL_TEXT) or free_bytes(folder) < NEARLY_FULL
+    except OSError:
+        full = False
+    if full:
+        return "no space left on device"
+    if isinstance(err, OSError):
+        return err.strerror or type(err).__name__
+    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def remove(*paths) -> None:
+    """Delete partial files or folders, ignoring those already gone."""
+    for path in paths:
+        path = Path(path)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+@contextlib.contextmanager
+def writing(folder, what: str, cleanup=(), advice: str = RETRY):
+    """A failed write inside the block becomes one line naming `folder` and `what`; the partial
+    files `cleanup` (paths, or callables that undo) are removed first."""
+    try:
+        yield
+    except (DDPMError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:
+        reason = _reason(err, folder)  # before the cleanup frees the space the write took
+        for item in cleanup:
+            item() if callable(item) else remove(item)
+        raise DDPMError(f"could not write {what} to {folder} ({reason}); {advice}") from err
+
+
+def atomic_write(path, write, what: Optional[str] = None, point: Optional[str] = None, advice: str = RETRY) -> None:
+    """`write(tmp_path)`, then rename to `path`: a kill or a full disk never leaves a truncated file
+    under the final name (the temporary file is removed on failure)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")  # one writer per folder: the output-folder lock (lock.py)
+    with writing(path.parent, what or path.name, cleanup=[tmp], advice=advice):
+        write(tmp)
+        if point:
+            simulate_disk_full(point)
+        os.replace(tmp, path)
+
+
+def write_text(path, text: str, what: Optional[str] = None, point: Optional[str] = None, advice: str = RETRY) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what, point, advice)
+
+
+def _truncate_to(path: Path, size: Optional[int]):
+    def undo():
+        if size is None:
+            remove(path)
+        else:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+    return undo
+
+
+def append_line(path, line: str, what: Optional[str] = None, point: Optional[str] = None, advice: str = RETRY) -> None:
+    """Append one line; a failed write is cut back off, so the file keeps only whole lines."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else None
+    with writing(path.parent, what or path.name, cleanup=[_truncate_to(path, size)], advice=advice):
+        with path.open("a", encoding="utf-8") as f:
+            half = len(line) // 2
+            f.write(line[:half])
+            f.flush()
+            if point:
+                simulate_disk_full(point)
+            f.write(line[half:])
+
+
+def read_json(path, advice: str = ""):
+    """A JSON file the tools wrote (configs, states, records); a damaged one is one line naming it.
+    A missing file raises FileNotFoundError for the caller to decide."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DDPMError(f"{path} is damaged (not valid JSON: {str(err).splitlines()[0][:120]})"
+                        + (f"; {advice}" if advice else "")) from None
+    except OSError as err:
+        raise DDPMError(f"cannot read {path} ({err.strerror})" + (f"; {advice}" if advice else "")) from None
+
+
+def safetensors_problem(path) -> Optional[str]:
+    """Why a .safetensors file cannot be read (its header is parsed and checked against the file's
+    size, no tensor is loaded), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as err:
+        text = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return None
