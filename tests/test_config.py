@@ -102,7 +102,7 @@ def test_shipped_configs_parse_and_validate(path):
     values = load_yaml(path)
     cfg = DDPMConfig(**values)
     validate(cfg)
-    if path.name != "quickstart.yaml":  # the family configs keep the seed's defaults
+    if path.name not in ("quickstart.yaml", "mnist5k.yaml"):  # the family configs keep the seed's defaults
         assert (cfg.timesteps, cfg.sample_timesteps, cfg.loss_type, cfg.decay, cfg.lr) == (300, 300, "huber", 1e-5, 1e-3)
 
 
