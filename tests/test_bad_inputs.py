@@ -326,6 +326,7 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback" in proc.stderr and "UsageError: unknown dataset 'nosuchset'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_unreadable_images_in_a_folder_are_skipped_and_counted(tmp_path):
     """The documented choice: a folder with some unreadable or truncated images trains on the rest,
     with one warning per skipped file (the first three) and a count."""

@@ -99,6 +99,7 @@ def test_cached_reference_statistics_enter_torchmetrics_exactly():
     assert ours["kid_mean"] > 0.1 and ours == fid.fid_kid(stats, fake)  # KID draws seeded subsets
 
 
+@pytest.mark.slow
 def test_reference_statistics_are_cached_per_size(evaluator, tmp_path):
     cfg = evaluator.cfg
     first = fid.reference_statistics(evaluator.extractor, "mnist5k", "test", SIZE, 1, cfg, tmp_path, max_images=30)

@@ -185,6 +185,7 @@ def test_lpips_code_path_with_a_random_backbone():
     np.testing.assert_array_equal(first["recon_error"], again["recon_error"])  # seeded per batch
 
 
+@pytest.mark.slow
 def test_lpips_offline_without_weights_fails_in_one_line(tmp_path):
     out = tmp_path / "res"
     proc = run_script("ood_ddpm.py", "--checkpoint", tmp_path / "never-read", *OFFLINE_SETS, "--lpips",
@@ -297,6 +298,7 @@ def test_gray_model_against_an_rgb_folder_of_another_size(tmp_path, capsys):
     assert results["counts"]["out"] == 4 and results["model"]["channels"] == 1
 
 
+@pytest.mark.slow
 def test_rgb_model_against_gray_data_and_stats_never_scored(tmp_path, capsys):
     """A flat folder has one split: the statistics images must be the ones not evaluated."""
     model = random_pipeline(tmp_path / "rgb16", channels=3, size=16)
