@@ -12,7 +12,7 @@ from ddpm_hf.errors import run_cli
 from ddpm_hf.ood import run_ood
 
 # model flags describe an original .pt checkpoint (converted on the fly); diffusion holds --loss_type.
-GROUPS = ("checkpoint", "sampler", "ood", "data", "batch", "seed", "output", "diffusion", "model")
+GROUPS = ("checkpoint", "sampler", "ood", "likelihood", "data", "batch", "seed", "output", "diffusion", "model")
 
 
 def _extra(parser):

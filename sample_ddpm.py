@@ -10,7 +10,7 @@ from ddpm_hf.errors import run_cli
 from ddpm_hf.sampling import run_sampling
 
 # model/diffusion/data flags describe an original .pt checkpoint (converted on the fly).
-GROUPS = ("checkpoint", "sampler", "samples", "fid", "fid_metric", "batch", "precision", "seed", "output", "data", "model", "diffusion")
+GROUPS = ("checkpoint", "sampler", "samples", "fid", "fid_metric", "nll", "likelihood", "inpaint", "batch", "precision", "seed", "output", "data", "model", "diffusion")
 
 
 @run_cli
