@@ -12,7 +12,7 @@ from ddpm_hf.config import build_parser, parse_config, script_help
 from ddpm_hf.errors import run_cli
 
 # model flags describe an original .pt checkpoint (converted on the fly); diffusion holds --loss_type.
-GROUPS = ("checkpoint", "data", "ood", "sampler", "diffusion", "batch", "precision", "seed", "output", "model")
+GROUPS = ("checkpoint", "data", "ood", "likelihood", "sampler", "diffusion", "batch", "precision", "seed", "output", "model")
 # Training-only data flags, and --scheduler (reconstruction is DDIM with eta --ddpm, as the original's).
 EXCLUDE = ("max_train_samples", "num_workers", "streaming", "shuffle_buffer_size", "scheduler")
 HELPS = {

@@ -12,7 +12,7 @@ from ddpm_hf.config import build_parser, overwrite_flag, parse_config, script_he
 from ddpm_hf.errors import run_cli
 
 # model/diffusion/data flags describe an original .pt checkpoint (converted on the fly).
-GROUPS = ("checkpoint", "sampler", "samples", "fid", "fid_metric", "batch", "precision", "seed", "output", "data", "model", "diffusion")
+GROUPS = ("checkpoint", "sampler", "samples", "fid", "fid_metric", "nll", "likelihood", "inpaint", "batch", "precision", "seed", "output", "data", "model", "diffusion")
 # Training-only data flags: they do nothing here.
 EXCLUDE = ("max_train_samples", "num_workers", "streaming", "shuffle_buffer_size")
 HELPS = {

@@ -128,6 +128,16 @@ class DDPMConfig:
     recon_factors: Optional[List[float]] = _opt(None, "Several noise levels in one run (replaces --recon_factor): each level's error is z-scored with in-distribution training images and the z-scores are averaged.", "ood")
     stats_samples: int = _opt(256, "In-distribution training images (never scored) whose per-level mean/std z-score --recon_factors.", "ood")
     recon_draws: int = _opt(1, "Independent noisings per image and level, their errors averaged (1: the original; more: a less noisy score).", "ood")
+    # ---- likelihood, inpainting, feature metrics (checks: ddpm_hf/feature_checks.py) ------------
+    nll: bool = _opt(False, "sample_ddpm.py: instead of sampling, the variational bound in bits/dim of --dataset's test split (--num_samples N: its first N images) into OUTPUT_DIR/nll.json (ddpm_hf/likelihood.py).", "nll")
+    nll_timesteps: Optional[int] = _opt(None, "Estimate the bound from K model calls per image: L_0 plus K-1 of the other T-1 terms, drawn uniformly per image and weighted (T-1)/(K-1), with its standard error (default: all T, exact).", "likelihood")
+    score: str = _opt("recon", "OOD score: recon (reconstruction, the original), nll (bits/dim of the variational bound) or both (mean of the two z-scores under --stats_samples in-distribution training images).", "ood", choices=("recon", "nll", "both"))
+    inpaint: bool = _opt(False, "sample_ddpm.py: inpaint --dataset's test images (--num_samples N, default 16) with RePaint into OUTPUT_DIR/inpaint_grid.png (rows: original, masked, inpainted) and per-image PNGs; --sample_timesteps steps, --ddpm eta.", "inpaint")
+    mask: str = _opt("random_box", "Inpainting mask: random_box (a seeded box per image), left_half, center, or a PNG file (white = keep, black = inpaint).", "inpaint")
+    jump_length: int = _opt(10, "RePaint's jump length j: steps taken back in time before each resampling.", "inpaint")
+    jump_n_sample: int = _opt(10, "RePaint's resampling count r: times each jump is made (1: no resampling).", "inpaint")
+    fid_feature_extractor: str = _opt("inception", "Feature space of FID, KID and precision/recall/density/coverage: inception (standard FID) or dinov2 (transformers Dinov2Model, --dinov2_model).", "fid_metric", choices=("inception", "dinov2"))
+    dinov2_model: str = _opt("facebook/dinov2-base", "DINOv2 weights for --fid_feature_extractor dinov2: a Hub id or a local folder.", "fid_metric")
     # ---- Hugging Face Hub (ddpm_hf/hub.py) -------------------------------------------------
     push_to_hub: bool = _opt(False, "Upload the final pipeline and a model card to the Hub (never checkpoints/, tracker logs or tokens).", "hub_train")
     hub_strategy: str = _opt("end", "end: push once after training; every_save: also push the EMA pipeline at each checkpoint.", "hub_train", choices=("end", "every_save"))
@@ -273,6 +283,9 @@ GROUP_TITLES = {
     "fid_metric": "FID and KID",
     "fid_train": "FID during training",
     "ood": "out-of-distribution scoring",
+    "nll": "likelihood (bits/dim)",
+    "likelihood": "likelihood estimator",
+    "inpaint": "inpainting (RePaint)",
     "hub_train": "pushing to the Hugging Face Hub",
     "hub": "Hugging Face Hub repository",
 }
@@ -371,6 +384,9 @@ def parse_config(parser, argv):
     # Scripts that load a model take T from it: --timesteps there only describes an original .pt file.
     takes_checkpoint = any(action.dest == "checkpoint" for action in parser._actions)
     validate(cfg, timesteps_known="timesteps" in values or not takes_checkpoint)
+    from .feature_checks import validate_features
+
+    validate_features(cfg)
     return cfg, argparse.Namespace(**extra)
 
 

@@ -404,7 +404,9 @@ class FIDEvaluator:
         from .data import resolve_spec
 
         resolve_spec(reference)
-        self.extractor = load_feature_extractor(cfg.inception_weights, device=device)
+        from .features import load_extractor  # --fid_feature_extractor inception|dinov2
+
+        self.extractor = load_extractor(cfg, device=device)
         self._stats = {}
 
     def reference_stats(self, size: int, channels: int) -> dict:
@@ -420,6 +422,9 @@ class FIDEvaluator:
         start = time.time()
         features = extract_features(self.extractor, images, min(self.cfg.batch_size, 64), desc="generated features")
         result = fid_kid(ref, features, seed=self.cfg.seed)
+        from .features import prdc  # precision/recall/density/coverage against the reference's KID features
+
+        result.update(prdc(ref["kid_features"], features, seed=self.cfg.seed))
         return dict(result, num_generated=len(images), num_reference=int(ref["num_images"]),
                     num_reference_kid=len(ref["kid_features"]), image_size=images.shape[-1], channels=images.shape[1],
                     reference=dict(dataset=self.reference, split=self.split, max_images=self.cfg.fid_reference_max,
@@ -451,4 +456,7 @@ def evaluate_folder(evaluator: FIDEvaluator, folder: Path, num_images: int, samp
     print(f"FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f} "
           f"({result['num_generated']} generated vs {result['num_reference']} reference images of "
           f"{evaluator.reference} ({evaluator.split})); wrote {folder / 'fid.json'}")
+    if result["precision"] is not None:
+        print(f"precision {result['precision']:.4f}, recall {result['recall']:.4f}, density {result['density']:.4f}, coverage "
+              f"{result['coverage']:.4f} (k={result['prdc_k']}, {result['prdc_num_real']} vs {result['prdc_num_generated']} images)")
     return result

@@ -299,15 +299,17 @@ def _level_tag(levels, level):
     return "" if len(levels) == 1 else f"@{level.factor:g}"
 
 
-def write_scores_csv(path: Path, sets: dict, levels, lpips_used: bool) -> None:
-    """One row per image: set, index, per-level reconstruction error (and LPIPS), final score."""
+def write_scores_csv(path: Path, sets: dict, levels, lpips_used: bool, extra: Optional[dict] = None) -> None:
+    """One row per image: set, index, per-level reconstruction error (and LPIPS), `extra`'s columns
+    ({column: {set: values}}, e.g. bits/dim), final score."""
+    extra = extra or {}
     columns = []
     for level in levels:
         tag = _level_tag(levels, level)
         columns += [f"recon_error{tag}"] + ([f"lpips{tag}"] if lpips_used or len(levels) == 1 else [])
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["set", "index", *columns, "score"])
+        writer.writerow(["set", "index", *columns, *extra, "score"])
         for name, (scores, final) in sets.items():
             for j in range(len(final)):
                 row = []
@@ -317,10 +319,11 @@ def write_scores_csv(path: Path, sets: dict, levels, lpips_used: bool) -> None:
                         row.append(repr(float(scores["lpips"][li, j])))
                     elif len(levels) == 1:
                         row.append("")
+                row += [repr(float(values[name][j])) for values in extra.values()]
                 writer.writerow([name, j, *row, repr(float(final[j]))])
 
 
-def plot_results(out: Path, in_final, out_final, per_level_scores, labels, metrics, multi: bool) -> None:
+def plot_results(out: Path, in_final, out_final, per_level_scores, labels, metrics, multi: bool, xlabel=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,7 +331,7 @@ def plot_results(out: Path, in_final, out_final, per_level_scores, labels, metri
     from sklearn.metrics import roc_curve
 
     name_in, name_out = labels
-    xlabel = "mean z-score over noise levels" if multi else "anomaly score (reconstruction error" + (" + LPIPS)" if "lpips" in metrics else ")")
+    xlabel = xlabel or ("mean z-score over noise levels" if multi else "anomaly score (reconstruction error" + (" + LPIPS)" if "lpips" in metrics else ")"))
     edges = np.histogram_bin_edges(np.r_[in_final, out_final], bins=100)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.hist(in_final, bins=edges, alpha=0.6, label=f"in-distribution: {name_in} ({len(in_final)})")
@@ -379,6 +382,10 @@ def format_report(results: dict) -> str:
         for lv in m["per_level"]:
             lines.append(f"  recon_factor {lv['recon_factor']:<5g} (t*={lv['t_start']}, {lv['steps']} steps): "
                          f"AUROC {lv['auroc']:.4f} FPR95 {lv['fpr95']:.4f}")
+    for name, sm in m.get("per_score", {}).items():  # --score nll|both: every score's AUROC
+        lines.append(f"  score {name:<6} AUROC {sm['auroc']:.4f} FPR95 {sm['fpr95']:.4f}")
+    for name, sm in m.get("likelihood", {}).get("sets", {}).items():
+        lines.append(f"  bits/dim of the {name} set: {sm['bpd_mean']:.4f} ± {sm['bpd_mean_se'] or 0:.4f} ({sm['num_images']} images)")
     t = m["timing"]
     lines.append(f"cost: {m['cost']['nfe_per_image']} network evaluations per image "
                  f"({m['cost']['model_calls_per_batch']} batched model calls per batch), "
@@ -387,6 +394,21 @@ def format_report(results: dict) -> str:
 
 
 # ---- the whole run -------------------------------------------------------------------------
+
+def likelihood_hook(cfg, loaded, images, raw, stats, factors, device) -> tuple:
+    """--score nll|both (ddpm_hf/ood_likelihood.py): the bound of every set, the final scores,
+    what ood_results.json adds and the CSV's extra columns."""
+    from . import ood_likelihood
+
+    start = time.perf_counter()
+    nll = ood_likelihood.nll_of_sets(loaded, images, cfg, SET_IDS, device)
+    recon = {name: combine(raw[name], stats) for name in images}
+    T = loaded.scheduler_config["num_train_timesteps"]
+    final, added, columns = ood_likelihood.likelihood_scores(cfg, recon, nll, T, ood_metrics)
+    added["likelihood"]["seconds"] = round(time.perf_counter() - start, 3)
+    added["score"] = ood_likelihood.describe(cfg, describe_score(cfg, factors), T)
+    return final, added, columns
+
 
 def run_ood(cfg, device=None) -> dict:
     """ood_ddpm.py: score both test sets, print the report, write the four result files."""
@@ -397,6 +419,10 @@ def run_ood(cfg, device=None) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lpips_model = load_lpips(device=device) if cfg.lpips else None  # before anything slow: fail fast
     loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
+    if cfg.score != "recon":  # a latent model or a bad --nll_timesteps fails before any image is scored
+        from .ood_likelihood import check_model
+
+        check_model(loaded, cfg)
     out_dir = prepare_output_dir(cfg)
     factors = list(cfg.recon_factors) if cfg.recon_factors else [cfg.recon_factor]
     multi = cfg.recon_factors is not None
@@ -413,7 +439,7 @@ def run_ood(cfg, device=None) -> dict:
 
     images = {"in": load_set(cfg.dataset, "test", cfg, channels, size, cfg.max_samples, "in-distribution"),
               "out": load_set(cfg.out_dataset, "test", cfg, channels, size, cfg.max_samples, "OOD")}
-    if multi:
+    if multi or cfg.score == "both":
         images["stats"] = load_stats_images(cfg, channels, size, images["in"])
     load_s = time.perf_counter() - start
 
@@ -426,8 +452,11 @@ def run_ood(cfg, device=None) -> dict:
         raw = {name: scorer.score(imgs, name, bar) for name, imgs in images.items()}
     score_s = time.perf_counter() - score_start
 
-    stats = raw.get("stats")
+    stats = raw.get("stats") if multi else None
     final = {name: combine(raw[name], stats) for name in ("in", "out")}
+    added, columns = {}, None
+    if cfg.score != "recon":
+        final, added, columns = likelihood_hook(cfg, loaded, images, raw, stats, factors, device)
     metrics = ood_metrics(final["in"], final["out"])
     per_level, per_level_scores = [], {}
     for li, level in enumerate(levels):
@@ -445,7 +474,7 @@ def run_ood(cfg, device=None) -> dict:
             "dataset": cfg.dataset, "out_dataset": cfg.out_dataset, "recon_factors": factors,
             "t_start": [lv.t_start for lv in levels], "ddpm_eta": cfg.ddpm, "sample_timesteps": cfg.sample_timesteps,
             "loss_type": cfg.loss_type, "lpips": cfg.lpips, "batch_size": cfg.batch_size, "max_samples": cfg.max_samples,
-            "recon_draws": cfg.recon_draws, "stats_samples": cfg.stats_samples if multi else None, "seed": cfg.seed,
+            "recon_draws": cfg.recon_draws, "stats_samples": cfg.stats_samples if "stats" in images else None, "seed": cfg.seed,
             "mixed_precision": resolve_mixed_precision(cfg.mixed_precision, device) or "no",
         },
         "model": {"checkpoint": str(cfg.checkpoint), "source": str(loaded.source), "image_size": size, "channels": channels,
@@ -456,11 +485,12 @@ def run_ood(cfg, device=None) -> dict:
         "timing": {"load_s": round(load_s, 3), "score_s": round(score_s, 3), "images_per_s": scored / max(score_s, 1e-9),
                    "total_s": None, "device": str(device)},
     }
+    results.update(added, settings=dict(results["settings"], score=cfg.score))
 
     def write_others(folder: Path) -> None:
-        write_scores_csv(folder / "scores.csv", {s: (raw[s], final[s]) for s in ("in", "out")}, levels, cfg.lpips)
+        write_scores_csv(folder / "scores.csv", {s: (raw[s], final[s]) for s in ("in", "out")}, levels, cfg.lpips, columns)
         plot_results(folder, final["in"], final["out"], per_level_scores, (cfg.dataset, cfg.out_dataset),
-                     {**metrics, **({"lpips": True} if cfg.lpips else {})}, multi)
+                     {**metrics, **({"lpips": True} if cfg.lpips else {})}, multi, added.get("score"))
 
     results["timing"]["total_s"] = round(time.perf_counter() - start, 3)
     write_results(out_dir, results, write_others)

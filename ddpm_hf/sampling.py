@@ -285,6 +285,11 @@ def run_sampling(cfg, device=None) -> Path:
     from .pipeline import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.nll or cfg.inpaint:  # the other two runs of sample_ddpm.py (likelihood.py, inpaint.py)
+        from .inpaint import run_inpaint
+        from .likelihood import run_nll
+
+        return (run_nll if cfg.nll else run_inpaint)(cfg, device)
     evaluator = None
     if cfg.fid_reference:
         if not cfg.fid:
