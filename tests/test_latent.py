@@ -213,7 +213,8 @@ def test_sample_script_writes_decoded_pixel_images(latent_run, tmp_path):
     sample_main.__wrapped__(["--checkpoint", str(run), "--output_dir", str(tmp_path), "--fid", "--num_samples", "3",
                              "--batch_size", "2", "--sample_timesteps", "5"])
     folder = tmp_path / "fid_samples" / "mnist5k" / "ddpm_1.0_timesteps_5_ep1"
-    assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png", "2.png"]
+    assert sorted(p.name for p in folder.glob("*.png")) == ["0.png", "1.png", "2.png"]
+    assert (folder / "fid_origin.json").exists()  # what made the images (sample_ddpm.py --fid)
     first = np.asarray(Image.open(folder / "0.png"))
     assert first.shape == (32, 32, 3) and first.dtype == np.uint8
     loaded = load_model(str(run))  # the PNG is batch 0 of seed 0, decoded through the VAE
