@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 DEMO := outputs/quickstart
 SHIPPED := pretrained/ddpm-mnist5k
-SHIPPED_OOD := --sample_timesteps 20 --recon_factors 0.1 0.2 0.3 0.4 0.5
+SHIPPED_OOD := --sample_timesteps 20 --recon_factors 0.1 0.2 0.3 0.4 0.5 --max_samples 200 --stats_samples 128
 
 .PHONY: demo test test-all test-slow venv clean-demo
 
