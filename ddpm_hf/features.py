@@ -80,7 +80,8 @@ def load_dinov2(name: str, device="cpu") -> DinoV2Features:
         raise DDPMError("--fid_feature_extractor dinov2 needs transformers: pip install -r requirements.txt") from None
     offline = huggingface_hub.constants.HF_HUB_OFFLINE
     try:
-        net = Dinov2Model.from_pretrained(os.path.expanduser(name), local_files_only=offline or local).to(device)
+        net = Dinov2Model.from_pretrained(os.path.expanduser(name), local_files_only=offline or local,
+                                          use_safetensors=True).to(device)  # never unpickle weights
     except Exception as err:
         reason = "offline and not in the Hugging Face cache" if offline and not local else f"{type(err).__name__}: {str(err).strip().splitlines()[0][:150] if str(err).strip() else ''}"
         raise _missing_dinov2(name, reason) from None
