@@ -36,7 +36,7 @@ def build(prog="train_ddpm.py"):
 @run_cli
 def main(argv):
     cfg, _ = parse_config(build(), argv)
-    from ddpm_hf.training import train
+    from ddpm_hf.trainer import train
 
     train(cfg)
 

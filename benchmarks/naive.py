@@ -74,3 +74,34 @@ class NaiveStep:
         self.optimizer.zero_grad()
         self.ema.step(self.unet.parameters())
         return loss.item()  # the example logs loss.detach().item() every step
+
+
+class OriginalStep(NaiveStep):
+    """One optimiser step as GenerativeZoo's DDPM trains (../shared/reference/seed-semantics.md): the
+    same per-item transforms, smooth-L1 loss on the noise, `torch.optim.AdamW` with its defaults besides
+    lr and weight decay, the one-cycle LR stepped every batch, and the EMA updated parameter by parameter
+    (`ema = rate * ema + (1 - rate) * p`). The UNet is the diffusers model that an original checkpoint
+    converts to exactly (its module code is the original's only part not measured here)."""
+
+    def __init__(self, unet: UNet2DModel, dataset, resolution: int, batch_size: int, timesteps: int = 300,
+                 lr: float = 1e-3, weight_decay: float = 1e-5, ema_rate: float = 0.999, device="cpu"):
+        super().__init__(unet, dataset, resolution, batch_size, timesteps, lr, weight_decay, device)
+        self.lr_scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=lr, total_steps=10**6, pct_start=0.1, anneal_strategy="cos", cycle_momentum=False,
+            div_factor=lr / 1e-6, final_div_factor=1)
+        self.ema_rate = ema_rate
+        self.ema_params = [p.detach().clone() for p in unet.parameters()]
+
+    def __call__(self) -> float:
+        clean_images = next(self.batches)["input"].to(self.device)
+        noise = torch.randn_like(clean_images)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (clean_images.shape[0],), device=self.device)
+        loss = F.smooth_l1_loss(self.unet(self.noise_scheduler.add_noise(clean_images, noise, t), t).sample, noise)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        with torch.no_grad():
+            for ema, p in zip(self.ema_params, self.unet.parameters()):
+                ema.mul_(self.ema_rate).add_(p, alpha=1 - self.ema_rate)
+        return loss.item()

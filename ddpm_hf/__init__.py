@@ -26,7 +26,8 @@ _EXPORTS = {
     "DDPMError": "errors",
     "UsageError": "errors",
     # training
-    "train": "training",
+    "train": "trainer",
+    "Trainer": "trainer",
     # models and pipelines
     "build_unet": "model",
     "count_parameters": "model",

@@ -173,7 +173,7 @@ def _lock_released(w, result):
 
 def _checkpoints_whole(*names, absent=()):
     def check(w, result):
-        from ddpm_hf.training import checkpoint_problem
+        from ddpm_hf.checkpoints import checkpoint_problem
 
         for name in names:
             assert checkpoint_problem(w / "out" / "checkpoints" / name) is None, name

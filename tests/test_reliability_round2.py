@@ -153,7 +153,7 @@ def test_sigterm_during_the_final_save_finishes_it(tmp_path):
     assert f"sample it with: python sample_ddpm.py --checkpoint '{out}'" in proc.stdout
     assert f"stopped at step 2; checkpoint saved to {out / 'checkpoints' / 'checkpoint-2'}. The run had finished" in proc.stdout
     assert (out / "model_index.json").exists()
-    from ddpm_hf.training import checkpoint_problem
+    from ddpm_hf.checkpoints import checkpoint_problem
 
     assert checkpoint_problem(out / "checkpoints" / "checkpoint-2") is None
 

@@ -15,7 +15,8 @@ from ddpm_hf.config import DDPMConfig
 from ddpm_hf.losses import min_snr_weights, prediction_target
 from ddpm_hf.pipeline import save_pipeline
 from ddpm_hf.sampling import make_noise_scheduler, make_sampler, noise_scheduler_from_config, sample_batch
-from ddpm_hf.training import diffusion_loss, make_ema, make_lr_scheduler, random_hflip
+from ddpm_hf.ema import make_ema
+from ddpm_hf.training import diffusion_loss, make_lr_scheduler, random_hflip
 
 
 def _tiny_unet():
@@ -52,7 +53,7 @@ def test_snr_weighted_loss_is_the_weighted_per_image_loss():
     x0 = torch.rand(6, 1, 8, 8) * 2 - 1
     cfg = DDPMConfig(loss_type="l2", snr_gamma=5.0)
     torch.manual_seed(1)
-    loss = diffusion_loss(unet, sched, x0, cfg)
+    loss = diffusion_loss(unet, sched, x0, cfg.loss_type, cfg.snr_gamma)
     torch.manual_seed(1)  # the same draws, by hand
     noise = torch.randn_like(x0)
     t = torch.randint(0, 100, (6,))
@@ -62,7 +63,7 @@ def test_snr_weighted_loss_is_the_weighted_per_image_loss():
     snr = compute_snr(sched, t)
     torch.testing.assert_close(loss.detach(), (per_image * torch.clamp(snr, max=5.0) / (snr + 1)).mean())
     torch.manual_seed(1)
-    unweighted = diffusion_loss(unet, sched, x0, DDPMConfig(loss_type="l2"))
+    unweighted = diffusion_loss(unet, sched, x0, "l2")
     torch.testing.assert_close(unweighted.detach(), per_image.mean())
 
 
@@ -94,8 +95,8 @@ def test_stock_pipeline_samples_a_saved_model_like_our_loop(tmp_path, kind):
 
 def test_ema_warmup_follows_diffusers_rule_and_constant_decay_stays_the_default():
     unet = _tiny_unet()
-    constant = make_ema(unet, DDPMConfig(ema_rate=0.99))
-    warm = make_ema(unet, DDPMConfig(ema_rate=0.99, ema_warmup=True, ema_inv_gamma=1.0, ema_power=0.75))
+    constant = make_ema(unet, 0.99)
+    warm = make_ema(unet, 0.99, warmup=True, inv_gamma=1.0, power=0.75)
     decays = {"constant": [], "warm": []}
     for _ in range(6):
         for name, ema in (("constant", constant), ("warm", warm)):
@@ -109,7 +110,7 @@ def test_ema_warmup_follows_diffusers_rule_and_constant_decay_stays_the_default(
 def test_lr_schedulers():
     def curve(cfg, total=20, per_epoch=4):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-        sched = make_lr_scheduler(opt, cfg, total, per_epoch)
+        sched = make_lr_scheduler(opt, cfg.lr_scheduler, cfg.lr, total, cfg.lr_warmup(per_epoch))
         lrs = []
         for _ in range(total):
             lrs.append(opt.param_groups[0]["lr"])

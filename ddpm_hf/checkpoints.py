@@ -1,0 +1,194 @@
+"""The checkpoint store: atomic saves with a manifest, rotation, and loading with a fallback.
+
+A checkpoint is `OUTPUT_DIR/checkpoints/checkpoint-N/`: Accelerate's `save_state` files (model,
+optimiser, RNG states) plus whatever the trainer adds (`write_extra`), and last a manifest listing
+every file with its size. It is written as `checkpoint-N.partial` and renamed when complete, so a
+kill mid-save never leaves a `checkpoint-N` that `latest` would pick; old ones are renamed before
+they are deleted, for the same reason.
+"""
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .errors import DDPMError, UsageError
+from .files import read_json, safetensors_problem, simulate_disk_full, writing
+
+CHECKPOINT_PREFIX = "checkpoint-"
+PARTIAL_SUFFIX = ".partial"
+DISCARD_SUFFIX = ".discard"
+MANIFEST = "ddpm_hf_checkpoint.json"  # written last; lists every file with its size
+
+
+def kill_hook(variable: str, step: int) -> None:
+    """Test hook (README, section reliability): DDPM_HF_KILL_AT_STEP=N and DDPM_HF_KILL_DURING_SAVE=N
+    SIGKILL this process after optimiser step N or halfway through saving checkpoint N, so a test
+    can prove that a kill at a moment it chooses loses nothing."""
+    if os.environ.get(variable) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX):])
+
+
+def list_checkpoints(checkpoint_root: Path) -> list:
+    """Checkpoints under their final name, oldest first (interrupted saves carry a suffix)."""
+    if not checkpoint_root.is_dir():
+        return []
+    found = [p for p in checkpoint_root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=checkpoint_step)
+
+
+def _discard(path: Path) -> None:
+    """Rename, then delete: a kill halfway through never leaves a half-deleted checkpoint-N."""
+    doomed = path.with_name(path.name + DISCARD_SUFFIX)
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _write_manifest(folder: Path, step: int) -> None:
+    """Written last: the list of every file of the checkpoint with its size."""
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST).write_text(json.dumps(dict(step=step, files=files), indent=1))
+
+
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be trusted (None when its manifest matches its files)."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST}: its save did not finish"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes instead of {size}"
+    return _content_problem(folder, files)
+
+
+def _content_problem(folder: Path, files: dict) -> Optional[str]:
+    """A checkpoint file of the right size whose content is damaged: safetensors headers and JSON are parsed."""
+    for name in files:
+        if name.endswith(".safetensors") and safetensors_problem(folder / name):
+            return f"{name} is damaged ({safetensors_problem(folder / name)})"
+        if name.endswith(".json"):
+            try:
+                read_json(folder / name)
+            except DDPMError:
+                return f"{name} is not valid JSON"
+    return None
+
+
+def save_checkpoint(accelerator, checkpoint_root: Path, step: int, limit=None, write_extra=None) -> Path:
+    """save_state (+ `write_extra(folder)`, + the manifest) into `checkpoint-N.partial`, then
+    rename: a kill mid-save never leaves a checkpoint-N that `latest` would pick."""
+    final = checkpoint_root / f"{CHECKPOINT_PREFIX}{step}"
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    kept = list_checkpoints(checkpoint_root)
+    advice = (f"its partial files were removed and the earlier checkpoints are intact (latest: {kept[-1].name}); free some space, "
+              f"then continue with the same command plus --resume_from_checkpoint latest") if kept else \
+        "its partial files were removed; free some space and run the command again"
+    with writing(checkpoint_root, f"the checkpoint {final.name}", cleanup=[partial], advice=advice):
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            kill_hook("DDPM_HF_KILL_DURING_SAVE", step)
+            simulate_disk_full("checkpoint")
+            if write_extra:
+                write_extra(partial)
+            _write_manifest(partial, step)
+    if accelerator.is_main_process:
+        if final.exists():
+            _discard(final)
+        os.replace(partial, final)
+        if limit:
+            for old in list_checkpoints(checkpoint_root)[:-limit]:
+                _discard(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint_root: Path, resume: str, read_extra=None) -> int:
+    """Restore checkpoint `resume` (a folder, or "latest" under `checkpoint_root`; `read_extra(folder)`
+    restores what save_checkpoint's `write_extra` wrote); return the optimiser step it was saved at,
+    0 when "latest" finds none. With "latest", a damaged checkpoint is reported in one line and the
+    next older one is tried."""
+    if resume == "latest":
+        if accelerator.is_main_process:
+            _remove_interrupted(checkpoint_root)
+        accelerator.wait_for_everyone()
+        candidates = list_checkpoints(checkpoint_root)[::-1]
+        if not candidates:
+            accelerator.print(f"no checkpoint in {checkpoint_root}; starting a new run")
+            return 0
+    else:
+        candidates = [Path(resume)]
+    for path in candidates:
+        problem = checkpoint_problem(path) or _load(accelerator, path, read_extra)
+        if problem is None:
+            _warn_rng_state(path, accelerator.process_index)
+            accelerator.print(f"resumed from {path}")
+            return checkpoint_step(path)
+        message = f"checkpoint {path} is damaged or incomplete ({problem})"
+        if resume != "latest":
+            raise DDPMError(f"{message}; resume from another checkpoint or 'latest'")
+        print(f"warning: {message}; falling back to an older one", file=sys.stderr)
+    raise DDPMError(f"no loadable checkpoint in {checkpoint_root}; remove the damaged ones or start without --resume_from_checkpoint")
+
+
+def _remove_interrupted(checkpoint_root: Path) -> None:
+    """Saves and deletions a kill interrupted (their folders carry a suffix)."""
+    if not checkpoint_root.is_dir():
+        return
+    for stale in sorted(checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*{PARTIAL_SUFFIX}")):
+        print(f"notice: removing {stale}, a checkpoint whose save was interrupted", file=sys.stderr)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*{DISCARD_SUFFIX}"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _load(accelerator, path: Path, read_extra) -> Optional[str]:
+    """Load one checkpoint; None, or why it could not be loaded (a UsageError, a flag mistake, is raised)."""
+    try:
+        if read_extra:
+            read_extra(path)
+        accelerator.load_state(str(path))
+    except UsageError:
+        raise
+    except Exception as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'cannot be loaded'}"
+    return None
+
+
+def _warn_rng_state(folder: Path, process_index: int) -> None:
+    """Accelerate's load_state skips RNG states it cannot restore with only an INFO log line; say so,
+    since the resumed run then draws other noise than the uninterrupted one."""
+    import random
+
+    import numpy as np
+    from accelerate.utils import load
+
+    path = folder / f"random_states_{process_index}.pkl"
+    try:
+        states = load(path, weights_only=True)  # as load_state reads it
+        random.Random().setstate(states["random_state"])
+        np.random.RandomState().set_state(states["numpy_random_seed"])
+        torch.Generator().set_state(states["torch_manual_seed"])
+    except Exception as err:
+        print(f"warning: cannot restore the random states from {path} ({type(err).__name__}); training goes on, but the resume is no "
+              f"longer bit-exact (other noise and timesteps than an uninterrupted run)", file=sys.stderr)

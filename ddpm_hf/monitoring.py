@@ -1,0 +1,85 @@
+"""What a training run reports besides its log: the tracker (wandb/tensorboard), sample grids and
+FID/KID evaluations of the EMA model (--eval_fid_every, --save_best_fid)."""
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from .config import DDPMConfig
+from .data import to_uint8
+from .ema import ema_weights
+from .files import atomic_write, read_json
+from .sampling import generate
+from .train_output import RESUME_HINT, append_log, save_pipeline_atomically
+
+
+def setup_tracker(cfg: DDPMConfig):
+    """The tracker name Accelerate logs to, or None; wandb never prompts for a login."""
+    tracker = cfg.tracker()
+    if tracker == "wandb" and "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+        netrc = Path.home() / ".netrc"
+        if not (netrc.exists() and "api.wandb.ai" in netrc.read_text()):
+            os.environ["WANDB_MODE"] = "offline"
+            print("notice: wandb is not logged in; logging offline (sync later with `wandb sync`, or pass --no_wandb)", file=sys.stderr)
+    return None if tracker == "none" else tracker
+
+
+def save_grid(images: torch.Tensor, path: Path, accelerator=None, tracker=None, step: int = 0) -> None:
+    """A square grid of images in [-1, 1], written atomically and sent to the tracker."""
+    grid = make_grid((images + 1) / 2, nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format="PNG"), f"the sample grid {path.name}", point="grid",
+                 advice=RESUME_HINT)
+    if tracker == "wandb":
+        import wandb
+
+        accelerator.get_tracker("wandb").log({"DDPM Samples": wandb.Image(grid)}, step=step)
+    elif tracker == "tensorboard":
+        accelerator.get_tracker("tensorboard").writer.add_image("DDPM Samples", grid, step)
+
+
+class FidHook:
+    """--eval_fid_every: FID/KID of the EMA model at epoch ends (main process), logged to
+    train_log.jsonl and the tracker; --save_best_fid keeps the best pipeline in best_fid/."""
+
+    def __init__(self, cfg: DDPMConfig, out: Path, accelerator, export, vae=None):
+        """`export(folder, step, **record)` writes the EMA pipeline (the trainer's export_pipeline)."""
+        from .fid import FIDEvaluator
+
+        self.cfg, self.out, self.accelerator, self.export, self.vae = cfg, out, accelerator, export, vae
+        self.best_dir = out / "best_fid"
+        # Loads Inception now: missing weights fail before any training step.
+        self.evaluator = FIDEvaluator(cfg, cfg.fid_reference or cfg.dataset, cfg.fid_reference_split,
+                                      device=accelerator.device) if accelerator.is_main_process else None
+        self.best = math.inf
+        if cfg.resume_from_checkpoint and (self.best_dir / "fid.json").exists():
+            self.best = read_json(self.best_dir / "fid.json", "restore it or delete best_fid/")["fid"]
+
+    def __call__(self, model, ema, sampler, steps: int, epoch: int, global_step: int) -> None:
+        if self.evaluator is not None:
+            with ema_weights(ema, model):
+                # The same noise at every evaluation: FID changes come from the model, not the draw.
+                images = generate(model, sampler, self.cfg.fid_num_samples, steps, eta=self.cfg.ddpm, seed=self.cfg.seed,
+                                  batch_size=self.cfg.batch_size, vae=self.vae, progress=False)
+                result = self.evaluator.evaluate(to_uint8(images))
+                self._report(result, len(images), epoch, global_step)
+                if self.cfg.save_best_fid and result["fid"] < self.best:
+                    self._save_best(result, epoch, global_step)
+        self.accelerator.wait_for_everyone()
+
+    def _report(self, result: dict, count: int, epoch: int, global_step: int) -> None:
+        append_log(self.out / "train_log.jsonl", dict(step=global_step, epoch=epoch, fid=result["fid"], kid_mean=result["kid_mean"],
+                                                      kid_std=result["kid_std"], fid_num_samples=count))
+        self.accelerator.log({"FID": result["fid"], "KID": result["kid_mean"]}, step=global_step)
+        print(f"epoch {epoch + 1}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({count} EMA samples)")
+
+    def _save_best(self, result: dict, epoch: int, global_step: int) -> None:
+        from .fid import write_json
+
+        self.best = result["fid"]
+        self.best_dir.mkdir(exist_ok=True)
+        save_pipeline_atomically(self.best_dir, lambda folder: self.export(folder, global_step, fid=result["fid"]))
+        write_json(self.best_dir / "fid.json", dict(result, step=global_step, epoch=epoch))

@@ -1,0 +1,132 @@
+"""The training run's output folder: what may be written there, the log, and the final pipeline.
+
+Checked before anything is created (a run that fails on its flags or data leaves the disk as it
+was); `--overwrite_output_dir` clears what an earlier run left; a resume must keep the flags that
+give its checkpoint a meaning (RESUME_FIXED).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints
+from .config import DDPMConfig
+from .data import same_dataset
+from .errors import UsageError
+from .files import append_line, check_writable, make_output_dir, read_json, simulate_disk_full, write_text, writing
+from .lock import ensure_not_in_use, lock_output_dir
+
+# Flags a resumed run must keep (the data, its order, the noise process, the batches): the checkpoint's
+# optimiser, data position and schedule mean nothing under others. --n_epochs / --max_train_steps may change.
+RESUME_FIXED = ("dataset", "size", "channels", "image_column", "dataset_config_name", "max_train_samples", "streaming",
+                "shuffle_buffer_size", "latent", "vae", "latent_mode", "cache_latents", "timesteps", "beta_start",
+                "beta_end", "beta_schedule", "prediction_type", "loss_type", "snr_gamma", "batch_size",
+                "gradient_accumulation_steps", "seed")
+RESUME_ADVICE = "resume with its flags (only --n_epochs and --max_train_steps may change), or train into another --output_dir"
+RESUME_HINT = ("the checkpoints saved so far are intact; free some space, then continue with the same command plus "
+               "--resume_from_checkpoint latest")
+# What an earlier run (and the evaluations of its model) left, removed by --overwrite_output_dir: it would
+# mix with the new run's files and end up on its model card.
+EARLIER_RUN = ("checkpoints", "samples", "best_fid", "train_log.jsonl", "fid.json", "ood_results.json")
+
+
+def check_output_dir(cfg: DDPMConfig) -> Path:
+    """Refuse to clobber an earlier run and check that the folder can be written, creating
+    nothing yet: a run that fails on its data or flags leaves the disk as it was."""
+    out = Path(cfg.resolved_output_dir())
+    if not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
+        if (out / "model_index.json").exists():
+            raise UsageError(f"{out} already holds a trained pipeline; pass --overwrite_output_dir to replace it, "
+                             f"--resume_from_checkpoint latest to continue, or another --output_dir")
+        if list_checkpoints(out / "checkpoints"):
+            raise UsageError(f"{out} holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue it, "
+                             f"--overwrite_output_dir to start over, or another --output_dir")
+    resume = cfg.resume_from_checkpoint
+    if resume and resume != "latest" and not (Path(resume).is_dir() and Path(resume).name.startswith(CHECKPOINT_PREFIX)):
+        raise UsageError(f"--resume_from_checkpoint {resume} is not a checkpoint folder (OUTPUT_DIR/checkpoints/checkpoint-N) or 'latest'")
+    check_writable(out)
+    if int(os.environ.get("RANK", "0")) == 0:  # the main process (the one that locks the folder)
+        ensure_not_in_use(out)
+    if resume:
+        check_resume_flags(cfg, out)
+    return out
+
+
+def check_resume_flags(cfg: DDPMConfig, out: Path) -> None:
+    """A resume continues the run that wrote the checkpoint: its data, diffusion and batch flags (RESUME_FIXED)
+    must be the same, or the optimiser state, data position and schedule no longer fit (one line lists them)."""
+    resume = cfg.resume_from_checkpoint
+    if resume == "latest" and not list_checkpoints(out / "checkpoints"):
+        return  # nothing to continue: a new run
+    record = (out if resume == "latest" else Path(resume).parent.parent) / "train_config.json"
+    try:
+        saved = read_json(record, "restore it, or resume with the flags of the run that wrote the checkpoints")
+    except FileNotFoundError:
+        return
+    now = cfg.to_dict()
+    changed = [f"--{k} {_flag_value(now[k])} (the run used {_flag_value(saved[k])})"
+               for k in RESUME_FIXED if k in saved and saved[k] != now[k] and not (k == "dataset" and same_dataset(saved[k], now[k]))]
+    if changed:
+        raise UsageError(f"--resume_from_checkpoint continues the run in {record.parent}, which used other data/diffusion/batch "
+                         f"flags: {'; '.join(changed)}; {RESUME_ADVICE}")
+
+
+def _flag_value(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def prepare_output_dir(cfg: DDPMConfig, main: bool = True) -> Path:
+    """Create the output folder; in the main process hold it for this run (lock.py) and, with
+    --overwrite_output_dir, remove what an earlier run left there (EARLIER_RUN)."""
+    out = make_output_dir(check_output_dir(cfg))
+    if main:
+        lock_output_dir(out, "train_ddpm.py")
+    if main and cfg.overwrite_output_dir:
+        clear_earlier_run(out)
+    return out
+
+
+def clear_earlier_run(out: Path) -> None:
+    for name in EARLIER_RUN:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def trim_log(log_path: Path, step: int) -> None:
+    """On resume, drop the log lines of steps after the checkpoint (they are trained again), and a
+    line a kill cut short."""
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    write_text(log_path, "".join(kept), "the training log (trimmed to the checkpoint)")
+
+
+def append_log(log_path: Path, record: dict) -> None:
+    append_line(log_path, json.dumps(record) + "\n", "a line of the training log", point="log", advice=RESUME_HINT)
+
+
+def save_pipeline_atomically(out: Path, save) -> None:
+    """`save(folder)` into a hidden folder, then move its entries in with model_index.json last: the
+    file that marks a finished run appears only when everything else is in place."""
+    tmp = out / ".pipeline.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept = " and the earlier pipeline there is unchanged" if (out / "model_index.json").exists() else ""
+    with writing(out, "the pipeline", cleanup=[tmp],
+                 advice=f"its partial files were removed{kept}; the last checkpoint is saved: free some space, then write "
+                        f"the pipeline with the same command plus --resume_from_checkpoint latest"):
+        save(tmp)
+        simulate_disk_full("pipeline")
+    for entry in sorted(tmp.iterdir(), key=lambda e: e.name == "model_index.json"):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp.rmdir()

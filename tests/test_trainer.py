@@ -1,0 +1,117 @@
+"""The Trainer's parts that a whole training run does not isolate: the output folder, the EMA swap,
+the state a checkpoint restores, and its step as the benchmarks time it."""
+
+import json
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from ddpm_hf.config import DDPMConfig
+from ddpm_hf.ema import ema_weights, make_ema
+from ddpm_hf.train_output import EARLIER_RUN, prepare_output_dir
+from ddpm_hf.trainer import Trainer, TrainerState
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+
+
+def test_overwrite_output_dir_removes_what_an_earlier_run_left(tmp_path):
+    out = tmp_path / "run"
+    for name in ("checkpoints/checkpoint-4", "samples", "best_fid/unet"):
+        (out / name).mkdir(parents=True)
+    for name in ("samples/epoch_0001.png", "train_log.jsonl", "fid.json", "ood_results.json", "notes.txt"):
+        (out / name).write_text("x")
+    prepare_output_dir(DDPMConfig(output_dir=str(out), overwrite_output_dir=True))
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["notes.txt"]  # what is not a run's stays
+    assert {"samples", "best_fid", "fid.json", "ood_results.json"} <= set(EARLIER_RUN)
+
+
+def test_without_overwrite_an_earlier_run_is_refused_and_kept(tmp_path):
+    from ddpm_hf.errors import UsageError
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    with pytest.raises(UsageError, match="holds checkpoints of an earlier run"):
+        prepare_output_dir(DDPMConfig(output_dir=str(out)))
+    assert (out / "checkpoints" / "checkpoint-4").is_dir()
+
+
+def test_ema_weights_are_swapped_in_and_out_even_on_error():
+    unet = _tiny_unet().train()
+    ema = make_ema(unet, 0.5)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(1.0)
+    trained = [p.detach().clone() for p in unet.parameters()]
+    ema.step(unet.parameters())  # shadow = (original + trained) / 2
+    with ema_weights(ema, unet) as model:
+        assert not model.training
+        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), ema.shadow_params))
+    assert unet.training and all(torch.equal(p, t) for p, t in zip(unet.parameters(), trained))
+    with pytest.raises(RuntimeError), ema_weights(ema, unet):
+        raise RuntimeError("sampling failed")
+    assert unet.training and all(torch.equal(p, t) for p, t in zip(unet.parameters(), trained))
+
+
+def test_trainer_state_round_trips_through_its_json():
+    state = TrainerState(global_step=7, epoch=2, batches=3, skipped_nonfinite=1, loss_sum=torch.tensor(1.5), loss_count=4)
+    saved = json.loads(json.dumps(state.progress()))
+    assert "global_step" not in saved  # the checkpoint's folder name carries it
+    restored = TrainerState()
+    restored.restore(saved)
+    assert (restored.epoch, restored.batches, restored.skipped_nonfinite, restored.loss_count) == (2, 3, 1, 4)
+    assert restored.loss_sum.item() == 1.5
+
+
+def test_trainer_step_updates_the_weights_the_ema_and_the_schedule():
+    """run_step + after_update, the step benchmarks/run.py times, on a Trainer built without a run folder."""
+    from accelerate import Accelerator
+
+    cfg = DDPMConfig(batch_size=4, timesteps=50, sample_timesteps=10, lr=1e-3, ema_rate=0.9, n_epochs=2)
+    images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    trainer = Trainer.for_step(cfg, _tiny_unet(), images, Accelerator(cpu=True))
+    assert (trainer.steps_per_epoch, trainer.max_steps) == (2, 4)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    lr_before = trainer.lr_scheduler.get_last_lr()[0]
+    (batch,) = next(iter(trainer.loader))
+    assert trainer.run_step(batch) is True
+    trainer.after_update()
+    assert trainer.state.global_step == 1 and trainer.state.loss_count == 1 and trainer.state.loss_sum.item() > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert trainer.lr_scheduler.get_last_lr()[0] != lr_before
+    # The EMA moved a tenth of the way from the old weights to the new ones.
+    for old, new, shadow in zip(before, trainer.model.parameters(), trainer.ema.shadow_params):
+        torch.testing.assert_close(shadow, old + 0.1 * (new.detach() - old))
+
+
+@pytest.mark.parametrize("micro", [2, 3])
+def test_micro_batches_give_the_batch_loss_and_gradient(micro):
+    """--micro_batch_size splits the forward/backward, not the mathematics: the same noise and timesteps
+    (drawn for the whole batch), the same mean loss and the same gradient as one pass."""
+    from accelerate import Accelerator
+
+    images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    accelerator = Accelerator(cpu=True)
+    results = {}
+    for name, size in (("one_pass", 0), ("micro", micro)):
+        cfg = DDPMConfig(batch_size=8, timesteps=50, sample_timesteps=10, loss_type="l2", snr_gamma=5.0, micro_batch_size=size)
+        trainer = Trainer.for_step(cfg, _tiny_unet(), images, accelerator)
+        assert trainer.micro_batch == size
+        torch.manual_seed(4)
+        loss = trainer.forward_backward(trainer.model_input(images))
+        results[name] = loss, torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+    torch.testing.assert_close(results["micro"][0], results["one_pass"][0])
+    torch.testing.assert_close(results["micro"][1], results["one_pass"][1], rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batch_auto_is_32_on_a_cpu_and_off_on_a_gpu():
+    from ddpm_hf.trainer import resolve_micro_batch
+
+    assert resolve_micro_batch(None, 128, torch.device("cpu")) == 32
+    assert resolve_micro_batch(None, 32, torch.device("cpu")) == 0  # a batch that fits in one piece
+    assert resolve_micro_batch(None, 128, torch.device("cuda")) == 0
+    assert resolve_micro_batch(16, 128, torch.device("cuda")) == 16
