@@ -47,7 +47,7 @@ def build(prog="ood_ddpm.py"):
 @run_cli
 def main(argv):
     cfg, _ = parse_config(build(), argv)
-    from ddpm_hf.ood import run_ood
+    from ddpm_hf.commands.ood import run_ood
 
     run_ood(cfg)
 

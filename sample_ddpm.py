@@ -43,7 +43,7 @@ def build(prog="sample_ddpm.py"):
 @run_cli
 def main(argv):
     cfg, _ = parse_config(build(), argv)
-    from ddpm_hf.sampling import run_sampling
+    from ddpm_hf.commands.sample import run_sampling
 
     run_sampling(cfg)
 

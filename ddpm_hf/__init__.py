@@ -31,7 +31,7 @@ _EXPORTS = {
     "build_unet": "model",
     "count_parameters": "model",
     "LoadedModel": "pipeline",
-    "load_model": "pipeline",
+    "load_model": "loader",
     "save_pipeline": "pipeline",
     # sampling
     "make_noise_scheduler": "sampling",
@@ -39,7 +39,7 @@ _EXPORTS = {
     "num_inference_steps": "sampling",
     "sample_batch": "sampling",
     "generate": "sampling",
-    "run_sampling": "sampling",
+    "run_sampling": "commands.sample",
     # data
     "load_images": "data",
     "resolve_spec": "data",
@@ -47,7 +47,7 @@ _EXPORTS = {
     "FIDEvaluator": "fid",
     "evaluate_folder": "fid",
     # outlier detection
-    "run_ood": "ood",
+    "run_ood": "commands.ood",
     "ood_metrics": "ood",
     # latent diffusion
     "load_vae": "latent",

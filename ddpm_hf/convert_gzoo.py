@@ -20,6 +20,7 @@ import torch
 
 from .config import build_parser, parse_config
 from .errors import DDPMError, UsageError, run_cli
+from .files import make_output_dir
 from .latent import latent_format, load_vae
 from .model import build_unet
 from .pipeline import LoadedModel, public_config, save_pipeline
@@ -226,10 +227,7 @@ def convert(cfg) -> Path:
     if (out / "model_index.json").exists():
         raise UsageError(f"{out} already holds a pipeline; remove it or choose another --output_dir")
     loaded = load_original_checkpoint(cfg.checkpoint, cfg)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"output folder {out} is not writable ({err.strerror}); choose another --output_dir") from None
+    make_output_dir(out)
     save_pipeline(out, loaded.unet, make_sampler("ddim", loaded.scheduler_config), loaded.train_config, vae=loaded.vae)
     print(f"converted {cfg.checkpoint} to the pipeline folder {out}; sample it with: python sample_ddpm.py --checkpoint {shlex.quote(str(out))}")
     return out

@@ -416,6 +416,15 @@ def fid_kid(reference: dict, features: torch.Tensor, seed: int = 0) -> dict:
                 kid_subset_size=subset, kid_subsets=KID_SUBSETS)
 
 
+def load_extractor(cfg, device="cpu"):
+    """The feature extractor --fid_feature_extractor names: Inception (here) or DINOv2 (features.py)."""
+    if getattr(cfg, "fid_feature_extractor", "inception") == "dinov2":
+        from .features import load_dinov2
+
+        return load_dinov2(cfg.dinov2_model, device)
+    return load_feature_extractor(cfg.inception_weights, device=device)
+
+
 class FIDEvaluator:
     """FID/KID against one reference split; the extractor is loaded at construction (so
     missing weights fail before any sampling), the reference statistics on first use."""
@@ -425,8 +434,6 @@ class FIDEvaluator:
         from .data import resolve_spec
 
         resolve_spec(reference)
-        from .features import load_extractor  # --fid_feature_extractor inception|dinov2
-
         self.extractor = load_extractor(cfg, device=device)
         self._stats = {}
 

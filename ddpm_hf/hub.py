@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import DDPMError, UsageError
+from .hub_access import is_hub_id
 
 CARD_MARKER = "<!-- ddpm-hf model card: regenerated at every push; delete this line to keep your edits -->"
 EXTRA_FILES = ("ddpm_hf_config.json", "train_config.json", "train_log.jsonl")
@@ -185,7 +186,7 @@ def _dataset_ids(dataset: str, source: bool = True) -> tuple:
 
     if dataset in REGISTRY:
         return dataset, REGISTRY[dataset].hub_id or (SOURCE_DATASETS.get(dataset) if source else None)
-    if Path(dataset).is_dir() or dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
+    if Path(dataset).is_dir() or not is_hub_id(dataset):
         return Path(dataset).name, None  # a local image folder
     return dataset, dataset
 
