@@ -248,11 +248,12 @@ def _resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
 GRAY_MODES = ("L", "1", "I", "F", "LA")
 
 
-def _is_gray(mode: str) -> bool:
+def is_gray(mode: str) -> bool:
+    """The one rule of which PIL image modes are grayscale (data loading and FID's sample folders agree)."""
     return mode in GRAY_MODES or mode.startswith("I;16")
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
+def to_8bit(img: Image.Image) -> Image.Image:
     """16-bit (and 32-bit integer) grayscale, e.g. 16-bit PNGs, scaled to 8 bits: 65535 -> 255.
     PIL's convert("L") clips such values instead, which turns nearly every pixel white."""
     if not (img.mode == "I" or img.mode.startswith("I;16")):
@@ -262,7 +263,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 
 def _pil_to_array(img: Image.Image, channels: int, size: int) -> np.ndarray:
-    img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
+    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     scale = size / min(w, h)  # shorter side to `size`, then centre crop (non-square images)
     if (w, h) != (size, size):
@@ -319,7 +320,7 @@ def load_images(name: str, split: str, cfg, size: Optional[int] = None, channels
     raw = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped, not fatal
     if not channels or not size:  # a folder or an unregistered Hub dataset: follow its first image
         first = _first_readable(raw, column, name)
-        channels = channels or (1 if _is_gray(first.mode) else 3)
+        channels = channels or (1 if is_gray(first.mode) else 3)
         size = size or min(first.size)
     out, skipped = [], 0
     for item in tqdm(raw, desc=f"decoding {name} ({split})", disable=not progress, unit="img", mininterval=2):
@@ -413,7 +414,7 @@ def _stream_format(ds, column: str, name: str):
             img = _open(value) if isinstance(value, dict) else value
         except Exception:
             continue
-        return (1 if _is_gray(img.mode) else 3), min(img.size)
+        return (1 if is_gray(img.mode) else 3), min(img.size)
     raise DDPMError(f"none of the first 50 images of {name} can be read (damaged or not images)")
 
 

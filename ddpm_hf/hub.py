@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import DDPMError, UsageError
+from .files import write_text
 from .hub_access import is_hub_id
 
 CARD_MARKER = "<!-- ddpm-hf model card: regenerated at every push; delete this line to keep your edits -->"
@@ -384,7 +385,7 @@ def push_output(out, repo_id: str, token: Optional[str] = None, private: bool = 
         raise DDPMError(f"push of {out} to the Hub repository {repo_id} at {_endpoint()} failed ({_describe(err, token)}); "
                         f"the local output is intact; retry with: python -m ddpm_hf.push {shlex.quote(str(out))} --hub_model_id {shlex.quote(repo_id)}") from None
     if pipeline_dir is None and not own_card:  # after success: the folder then mirrors the Hub repository
-        readme.write_text(card_text)
+        write_text(readme, card_text, "the model card")
     print(f"pushed {len(operations)} files to {_endpoint()}/{repo_id} (commit {str(info.oid)[:8]})")
     return repo_id
 

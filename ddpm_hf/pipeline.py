@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .errors import DDPMError, UsageError
-from .files import read_json, safetensors_problem
+from .files import read_json, safetensors_problem, write_text
 
 CONFIG_NAME = "ddpm_hf_config.json"
 SECRET_KEYS = ("hub_token",)
@@ -53,7 +53,7 @@ def save_pipeline(output_dir, unet, scheduler, train_config: dict, vae=None) -> 
 
         pipe = LDMPipeline(vqvae=vae, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(output_dir, safe_serialization=True)
-    Path(output_dir, CONFIG_NAME).write_text(json.dumps(public_config(train_config), indent=2, default=str))
+    write_text(Path(output_dir, CONFIG_NAME), json.dumps(public_config(train_config), indent=2, default=str), what=CONFIG_NAME)
 
 
 def _read_train_config(source, revision) -> dict:
