@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 import zipfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -427,11 +428,36 @@ def load_extractor(cfg, device="cpu"):
     return load_feature_extractor(cfg.inception_weights, device=device)
 
 
+@dataclass(frozen=True)
+class FIDSettings:
+    """What FID/KID reads of the settings: the feature extractor, the reference's cache and size, batch
+    size and seed, and the data options of loading the reference (as data.DataOptions)."""
+    fid_feature_extractor: str = "inception"
+    inception_weights: Optional[str] = None
+    dinov2_model: str = "facebook/dinov2-base"
+    fid_cache_dir: Optional[str] = None
+    fid_reference_max: Optional[int] = None
+    batch_size: int = 64
+    seed: int = 0
+    size: Optional[int] = None
+    channels: Optional[int] = None
+    image_column: Optional[str] = None
+    dataset_config_name: Optional[str] = None
+    medmnist_root: Optional[str] = None
+
+    @classmethod
+    def of(cls, cfg) -> "FIDSettings":
+        """The FID settings of a DDPMConfig (or of any object with these fields)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+
 class FIDEvaluator:
     """FID/KID against one reference split; the extractor is loaded at construction (so
-    missing weights fail before any sampling), the reference statistics on first use."""
+    missing weights fail before any sampling), the reference statistics on first use.
+    `settings`: FIDSettings, or a DDPMConfig (its FID settings are taken)."""
 
-    def __init__(self, cfg, reference: str, split: str = "train", device="cpu"):
+    def __init__(self, settings, reference: str, split: str = "train", device="cpu"):
+        cfg = settings if isinstance(settings, FIDSettings) else FIDSettings.of(settings)
         self.cfg, self.reference, self.split = cfg, reference, split
         from .data import resolve_spec
 

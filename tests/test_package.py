@@ -139,3 +139,13 @@ def test_functions_stay_short():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
                 long.append(f"{path.relative_to(REPO)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert all(x.startswith("ddpm_hf/training.py:train ") for x in long), long
+
+
+def test_every_subpackage_is_installed():
+    """pyproject.toml lists packages by name: a new subpackage (ddpm_hf/commands/) must be listed too,
+    or a non-editable install leaves it out."""
+    tomllib = pytest.importorskip("tomllib")
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(p.parent / "__init__.py") for p in (REPO / "ddpm_hf").rglob("__init__.py")}
+    assert found == listed

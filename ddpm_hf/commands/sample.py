@@ -166,9 +166,9 @@ def _before_loading(cfg, device):
     if cfg.fid_reference:
         if not cfg.fid:
             raise UsageError("--fid_reference measures the --fid folder; add --fid (and --num_samples N)")
-        from ..fid import FIDEvaluator
+        from ..fid import FIDEvaluator, FIDSettings
 
-        evaluator = FIDEvaluator(cfg, cfg.fid_reference, cfg.fid_reference_split, device=device)
+        evaluator = FIDEvaluator(FIDSettings.of(cfg), cfg.fid_reference, cfg.fid_reference_split, device=device)
     if cfg.checkpoint and not cfg.fid:
         early = Path(cfg.output_dir or default_sample_dir(cfg.checkpoint))
         ensure_not_in_use(early)
