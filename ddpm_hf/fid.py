@@ -37,7 +37,7 @@ from PIL import Image
 from torch.nn.modules.utils import _pair
 from tqdm.auto import tqdm
 
-from .data import is_gray, to_8bit
+from .data import DataOptions, is_gray, to_8bit
 from .errors import DDPMError, UsageError
 from .files import atomic_write, write_text
 
@@ -429,9 +429,9 @@ def load_extractor(cfg, device="cpu"):
 
 
 @dataclass(frozen=True)
-class FIDSettings:
+class FIDSettings(DataOptions):
     """What FID/KID reads of the settings: the feature extractor, the reference's cache and size, batch
-    size and seed, and the data options of loading the reference (as data.DataOptions)."""
+    size and seed, and (inherited) the data options of loading the reference."""
     fid_feature_extractor: str = "inception"
     inception_weights: Optional[str] = None
     dinov2_model: str = "facebook/dinov2-base"
@@ -439,11 +439,6 @@ class FIDSettings:
     fid_reference_max: Optional[int] = None
     batch_size: int = 64
     seed: int = 0
-    size: Optional[int] = None
-    channels: Optional[int] = None
-    image_column: Optional[str] = None
-    dataset_config_name: Optional[str] = None
-    medmnist_root: Optional[str] = None
 
     @classmethod
     def of(cls, cfg) -> "FIDSettings":
