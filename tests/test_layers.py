@@ -197,3 +197,41 @@ def test_docs_defects_stay_fixed():
     assert "only **one** process" in readme  # accelerate launch --cpu --num_processes 2
     assert "0.9612080000000001" not in readme + docs
     assert "disk" not in "".join(line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("#"))
+
+
+def test_sample_progress_bar_ticks_once_per_denoising_step(tmp_path, monkeypatch):
+    """One tick per UNet call on a batch (2 batches x 3 steps = 6), not one per batch."""
+    from ddpm_hf.commands import sample
+    from ddpm_hf.model import build_unet
+    from ddpm_hf.sampling import make_noise_scheduler, make_sampler
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix_str(self, text):
+            pass
+
+    monkeypatch.setattr(sample, "tqdm", Bar)
+    tiny = dict(model_channels=32, channel_mult=[1, 1], num_res_blocks=1, attention_resolutions=[2], num_head_channels=32)
+    unet = build_unet(DDPMConfig(**tiny), 1, 8).eval()
+    config = make_noise_scheduler(10, 1e-4, 0.02).config
+    loaded = types.SimpleNamespace(unet=unet, vae=None, scheduler_config=dict(config))
+    cfg = DDPMConfig(batch_size=2, scheduler="ddim", sample_timesteps=3, fid=True)
+    todo = sample.pending_batches(tmp_path, 3, 2, resume=True)
+    sample._sample_pngs(cfg, loaded, "cpu", make_sampler("ddim", config), 3, todo, "retry")
+    assert [(b.total, b.n) for b in bars] == [(6, 6)]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["0.png", "1.png", "2.png"]
+    assert sample.pending_batches(tmp_path, 3, 2, resume=True) == []  # a rerun of --fid adds nothing
