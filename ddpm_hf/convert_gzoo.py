@@ -139,7 +139,7 @@ def check_keys(state_dict: dict, unet, cfg, source: str) -> None:
     if first is not None and first.dim() == 4:
         hint = f" (its first conv has {first.shape[0]} channels and {first.shape[1]} input channel(s)"
         if first.shape[1] == 4 and not cfg.latent:
-            hint += "; 4 inputs suggest a latent LatDDPM_ checkpoint: add --latent with python -m ddpm_hf.convert_gzoo"
+            hint += "; 4 inputs suggest a latent LatDDPM_ checkpoint: add --latent (python -m ddpm_hf.convert_gzoo, sample_ddpm.py and ood_ddpm.py take it)"
         hint += ")"
     raise UsageError(f"{source} does not match the given model flags ({'; '.join(parts)}); pass the flags it was "
                      f"trained with{hint}: --model_channels, --channel_mult, --num_res_blocks, --attention_resolutions, "

@@ -20,8 +20,8 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from .data import to_model_range, to_uint8
-from .prediction import prediction_type, to_epsilon
+from .data import to_uint8
+from .prediction import to_epsilon
 
 GRID_COLUMNS = 16
 

@@ -32,7 +32,7 @@ from .errors import DDPMError, UsageError
 from .latent import downsample_factor, encode
 from .losses import per_image_loss
 from .sampling import (batch_generator, decode_latents, denoise, inference_autocast, make_sampler, noise_scheduler_from_config,
-                       num_inference_steps, resolve_mixed_precision)
+                       num_inference_steps)
 
 LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet, fetched by `lpips` on first use
 LPIPS_MIN_SIZE = 32  # AlexNet's strides and pools need >= 31 px; smaller images are upsampled for LPIPS
