@@ -12,9 +12,9 @@ from ddpm_hf.config import build_parser, parse_config, script_help
 from ddpm_hf.errors import run_cli
 
 # model flags describe an original .pt checkpoint (converted on the fly); diffusion holds --loss_type.
-GROUPS = ("checkpoint", "data", "ood", "likelihood", "sampler", "diffusion", "batch", "precision", "seed", "output", "model")
-# Training-only data flags, and --scheduler (reconstruction is DDIM with eta --ddpm, as the original's).
-EXCLUDE = ("max_train_samples", "num_workers", "streaming", "shuffle_buffer_size", "scheduler")
+GROUPS = ("checkpoint", "data", "ood", "likelihood", "sampler", "diffusion", "batch", "precision", "seed", "output", "model", "latent")
+# Training-only flags, and --scheduler (reconstruction is DDIM with eta --ddpm, as the original's).
+EXCLUDE = ("max_train_samples", "num_workers", "streaming", "shuffle_buffer_size", "scheduler", "cache_latents")
 HELPS = {
     "dataset": "In-distribution dataset, scored on its test split (a registry name, a Hub dataset id or an image folder).",
     "ddpm": "DDIM eta of the reconstruction: 1.0 is DDPM-like ancestral sampling, 0.0 deterministic DDIM.",
@@ -30,6 +30,7 @@ NOTES = {
     "sampler": "The reconstruction: DDIM over the sampling steps below each noise level.",
     "model": "Only for an original .pt --checkpoint (the flags it was trained with); a pipeline records its own.",
     "diffusion": "--timesteps and the betas only for an original .pt --checkpoint; a pipeline records its own.",
+    "latent": "Only for an original latent (LatDDPM_) .pt --checkpoint; a latent pipeline holds its own VAE.",
 }
 
 
@@ -47,7 +48,7 @@ def build(prog="ood_ddpm.py"):
 @run_cli
 def main(argv):
     cfg, _ = parse_config(build(), argv)
-    from ddpm_hf.ood import run_ood
+    from ddpm_hf.commands.ood import run_ood
 
     run_ood(cfg)
 

@@ -12,9 +12,9 @@ from ddpm_hf.config import build_parser, overwrite_flag, parse_config, script_he
 from ddpm_hf.errors import run_cli
 
 # model/diffusion/data flags describe an original .pt checkpoint (converted on the fly).
-GROUPS = ("checkpoint", "sampler", "samples", "fid", "fid_metric", "nll", "likelihood", "inpaint", "batch", "precision", "seed", "output", "data", "model", "diffusion")
-# Training-only data flags: they do nothing here.
-EXCLUDE = ("max_train_samples", "num_workers", "streaming", "shuffle_buffer_size")
+GROUPS = ("checkpoint", "sampler", "samples", "fid", "fid_metric", "nll", "likelihood", "inpaint", "batch", "precision", "seed", "output", "data", "model", "diffusion", "latent")
+# Training-only flags: they do nothing here.
+EXCLUDE = ("max_train_samples", "num_workers", "streaming", "shuffle_buffer_size", "cache_latents")
 HELPS = {
     "output_dir": "Output folder (default: samples/<checkpoint name>; with --fid, the folder that holds fid_samples/, "
                   "default: the current folder).",
@@ -29,6 +29,7 @@ NOTES = {
             "and for the --fid_reference dataset.",
     "model": "Only for an original .pt --checkpoint (the flags it was trained with); a pipeline records its own.",
     "diffusion": "Only for an original .pt --checkpoint; a pipeline records its own.",
+    "latent": "Only for an original latent (LatDDPM_) .pt --checkpoint; a latent pipeline holds its own VAE.",
     "fid_metric": "Needs --fid.",
 }
 
@@ -43,7 +44,7 @@ def build(prog="sample_ddpm.py"):
 @run_cli
 def main(argv):
     cfg, _ = parse_config(build(), argv)
-    from ddpm_hf.sampling import run_sampling
+    from ddpm_hf.commands.sample import run_sampling
 
     run_sampling(cfg)
 

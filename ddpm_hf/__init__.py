@@ -9,6 +9,16 @@ The public API, importable from the package itself::
 
 Names are imported lazily (module-level ``__getattr__``): ``import ddpm_hf`` loads neither
 torch nor diffusers; the first use of a name imports the module that defines it.
+
+Layers (tests/test_package.py checks them: no import cycle, the library never imports commands):
+
+- commands/: what sample_ddpm.py and ood_ddpm.py run (argument glue, the run, the reports);
+- the library below it: config, errors, files, lock (settings, one-line failures, safe writes,
+  folder locks); data, model, latent, losses, prediction (data, UNet, VAE, losses); sampling
+  (schedulers, precision policy, the sampling loop); pipeline, convert_gzoo, loader (saving and
+  loading models: loader.load_model is the one loader); ood, likelihood, ood_likelihood, inpaint
+  (the methods); fid, features (metrics); hub_access, hub, push (the Hugging Face Hub);
+  training (the trainer).
 """
 
 import importlib
@@ -32,7 +42,7 @@ _EXPORTS = {
     "build_unet": "model",
     "count_parameters": "model",
     "LoadedModel": "pipeline",
-    "load_model": "pipeline",
+    "load_model": "loader",
     "save_pipeline": "pipeline",
     # sampling
     "make_noise_scheduler": "sampling",
@@ -40,7 +50,7 @@ _EXPORTS = {
     "num_inference_steps": "sampling",
     "sample_batch": "sampling",
     "generate": "sampling",
-    "run_sampling": "sampling",
+    "run_sampling": "commands.sample",
     # data
     "load_images": "data",
     "resolve_spec": "data",
@@ -48,7 +58,7 @@ _EXPORTS = {
     "FIDEvaluator": "fid",
     "evaluate_folder": "fid",
     # outlier detection
-    "run_ood": "ood",
+    "run_ood": "commands.ood",
     "ood_metrics": "ood",
     # latent diffusion
     "load_vae": "latent",

@@ -185,7 +185,8 @@ def _check_value(name, value, source):
             return None
         raise UsageError(f"{source}: '{name}' cannot be null")
     if is_list:
-        value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        # one value for a list (`attention_resolutions: 4`, `recon_factors: 0.5`): a list of one, as on the command line
+        value = [value] if isinstance(value, (int, float, str)) and not isinstance(value, bool) else value
         if not isinstance(value, list):
             raise UsageError(f"{source}: '{name}' must be a list of {scalar.__name__}, got {value!r}")
         return [_check_scalar(name, v, scalar, source) for v in value]
@@ -421,6 +422,16 @@ def validate(cfg: DDPMConfig, timesteps_known: bool = True) -> None:
     """Reject impossible settings early, with a line that says how to fix them. `timesteps_known`:
     False where T comes from the loaded model (sample_ddpm.py, ood_ddpm.py without --timesteps)."""
     _check_finite(cfg)
+    _check_counts(cfg)
+    _check_model(cfg)
+    _check_diffusion_and_fid(cfg, timesteps_known)
+    _check_ood(cfg)
+    _check_training(cfg)
+    _check_exclusive(cfg)
+
+
+def _check_counts(cfg: DDPMConfig) -> None:
+    """Counts and sizes: positive integers."""
     for name in ("batch_size", "n_epochs", "timesteps", "sample_timesteps", "model_channels", "num_res_blocks",
                  "gradient_accumulation_steps", "checkpointing_steps", "logging_steps", "sample_and_save_freq"):
         if getattr(cfg, name) <= 0:
@@ -431,6 +442,10 @@ def validate(cfg: DDPMConfig, timesteps_known: bool = True) -> None:
             raise UsageError(f"--{name} must be a positive integer, got {value}")
     if cfg.num_workers < 0 or cfg.warmup < 0:
         raise UsageError("--num_workers and --warmup must be >= 0")
+
+
+def _check_model(cfg: DDPMConfig) -> None:
+    """The UNet flags that UNet2DModel can express."""
     if cfg.dims != 2:
         raise UsageError(f"--dims {cfg.dims} is not supported: diffusers' UNet2DModel and the image data pipeline are 2-D only; use --dims 2")
     if not cfg.conv_resample:
@@ -446,6 +461,9 @@ def validate(cfg: DDPMConfig, timesteps_known: bool = True) -> None:
         raise UsageError("--num_head_channels -1 (fixed --num_heads) with levels of different widths is not expressible in UNet2DModel; set --num_head_channels")
     if cfg.num_head_channels != -1 and (cfg.num_head_channels <= 0 or any((cfg.model_channels * m) % cfg.num_head_channels for m in cfg.channel_mult)):
         raise UsageError(f"--num_head_channels {cfg.num_head_channels} must divide every level's width ({', '.join(str(cfg.model_channels * m) for m in cfg.channel_mult)})")
+
+
+def _check_diffusion_and_fid(cfg: DDPMConfig, timesteps_known: bool) -> None:
     if not 0 <= cfg.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not 0 < cfg.beta_start < cfg.beta_end < 1:
@@ -458,6 +476,9 @@ def validate(cfg: DDPMConfig, timesteps_known: bool = True) -> None:
         raise UsageError(f"--fid_reference_max must be at least 2, got {cfg.fid_reference_max}")
     if cfg.save_best_fid and not cfg.eval_fid_every:
         raise UsageError("--save_best_fid needs --eval_fid_every N (the FID it keeps the best of)")
+
+
+def _check_ood(cfg: DDPMConfig) -> None:
     if cfg.ddpm < 0:
         raise UsageError(f"--ddpm (the DDIM eta) must be >= 0, got {cfg.ddpm}")
     if not 0 < cfg.recon_factor <= 1:
@@ -468,6 +489,9 @@ def validate(cfg: DDPMConfig, timesteps_known: bool = True) -> None:
         raise UsageError(f"--recon_draws must be a positive integer, got {cfg.recon_draws}")
     if cfg.stats_samples < 2:
         raise UsageError(f"--stats_samples must be at least 2 (a standard deviation needs two images), got {cfg.stats_samples}")
+
+
+def _check_training(cfg: DDPMConfig) -> None:
     if cfg.hub_model_id is not None and (not cfg.hub_model_id.strip("/") or cfg.hub_model_id.count("/") > 1):
         raise UsageError(f"--hub_model_id must be 'name' or 'user/name', got {cfg.hub_model_id!r}")
     if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
@@ -480,7 +504,10 @@ def validate(cfg: DDPMConfig, timesteps_known: bool = True) -> None:
         raise UsageError(f"--lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
     if cfg.lr <= 0 or not 0 <= cfg.ema_rate < 1 or cfg.decay < 0:
         raise UsageError("--lr must be > 0, --ema_rate in [0, 1) and --decay >= 0")
-    # Mutually exclusive flags (README, section reliability).
+
+
+def _check_exclusive(cfg: DDPMConfig) -> None:
+    """Mutually exclusive flags (docs/reliability.md)."""
     if cfg.no_wandb and cfg.report_to == "tensorboard":
         raise UsageError("--no_wandb turns every tracker off, so it contradicts --report_to tensorboard; pass only one of them")
     if cfg.streaming and not cfg.max_train_steps:

@@ -20,6 +20,7 @@ import torch
 
 from .config import build_parser, parse_config
 from .errors import DDPMError, UsageError, run_cli
+from .files import make_output_dir
 from .latent import latent_format, load_vae
 from .model import build_unet
 from .pipeline import LoadedModel, public_config, save_pipeline
@@ -138,7 +139,7 @@ def check_keys(state_dict: dict, unet, cfg, source: str) -> None:
     if first is not None and first.dim() == 4:
         hint = f" (its first conv has {first.shape[0]} channels and {first.shape[1]} input channel(s)"
         if first.shape[1] == 4 and not cfg.latent:
-            hint += "; 4 inputs suggest a latent LatDDPM_ checkpoint: add --latent with python -m ddpm_hf.convert_gzoo"
+            hint += "; 4 inputs suggest a latent LatDDPM_ checkpoint: add --latent (python -m ddpm_hf.convert_gzoo, sample_ddpm.py and ood_ddpm.py take it)"
         hint += ")"
     raise UsageError(f"{source} does not match the given model flags ({'; '.join(parts)}); pass the flags it was "
                      f"trained with{hint}: --model_channels, --channel_mult, --num_res_blocks, --attention_resolutions, "
@@ -226,10 +227,7 @@ def convert(cfg) -> Path:
     if (out / "model_index.json").exists():
         raise UsageError(f"{out} already holds a pipeline; remove it or choose another --output_dir")
     loaded = load_original_checkpoint(cfg.checkpoint, cfg)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"output folder {out} is not writable ({err.strerror}); choose another --output_dir") from None
+    make_output_dir(out)
     save_pipeline(out, loaded.unet, make_sampler("ddim", loaded.scheduler_config), loaded.train_config, vae=loaded.vae)
     print(f"converted {cfg.checkpoint} to the pipeline folder {out}; sample it with: python sample_ddpm.py --checkpoint {shlex.quote(str(out))}")
     return out

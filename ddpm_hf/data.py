@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import DDPMError, UsageError
+from .hub_access import check_hub_repo, hub_offline, is_hub_id
 
 OFFLINE_HINT = "offline, use --dataset mnist5k or animalmnist (shipped in packages) or a local image folder"
 STREAM_SHARDS = 8  # shards of an in-memory dataset streamed with --streaming (split across processes)
@@ -37,6 +38,23 @@ class DatasetSpec:
     image_column: str = "image"
     test_split: str = "test"
     loader: Optional[Callable] = None  # (split, cfg) -> datasets.Dataset with an array "image" column
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What loading a dataset reads besides its name and split (DDPMConfig has these fields too, so
+    either can be passed where `cfg` is taken). size/channels None: the dataset's own, or the caller's."""
+    size: Optional[int] = None
+    channels: Optional[int] = None
+    image_column: Optional[str] = None
+    dataset_config_name: Optional[str] = None
+    medmnist_root: Optional[str] = None
+
+    @classmethod
+    def of(cls, cfg, keep_format: bool = True) -> "DataOptions":
+        """The options of a DDPMConfig; keep_format=False drops --size/--channels (a model decides them)."""
+        return cls(cfg.size if keep_format else None, cfg.channels if keep_format else None, cfg.image_column,
+                   cfg.dataset_config_name, cfg.medmnist_root)
 
 
 def _balanced_split(images: np.ndarray, labels: np.ndarray, split: str, test_per_class: int, seed: int = 0):
@@ -124,27 +142,22 @@ def resolve_spec(name: str) -> DatasetSpec:
         return REGISTRY[name]
     if os.path.isdir(name):
         return DatasetSpec(channels=0, size=0)
-    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+    if is_hub_id(name):
         return DatasetSpec(channels=0, size=0, hub_id=name)
     if os.path.isfile(name):
         raise UsageError(f"--dataset {name} is a file; pass the folder that holds the images (or a registry name or Hub id)")
     if "/" in name or os.sep in name:
-        raise UsageError(f"image folder {name} does not exist; pass an existing folder of images")
+        tilde = " (a quoted or YAML '~' is not expanded: write the full path)" if name.startswith("~") else ""
+        raise UsageError(f"image folder {name} does not exist{tilde}; pass an existing folder of images")
     raise UsageError(f"unknown dataset '{name}'; choose one of {', '.join(REGISTRY)}, a Hub id (user/name) or an image folder")
 
 
 def _hub_dataset(hub_id, config, split, streaming=False):
     import datasets
-    import huggingface_hub
 
-    if not huggingface_hub.constants.HF_HUB_OFFLINE:
-        try:  # one quick request, so an unreachable Hub fails in seconds instead of after retries
-            huggingface_hub.dataset_info(hub_id, timeout=10)
-        except huggingface_hub.errors.RepositoryNotFoundError:
-            raise DDPMError(f"dataset '{hub_id}' was not found on the Hugging Face Hub; check the id (or log in for a private dataset)") from None
-        except Exception as err:
-            raise DDPMError(f"cannot reach the Hugging Face Hub for dataset '{hub_id}' ({type(err).__name__}); "
-                            f"set HF_HUB_OFFLINE=1 to use a cached copy, or {OFFLINE_HINT}") from None
+    if not hub_offline():  # one quick request, so an unreachable Hub fails in seconds instead of after retries
+        check_hub_repo(hub_id, f"dataset '{hub_id}'", "check the id (or log in for a private dataset)", OFFLINE_HINT,
+                       repo_type="dataset")
     try:
         return datasets.load_dataset(hub_id, config, split=split, streaming=streaming)
     except ValueError as err:
@@ -235,11 +248,12 @@ def _resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
 GRAY_MODES = ("L", "1", "I", "F", "LA")
 
 
-def _is_gray(mode: str) -> bool:
+def is_gray(mode: str) -> bool:
+    """The one rule of which PIL image modes are grayscale (data loading and FID's sample folders agree)."""
     return mode in GRAY_MODES or mode.startswith("I;16")
 
 
-def _to_8bit(img: Image.Image) -> Image.Image:
+def to_8bit(img: Image.Image) -> Image.Image:
     """16-bit (and 32-bit integer) grayscale, e.g. 16-bit PNGs, scaled to 8 bits: 65535 -> 255.
     PIL's convert("L") clips such values instead, which turns nearly every pixel white."""
     if not (img.mode == "I" or img.mode.startswith("I;16")):
@@ -249,7 +263,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 
 
 def _pil_to_array(img: Image.Image, channels: int, size: int) -> np.ndarray:
-    img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
+    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     scale = size / min(w, h)  # shorter side to `size`, then centre crop (non-square images)
     if (w, h) != (size, size):
@@ -306,7 +320,7 @@ def load_images(name: str, split: str, cfg, size: Optional[int] = None, channels
     raw = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped, not fatal
     if not channels or not size:  # a folder or an unregistered Hub dataset: follow its first image
         first = _first_readable(raw, column, name)
-        channels = channels or (1 if _is_gray(first.mode) else 3)
+        channels = channels or (1 if is_gray(first.mode) else 3)
         size = size or min(first.size)
     out, skipped = [], 0
     for item in tqdm(raw, desc=f"decoding {name} ({split})", disable=not progress, unit="img", mininterval=2):
@@ -400,7 +414,7 @@ def _stream_format(ds, column: str, name: str):
             img = _open(value) if isinstance(value, dict) else value
         except Exception:
             continue
-        return (1 if _is_gray(img.mode) else 3), min(img.size)
+        return (1 if is_gray(img.mode) else 3), min(img.size)
     raise DDPMError(f"none of the first 50 images of {name} can be read (damaged or not images)")
 
 

@@ -10,6 +10,16 @@ import os
 import sys
 
 
+_AT_COMMAND_END = []  # callables run when a command ends, however it ends (lock.py registers release_all)
+
+
+def at_command_end(cleanup) -> None:
+    """Run `cleanup()` when a `run_cli` command ends; lets lock.py release its folders without this
+    module importing it (errors.py is the bottom of the import graph)."""
+    if cleanup not in _AT_COMMAND_END:
+        _AT_COMMAND_END.append(cleanup)
+
+
 class DDPMError(Exception):
     """A failure the user can fix; its message says what is wrong and how to fix it."""
 
@@ -57,8 +67,7 @@ def run_cli(main):
         except KeyboardInterrupt:
             fail("interrupted by the user", 130)
         finally:
-            from .lock import release_all
-
-            release_all()  # the output folders this command held (lock.py)
+            for cleanup in _AT_COMMAND_END:
+                cleanup()  # e.g. lock.release_all: the output folders this command held
 
     return wrapper

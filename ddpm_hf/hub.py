@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import DDPMError, UsageError
+from .files import write_text
+from .hub_access import is_hub_id
 
 CARD_MARKER = "<!-- ddpm-hf model card: regenerated at every push; delete this line to keep your edits -->"
 EXTRA_FILES = ("ddpm_hf_config.json", "train_config.json", "train_log.jsonl")
@@ -185,7 +187,7 @@ def _dataset_ids(dataset: str, source: bool = True) -> tuple:
 
     if dataset in REGISTRY:
         return dataset, REGISTRY[dataset].hub_id or (SOURCE_DATASETS.get(dataset) if source else None)
-    if Path(dataset).is_dir() or dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
+    if Path(dataset).is_dir() or not is_hub_id(dataset):
         return Path(dataset).name, None  # a local image folder
     return dataset, dataset
 
@@ -383,7 +385,7 @@ def push_output(out, repo_id: str, token: Optional[str] = None, private: bool = 
         raise DDPMError(f"push of {out} to the Hub repository {repo_id} at {_endpoint()} failed ({_describe(err, token)}); "
                         f"the local output is intact; retry with: python -m ddpm_hf.push {shlex.quote(str(out))} --hub_model_id {shlex.quote(repo_id)}") from None
     if pipeline_dir is None and not own_card:  # after success: the folder then mirrors the Hub repository
-        readme.write_text(card_text)
+        write_text(readme, card_text, "the model card")
     print(f"pushed {len(operations)} files to {_endpoint()}/{repo_id} (commit {str(info.oid)[:8]})")
     return repo_id
 

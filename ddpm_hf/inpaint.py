@@ -1,4 +1,5 @@
-"""sample_ddpm.py --inpaint: RePaint (Lugmayr et al. 2022) with diffusers' RePaintScheduler.
+"""RePaint (Lugmayr et al. 2022) with diffusers' RePaintScheduler (the sample_ddpm.py --inpaint
+run: ddpm_hf/commands/inpaint.py).
 
 The trained, unconditional UNet fills the masked region of test images: at every reverse step
 the known region is replaced by the original noised to that step, and every `jump_length` steps
@@ -11,7 +12,6 @@ Masks are 1 where the image is kept and 0 where it is inpainted (RePaint's "gt_k
 RePaintScheduler's convention); a --mask PNG is read the same way: white keeps, black inpaints.
 """
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,8 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from .data import to_model_range, to_uint8
-from .prediction import prediction_type, to_epsilon
+from .data import to_uint8
+from .prediction import to_epsilon
 
 GRID_COLUMNS = 16
 
@@ -104,41 +104,3 @@ def hole_mse(inpainted: torch.Tensor, original: torch.Tensor, mask: torch.Tensor
     """Per-image mean squared error in [-1, 1] over the inpainted pixels (how far from the truth)."""
     hole = (1 - mask).expand_as(original)
     return ((inpainted - original) ** 2 * hole).flatten(1).sum(1) / hole.flatten(1).sum(1).clamp_min(1)
-
-
-def run_inpaint(cfg, device="cpu") -> Path:
-    """sample_ddpm.py --inpaint: the first --num_samples test images of --dataset, masked and inpainted."""
-    from .fid import write_json
-    from .likelihood import output_folder, refuse_latent
-    from .ood import load_set, model_format
-    from .pipeline import load_model
-    from .sampling import _save_png, batch_generator, inference_autocast
-
-    loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
-    refuse_latent(loaded, "--inpaint")
-    out = output_folder(cfg)
-    channels, size = model_format(loaded)
-    images = to_model_range(load_set(cfg.dataset, "test", cfg, channels, size, cfg.num_samples or 16, "inpainted"))
-    masks = make_masks(cfg.mask, len(images), size, cfg.seed)
-    steps = min(cfg.sample_timesteps, loaded.scheduler_config["num_train_timesteps"])
-    scheduler = make_repaint_scheduler(loaded.scheduler_config, steps, cfg.jump_length, cfg.jump_n_sample, cfg.ddpm, device)
-    kind, start, results = prediction_type(loaded.scheduler_config), time.perf_counter(), []
-    for b, first in enumerate(tqdm(range(0, len(images), cfg.batch_size), desc=f"inpainting ({model_calls(scheduler)} model calls per batch)", unit="batch")):
-        x0, m = images[first:first + cfg.batch_size].to(device), masks[first:first + cfg.batch_size].to(device)
-        with inference_autocast(cfg.mixed_precision, device):
-            results.append(repaint(loaded.unet, scheduler, x0, m, kind, batch_generator(cfg.seed, b)).clamp(-1, 1).cpu())
-    inpainted, masked = torch.cat(results), images * masks  # masked: the hole shown mid-grey (0)
-    for i in range(len(images)):
-        _save_png(to_uint8(inpainted[i]), out / f"inpainted_{i}.png")
-        _save_png(to_uint8(masks[i] * 2 - 1), out / f"mask_{i}.png")
-    save_grid([images, masked, inpainted], out / "inpaint_grid.png")
-    mse = hole_mse(inpainted, images, masks)
-    write_json(out / "inpaint.json", dict(
-        dataset=cfg.dataset, split="test", num_images=len(images), mask=cfg.mask, steps=steps, jump_length=cfg.jump_length,
-        jump_n_sample=cfg.jump_n_sample, eta=cfg.ddpm, seed=cfg.seed, model_calls_per_batch=model_calls(scheduler),
-        hole_mse_mean=float(mse.mean()), hole_mse=[float(v) for v in mse], checkpoint=str(cfg.checkpoint),
-        seconds=round(time.perf_counter() - start, 1), device=str(device)))
-    print(f"inpainted {len(images)} {cfg.dataset} test image(s) ({cfg.mask} masks, {steps} steps, j={cfg.jump_length}, "
-          f"r={cfg.jump_n_sample}) in {time.perf_counter() - start:.1f} s; mean squared error in the hole "
-          f"{float(mse.mean()):.4f}; grid: {out / 'inpaint_grid.png'}")
-    return out

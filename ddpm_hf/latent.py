@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .data import to_model_range
 from .errors import DDPMError, UsageError
+from .hub_access import check_hub_repo, hub_offline, is_hub_id
 
 VAE_SUBFOLDERS = ("", "vae", "vqvae")  # a VAE folder, a Stable Diffusion pipeline, a ddpm-hf latent pipeline
 
@@ -32,24 +33,16 @@ def _from_pretrained(source, **kwargs):
 
 
 def _load_hub_vae(name: str):
-    import huggingface_hub
-    import huggingface_hub.constants
-    import huggingface_hub.errors
-
     try:  # the local cache first: no request, so a cached VAE loads offline and without retries
         return _from_pretrained(name, local_files_only=True)
     except Exception:
         pass
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
+    if hub_offline():
         raise DDPMError(f"cannot load the VAE {name}: it is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
                         f"downloading it; download it once online, or pass --vae FOLDER (an AutoencoderKL saved with save_pretrained)")
-    try:  # one quick request, so an unreachable Hub fails in a second instead of after ~25 s of retries
-        huggingface_hub.model_info(name, timeout=10)
-    except huggingface_hub.errors.RepositoryNotFoundError:
-        raise DDPMError(f"the VAE {name} was not found on the Hugging Face Hub; check --vae (or log in for a private model)") from None
-    except Exception as err:
-        raise DDPMError(f"cannot reach the Hugging Face Hub for the VAE {name} ({type(err).__name__}); set HF_HUB_OFFLINE=1 "
-                        f"to use a cached copy, or pass --vae FOLDER (an AutoencoderKL saved with save_pretrained)") from None
+    # one quick request, so an unreachable Hub fails in a second instead of after ~25 s of retries
+    check_hub_repo(name, f"the VAE {name}", "check --vae (or log in for a private model)",
+                   "pass --vae FOLDER (an AutoencoderKL saved with save_pretrained)")
     try:
         return _from_pretrained(name)
     except Exception as err:
@@ -70,7 +63,7 @@ def load_vae(name: str, device="cpu"):
         except Exception as err:
             raise DDPMError(f"cannot load the VAE folder {name} ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
-    elif name.startswith((".", "/", "~")) or name.count("/") != 1:
+    elif not is_hub_id(name):
         raise UsageError(f"--vae {name} is neither an existing folder nor a Hub id (user/name)")
     else:
         vae = _load_hub_vae(name)

@@ -22,7 +22,6 @@ term whose omission would dominate the estimator's variance.
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -212,46 +211,4 @@ def summarise(result: dict, T: int, K: Optional[int]) -> dict:
                    timesteps_evaluated=T if K is None else min(K, T), exact=K is None or K >= T)
     if result.get("terms") is not None:  # the mean of every L_t: where the bits are spent
         summary["terms_bpd_mean"] = [float(v) for v in result["terms"].mean(0)]
-    return summary
-
-
-# ---- sample_ddpm.py --nll ------------------------------------------------------------------------
-
-def output_folder(cfg) -> Path:
-    """--output_dir, else samples/<checkpoint name> (where sample_ddpm.py writes its grid)."""
-    out = Path(cfg.output_dir or f"samples/{Path(str(cfg.checkpoint).rstrip('/')).stem}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"output folder {out} is not writable ({err.strerror}); choose another --output_dir") from None
-    return out
-
-
-def run_nll(cfg, device="cpu") -> dict:
-    """sample_ddpm.py --nll: bits/dim of --dataset's test split (its first --num_samples images) -> nll.json."""
-    import time
-
-    from .fid import write_json
-    from .ood import load_set, model_format
-    from .pipeline import load_model
-
-    loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
-    refuse_latent(loaded, "--nll")
-    T = loaded.scheduler_config["num_train_timesteps"]
-    check_nll_timesteps(cfg.nll_timesteps, T)
-    out = output_folder(cfg)
-    channels, size = model_format(loaded)
-    images = load_set(cfg.dataset, "test", cfg, channels, size, cfg.num_samples, "evaluated")
-    start = time.perf_counter()
-    result = bits_per_dim(unet_model_fn(loaded.unet, cfg.mixed_precision, device), loaded.scheduler_config, images,
-                          cfg.batch_size, cfg.seed, cfg.nll_timesteps, desc=f"bits/dim of {cfg.dataset}", device=device)
-    summary = dict(summarise(result, T, cfg.nll_timesteps), dataset=cfg.dataset, split="test",
-                   checkpoint=str(cfg.checkpoint), seed=cfg.seed, prediction_type=prediction_type(loaded.scheduler_config),
-                   seconds=round(time.perf_counter() - start, 1), device=str(device),
-                   bpd=[float(v) for v in result["bpd"]], bpd_se=[float(v) for v in result["se"]])
-    write_json(out / "nll.json", summary)
-    se = f" ± {summary['bpd_mean_se']:.4f} (images)" if summary["bpd_mean_se"] is not None else ""
-    sub = "" if summary["exact"] else f", timestep-sampling SE per image {summary['timestep_se_mean']:.4f}"
-    print(f"{cfg.dataset} (test, {len(images)} images): {summary['bpd_mean']:.4f}{se} bits/dim "
-          f"({summary['timesteps_evaluated']} of {T} timesteps{sub}); wrote {out / 'nll.json'}")
     return summary

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .errors import DDPMError
+from .errors import DDPMError, at_command_end
 
 LOCK_NAME = ".ddpm_hf.lock"
 _held = []
@@ -146,3 +146,4 @@ def release_all() -> None:
 
 
 atexit.register(release_all)
+at_command_end(release_all)  # run_cli releases them as the command ends (errors.py)

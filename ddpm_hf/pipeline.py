@@ -5,8 +5,9 @@ safetensors, `scheduler/` with T, betas and the original's DDIM settings) plus
 `ddpm_hf_config.json`, the full training config. `DiffusionPipeline.from_pretrained`
 loads it with no custom code. A latent model (`--latent`) is saved as diffusers' stock
 `LDMPipeline` instead, with the frozen AutoencoderKL in `vqvae/` (LDMPipeline divides the
-latents by `vqvae.config.scaling_factor` and calls `decode`, as training does). `load_model`
-also takes a Hub model id or an original GenerativeZoo `.pt` checkpoint (converted on the fly).
+latents by `vqvae.config.scaling_factor` and calls `decode`, as training does). `load_pipeline`
+reads a folder or Hub model back; `ddpm_hf.loader.load_model` is the one loader of every command
+(it also takes an original GenerativeZoo `.pt` checkpoint, converted on the fly by convert_gzoo.py).
 """
 
 import json
@@ -19,7 +20,7 @@ from typing import Optional
 import torch
 
 from .errors import DDPMError, UsageError
-from .files import read_json, safetensors_problem
+from .files import read_json, safetensors_problem, write_text
 
 CONFIG_NAME = "ddpm_hf_config.json"
 SECRET_KEYS = ("hub_token",)
@@ -52,7 +53,7 @@ def save_pipeline(output_dir, unet, scheduler, train_config: dict, vae=None) -> 
 
         pipe = LDMPipeline(vqvae=vae, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(output_dir, safe_serialization=True)
-    Path(output_dir, CONFIG_NAME).write_text(json.dumps(public_config(train_config), indent=2, default=str))
+    write_text(Path(output_dir, CONFIG_NAME), json.dumps(public_config(train_config), indent=2, default=str), what=CONFIG_NAME)
 
 
 def _read_train_config(source, revision) -> dict:
@@ -105,50 +106,10 @@ class _DropMessages:
         return not str(record.getMessage()).startswith(self.prefix)
 
 
-def _require_hub_model(repo_id: str, revision: Optional[str]) -> None:
-    """Fail in one line, in about a second, when a Hub model cannot be had (offline and not cached,
-    unknown, or the Hub unreachable), instead of after retries and library warnings."""
-    import huggingface_hub
-
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        try:
-            huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True)
-        except Exception:
-            raise DDPMError(f"the Hub model {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading "
-                            f"it; download it once online, or pass a pipeline folder to --checkpoint") from None
-        return
-    try:
-        huggingface_hub.model_info(repo_id, revision=revision, timeout=10)
-    except huggingface_hub.errors.RepositoryNotFoundError:
-        raise DDPMError(f"model {repo_id} was not found on the Hugging Face Hub; check --checkpoint (or log in for a private model)") from None
-    except huggingface_hub.errors.RevisionNotFoundError:
-        raise DDPMError(f"model {repo_id} has no revision {revision}; check --revision") from None
-    except Exception as err:
-        raise DDPMError(f"cannot reach the Hugging Face Hub for model {repo_id} ({type(err).__name__}); set HF_HUB_OFFLINE=1 "
-                        f"to use a cached copy, or pass a pipeline folder to --checkpoint") from None
-
-
-def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = None, device="cpu") -> LoadedModel:
-    """A pipeline folder, a Hub model id or an original `.pt` file -> LoadedModel."""
-    if not checkpoint:
-        raise UsageError("--checkpoint is required: a trained pipeline folder, a Hub model id or an original .pt file")
-    if not checkpoint.endswith(".pt"):
-        _refuse_weight_file(checkpoint)
-    if checkpoint.endswith(".pt"):
-        if not os.path.isfile(checkpoint):
-            raise UsageError(f"checkpoint file {checkpoint} does not exist")
-        from .convert_gzoo import load_original_checkpoint
-
-        return load_original_checkpoint(checkpoint, cfg, device=device)
-    if os.path.isdir(checkpoint):
-        if not Path(checkpoint, "model_index.json").exists():
-            hint = " (a training checkpoint folder: use the output folder above checkpoints/)" if Path(checkpoint).parent.name == "checkpoints" else ""
-            raise UsageError(f"{checkpoint} is not a diffusers pipeline folder (no model_index.json){hint}")
-        check_pipeline_folder(checkpoint)
-    elif checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") != 1:
-        raise UsageError(f"checkpoint {checkpoint} does not exist; pass a pipeline folder, a Hub model id (user/name) or a .pt file")
-    else:
-        _require_hub_model(checkpoint, revision)
+def load_pipeline(source: str, revision: Optional[str] = None, device="cpu") -> LoadedModel:
+    """A pipeline folder or Hub model (already checked to exist) -> LoadedModel, with damaged or
+    mismatching weights reported in one line. diffusers' "Loading pipeline components" bar and its
+    vqvae type-hint warning are kept out of the commands' output."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -159,15 +120,9 @@ def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = No
     bar_was_on = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(checkpoint, revision=revision, use_safetensors=True)
+        pipe = DiffusionPipeline.from_pretrained(source, revision=revision, use_safetensors=True)
     except Exception as err:
-        message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        where = "folder" if os.path.isdir(checkpoint) else "Hub model"
-        shape = re.search(r"(\S+) expected shape (torch\.Size\(\[[\d, ]*\]\)), but got (torch\.Size\(\[[\d, ]*\]\))", message)
-        if shape:  # weights and config.json disagree: a damaged or hand-edited folder
-            raise DDPMError(f"the pipeline {where} {checkpoint} does not match its own config ({shape[1]} should be "
-                            f"{shape[2]} but the weights hold {shape[3]}); re-save it, or restore its unet/config.json") from None
-        raise DDPMError(f"cannot load the pipeline {where} {checkpoint} ({type(err).__name__}: {message})") from None
+        raise _load_error(source, err) from None
     finally:
         diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils").removeFilter(quiet)
         if bar_was_on:
@@ -176,4 +131,14 @@ def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = No
     vae = getattr(pipe, "vqvae", None)
     if vae is not None:
         vae = vae.requires_grad_(False).to(device).eval()  # on the UNet's device: decoding never mixes devices
-    return LoadedModel(unet, dict(pipe.scheduler.config), vae, _read_train_config(checkpoint, revision), checkpoint)
+    return LoadedModel(unet, dict(pipe.scheduler.config), vae, _read_train_config(source, revision), source)
+
+
+def _load_error(source: str, err: Exception) -> DDPMError:
+    message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    where = "folder" if os.path.isdir(source) else "Hub model"
+    shape = re.search(r"(\S+) expected shape (torch\.Size\(\[[\d, ]*\]\)), but got (torch\.Size\(\[[\d, ]*\]\))", message)
+    if shape:  # weights and config.json disagree: a damaged or hand-edited folder
+        return DDPMError(f"the pipeline {where} {source} does not match its own config ({shape[1]} should be "
+                         f"{shape[2]} but the weights hold {shape[3]}); re-save it, or restore its unet/config.json")
+    return DDPMError(f"cannot load the pipeline {where} {source} ({type(err).__name__}: {message})")

@@ -14,7 +14,7 @@ from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints
 from .config import DDPMConfig
 from .data import same_dataset
 from .errors import UsageError
-from .files import append_line, check_writable, make_output_dir, read_json, simulate_disk_full, write_text, writing
+from .files import append_line, check_writable, clear_earlier_run, make_output_dir, read_json, simulate_disk_full, write_text, writing
 from .lock import ensure_not_in_use, lock_output_dir
 
 # Flags a resumed run must keep (the data, its order, the noise process, the batches): the checkpoint's
@@ -26,9 +26,7 @@ RESUME_FIXED = ("dataset", "size", "channels", "image_column", "dataset_config_n
 RESUME_ADVICE = "resume with its flags (only --n_epochs and --max_train_steps may change), or train into another --output_dir"
 RESUME_HINT = ("the checkpoints saved so far are intact; free some space, then continue with the same command plus "
                "--resume_from_checkpoint latest")
-# What an earlier run (and the evaluations of its model) left, removed by --overwrite_output_dir: it would
-# mix with the new run's files and end up on its model card.
-EARLIER_RUN = ("checkpoints", "samples", "best_fid", "train_log.jsonl", "fid.json", "ood_results.json")
+
 
 
 def check_output_dir(cfg: DDPMConfig) -> Path:
@@ -78,7 +76,7 @@ def _flag_value(value) -> str:
 
 def prepare_output_dir(cfg: DDPMConfig, main: bool = True) -> Path:
     """Create the output folder; in the main process hold it for this run (lock.py) and, with
-    --overwrite_output_dir, remove what an earlier run left there (EARLIER_RUN)."""
+    --overwrite_output_dir, remove what an earlier run left there (files.clear_earlier_run)."""
     out = make_output_dir(check_output_dir(cfg))
     if main:
         lock_output_dir(out, "train_ddpm.py")
@@ -86,14 +84,6 @@ def prepare_output_dir(cfg: DDPMConfig, main: bool = True) -> Path:
         clear_earlier_run(out)
     return out
 
-
-def clear_earlier_run(out: Path) -> None:
-    for name in EARLIER_RUN:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def trim_log(log_path: Path, step: int) -> None:

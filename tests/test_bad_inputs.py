@@ -28,8 +28,10 @@ from conftest import REPO, TINY_MODEL, TINY_TRAIN, run_script
 TRAIN = ["--dataset", "animalmnist", "--max_train_samples", "16", "--batch_size", "8", "--timesteps", "100",
          "--sample_timesteps", "5", "--no_wandb", *TINY_MODEL, "--max_train_steps", "1", "--output_dir", "out"]
 SAMPLE = ["--checkpoint", "pipe", "--num_samples", "2", "--batch_size", "2", "--sample_timesteps", "5", "--output_dir", "samples"]
+# --recon_factor 0.4: t* = 39 is on the 5-step grid (99, 79, ..., 19) of the T=100 pipeline, so no run adds the
+# notice of an off-grid t* (0.5's t* = 49 would be snapped to 39) to the one line a row expects.
 OOD = ["--checkpoint", "pipe", "--dataset", "animalmnist", "--out_dataset", "mnist5k", "--max_samples", "4",
-       "--batch_size", "4", "--sample_timesteps", "5", "--output_dir", "ood"]
+       "--batch_size", "4", "--sample_timesteps", "5", "--recon_factor", "0.4", "--output_dir", "ood"]
 # The flags of the session's trained pipeline (conftest.trained_pipeline): a resume must keep them.
 RESUME = [*TINY_TRAIN, "--max_train_steps", "8", "--checkpointing_steps", "4", "--output_dir", "out"]
 

@@ -186,7 +186,7 @@ def test_cache_latents_trains_identically(latent_run, vae_dir, tmp_path):
 def test_stock_ldm_pipeline_loads_and_samples_like_ddpm_hf(latent_run):
     from diffusers import DiffusionPipeline, LDMPipeline
 
-    from ddpm_hf.pipeline import load_model
+    from ddpm_hf.loader import load_model
     from ddpm_hf.sampling import make_sampler, sample_batch
 
     run, _ = latent_run
@@ -205,7 +205,7 @@ def test_stock_ldm_pipeline_loads_and_samples_like_ddpm_hf(latent_run):
 
 @pytest.mark.slow
 def test_sample_script_writes_decoded_pixel_images(latent_run, tmp_path):
-    from ddpm_hf.pipeline import load_model
+    from ddpm_hf.loader import load_model
     from ddpm_hf.sampling import batch_generator, make_sampler, sample_batch
     from sample_ddpm import main as sample_main
 
@@ -226,7 +226,7 @@ def test_sample_script_writes_decoded_pixel_images(latent_run, tmp_path):
 @pytest.mark.slow
 def test_ood_scores_latent_models_in_pixel_space(latent_run, tmp_path):
     from ddpm_hf.ood import Scorer, load_lpips, plan_levels
-    from ddpm_hf.pipeline import load_model
+    from ddpm_hf.loader import load_model
     from ood_ddpm import main as ood_main
 
     run, _ = latent_run

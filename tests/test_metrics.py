@@ -13,7 +13,8 @@ from ddpm_hf import fid
 from ddpm_hf.config import DDPMConfig
 from ddpm_hf.data import load_images
 from ddpm_hf.errors import DDPMError, UsageError
-from ddpm_hf.features import DinoV2Features, load_extractor, prdc
+from ddpm_hf.features import DinoV2Features, prdc
+from ddpm_hf.fid import load_extractor
 from ddpm_hf.sampling import _save_png
 
 

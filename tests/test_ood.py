@@ -17,7 +17,7 @@ from ddpm_hf.config import DDPMConfig
 from ddpm_hf.errors import DDPMError, UsageError
 from ddpm_hf.model import build_unet
 from ddpm_hf.ood import (Scorer, combine, load_lpips, lpips_distance, model_format, ood_metrics, plan_levels,
-                         reconstruct)
+                         reconstruct, snap_notices)
 from ddpm_hf.pipeline import LoadedModel, save_pipeline
 from ddpm_hf.sampling import make_noise_scheduler, make_sampler
 from ood_ddpm import main as ood_main
@@ -99,7 +99,7 @@ def test_combine_single_level_adds_lpips_and_multi_level_averages_z_scores():
 
 def test_report_prints_metrics_to_four_decimals():
     """The original's `AUC score: X FPR95: Y` line shows 4 decimals, not a raw float (0.9612080000000001)."""
-    from ddpm_hf.ood import format_report
+    from ddpm_hf.commands.ood import format_report
 
     results = {"auroc": 0.9612080000000001, "fpr95": 0.212, "fpr95_in_positive": 0.176, "aupr_in": 0.955, "aupr_out": 0.967,
                "per_level": [{}], "counts": {"in": 500, "out": 500, "scored": 1000},
@@ -115,8 +115,14 @@ def test_report_prints_metrics_to_four_decimals():
 def test_levels_follow_the_original_timestep_rule():
     config = make_noise_scheduler(100, 1e-4, 0.02).config
     _, levels = plan_levels([0.5, 0.35, 0.2], config, 10)  # stride 10: 99, 89, ..., 9
-    assert [lv.t_start for lv in levels] == [49, 34, 19]
+    # 0.35 gives t* = 34, off the grid: the images are noised to 29, where the reverse pass starts (issue 12),
+    # not to 34 with the first step at 29; the snap is recorded and said.
+    assert [lv.t_start for lv in levels] == [49, 29, 19]
+    assert [lv.t_requested for lv in levels] == [None, 34, None]
     assert [[int(t) for t in lv.timesteps] for lv in levels] == [[49, 39, 29, 19, 9], [29, 19, 9], [19, 9]]
+    assert all(int(lv.timesteps[0]) == lv.t_start for lv in levels)
+    (notice,) = snap_notices(levels)
+    assert "t* = 34" in notice and "t* = 29" in notice
     with pytest.raises(UsageError, match="below the first sampling timestep 9"):
         plan_levels([0.05], config, 10)  # t* = 4
 

@@ -197,7 +197,7 @@ def test_sample_timesteps_is_checked_against_the_models_T():
 
 
 def test_capacity_problem():
-    from ddpm_hf.sampling import capacity_problem
+    from ddpm_hf.commands.sample import capacity_problem
 
     assert capacity_problem(1000, 784, "out", 10**9, 10**9, scored=True) is None
     assert "of disk" in capacity_problem(10**6, 784, "out", 10**8, 10**12, scored=False)

@@ -9,7 +9,7 @@ from diffusers import UNet2DModel
 
 from ddpm_hf.config import DDPMConfig
 from ddpm_hf.ema import ema_weights, make_ema
-from ddpm_hf.train_output import EARLIER_RUN, prepare_output_dir
+from ddpm_hf.train_output import prepare_output_dir
 from ddpm_hf.trainer import Trainer, TrainerState
 
 
@@ -26,8 +26,9 @@ def test_overwrite_output_dir_removes_what_an_earlier_run_left(tmp_path):
     for name in ("samples/epoch_0001.png", "train_log.jsonl", "fid.json", "ood_results.json", "notes.txt"):
         (out / name).write_text("x")
     prepare_output_dir(DDPMConfig(output_dir=str(out), overwrite_output_dir=True))
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["notes.txt"]  # what is not a run's stays
-    assert {"samples", "best_fid", "fid.json", "ood_results.json"} <= set(EARLIER_RUN)
+    # The old grids, best_fid/, fid.json and the OOD results are gone; what is not a run's stays.
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["notes.txt", "samples"]
+    assert list((out / "samples").iterdir()) == []
 
 
 def test_without_overwrite_an_earlier_run_is_refused_and_kept(tmp_path):

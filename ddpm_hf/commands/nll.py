@@ -1,0 +1,36 @@
+"""sample_ddpm.py --nll: bits/dim of --dataset's test split (the bound: ddpm_hf/likelihood.py) -> nll.json."""
+
+import time
+
+from ..data import DataOptions
+from ..files import make_output_dir
+from ..fid import write_json
+from ..likelihood import bits_per_dim, check_nll_timesteps, refuse_latent, summarise, unet_model_fn
+from ..loader import load_model
+from ..ood import load_set, model_format
+from ..prediction import prediction_type
+from .common import default_sample_dir
+
+
+def run_nll(cfg, device="cpu") -> dict:
+    """sample_ddpm.py --nll: bits/dim of --dataset's test split (its first --num_samples images) -> nll.json."""
+    loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
+    refuse_latent(loaded, "--nll")
+    T = loaded.scheduler_config["num_train_timesteps"]
+    check_nll_timesteps(cfg.nll_timesteps, T)
+    out = make_output_dir(cfg.output_dir or default_sample_dir(cfg.checkpoint))
+    channels, size = model_format(loaded)
+    images = load_set(cfg.dataset, "test", DataOptions.of(cfg), channels, size, cfg.num_samples, "evaluated")
+    start = time.perf_counter()
+    result = bits_per_dim(unet_model_fn(loaded.unet, cfg.mixed_precision, device), loaded.scheduler_config, images,
+                          cfg.batch_size, cfg.seed, cfg.nll_timesteps, desc=f"bits/dim of {cfg.dataset}", device=device)
+    summary = dict(summarise(result, T, cfg.nll_timesteps), dataset=cfg.dataset, split="test",
+                   checkpoint=str(cfg.checkpoint), seed=cfg.seed, prediction_type=prediction_type(loaded.scheduler_config),
+                   seconds=round(time.perf_counter() - start, 1), device=str(device),
+                   bpd=[float(v) for v in result["bpd"]], bpd_se=[float(v) for v in result["se"]])
+    write_json(out / "nll.json", summary)
+    se = f" ± {summary['bpd_mean_se']:.4f} (images)" if summary["bpd_mean_se"] is not None else ""
+    sub = "" if summary["exact"] else f", timestep-sampling SE per image {summary['timestep_se_mean']:.4f}"
+    print(f"{cfg.dataset} (test, {len(images)} images): {summary['bpd_mean']:.4f}{se} bits/dim "
+          f"({summary['timesteps_evaluated']} of {T} timesteps{sub}); wrote {out / 'nll.json'}")
+    return summary

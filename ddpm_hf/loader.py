@@ -1,0 +1,50 @@
+"""The one model loader of every command and of the `.pt` converter's users: a pipeline folder, a Hub
+model id or an original GenerativeZoo `.pt` file -> `LoadedModel` (pipeline.py; `.pt` files go
+through convert_gzoo.py). Sits above both, so neither imports the other's caller."""
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from .convert_gzoo import load_original_checkpoint
+from .errors import DDPMError, UsageError
+from .hub_access import check_hub_repo, hub_offline, is_hub_id
+from .pipeline import LoadedModel, _refuse_weight_file, check_pipeline_folder, load_pipeline
+
+
+def require_hub_model(repo_id: str, revision: Optional[str]) -> None:
+    """Fail in one line, in about a second, when a Hub model cannot be had (offline and not cached,
+    unknown, or the Hub unreachable), instead of after retries and library warnings."""
+    if hub_offline():
+        import huggingface_hub
+
+        try:
+            huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True)
+        except Exception:
+            raise DDPMError(f"the Hub model {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading "
+                            f"it; download it once online, or pass a pipeline folder to --checkpoint") from None
+        return
+    check_hub_repo(repo_id, f"model {repo_id}", "check --checkpoint (or log in for a private model)",
+                   "pass a pipeline folder to --checkpoint", revision=revision)
+
+
+def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = None, device="cpu") -> LoadedModel:
+    """A pipeline folder, a Hub model id or an original `.pt` file -> LoadedModel. `cfg` (the model,
+    diffusion and data flags) only describes a `.pt` file, which records none of them."""
+    if not checkpoint:
+        raise UsageError("--checkpoint is required: a trained pipeline folder, a Hub model id or an original .pt file")
+    if checkpoint.endswith(".pt"):
+        if not os.path.isfile(checkpoint):
+            raise UsageError(f"checkpoint file {checkpoint} does not exist")
+        return load_original_checkpoint(checkpoint, cfg, device=device)
+    _refuse_weight_file(checkpoint)
+    if os.path.isdir(checkpoint):
+        if not Path(checkpoint, "model_index.json").exists():
+            hint = " (a training checkpoint folder: use the output folder above checkpoints/)" if Path(checkpoint).parent.name == "checkpoints" else ""
+            raise UsageError(f"{checkpoint} is not a diffusers pipeline folder (no model_index.json){hint}")
+        check_pipeline_folder(checkpoint)
+    elif not is_hub_id(checkpoint):
+        raise UsageError(f"checkpoint {checkpoint} does not exist; pass a pipeline folder, a Hub model id (user/name) or a .pt file")
+    else:
+        require_hub_model(checkpoint, revision)
+    return load_pipeline(checkpoint, revision, device)
