@@ -29,7 +29,8 @@ from timing import log, sync  # noqa: E402
 
 from ddpm_hf.config import DDPMConfig  # noqa: E402
 from ddpm_hf.model import build_unet, count_parameters  # noqa: E402
-from ddpm_hf.sampling import inference_autocast, make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
+from ddpm_hf.precision import inference_autocast  # noqa: E402
+from ddpm_hf.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
 
 CIFAR_DDPM = dict(model_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2, attention_resolutions=[2],
                   dropout=0.1, num_head_channels=64)

@@ -54,7 +54,8 @@ from diffusers import DDIMPipeline, UNet2DModel  # noqa: E402
 from ddpm_hf.config import DDPMConfig  # noqa: E402
 from ddpm_hf.data import batch_loader, load_images, to_model_range  # noqa: E402
 from ddpm_hf.model import build_unet, count_parameters, unet_kwargs  # noqa: E402
-from ddpm_hf.sampling import inference_autocast, make_noise_scheduler, make_sampler, native_bf16, sample_batch  # noqa: E402
+from ddpm_hf.precision import inference_autocast, native_bf16  # noqa: E402
+from ddpm_hf.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
 from ddpm_hf.ema import PlainEMA  # noqa: E402
 from ddpm_hf.trainer import CPU_MICRO_BATCH, Trainer  # noqa: E402
 from naive import NaiveStep, OriginalStep, per_item_loader  # noqa: E402

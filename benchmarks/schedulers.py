@@ -27,7 +27,8 @@ from ddpm_hf.data import load_images, to_uint8  # noqa: E402
 from ddpm_hf.errors import run_cli  # noqa: E402
 from ddpm_hf.fid import FIDEvaluator  # noqa: E402
 from ddpm_hf.loader import load_model  # noqa: E402
-from ddpm_hf.sampling import generate, inference_autocast, make_sampler, resolve_mixed_precision  # noqa: E402
+from ddpm_hf.precision import inference_autocast, resolve_mixed_precision  # noqa: E402
+from ddpm_hf.sampling import generate, make_sampler  # noqa: E402
 
 
 def parse(argv):

@@ -155,7 +155,7 @@ def bound_batch(model_fn: Callable, s: Schedule, images: torch.Tensor, kind: str
 
 def unet_model_fn(unet, mixed_precision=None, device="cpu") -> Callable:
     """(x_t float32, t (B,)) -> the UNet's raw output in float32, under --mixed_precision."""
-    from .sampling import inference_autocast
+    from .precision import inference_autocast
 
     dtype = next(unet.parameters()).dtype
 

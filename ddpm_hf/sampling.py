@@ -7,7 +7,6 @@ scheduler (`--scheduler`): the loop scales the initial noise by `init_noise_sigm
 calls `scale_model_input`, and passes `eta`/`generator` only to `step`s that take them.
 """
 
-import contextlib
 import inspect
 import math
 from pathlib import Path
@@ -58,31 +57,6 @@ def make_sampler(name: str, config) -> object:
 def num_inference_steps(timesteps: int, sample_timesteps: int) -> int:
     """The original's step rule: stride s = T // S, so T // s steps (T=1000, S=400 -> 500)."""
     return timesteps // (timesteps // sample_timesteps)
-
-
-def native_bf16(device) -> bool:
-    """Whether the device computes bf16 natively (a GPU that supports it, a CPU with AVX512-BF16 or
-    AMX); elsewhere bf16 is emulated and slower than fp32."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.device(device).type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def resolve_mixed_precision(mixed_precision, device):
-    """--mixed_precision auto -> 'bf16' where native, else 'no'; other values unchanged."""
-    if mixed_precision != "auto":
-        return mixed_precision
-    return "bf16" if native_bf16(device) else "no"
-
-
-def inference_autocast(mixed_precision, device) -> contextlib.AbstractContextManager:
-    """--mixed_precision for sampling and scoring: torch.autocast of the UNet (fp32 weights, bf16/fp16
-    convolutions and matmuls; bf16 is ~2x faster on an AVX512-BF16 CPU, benchmarks/run.py);
-    None or 'no': full precision."""
-    mixed_precision = resolve_mixed_precision(mixed_precision, device)
-    if mixed_precision in (None, "no"):
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
 
 
 def _step_kwargs(scheduler, eta, generator) -> dict:

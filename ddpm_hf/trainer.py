@@ -41,7 +41,8 @@ from .latent import encode_dataset, latent_format, load_training_vae, training_l
 from .model import build_unet, count_parameters, unet_kwargs
 from .monitoring import FidHook, save_grid, setup_tracker
 from .pipeline import public_config, save_pipeline
-from .sampling import GRID_MAX, generate, make_noise_scheduler, make_sampler, num_inference_steps, resolve_mixed_precision
+from .precision import resolve_mixed_precision, warn_if_bf16_emulated
+from .sampling import GRID_MAX, generate, make_noise_scheduler, make_sampler, num_inference_steps
 from .files import write_text
 from .train_output import append_log, check_output_dir, prepare_output_dir, save_pipeline_atomically, trim_log
 from .training import diffusion_loss, draw_noise, make_lr_scheduler, make_optimizer, random_hflip
@@ -178,6 +179,8 @@ class Trainer:
         )
         set_seed(cfg.seed)
         _check_launch(accelerator)
+        if accelerator.is_main_process:
+            warn_if_bf16_emulated(accelerator.mixed_precision, accelerator.device)
         self.autocast = accelerator.autocast
         return accelerator
 

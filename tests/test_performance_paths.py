@@ -20,7 +20,8 @@ from ddpm_hf.config import DDPMConfig, validate
 from ddpm_hf.data import StreamingBatches, batch_loader, stream_images
 from ddpm_hf.errors import UsageError
 from ddpm_hf.model import unet_kwargs
-from ddpm_hf.sampling import inference_autocast, make_noise_scheduler, make_sampler, sample_batch
+from ddpm_hf.precision import inference_autocast
+from ddpm_hf.sampling import make_noise_scheduler, make_sampler, sample_batch
 from ddpm_hf.ema import PlainEMA
 from ddpm_hf.training import diffusion_loss, make_optimizer
 
@@ -195,17 +196,34 @@ def test_streaming_training_with_two_processes(tmp_path):
 
 
 def test_mixed_precision_auto_follows_native_bf16(monkeypatch):
-    from ddpm_hf import sampling
+    from ddpm_hf import precision
 
     for native, expected in ((True, "bf16"), (False, "no")):
-        monkeypatch.setattr(sampling, "native_bf16", lambda device, native=native: native)
-        assert sampling.resolve_mixed_precision("auto", "cpu") == expected
-        assert sampling.resolve_mixed_precision("fp16", "cpu") == "fp16"  # explicit choices pass through
-        assert sampling.resolve_mixed_precision(None, "cpu") is None
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+        assert precision.resolve_mixed_precision("auto", "cpu") == expected
+        assert precision.resolve_mixed_precision("fp16", "cpu") == "fp16"  # explicit choices pass through
+        assert precision.resolve_mixed_precision(None, "cpu") is None
     monkeypatch.undo()
-    with sampling.inference_autocast("auto", "cpu"):
+    with precision.inference_autocast("auto", "cpu"):
         # under the real check: bf16 autocast exactly where this CPU computes bf16 natively
         assert torch.is_autocast_enabled("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_explicit_bf16_on_a_device_without_it_prints_one_notice_with_the_measured_slowdown(monkeypatch, capsys):
+    from ddpm_hf import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "bf16_slowdown", lambda device: 6.42)
+    precision.warn_if_bf16_emulated("bf16", "cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("notice: --mixed_precision bf16 is emulated here") and "6.4x slower than fp32" in err[0]
+    for quiet in ("auto", "no", None):
+        precision.warn_if_bf16_emulated(quiet, "cpu")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    precision.warn_if_bf16_emulated("bf16", "cpu")
+    assert capsys.readouterr().err == ""
+    monkeypatch.undo()
+    assert precision.bf16_slowdown("cpu") > 0  # the real measurement: a positive ratio
 
 
 def test_ood_scores_under_bf16_stay_close_to_fp32():

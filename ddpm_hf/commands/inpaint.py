@@ -15,7 +15,8 @@ from ..likelihood import refuse_latent
 from ..loader import load_model
 from ..ood import load_set, model_format
 from ..prediction import prediction_type
-from ..sampling import _save_png, batch_generator, inference_autocast
+from ..precision import inference_autocast
+from ..sampling import _save_png, batch_generator
 from .common import default_sample_dir
 
 

@@ -22,7 +22,7 @@ from ..files import make_output_dir, remove, simulate_disk_full, writing
 from ..loader import load_model
 from ..lock import ensure_not_in_use, lock_output_dir
 from ..ood import SET_IDS, Scorer, combine, load_set, load_stats_images, model_format, ood_metrics, plan_levels, snap_notices
-from ..sampling import resolve_mixed_precision
+from ..precision import resolve_mixed_precision, warn_if_bf16_emulated
 
 RESULT_FILES = ("ood_results.json", "scores.csv", "histogram.png", "roc.png")
 
@@ -260,6 +260,7 @@ def run_ood(cfg, device=None) -> dict:
     """ood_ddpm.py: score both test sets, print the report, write the four result files."""
     start = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    warn_if_bf16_emulated(cfg.mixed_precision, device)
     lpips_model, loaded = _load(cfg, device)
     out_dir = prepare_output_dir(cfg)
     factors = list(cfg.recon_factors) if cfg.recon_factors else [cfg.recon_factor]

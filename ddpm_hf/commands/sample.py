@@ -21,8 +21,8 @@ from ..files import free_bytes, make_output_dir, read_json, remove, write_text
 from ..latent import downsample_factor
 from ..loader import load_model
 from ..lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
-from ..sampling import (GRID_MAX, _save_png, _step_kwargs, batch_generator, inference_autocast, make_sampler,
-                        num_inference_steps, resolve_mixed_precision, sample_batch)
+from ..precision import inference_autocast, resolve_mixed_precision, warn_if_bf16_emulated
+from ..sampling import GRID_MAX, _save_png, _step_kwargs, batch_generator, make_sampler, num_inference_steps, sample_batch
 from .common import default_sample_dir
 
 FID_ORIGIN = "fid_origin.json"  # what made the images of a --fid folder
@@ -214,6 +214,7 @@ def _sample_pngs(cfg, loaded, device, scheduler, steps, todo, advice) -> list:
 def run_sampling(cfg, device=None) -> Path:
     """sample_ddpm.py: a grid plus one PNG per image, or (--fid) a resumable folder of PNGs."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    warn_if_bf16_emulated(cfg.mixed_precision, device)
     if cfg.nll or cfg.inpaint:  # the other two runs of sample_ddpm.py
         from .inpaint import run_inpaint
         from .nll import run_nll
