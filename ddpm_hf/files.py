@@ -120,7 +120,8 @@ def writing(folder, what: str, cleanup=(), advice: str = RETRY):
 def atomic_write(path, write, what: Optional[str] = None, point: Optional[str] = None, advice: str = RETRY) -> None:
     """`write(tmp_path)`, then rename to `path`: a kill or a full disk never leaves a truncated file
     under the final name (the temporary file is removed on failure). The one atomic write of the
-    package: PNGs, JSON records, the FID cache, pipeline configs and model cards go through it."""
+    package: PNGs, JSON records, the FID cache and model cards go through it (a pipeline is saved into a
+    partial folder that training renames into place whole)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the pid: shared folders (the FID cache) have no lock
     with writing(path.parent, what or path.name, cleanup=[tmp], advice=advice):

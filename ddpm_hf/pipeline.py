@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .errors import DDPMError, UsageError
-from .files import read_json, safetensors_problem, write_text
+from .files import read_json, safetensors_problem
 
 CONFIG_NAME = "ddpm_hf_config.json"
 SECRET_KEYS = ("hub_token",)
@@ -53,7 +53,9 @@ def save_pipeline(output_dir, unet, scheduler, train_config: dict, vae=None) -> 
 
         pipe = LDMPipeline(vqvae=vae, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(output_dir, safe_serialization=True)
-    write_text(Path(output_dir, CONFIG_NAME), json.dumps(public_config(train_config), indent=2, default=str), what=CONFIG_NAME)
+    # A plain write: training saves into a partial folder that is renamed into place whole (its own
+    # `writing` block names the pipeline and removes the partial folder on a failure).
+    Path(output_dir, CONFIG_NAME).write_text(json.dumps(public_config(train_config), indent=2, default=str))
 
 
 def _read_train_config(source, revision) -> dict:

@@ -108,16 +108,15 @@ def test_one_atomic_write():
     assert not others
 
 
-def test_model_card_and_pipeline_config_are_written_atomically(tmp_path, monkeypatch):
+def test_the_atomic_write_keeps_the_old_file_on_a_failure(tmp_path, monkeypatch):
     from ddpm_hf import files
-    from ddpm_hf.pipeline import CONFIG_NAME, save_pipeline  # noqa: F401
 
-    written = []
-    real = files.atomic_write
-    monkeypatch.setattr(files, "atomic_write", lambda path, *a, **k: (written.append(path.name), real(path, *a, **k)))
-    files.write_text(tmp_path / "x.json", "{}")
-    assert written == ["x.json"] and (tmp_path / "x.json").read_text() == "{}"
-    assert not list(tmp_path.glob(".*tmp"))
+    path = tmp_path / "card.md"
+    files.write_text(path, "old")
+    monkeypatch.setenv(files.DISK_FULL_HOOK, "layers_test")
+    with pytest.raises(DDPMError, match="could not write the model card .*no space left"):
+        files.write_text(path, "new", "the model card", point="layers_test")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["card.md"]
 
 
 # ---- defects ----------------------------------------------------------------------------------
