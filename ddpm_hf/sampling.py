@@ -1,4 +1,4 @@
-"""Noise schedulers, the precision policy and the one sampling loop used by previews, sample_ddpm.py and OOD
+"""Noise schedulers and the one sampling loop used by previews, sample_ddpm.py and OOD
 (the sample_ddpm.py command itself: ddpm_hf/commands/sample.py).
 
 Training noise comes from `DDPMScheduler` (linear betas by default, --beta_schedule otherwise). Sampling uses `DDIMScheduler`

@@ -153,6 +153,8 @@ class Trainer:
         self.hub = TrainingPush(self.cfg, self.out) if self.cfg.push_to_hub and self.main else None
         self.accelerator.wait_for_everyone()
         self.build(self.unet, self.train_data)
+        if self.main:  # after the checks of flags and data: a bad input still gets one line
+            warn_if_bf16_emulated(self.accelerator.mixed_precision, self.accelerator.device)
         if self.micro_batch:
             how = "" if self.cfg.micro_batch_size else f" (auto on a {self.accelerator.device.type.upper()}; --micro_batch_size 0: one pass)"
             self.accelerator.print(f"micro-batches: each batch of {self.cfg.batch_size} in passes of {self.micro_batch} images{how}")
@@ -179,8 +181,6 @@ class Trainer:
         )
         set_seed(cfg.seed)
         _check_launch(accelerator)
-        if accelerator.is_main_process:
-            warn_if_bf16_emulated(accelerator.mixed_precision, accelerator.device)
         self.autocast = accelerator.autocast
         return accelerator
 

@@ -260,7 +260,6 @@ def run_ood(cfg, device=None) -> dict:
     """ood_ddpm.py: score both test sets, print the report, write the four result files."""
     start = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    warn_if_bf16_emulated(cfg.mixed_precision, device)
     lpips_model, loaded = _load(cfg, device)
     out_dir = prepare_output_dir(cfg)
     factors = list(cfg.recon_factors) if cfg.recon_factors else [cfg.recon_factor]
@@ -270,6 +269,7 @@ def run_ood(cfg, device=None) -> dict:
     _notices(cfg, channels, size, levels)
     images = _load_sets(cfg, channels, size, with_stats=multi or cfg.score == "both")
     timing = {"load_s": time.perf_counter() - start}
+    warn_if_bf16_emulated(cfg.mixed_precision, device)  # after the checks: a bad input still gets one line
     scorer = Scorer(loaded, levels, sampler, cfg, lpips_model, device)
     score_start = time.perf_counter()
     raw = _score_sets(scorer, images, cfg, levels, cfg.recon_draws * sum(len(lv.timesteps) for lv in levels))

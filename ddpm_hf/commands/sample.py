@@ -214,7 +214,6 @@ def _sample_pngs(cfg, loaded, device, scheduler, steps, todo, advice) -> list:
 def run_sampling(cfg, device=None) -> Path:
     """sample_ddpm.py: a grid plus one PNG per image, or (--fid) a resumable folder of PNGs."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    warn_if_bf16_emulated(cfg.mixed_precision, device)
     if cfg.nll or cfg.inpaint:  # the other two runs of sample_ddpm.py
         from .inpaint import run_inpaint
         from .nll import run_nll
@@ -224,6 +223,7 @@ def run_sampling(cfg, device=None) -> Path:
     loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
     num_images = cfg.num_samples or (50_000 if cfg.fid else 16)
     out, scheduler, steps, eta = _sampling_setup(cfg, loaded, device, num_images)
+    warn_if_bf16_emulated(cfg.mixed_precision, device)  # after the checks: a bad input still gets one line
     advice = ("the images already written are kept: free some space and run the same command again to add the rest"
               if cfg.fid else "free some space (or choose another --output_dir) and run the command again with --overwrite_output_dir")
     todo = pending_batches(out, num_images, cfg.batch_size, resume=cfg.fid)
