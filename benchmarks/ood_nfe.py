@@ -80,10 +80,15 @@ def settings(args):
 
 
 def plan(factors, S, scheduler_config):
-    """Network evaluations per image of one setting (no model call: the timestep plan only)."""
+    """Network evaluations per image of one setting (no model call: the timestep plan only), or the reason
+    it cannot run (a level's t* below the first sampling timestep)."""
+    from ddpm_hf.errors import UsageError
     from ddpm_hf.ood import plan_levels
 
-    _, levels = plan_levels(factors, scheduler_config, S)
+    try:
+        _, levels = plan_levels(factors, scheduler_config, S)
+    except UsageError as err:
+        return str(err)
     return sum(len(lv.timesteps) for lv in levels)
 
 
@@ -195,7 +200,7 @@ def plot(doc, path):
     c = doc["counts"]
     ax.set(xlabel="network evaluations per image (log)", ylabel="AUROC (OOD positive)",
            title=f"{doc['dataset']} vs {doc['out_dataset']}: {c['in']} / {c['out']} test images, eta 1.0")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -208,8 +213,8 @@ def table(doc):
     for r in doc["settings"]:
         name = "single level 0.5" + (" (seed default)" if r["reference"] else "") if r["mode"] == "single" else "multi level 0.1-0.5"
         if "auroc" not in r:
-            lines.append(f"| {name} | {r['sample_timesteps']} | {r['nfe_per_image']} | not run: ~{r['estimated_s'] / 60:.0f} min "
-                         f"extrapolated | | | | | | |")
+            why = f"~{r['estimated_s'] / 60:.0f} min extrapolated" if "estimated_s" in r else "a level below the first timestep"
+            lines.append(f"| {name} | {r['sample_timesteps']} | {r.get('nfe_per_image', '-')} | not run: {why} | | | | | | |")
             continue
         delta = "reference" if r["reference"] else f"{r['delta_auroc']:+.4f} ± {r['delta_auroc_se']:.4f}"
         lines.append(f"| {name} | {r['sample_timesteps']} | {r['nfe_per_image']} | **{r['auroc']:.4f}** | {delta} | {r['fpr95']:.3f} | "
@@ -233,10 +238,12 @@ def main(argv=None):
     report = full_counts(args)
     todo = [(m, s, f, plan(f, s, scheduler_config)) for m, s, f in settings(args)]
     ref_key = ("single", max(args.steps))
+    rows, scores = [{"mode": m, "sample_timesteps": s, "levels": f, "reference": False, "skipped": f"impossible: {nfe}"}
+                    for m, s, f, nfe in todo if isinstance(nfe, str)], {}
+    todo = [t for t in todo if not isinstance(t[3], str)]
     # reference first, then single level cheapest first, then multi level cheapest first
     todo.sort(key=lambda t: ((t[0], t[1]) != ref_key, t[0] == "multi", t[3]))
     rate = {}  # mode -> image-NFE per second measured so far (total, seconds)
-    rows, scores = [], {}
     for mode, S, factors, nfe in todo:
         images = 2 * args.max_samples + (args.stats_samples if mode == "multi" else 0)
         row = {"mode": mode, "sample_timesteps": S, "levels": factors, "nfe_per_image": nfe, "reference": (mode, S) == ref_key}

@@ -35,3 +35,4 @@ def test_study_runs_reuses_skips_and_recommends(tmp_path):
     second = {(r["mode"], r["sample_timesteps"]): r for r in json.loads((tmp_path / "r.json").read_text())["settings"]}
     assert all(second[k]["reused"] and second[k]["auroc"] == rows[k]["auroc"] for k in rows)
     assert "auroc" not in second["single", 2] and "budget" in second["single", 2]["skipped"]
+    assert second["multi", 2]["skipped"].startswith("impossible: recon factor 0.2")  # t* = 19 is below the grid's first step
