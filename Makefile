@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-requirements
 DEMO := outputs/quickstart
 SHIPPED := pretrained/ddpm-mnist5k
+# One pytest worker per core, each test file on one worker (its module fixtures are built once);
+# the tests' scripts then run one thread each (tests/conftest.py). `make test XDIST=` runs serially.
+XDIST ?= -n auto --dist loadfile
 SHIPPED_OOD := --sample_timesteps 20 --recon_factors 0.1 0.2 0.3 0.4 0.5 --max_samples 200 --stats_samples 128
 
 .PHONY: demo test test-all test-slow venv clean-demo
@@ -16,7 +19,7 @@ venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# ddpm-hf itself (editable), its pinned dependencies (requirements.txt) and pytest.
+	# ddpm-hf itself (editable), its pinned dependencies (requirements.txt), pytest and pytest-xdist.
 	$(PY) -m pip install -q -e ".[test]"
 	# animal-mnist declares tensorflow, which we do not need: install it without dependencies.
 	$(PY) -m pip install -q --no-deps animal-mnist==0.4
@@ -34,15 +37,15 @@ demo: $(STAMP)
 
 # Unit tests and a thin end-to-end path (train -> sample -> OOD on a tiny model); no test marked slow.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 # Only the slow end-to-end tests (@pytest.mark.slow).
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q $(XDIST) -m slow tests
 
 # Everything: what CI (.ci/run) runs.
 test-all: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 clean-demo:
 	rm -rf $(DEMO)
