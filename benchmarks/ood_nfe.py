@@ -119,7 +119,7 @@ def run_setting(args, mode, S, factors, out_dir):
     seconds (all threads) and the 1-minute load average at the end, to show how much of the shared CPU it had."""
     import ood_ddpm
     from ddpm_hf.config import parse_config
-    from ddpm_hf.ood import run_ood
+    from ddpm_hf.commands.ood import run_ood
 
     cfg, _ = parse_config(ood_ddpm.build(), flags_of(args, mode, S, factors, out_dir))
     assert (cfg.ddpm, cfg.batch_size, cfg.loss_type, cfg.recon_draws) == (1.0, 128, "huber", 1), "seed defaults changed"
@@ -231,7 +231,7 @@ def main(argv=None):
     if args.plot_only:
         plot(json.loads(output.read_text()), output.with_suffix(".png"))
         return
-    from ddpm_hf.pipeline import load_model
+    from ddpm_hf.loader import load_model
 
     start = time.perf_counter()
     scheduler_config = load_model(args.checkpoint, None).scheduler_config

@@ -53,10 +53,13 @@ def parse(argv):
 
 
 def table(rows) -> str:
-    lines = ["| sampler | steps | sampling s | FID | KID ×1000 |", "|---|---:|---:|---:|---:|"]
+    lines = ["| sampler | steps | sampling s | FID | KID ×1000 | precision | recall | density | coverage |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    number = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731  (None: too few images for k-NN)
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['steps'] if r['steps'] else '–'} | {r['sampling_seconds']:.0f} | "
-                     f"{r['fid']:.1f} | {1000 * r['kid_mean']:.1f} ± {1000 * r['kid_std']:.1f} |")
+                     f"{r['fid']:.1f} | {1000 * r['kid_mean']:.1f} ± {1000 * r['kid_std']:.1f} | "
+                     + " | ".join(number(r.get(k)) for k in ("precision", "recall", "density", "coverage")) + " |")
     return "\n".join(lines)
 
 
@@ -100,7 +103,8 @@ def main(argv=None):
 
 
 def _metrics(result):
-    keep = ("fid", "kid_mean", "kid_std", "num_generated", "num_reference", "seconds_features")
+    keep = ("fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "num_generated", "num_reference",
+            "seconds_features")
     return {k: result[k] for k in keep}
 
 

@@ -16,6 +16,8 @@ from .files import atomic_write, read_json
 from .sampling import generate
 from .train_output import RESUME_HINT, append_log, save_pipeline_atomically
 
+PRDC = ("precision", "recall", "density", "coverage")  # k-NN metrics next to FID/KID (features.prdc)
+
 
 def setup_tracker(cfg: DDPMConfig):
     """The tracker name Accelerate logs to, or None; wandb never prompts for a login."""
@@ -71,9 +73,11 @@ class FidHook:
         self.accelerator.wait_for_everyone()
 
     def _report(self, result: dict, count: int, epoch: int, global_step: int) -> None:
+        prdc = {k: result.get(k) for k in PRDC}
         append_log(self.out / "train_log.jsonl", dict(step=global_step, epoch=epoch, fid=result["fid"], kid_mean=result["kid_mean"],
-                                                      kid_std=result["kid_std"], fid_num_samples=count))
-        self.accelerator.log({"FID": result["fid"], "KID": result["kid_mean"]}, step=global_step)
+                                                      kid_std=result["kid_std"], **prdc, fid_num_samples=count))
+        self.accelerator.log({"FID": result["fid"], "KID": result["kid_mean"],
+                              **{k.capitalize(): v for k, v in prdc.items() if v is not None}}, step=global_step)
         print(f"epoch {epoch + 1}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({count} EMA samples)")
 
     def _save_best(self, result: dict, epoch: int, global_step: int) -> None:

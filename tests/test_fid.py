@@ -174,6 +174,8 @@ def test_training_evaluates_fid_and_keeps_the_best(tiny_weights, tmp_path):
     assert len(evals) == 1 and evals[0]["step"] == 4 and evals[0]["fid_num_samples"] == 8 and evals[0]["fid"] > 0
     best = json.loads((out / "best_fid" / "fid.json").read_text())
     assert best["fid"] == evals[0]["fid"] and best["num_generated"] == 8
+    for metric in ("precision", "recall", "density", "coverage"):  # the k-NN metrics are logged next to FID
+        assert metric in evals[0] and evals[0][metric] == best[metric]
     loaded = load_model(str(out / "best_fid"))
     assert loaded.train_config["fid"] == best["fid"] and loaded.unet.config.sample_size == SIZE
 
