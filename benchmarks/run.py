@@ -1,6 +1,6 @@
 """Benchmark suite of ddpm-hf on this machine; the last line of its output is one JSON document.
 
-    .venv/bin/python benchmarks/run.py --quick              # under 3 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/run.py --quick              # ~5 minutes on 2 CPU cores (batches 32 and 128)
     .venv/bin/python benchmarks/run.py --json bench.json    # the full suite (docs/performance.md)
     .venv/bin/python benchmarks/run.py --sections fid --json benchmarks/results/fid_speed.json  # one section
 
@@ -442,7 +442,7 @@ def bench_fid(s, device) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small batches and few rounds: under 3 minutes on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="few rounds, batches 32 and 128: ~5 minutes on 2 CPU cores")
     parser.add_argument("--json", help="also write the JSON document to this file")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for every arm")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
