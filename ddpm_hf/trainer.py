@@ -269,17 +269,17 @@ class Trainer:
             for (name, _), p in zip(self.model.named_parameters(), self.ema.shadow_params):
                 p.copy_(shadow[name])
         self.ema.load_state_dict(saved["ema"])
-        self._restore_lr_schedule(saved["lr_scheduler"], saved.get("lr_total_steps", saved["lr_scheduler"].get("total_steps", self.max_steps)))
+        self.planned_steps = saved.get("lr_total_steps", saved["lr_scheduler"].get("total_steps", self.max_steps))
+        self._restore_lr_schedule(saved["lr_scheduler"])
         self.state.restore(saved["progress"])
 
-    def _restore_lr_schedule(self, schedule: dict, planned_steps: int) -> None:
+    def _restore_lr_schedule(self, schedule: dict) -> None:
         if "total_steps" in schedule and schedule["total_steps"] != self.max_steps:
             # OneCycleLR keeps its length in its state: a longer or shorter run keeps the position, takes the new length
             # (get_scheduler's schedules take the new length from their re-made lambda).
             schedule = {**schedule, "total_steps": self.lr_scheduler.total_steps,
                         "_schedule_phases": self.lr_scheduler._schedule_phases}
         self.lr_scheduler.load_state_dict(schedule)
-        self.planned_steps = planned_steps
 
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.accelerator, self.out / "checkpoints", self.state.global_step,
@@ -373,14 +373,14 @@ class Trainer:
         loss and gradient are the batch's (GroupNorm has no batch statistics); a piece's activations
         stay in the CPU's caches (benchmarks/run.py, train)."""
         noise, t = draw_noise(self.noise_scheduler, x0)
-        pieces = range(0, len(x0), self.micro_batch or len(x0))
+        size = self.micro_batch or len(x0)
+        pieces = list(zip(x0.split(size), noise.split(size), t.split(size)))
         total = torch.zeros((), device=x0.device)
-        for start in pieces:
-            part = slice(start, start + (self.micro_batch or len(x0)))
-            last = start == pieces[-1]  # DDP all-reduces the gradients once, after the last piece
+        for i, (x, n, steps) in enumerate(pieces):
+            last = i == len(pieces) - 1  # DDP all-reduces the gradients once, after the last piece
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet):
-                loss = diffusion_loss(self.unet, self.noise_scheduler, x0[part], self.cfg.loss_type, self.cfg.snr_gamma,
-                                      self.autocast, noise[part], t[part]) * (len(x0[part]) / len(x0))
+                loss = diffusion_loss(self.unet, self.noise_scheduler, x, self.cfg.loss_type, self.cfg.snr_gamma,
+                                      self.autocast, n, steps) * (len(x) / len(x0))
                 self.accelerator.backward(loss)
             total += loss.detach()
         return total
