@@ -1,15 +1,16 @@
 """Benchmark suite of ddpm-hf on this machine; the last line of its output is one JSON document.
 
-    .venv/bin/python benchmarks/run.py --quick              # ~5 minutes on 2 CPU cores (batches 32 and 128)
+    .venv/bin/python benchmarks/run.py --quick              # ~8 minutes on 2 CPU cores (batches 32 and 128)
     .venv/bin/python benchmarks/run.py --json bench.json    # the full suite (docs/performance.md)
     .venv/bin/python benchmarks/run.py --sections fid --json benchmarks/results/fid_speed.json  # one section
 
 The targets printed (`targets`) are those of the machine: bf16 ones where bf16 is native, fp32 ones
 elsewhere. Sections (all on the seed's default model, 1x32x32, 6,469,889 parameters):
   train     ddpm-hf's training step (the Trainer's own run_step: uint8 batches, micro-batches of 32 on
-            a CPU, fused AdamW, foreach EMA) in fp32 (and bf16 where native), at batch 32 and the seed's
-            128, interleaved with the original GenerativeZoo step and a naive step written as diffusers'
-            train_unconditional.py does it (benchmarks/naive.py); peak RSS
+            a CPU, fused AdamW, foreach EMA, host_memory.py's allocator policy) in fp32 (and bf16 where
+            native), at batch 32 and the seed's 128, against the original GenerativeZoo step and a naive
+            step written as diffusers' train_unconditional.py does it (benchmarks/naive.py); each arm in
+            its own worker process (as its program runs), interleaved one step at a time; peak RSS
   sample    `sample_batch` (fp32, bf16 autocast) against a stock `DDIMPipeline` call, interleaved
   ood       `ddpm_hf.ood.Scorer` for the default single level and a multi-level score
   data      our input pipeline (decoded once, batches normalised) against per-item PIL transforms
@@ -43,7 +44,8 @@ try:
 except ImportError:  # a checkout without the install, run as python benchmarks/run.py from the repo root
     sys.path.insert(0, str(REPO))
 
-SCRATCH = Path(tempfile.mkdtemp(prefix="ddpm-hf-bench-"))
+# One scratch folder per run, shared with the run's worker processes (timing.ProcessArm).
+SCRATCH = Path(os.environ.setdefault("DDPM_HF_BENCH_SCRATCH", tempfile.mkdtemp(prefix="ddpm-hf-bench-")))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["HF_DATASETS_CACHE"] = str(SCRATCH / "datasets_cache")  # imagefolder caches stay out of ~/.cache
 
@@ -59,7 +61,7 @@ from ddpm_hf.sampling import make_noise_scheduler, make_sampler, sample_batch  #
 from ddpm_hf.ema import PlainEMA  # noqa: E402
 from ddpm_hf.trainer import CPU_MICRO_BATCH, Trainer  # noqa: E402
 from naive import NaiveStep, OriginalStep, per_item_loader  # noqa: E402
-from timing import interleave, log, rate, speedup, sync  # noqa: E402
+from timing import ProcessArm, interleave, log, rate, speedup, sync  # noqa: E402
 
 QUICK = dict(train_batches=[32, 128], train_rounds=2, sample_batches=[16], sample_steps=3, sample_rounds=2, ood_images=8,
              ood_sample_timesteps=30, data_rounds=2, matmul_n=1024, component_rounds=5, leak_steps=0,
@@ -112,18 +114,23 @@ class Inputs:
     them; `decoded()` is our pipeline's one-time decode of them to uint8 32 px (timed), `png_dataset()`
     the `datasets` view that the per-item baseline transforms."""
 
-    def __init__(self, cfg):
-        from PIL import Image
-
+    def __init__(self, cfg, written: bool = False):
+        """`written`: the PNG files are already there (a worker process of the same run)."""
         import datasets
 
         datasets.disable_progress_bars()
         self.cfg, self.folder = cfg, SCRATCH / "mnist5k_png"
+        if not written:
+            self._write()
+        self.count, self._decoded, self.decode_seconds = len(list(self.folder.glob("*.png"))), None, None
+
+    def _write(self) -> None:
+        from PIL import Image
+
         self.folder.mkdir(exist_ok=True)
-        raw = torch.cat([load_images("mnist5k", split, cfg, size=28, channels=1, progress=False).images for split in ("train", "test")])
+        raw = torch.cat([load_images("mnist5k", split, self.cfg, size=28, channels=1, progress=False).images for split in ("train", "test")])
         for i, a in enumerate(raw):
             Image.fromarray(a[0].numpy()).save(self.folder / f"{i:05d}.png")
-        self.count, self._decoded, self.decode_seconds = len(raw), None, None
 
     def png_dataset(self):
         import datasets
@@ -174,43 +181,70 @@ class OurStep:
 
 def bench_train(cfg, s, device, bf16, args, inputs) -> dict:
     """Every batch size of s["train_batches"]: the original's step, the naive one and ours, interleaved."""
-    out = {f"batch_{batch}": train_arms(cfg, s, batch, device, bf16, args, inputs) for batch in s["train_batches"]}
-    out["peak_rss_mb"] = rss_mb("VmHWM")  # the whole process so far: data, every arm's model, optimiser and EMA
-    out["rss_mb"] = rss_mb()
-    return out
+    return {f"batch_{batch}": train_arms(cfg, s, batch, device, bf16, args, inputs) for batch in s["train_batches"]}
+
+
+def train_arm(kind: str, batch: int, threads: int, device: str, precision="no", micro_batch_size=None,
+              channels_last=False, compiled=False, keep_freed_memory=True):
+    """One training arm, built in its own worker process (timing.ProcessArm) on the same seeded model:
+    "original" and "naive" as their programs run (glibc's allocator as it comes), "ours" as
+    train_ddpm.py runs (the Trainer's step, its allocator policy: ddpm_hf/host_memory.py)."""
+    torch.set_num_threads(threads)
+    cfg = DDPMConfig()
+    inputs, base = Inputs(cfg, written=True), seed_model(cfg)
+    if kind in ("original", "naive"):
+        return (OriginalStep if kind == "original" else NaiveStep)(base, inputs.png_dataset(), 32, batch, device=device)
+    if not keep_freed_memory:
+        os.environ["DDPM_HF_KEEP_FREED_MEMORY"] = "0"
+    step = OurStep(base, inputs.decoded(), DDPMConfig(batch_size=batch, micro_batch_size=micro_batch_size), precision,
+                   device, channels_last=channels_last)
+    if compiled:
+        step.compile()
+        step()
+        step()  # the backward graph and any recompilation
+    return step
+
+
+def train_arm_plan(batch: int, device, bf16: bool, args) -> dict:
+    """{arm name: train_arm keyword arguments} for one batch size."""
+    plan = {"original_fp32": dict(kind="original"), "naive_fp32": dict(kind="naive"), "ours_fp32": dict(kind="ours")}
+    if batch > CPU_MICRO_BATCH and device.type == "cpu":  # what --micro_batch_size auto replaces
+        plan["ours_fp32_one_pass"] = dict(kind="ours", micro_batch_size=0)
+    if device.type == "cpu" and args.allocator_arm:  # what ddpm_hf/host_memory.py changes
+        plan["ours_fp32_glibc_default"] = dict(kind="ours", keep_freed_memory=False)
+    precision = "bf16" if bf16 else "no"
+    if bf16:
+        plan["ours_bf16"] = dict(kind="ours", precision="bf16")
+    if args.channels_last:
+        plan[f"ours_{'bf16' if bf16 else 'fp32'}_channels_last"] = dict(kind="ours", precision=precision, channels_last=True)
+    if args.compile:
+        plan[f"ours_{'bf16' if bf16 else 'fp32'}_compiled"] = dict(kind="ours", precision=precision, compiled=True)
+    return plan
 
 
 def train_arms(cfg, s, batch, device, bf16, args, inputs) -> dict:
-    train32 = inputs.decoded()
-    run_cfg = DDPMConfig(batch_size=batch)
-    base = seed_model(cfg)
-    arms = {"original_fp32": OriginalStep(copy.deepcopy(base), inputs.png_dataset(), 32, batch, device=device),
-            "naive_fp32": NaiveStep(copy.deepcopy(base), inputs.png_dataset(), 32, batch, device=device),
-            "ours_fp32": OurStep(copy.deepcopy(base), train32, run_cfg, "no", device)}
-    if batch > CPU_MICRO_BATCH and device.type == "cpu":  # what --micro_batch_size auto replaces
-        arms["ours_fp32_one_pass"] = OurStep(copy.deepcopy(base), train32, DDPMConfig(batch_size=batch, micro_batch_size=0), "no", device)
-    if bf16:
-        arms["ours_bf16"] = OurStep(copy.deepcopy(base), train32, run_cfg, "bf16", device)
-    if args.channels_last:
-        arms["ours_bf16_channels_last" if bf16 else "ours_fp32_channels_last"] = OurStep(
-            copy.deepcopy(base), train32, run_cfg, "bf16" if bf16 else "no", device, channels_last=True)
-    if args.compile:
-        step = OurStep(copy.deepcopy(base), train32, run_cfg, "bf16" if bf16 else "no", device)
-        step.compile()
-        log("compiling (minutes on a CPU)")
-        step()
-        step()  # the backward graph and any recompilation
-        arms["ours_bf16_compiled" if bf16 else "ours_fp32_compiled"] = step
+    inputs.decoded()  # the PNG files exist before the workers read them
+    log(f"train: batch {batch}: starting the arms' worker processes" + (" (compiling: minutes on a CPU)" if args.compile else ""))
+    arms = {name: ProcessArm(train_arm, batch=batch, threads=args.threads, device=str(device), **kw)
+            for name, kw in train_arm_plan(batch, device, bf16, args).items()}
     # The roofline's matmuls run interleaved with the training steps: both see the same machine load.
     matmuls = {f"matmul_{name}": matmul_arm(s["matmul_n"], dtype, device) for name, dtype in
                (("fp32", torch.float32), ("bf16", torch.bfloat16)) if name == "fp32" or bf16}
-    log(f"train: batch {batch}, arms {', '.join(arms)} (and {', '.join(matmuls)})")
-    times = interleave({**arms, **{k: v[0] for k, v in matmuls.items()}}, s["train_rounds"], warmup=1, device=device, label=f"train {batch}")
+    log(f"train: batch {batch}, arms {', '.join(arms)} (and {', '.join(matmuls)}), each in its own process")
+    try:
+        # Three warm-up steps each: a fresh process's first steps are slower (the original's took up to
+        # 1.7x its later ones while glibc's allocator adapted); the rounds compare steady states.
+        times = interleave({**arms, **{k: v[0] for k, v in matmuls.items()}}, s["train_rounds"], warmup=3, device=device, label=f"train {batch}")
+        peak_rss = {name: rss_mb("VmHWM", arm.process.pid) for name, arm in arms.items()}  # data, model, optimiser, EMA
+    finally:
+        for arm in arms.values():
+            arm.close()
     result = {name: rate(times[name], batch) for name in arms}
     result["speedup_vs_original"] = {name: speedup(times[name], times["original_fp32"]) for name in arms if name.startswith("ours")}
     result["speedup_vs_naive"] = {name: speedup(times[name], times["naive_fp32"]) for name in arms if name.startswith("ours")}
     result["interleaved_matmul_gflops"] = {name: rate(times[name], flops / 1e9) for name, (_, flops) in matmuls.items()}
-    result["arms_in_process"] = len(arms)
+    result["peak_rss_mb"] = peak_rss
+    result["arms"] = "each in its own worker process, interleaved one step at a time"
     return result
 
 
@@ -442,7 +476,7 @@ def bench_fid(s, device) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few rounds, batches 32 and 128: ~5 minutes on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="few rounds, batches 32 and 128: ~8 minutes on 2 CPU cores")
     parser.add_argument("--json", help="also write the JSON document to this file")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for every arm")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -454,6 +488,8 @@ def main():
     parser.add_argument("--fid_rounds", type=int, help="override the FID section's interleaved rounds")
     parser.add_argument("--channels_last", action="store_true", help="add a channels_last training arm")
     parser.add_argument("--compile", action="store_true", help="add a torch.compile training arm (compiles for minutes on a CPU)")
+    parser.add_argument("--allocator_arm", action="store_true",
+                        help="add a training arm with glibc's allocator as it comes (DDPM_HF_KEEP_FREED_MEMORY=0)")
     args = parser.parse_args()
 
     started = time.time()

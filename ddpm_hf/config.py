@@ -94,7 +94,7 @@ class DDPMConfig:
     overwrite_output_dir: bool = _opt(False, "Allow training into a folder that already holds a finished pipeline.", "train")
     seed: int = _opt(0, "Random seed.", "seed")
     gradient_accumulation_steps: int = _opt(1, "Batches per optimiser step.", "train")
-    micro_batch_size: Optional[int] = _opt(None, "Images per forward/backward pass within a batch, gradients summed: the same update, in smaller pieces (default: auto, 32 on a CPU where it is faster, the whole batch on a GPU; 0: the whole batch).", "train")
+    micro_batch_size: Optional[int] = _opt(None, "Images per forward/backward pass within a batch, gradients summed: the same update, in smaller pieces (default: auto, 32 on a CPU, where it needs half the peak memory at the same speed, the whole batch on a GPU; 0: the whole batch).", "train")
     mixed_precision: Optional[str] = _opt(None, "Mixed precision: training through Accelerate (default: as `accelerate config` says); sampling and OOD scoring as autocast of the UNet (default: full precision). bf16 pays off on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs; auto: bf16 where the device computes it natively, else no.", "precision", choices=("no", "fp16", "bf16", "auto"))
     checkpointing_steps: int = _opt(500, "Save a resumable checkpoint every N optimiser steps.", "train")
     checkpoints_total_limit: Optional[int] = _opt(None, "Keep at most N checkpoints (oldest deleted first).", "train")

@@ -15,9 +15,9 @@ from ..likelihood import refuse_latent
 from ..loader import load_model
 from ..ood import load_set, model_format
 from ..prediction import prediction_type
-from ..precision import inference_autocast, warn_if_bf16_emulated
+from ..precision import inference_autocast
 from ..sampling import _save_png, batch_generator
-from .common import default_sample_dir
+from .common import default_sample_dir, ready_device
 
 
 def run_inpaint(cfg, device="cpu") -> Path:
@@ -28,7 +28,7 @@ def run_inpaint(cfg, device="cpu") -> Path:
     channels, size = model_format(loaded)
     images = to_model_range(load_set(cfg.dataset, "test", DataOptions.of(cfg), channels, size, cfg.num_samples or 16, "inpainted"))
     masks = make_masks(cfg.mask, len(images), size, cfg.seed)
-    warn_if_bf16_emulated(cfg.mixed_precision, device)
+    ready_device(cfg.mixed_precision, device)
     steps = min(cfg.sample_timesteps, loaded.scheduler_config["num_train_timesteps"])
     scheduler = make_repaint_scheduler(loaded.scheduler_config, steps, cfg.jump_length, cfg.jump_n_sample, cfg.ddpm, device)
     kind, start, results = prediction_type(loaded.scheduler_config), time.perf_counter(), []

@@ -8,9 +8,8 @@ from ..fid import write_json
 from ..likelihood import bits_per_dim, check_nll_timesteps, refuse_latent, summarise, unet_model_fn
 from ..loader import load_model
 from ..ood import load_set, model_format
-from ..precision import warn_if_bf16_emulated
 from ..prediction import prediction_type
-from .common import default_sample_dir
+from .common import default_sample_dir, ready_device
 
 
 def run_nll(cfg, device="cpu") -> dict:
@@ -22,7 +21,7 @@ def run_nll(cfg, device="cpu") -> dict:
     out = make_output_dir(cfg.output_dir or default_sample_dir(cfg.checkpoint))
     channels, size = model_format(loaded)
     images = load_set(cfg.dataset, "test", DataOptions.of(cfg), channels, size, cfg.num_samples, "evaluated")
-    warn_if_bf16_emulated(cfg.mixed_precision, device)
+    ready_device(cfg.mixed_precision, device)
     start = time.perf_counter()
     result = bits_per_dim(unet_model_fn(loaded.unet, cfg.mixed_precision, device), loaded.scheduler_config, images,
                           cfg.batch_size, cfg.seed, cfg.nll_timesteps, desc=f"bits/dim of {cfg.dataset}", device=device)

@@ -22,7 +22,8 @@ from ..files import make_output_dir, remove, simulate_disk_full, writing
 from ..loader import load_model
 from ..lock import ensure_not_in_use, lock_output_dir
 from ..ood import SET_IDS, Scorer, combine, load_set, load_stats_images, model_format, ood_metrics, plan_levels, snap_notices
-from ..precision import resolve_mixed_precision, warn_if_bf16_emulated
+from ..precision import resolve_mixed_precision
+from .common import ready_device
 
 RESULT_FILES = ("ood_results.json", "scores.csv", "histogram.png", "roc.png")
 
@@ -269,7 +270,7 @@ def run_ood(cfg, device=None) -> dict:
     _notices(cfg, channels, size, levels)
     images = _load_sets(cfg, channels, size, with_stats=multi or cfg.score == "both")
     timing = {"load_s": time.perf_counter() - start}
-    warn_if_bf16_emulated(cfg.mixed_precision, device)  # after the checks: a bad input still gets one line
+    ready_device(cfg.mixed_precision, device)  # after the checks: a bad input still gets one line
     scorer = Scorer(loaded, levels, sampler, cfg, lpips_model, device)
     score_start = time.perf_counter()
     raw = _score_sets(scorer, images, cfg, levels, cfg.recon_draws * sum(len(lv.timesteps) for lv in levels))

@@ -21,9 +21,9 @@ from ..files import free_bytes, make_output_dir, read_json, remove, write_text
 from ..latent import downsample_factor
 from ..loader import load_model
 from ..lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
-from ..precision import inference_autocast, resolve_mixed_precision, warn_if_bf16_emulated
+from ..precision import inference_autocast, resolve_mixed_precision
 from ..sampling import GRID_MAX, _save_png, _step_kwargs, batch_generator, make_sampler, num_inference_steps, sample_batch
-from .common import default_sample_dir
+from .common import default_sample_dir, ready_device
 
 FID_ORIGIN = "fid_origin.json"  # what made the images of a --fid folder
 ORIGIN_INFO = ("checkpoint", "revision")  # recorded, not compared: the weights' hash says whether it is the same model
@@ -223,7 +223,7 @@ def run_sampling(cfg, device=None) -> Path:
     loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
     num_images = cfg.num_samples or (50_000 if cfg.fid else 16)
     out, scheduler, steps, eta = _sampling_setup(cfg, loaded, device, num_images)
-    warn_if_bf16_emulated(cfg.mixed_precision, device)  # after the checks: a bad input still gets one line
+    ready_device(cfg.mixed_precision, device)  # after the checks: a bad input still gets one line
     advice = ("the images already written are kept: free some space and run the same command again to add the rest"
               if cfg.fid else "free some space (or choose another --output_dir) and run the command again with --overwrite_output_dir")
     todo = pending_batches(out, num_images, cfg.batch_size, resume=cfg.fid)
