@@ -212,13 +212,13 @@ def train_arm_plan(batch: int, device, bf16: bool, args) -> dict:
         plan["ours_fp32_one_pass"] = dict(kind="ours", micro_batch_size=0)
     if device.type == "cpu" and args.allocator_arm:  # what ddpm_hf/host_memory.py changes
         plan["ours_fp32_glibc_default"] = dict(kind="ours", keep_freed_memory=False)
-    precision = "bf16" if bf16 else "no"
+    precision, name = ("bf16", "ours_bf16") if bf16 else ("no", "ours_fp32")
     if bf16:
-        plan["ours_bf16"] = dict(kind="ours", precision="bf16")
+        plan[name] = dict(kind="ours", precision=precision)
     if args.channels_last:
-        plan[f"ours_{'bf16' if bf16 else 'fp32'}_channels_last"] = dict(kind="ours", precision=precision, channels_last=True)
+        plan[f"{name}_channels_last"] = dict(kind="ours", precision=precision, channels_last=True)
     if args.compile:
-        plan[f"ours_{'bf16' if bf16 else 'fp32'}_compiled"] = dict(kind="ours", precision=precision, compiled=True)
+        plan[f"{name}_compiled"] = dict(kind="ours", precision=precision, compiled=True)
     return plan
 
 

@@ -40,11 +40,12 @@ def user_chose_allocator() -> bool:
             or os.environ.get("DDPM_HF_KEEP_FREED_MEMORY") == "0")
 
 
-def keep_freed_memory() -> Optional[str]:
-    """Raise glibc's mmap and trim thresholds for this process (once); returns what was set, for the
-    log, or None where nothing was (not glibc, or the user's own allocator settings)."""
+def keep_freed_memory(device="cpu") -> Optional[str]:
+    """For work on a CPU `device`: raise glibc's mmap and trim thresholds for this process (once);
+    returns what was set, for the log, or None where nothing was (another device, not glibc, or the
+    user's own allocator settings)."""
     global _done
-    if _done is not None or user_chose_allocator():
+    if _done is not None or user_chose_allocator() or str(device).split(":")[0] != "cpu":
         return _done
     libc = _glibc()
     if libc is None:

@@ -250,7 +250,7 @@ class Trainer:
                                               cfg.lr_warmup(self.steps_per_epoch))
         self.state.loss_sum = torch.zeros((), device=accelerator.device)
         self.micro_batch = resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size, accelerator.device)
-        self.host_memory = keep_freed_memory() if accelerator.device.type == "cpu" else None
+        self.host_memory = keep_freed_memory(accelerator.device)
         self.sampler = make_sampler(cfg.scheduler, self.noise_scheduler.config)
         self.sample_steps = num_inference_steps(cfg.timesteps, cfg.sample_timesteps)
 

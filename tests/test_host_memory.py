@@ -29,9 +29,12 @@ print(json.dumps(dict(chosen=chosen, page_faults=resource.getrusage(resource.RUS
 """
 
 
+def without_allocator_settings() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DDPM_HF_KEEP_FREED_MEMORY"}
+
+
 def churn(**env) -> dict:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DDPM_HF_KEEP_FREED_MEMORY"}
-    proc = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, cwd=REPO, env={**clean, **env}, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, cwd=REPO, env={**without_allocator_settings(), **env}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -60,7 +63,12 @@ unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_chann
 trainer = Trainer.for_step(DDPMConfig(batch_size=4), unet, torch.zeros(8, 1, 8, 8, dtype=torch.uint8), Accelerator(cpu=True))
 print(trainer.host_memory)
 """
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DDPM_HF_KEEP_FREED_MEMORY"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=clean, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=without_allocator_settings(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("host memory: freed blocks up to 1024 MiB are kept")
+
+
+def test_nothing_is_set_for_a_gpu_run():
+    script = "from ddpm_hf.host_memory import keep_freed_memory; print(keep_freed_memory('cuda:0'))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=without_allocator_settings(), timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "None", proc.stderr[-2000:]
