@@ -8,8 +8,8 @@
 import argparse
 
 # torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
-from ddpm_hf.config import build_parser, parse_config, script_help
-from ddpm_hf.errors import run_cli
+from ddpm_hf.config.options import build_parser, parse_config, script_help
+from ddpm_hf.util.errors import run_cli
 
 # model flags describe an original .pt checkpoint (converted on the fly); diffusion holds --loss_type.
 GROUPS = ("checkpoint", "data", "ood", "likelihood", "sampler", "diffusion", "batch", "precision", "seed", "output", "model", "latent")

@@ -8,8 +8,8 @@
 """
 
 # torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
-from ddpm_hf.config import build_parser, overwrite_flag, parse_config, script_help
-from ddpm_hf.errors import run_cli
+from ddpm_hf.config.options import build_parser, overwrite_flag, parse_config, script_help
+from ddpm_hf.util.errors import run_cli
 
 # model/diffusion/data flags describe an original .pt checkpoint (converted on the fly).
 GROUPS = ("checkpoint", "sampler", "samples", "fid", "fid_metric", "nll", "likelihood", "inpaint", "batch", "precision", "seed", "output", "data", "model", "diffusion", "latent")

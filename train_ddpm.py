@@ -9,8 +9,8 @@
 
 # torch, diffusers and the trainer are imported after the flags are parsed: --help and a bad flag
 # answer at once.
-from ddpm_hf.config import build_parser, parse_config, script_help
-from ddpm_hf.errors import run_cli
+from ddpm_hf.config.options import build_parser, parse_config, script_help
+from ddpm_hf.util.errors import run_cli
 
 GROUPS = ("data", "model", "diffusion", "latent", "batch", "train", "precision", "output", "seed", "sampler", "samples", "fid_metric", "fid_train", "hub_train", "hub")
 HELPS = {
@@ -36,7 +36,7 @@ def build(prog="train_ddpm.py"):
 @run_cli
 def main(argv):
     cfg, _ = parse_config(build(), argv)
-    from ddpm_hf.trainer import train
+    from ddpm_hf.training.trainer import train
 
     train(cfg)
 

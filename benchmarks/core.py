@@ -18,10 +18,10 @@ try:
     import ddpm_hf  # noqa: F401  (installed: pip install -e .)
 except ImportError:  # a checkout without the install, run as python benchmarks/core.py from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ddpm_hf.config import DDPMConfig  # noqa: E402
-from ddpm_hf.losses import elementwise_loss  # noqa: E402
-from ddpm_hf.model import build_unet, count_parameters  # noqa: E402
-from ddpm_hf.sampling import denoise, make_noise_scheduler, make_sampler  # noqa: E402
+from ddpm_hf.config.options import DDPMConfig  # noqa: E402
+from ddpm_hf.diffusion.losses import elementwise_loss  # noqa: E402
+from ddpm_hf.models.unet import build_unet, count_parameters  # noqa: E402
+from ddpm_hf.diffusion.sampling import denoise, make_noise_scheduler, make_sampler  # noqa: E402
 
 
 def timed(fn, repeats):

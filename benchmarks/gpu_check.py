@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from run import OurStep  # noqa: E402  (the trainer's step, shared with the CPU suite)
 from timing import log, sync  # noqa: E402
 
-from ddpm_hf.config import DDPMConfig  # noqa: E402
-from ddpm_hf.model import build_unet, count_parameters  # noqa: E402
-from ddpm_hf.precision import inference_autocast  # noqa: E402
-from ddpm_hf.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
+from ddpm_hf.config.options import DDPMConfig  # noqa: E402
+from ddpm_hf.models.unet import build_unet, count_parameters  # noqa: E402
+from ddpm_hf.util.precision import inference_autocast  # noqa: E402
+from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
 
 CIFAR_DDPM = dict(model_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2, attention_resolutions=[2],
                   dropout=0.1, num_head_channels=64)
@@ -96,7 +96,7 @@ def sample_arm(cfg, channels, precision, args) -> dict:
 
 
 def fid_arm(args) -> dict:
-    from ddpm_hf.fid import extract_features, load_feature_extractor
+    from ddpm_hf.metrics.fid import extract_features, load_feature_extractor
 
     extractor = load_feature_extractor(args.inception_weights, device=args.device)
     images = torch.randint(0, 256, (8 if args.tiny else 2000, 3, 32, 32), dtype=torch.uint8)

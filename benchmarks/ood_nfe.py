@@ -6,7 +6,7 @@
     python benchmarks/ood_nfe.py --table                           # print the JSON as docs/ood.md's table
 
 Every setting is one `ood_ddpm.py` run (the same code path: its flags parsed by its parser, then
-`ddpm_hf.ood.run_ood`, in this process so the model and data load in seconds), on the SAME images
+`ddpm_hf.ood.scoring.run_ood`, in this process so the model and data load in seconds), on the SAME images
 (the first --max_samples of each test split) with the same --seed, so AUROC differences between
 settings are paired. Two scores per sampling-step count S (--sample_timesteps):
 - single: the seed default, one noise level (--recon_factor 0.5);
@@ -82,8 +82,8 @@ def settings(args):
 def plan(factors, S, scheduler_config):
     """Network evaluations per image of one setting (no model call: the timestep plan only), or the reason
     it cannot run (a level's t* below the first sampling timestep)."""
-    from ddpm_hf.errors import UsageError
-    from ddpm_hf.ood import plan_levels
+    from ddpm_hf.util.errors import UsageError
+    from ddpm_hf.ood.scoring import plan_levels
 
     try:
         _, levels = plan_levels(factors, scheduler_config, S)
@@ -118,7 +118,7 @@ def run_setting(args, mode, S, factors, out_dir):
     """One ood_ddpm.py run: (results, wall seconds). Beside its results it leaves SIDECAR: this process's CPU
     seconds (all threads) and the 1-minute load average at the end, to show how much of the shared CPU it had."""
     import ood_ddpm
-    from ddpm_hf.config import parse_config
+    from ddpm_hf.config.options import parse_config
     from ddpm_hf.commands.ood import run_ood
 
     cfg, _ = parse_config(ood_ddpm.build(), flags_of(args, mode, S, factors, out_dir))
@@ -157,8 +157,8 @@ def paired_bootstrap(ref, other, n, seed=0):
 
 def full_counts(args):
     """Images the default report scores: every test image of both sets (--max_samples unset)."""
-    from ddpm_hf.config import DDPMConfig
-    from ddpm_hf.data import load_split
+    from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.data.images import load_split
 
     cfg = DDPMConfig()
     return {name: len(load_split(ds, "test", cfg)[0]) for name, ds in (("in", args.dataset), ("out", args.out_dataset))}
@@ -231,7 +231,7 @@ def main(argv=None):
     if args.plot_only:
         plot(json.loads(output.read_text()), output.with_suffix(".png"))
         return
-    from ddpm_hf.loader import load_model
+    from ddpm_hf.models.loader import load_model
 
     start = time.perf_counter()
     scheduler_config = load_model(args.checkpoint, None).scheduler_config

@@ -56,8 +56,8 @@ def build_folder(name: str, n: int, root: Path) -> Path:
     """A folder of n PNGs: mnist5k test digits OUT_OFFSET.. transformed by `name`."""
     from PIL import Image
 
-    from ddpm_hf.config import DDPMConfig
-    from ddpm_hf.data import load_images
+    from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.data.images import load_images
 
     folder = root / f"mnist5k_{name}"
     if folder.is_dir() and len(list(folder.glob("*.png"))) == n:

@@ -113,9 +113,9 @@ def read_speed(out: Path) -> float:
 def floor(args) -> dict:
     """FID/KID of 1,000 held-out test digits against the training split: what a perfect model scores."""
     sys.path.insert(0, str(REPO))
-    from ddpm_hf.config import DDPMConfig
-    from ddpm_hf.data import load_images
-    from ddpm_hf.fid import FIDEvaluator
+    from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.data.images import load_images
+    from ddpm_hf.metrics.fid import FIDEvaluator
 
     flags = dict(zip(args.train_flags[::2], args.train_flags[1::2]))
     max_ref = flags.get("--fid_reference_max")

@@ -12,12 +12,12 @@ elsewhere. Sections (all on the seed's default model, 1x32x32, 6,469,889 paramet
             step written as diffusers' train_unconditional.py does it (benchmarks/naive.py); each arm in
             its own worker process (as its program runs), interleaved one step at a time; peak RSS
   sample    `sample_batch` (fp32, bf16 autocast) against a stock `DDIMPipeline` call, interleaved
-  ood       `ddpm_hf.ood.Scorer` for the default single level and a multi-level score
+  ood       `ddpm_hf.ood.scoring.Scorer` for the default single level and a multi-level score
   data      our input pipeline (decoded once, batches normalised) against per-item PIL transforms
   roofline  measured matmul GFLOP/s and the model's FLOPs (torch.utils.flop_counter)
   components  AdamW (default/foreach/fused) and EMA (stock/foreach/lerp) update times
   leak      RSS of the real trainer (train_ddpm.py, tiny model) over --leak_steps steps
-  fid       FID feature extraction (ddpm_hf.fid's fast Inception) against the plain TorchScript on
+  fid       FID feature extraction (ddpm_hf.metrics.fid's fast Inception) against the plain TorchScript on
             torch-fidelity's resize (the code before it), interleaved with fp32 matmuls; Inception's
             FLOPs and the fraction of that roofline reached
 """
@@ -53,13 +53,13 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from diffusers import DDIMPipeline, UNet2DModel  # noqa: E402
 
-from ddpm_hf.config import DDPMConfig  # noqa: E402
-from ddpm_hf.data import batch_loader, load_images, to_model_range  # noqa: E402
-from ddpm_hf.model import build_unet, count_parameters, unet_kwargs  # noqa: E402
-from ddpm_hf.precision import inference_autocast, native_bf16  # noqa: E402
-from ddpm_hf.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
-from ddpm_hf.ema import PlainEMA  # noqa: E402
-from ddpm_hf.trainer import CPU_MICRO_BATCH, Trainer  # noqa: E402
+from ddpm_hf.config.options import DDPMConfig  # noqa: E402
+from ddpm_hf.data.images import batch_loader, load_images, to_model_range  # noqa: E402
+from ddpm_hf.models.unet import build_unet, count_parameters, unet_kwargs  # noqa: E402
+from ddpm_hf.util.precision import inference_autocast, native_bf16  # noqa: E402
+from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
+from ddpm_hf.training.ema import PlainEMA  # noqa: E402
+from ddpm_hf.training.trainer import CPU_MICRO_BATCH, Trainer  # noqa: E402
 from naive import NaiveStep, OriginalStep, per_item_loader  # noqa: E402
 from timing import ProcessArm, interleave, log, rate, speedup, sync  # noqa: E402
 
@@ -188,7 +188,7 @@ def train_arm(kind: str, batch: int, threads: int, device: str, precision="no", 
               channels_last=False, compiled=False, keep_freed_memory=True):
     """One training arm, built in its own worker process (timing.ProcessArm) on the same seeded model:
     "original" and "naive" as their programs run (glibc's allocator as it comes), "ours" as
-    train_ddpm.py runs (the Trainer's step, its allocator policy: ddpm_hf/host_memory.py)."""
+    train_ddpm.py runs (the Trainer's step, its allocator policy: ddpm_hf/util/host_memory.py)."""
     torch.set_num_threads(threads)
     cfg = DDPMConfig()
     inputs, base = Inputs(cfg, written=True), seed_model(cfg)
@@ -210,7 +210,7 @@ def train_arm_plan(batch: int, device, bf16: bool, args) -> dict:
     plan = {"original_fp32": dict(kind="original"), "naive_fp32": dict(kind="naive"), "ours_fp32": dict(kind="ours")}
     if batch > CPU_MICRO_BATCH and device.type == "cpu":  # what --micro_batch_size auto replaces
         plan["ours_fp32_one_pass"] = dict(kind="ours", micro_batch_size=0)
-    if device.type == "cpu" and args.allocator_arm:  # what ddpm_hf/host_memory.py changes
+    if device.type == "cpu" and args.allocator_arm:  # what ddpm_hf/util/host_memory.py changes
         plan["ours_fp32_glibc_default"] = dict(kind="ours", keep_freed_memory=False)
     precision, name = ("bf16", "ours_bf16") if bf16 else ("no", "ours_fp32")
     if bf16:
@@ -278,7 +278,7 @@ def bench_sample(cfg, s, device, bf16) -> dict:
 
 
 def bench_ood(cfg, s, device, inputs) -> dict:
-    from ddpm_hf.ood import Scorer, plan_levels
+    from ddpm_hf.ood.scoring import Scorer, plan_levels
 
     unet = seed_model(cfg, init="random").to(device).eval()
     rows = []
@@ -445,7 +445,7 @@ def bench_fid(s, device) -> dict:
     (InceptionFeatures.plain), interleaved with ~1 s of fp32 matmuls for the roofline."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ddpm_hf.fid import INPUT_SIZE, load_feature_extractor
+    from ddpm_hf.metrics.fid import INPUT_SIZE, load_feature_extractor
 
     extractor = load_feature_extractor(None, device=device)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), torch.jit.optimized_execution(False):

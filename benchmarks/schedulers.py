@@ -3,7 +3,7 @@
     python benchmarks/schedulers.py --checkpoint outputs/quickstart --num_samples 1000
 
 Every (scheduler, steps) pair starts from the same noise (same seed); images go through
-the same Inception features and the same cached reference statistics (ddpm_hf/fid.py).
+the same Inception features and the same cached reference statistics (ddpm_hf/metrics/fid.py).
 A "real data" row measures held-out images of the reference dataset the same way: the
 floor that FID at this sample count can reach (FID is biased upwards at small N; KID is
 not). Prints a Markdown table and writes every number to --out (JSON).
@@ -22,13 +22,13 @@ try:
 except ImportError:  # a checkout without the install, run as python benchmarks/schedulers.py from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ddpm_hf.config import SCHEDULERS, DDPMConfig  # noqa: E402
-from ddpm_hf.data import load_images, to_uint8  # noqa: E402
-from ddpm_hf.errors import run_cli  # noqa: E402
-from ddpm_hf.fid import FIDEvaluator  # noqa: E402
-from ddpm_hf.loader import load_model  # noqa: E402
-from ddpm_hf.precision import inference_autocast, resolve_mixed_precision  # noqa: E402
-from ddpm_hf.sampling import generate, make_sampler  # noqa: E402
+from ddpm_hf.config.options import SCHEDULERS, DDPMConfig  # noqa: E402
+from ddpm_hf.data.images import load_images, to_uint8  # noqa: E402
+from ddpm_hf.util.errors import run_cli  # noqa: E402
+from ddpm_hf.metrics.fid import FIDEvaluator  # noqa: E402
+from ddpm_hf.models.loader import load_model  # noqa: E402
+from ddpm_hf.util.precision import inference_autocast, resolve_mixed_precision  # noqa: E402
+from ddpm_hf.diffusion.sampling import generate, make_sampler  # noqa: E402
 
 
 def parse(argv):

@@ -10,15 +10,17 @@ The public API, importable from the package itself::
 Names are imported lazily (module-level ``__getattr__``): ``import ddpm_hf`` loads neither
 torch nor diffusers; the first use of a name imports the module that defines it.
 
-Layers (tests/test_package.py checks them: no import cycle, the library never imports commands):
+Sub-packages, from the bottom layer up (tests/test_package.py checks that each imports only
+from the layers below it, and that the library never imports commands/):
 
-- commands/: what sample_ddpm.py and ood_ddpm.py run (argument glue, the run, the reports);
-- the library below it: config, errors, files, lock (settings, one-line failures, safe writes,
-  folder locks); data, model, latent, losses, prediction (data, UNet, VAE, losses); sampling
-  (schedulers, precision policy, the sampling loop); pipeline, convert_gzoo, loader (saving and
-  loading models: loader.load_model is the one loader); ood, likelihood, ood_likelihood, inpaint
-  (the methods); fid, features (metrics); hub_access, hub, push (the Hugging Face Hub);
-  training (the trainer).
+- util/: one-line errors, safe file writes, folder locks, Hub id checks, host memory and precision;
+- config/: the flags and YAML keys, their defaults and checks;
+- data/: every image source decoded to uint8 tensors;
+- diffusion/: prediction types, losses, schedulers and sampling, the latent VAE, likelihoods, inpainting;
+- models/: the UNet, pipeline folders (save, load: models.loader.load_model is the one loader), conversion;
+- metrics/ (FID/KID, features), hub/ (model cards, uploads), ood/ (out-of-distribution scores);
+- training/: the step, EMA, checkpoints, monitoring, the output folder and the Trainer;
+- commands/: what the scripts run (argument glue, the run, the reports).
 """
 
 import importlib
@@ -28,45 +30,45 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _EXPORTS = {
     # settings and errors
-    "DDPMConfig": "config",
-    "build_parser": "config",
-    "parse_config": "config",
-    "load_yaml": "config",
-    "validate": "config",
-    "DDPMError": "errors",
-    "UsageError": "errors",
+    "DDPMConfig": "config.options",
+    "build_parser": "config.options",
+    "parse_config": "config.options",
+    "load_yaml": "config.options",
+    "validate": "config.options",
+    "DDPMError": "util.errors",
+    "UsageError": "util.errors",
     # training
-    "train": "trainer",
-    "Trainer": "trainer",
+    "train": "training.trainer",
+    "Trainer": "training.trainer",
     # models and pipelines
-    "build_unet": "model",
-    "count_parameters": "model",
-    "LoadedModel": "pipeline",
-    "load_model": "loader",
-    "save_pipeline": "pipeline",
+    "build_unet": "models.unet",
+    "count_parameters": "models.unet",
+    "LoadedModel": "models.pipeline",
+    "load_model": "models.loader",
+    "save_pipeline": "models.pipeline",
     # sampling
-    "make_noise_scheduler": "sampling",
-    "make_sampler": "sampling",
-    "num_inference_steps": "sampling",
-    "sample_batch": "sampling",
-    "generate": "sampling",
+    "make_noise_scheduler": "diffusion.sampling",
+    "make_sampler": "diffusion.sampling",
+    "num_inference_steps": "diffusion.sampling",
+    "sample_batch": "diffusion.sampling",
+    "generate": "diffusion.sampling",
     "run_sampling": "commands.sample",
     # data
-    "load_images": "data",
-    "resolve_spec": "data",
+    "load_images": "data.images",
+    "resolve_spec": "data.images",
     # FID / KID
-    "FIDEvaluator": "fid",
-    "evaluate_folder": "fid",
+    "FIDEvaluator": "metrics.fid",
+    "evaluate_folder": "metrics.fid",
     # outlier detection
     "run_ood": "commands.ood",
-    "ood_metrics": "ood",
+    "ood_metrics": "ood.scoring",
     # latent diffusion
-    "load_vae": "latent",
+    "load_vae": "diffusion.latent",
     # the Hub and checkpoints of the original
-    "build_model_card": "hub",
-    "push_output": "hub",
-    "convert": "convert_gzoo",
-    "load_original_checkpoint": "convert_gzoo",
+    "build_model_card": "hub.upload",
+    "push_output": "hub.upload",
+    "convert": "models.convert_gzoo",
+    "load_original_checkpoint": "models.convert_gzoo",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

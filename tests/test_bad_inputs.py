@@ -186,7 +186,7 @@ ROWS = [
         ("nobody/no-such-vae", "--vae FOLDER")),
     # A Hub push, online (HF_HUB_OFFLINE is read at import: these rows get a fresh interpreter) towards a
     # closed port on this machine: with no token anywhere it must stop before any request.
-    Row("push_no_token", "Hub push without a token", "-m ddpm_hf.push", ["out", "--hub_model_id", "nobody/ddpm-test"], 2,
+    Row("push_no_token", "Hub push without a token", "-m ddpm_hf.commands.push", ["out", "--hub_model_id", "nobody/ddpm-test"], 2,
         (NO_TOKEN,), _finished_run, env=dict(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9"), fresh=True),
     Row("train_push_no_token", "`--push_to_hub` without a token", "train_ddpm.py",
         [*TRAIN, "--push_to_hub", "--hub_model_id", "nobody/ddpm-test"], 2,
@@ -217,7 +217,7 @@ def _harness() -> None:
         mains[script] = module.main
     # The scripts import torch and the library only after parsing their flags: import them here once,
     # so that every forked row shares them.
-    for name in ("ddpm_hf.training", "ddpm_hf.sampling", "ddpm_hf.ood", "ddpm_hf.pipeline", "ddpm_hf.hub", "ddpm_hf.fid"):
+    for name in ("ddpm_hf.training.steps", "ddpm_hf.diffusion.sampling", "ddpm_hf.ood.scoring", "ddpm_hf.models.pipeline", "ddpm_hf.hub.upload", "ddpm_hf.metrics.fid"):
         importlib.import_module(name)
     codes = []
     for row in rows:

@@ -4,7 +4,7 @@ test_bad_inputs.py: one `error:` (or `notice:` / `warning:`) line on stderr, its
 every file that was on disk before unchanged (checksums) except those the row may write, no partial
 file or lock left behind, plus the row's own checks.
 
-A full disk is simulated with the DDPM_HF_DISK_FULL=POINT[:N] test hook (ddpm_hf/files.py): the N-th
+A full disk is simulated with the DDPM_HF_DISK_FULL=POINT[:N] test hook (ddpm_hf/util/files.py): the N-th
 write at POINT fails with ENOSPC after part of it is on disk. tests/test_reliability_round2.py also
 fills a real (tmpfs) disk where the machine allows it.
 """
@@ -31,7 +31,7 @@ _fid_cache = {}
 def _held(folder_name, with_pipeline=False):
     """A live run holds the folder: this test process takes its lock (it stays alive while the row runs)."""
     def setup(w, trained):
-        from ddpm_hf.lock import OutputLock
+        from ddpm_hf.util.lock import OutputLock
 
         if with_pipeline:
             _pipeline(w, trained)
@@ -49,7 +49,7 @@ def _dead_pid() -> int:
 def _stale_lock(w, trained):
     (w / "out").mkdir()
     info = dict(pid=_dead_pid(), host="", command="train_ddpm.py", started="2025-01-01T00:00:00")
-    (w / "out" / ".ddpm_hf.lock").write_text(json.dumps(info))
+    (w / "out" / ".ddpm_hf.util.lock").write_text(json.dumps(info))
 
 
 def _earlier_samples(w, trained):
@@ -168,12 +168,12 @@ def _nothing_created(path):
 
 
 def _lock_released(w, result):
-    assert not (w / "out" / ".ddpm_hf.lock").exists() and (w / "out" / "model_index.json").exists()
+    assert not (w / "out" / ".ddpm_hf.util.lock").exists() and (w / "out" / "model_index.json").exists()
 
 
 def _checkpoints_whole(*names, absent=()):
     def check(w, result):
-        from ddpm_hf.checkpoints import checkpoint_problem
+        from ddpm_hf.training.checkpoints import checkpoint_problem
 
         for name in names:
             assert checkpoint_problem(w / "out" / "checkpoints" / name) is None, name

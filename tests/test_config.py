@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from ddpm_hf.config import DDPMConfig, build_parser, load_yaml, parse_config, validate
-from ddpm_hf.errors import UsageError
+from ddpm_hf.config.options import DDPMConfig, build_parser, load_yaml, parse_config, validate
+from ddpm_hf.util.errors import UsageError
 
 TRAIN_GROUPS = ("data", "model", "diffusion", "batch", "train", "output", "seed", "sampler", "samples")
 

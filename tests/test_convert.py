@@ -22,10 +22,10 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from conftest import REPO
-from ddpm_hf.config import DDPMConfig
-from ddpm_hf.convert_gzoo import load_original_checkpoint
-from ddpm_hf.convert_gzoo import main as convert_main
-from ddpm_hf.sampling import denoise, make_sampler, num_inference_steps
+from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.models.convert_gzoo import load_original_checkpoint
+from ddpm_hf.models.convert_gzoo import main as convert_main
+from ddpm_hf.diffusion.sampling import denoise, make_sampler, num_inference_steps
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gzoo_unet_a"
 FIXTURE_FLAGS = json.loads(FIXTURE.with_suffix(".json").read_text())
@@ -184,7 +184,7 @@ def expected():
 def converted(tmp_path_factory):
     """The fixture converted by the command-line tool, loaded back with stock diffusers."""
     out = tmp_path_factory.mktemp("converted") / "pipeline"
-    proc = run_module("ddpm_hf.convert_gzoo", "--checkpoint", FIXTURE.with_suffix(".pt"), "--output_dir", out,
+    proc = run_module("ddpm_hf.models.convert_gzoo", "--checkpoint", FIXTURE.with_suffix(".pt"), "--output_dir", out,
                       *cli_flags(fixture_config()))
     assert proc.returncode == 0 and "converted" in proc.stdout, proc.stderr
     return out

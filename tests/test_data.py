@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_hf.config import DDPMConfig
-from ddpm_hf.data import REGISTRY, load_images, to_model_range, to_uint8
-from ddpm_hf.errors import DDPMError, UsageError
+from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.data.images import REGISTRY, load_images, to_model_range, to_uint8
+from ddpm_hf.util.errors import DDPMError, UsageError
 
 SEED_DATASETS = ["mnist", "cifar10", "cifar100", "places365", "dtd", "fashionmnist", "chestmnist", "octmnist",
                  "tissuemnist", "pneumoniamnist", "svhn", "tinyimagenet", "imagenet"]
@@ -97,7 +97,7 @@ def test_shipped_arrays_are_stored_as_fixed_shape_arrays():
     """The column reads back as one numpy array (not nested lists converted row by row)."""
     import datasets
 
-    from ddpm_hf.data import load_split
+    from ddpm_hf.data.images import load_split
 
     ds, column, _ = load_split("animalmnist", "test", DDPMConfig())
     assert isinstance(ds.features[column], datasets.Array2D) and ds.features[column].shape == (28, 28)

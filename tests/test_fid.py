@@ -1,4 +1,4 @@
-"""FID / KID (ddpm_hf/fid.py): the metrics, the reference cache, the scripts' paths.
+"""FID / KID (ddpm_hf/metrics/fid.py): the metrics, the reference cache, the scripts' paths.
 
 Most tests use a tiny fixed random conv net saved as TorchScript and passed as
 `--inception_weights`: the same code path as the real Inception, in seconds. One test uses
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN, run_script
-from ddpm_hf import fid
-from ddpm_hf.config import DDPMConfig, validate
-from ddpm_hf.data import load_images
-from ddpm_hf.errors import DDPMError, UsageError
+from ddpm_hf.metrics import fid
+from ddpm_hf.config.options import DDPMConfig, validate
+from ddpm_hf.data.images import load_images
+from ddpm_hf.util.errors import DDPMError, UsageError
 from ddpm_hf.commands.sample import run_sampling
 
 SIZE = 16
@@ -163,7 +163,7 @@ def test_sample_script_writes_fid_json(trained_pipeline, tiny_weights, tmp_path)
 
 @pytest.mark.slow
 def test_training_evaluates_fid_and_keeps_the_best(tiny_weights, tmp_path):
-    from ddpm_hf.loader import load_model
+    from ddpm_hf.models.loader import load_model
 
     out = tmp_path / "run"
     run_script("train_ddpm.py", *TINY_TRAIN, "--max_train_steps", 4, "--eval_fid_every", 1, "--fid_num_samples", 8,

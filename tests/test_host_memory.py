@@ -1,4 +1,4 @@
-"""ddpm_hf/host_memory.py: on glibc, freed large blocks stay in the process for reuse (no page
+"""ddpm_hf/util/host_memory.py: on glibc, freed large blocks stay in the process for reuse (no page
 faults per training step), unless the user chose otherwise. Each case runs in a fresh process:
 the policy is process-wide."""
 
@@ -25,7 +25,7 @@ requires_mallinfo2 = pytest.mark.skipif(
 CHURN = """
 import ctypes, json, resource
 import torch
-from ddpm_hf.host_memory import keep_freed_memory
+from ddpm_hf.util.host_memory import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
@@ -79,8 +79,8 @@ def test_the_trainer_keeps_freed_memory_on_a_cpu():
 import torch
 from accelerate import Accelerator
 from diffusers import UNet2DModel
-from ddpm_hf.config import DDPMConfig
-from ddpm_hf.trainer import Trainer
+from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.training.trainer import Trainer
 unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,
                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
 trainer = Trainer.for_step(DDPMConfig(batch_size=4), unet, torch.zeros(8, 1, 8, 8, dtype=torch.uint8), Accelerator(cpu=True))
@@ -92,6 +92,6 @@ print(trainer.host_memory)
 
 
 def test_nothing_is_set_for_a_gpu_run():
-    script = "from ddpm_hf.host_memory import keep_freed_memory; print(keep_freed_memory('cuda:0'))"
+    script = "from ddpm_hf.util.host_memory import keep_freed_memory; print(keep_freed_memory('cuda:0'))"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=without_allocator_settings(), timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "None", proc.stderr[-2000:]

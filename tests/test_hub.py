@@ -2,7 +2,7 @@
 
 One tiny training run pushes with --hub_strategy every_save: the snapshot at step 2 goes
 up, the final push fails (the server refuses further commits), and `python -m
-ddpm_hf.push` then retries. The dummy token is passed on the command line and must appear
+ddpm_hf.commands.push` then retries. The dummy token is passed on the command line and must appear
 in no file, no uploaded file and no output.
 """
 
@@ -18,8 +18,8 @@ from huggingface_hub import ModelCard
 
 from conftest import REPO, TINY_TRAIN
 from hub_server import HubServer
-from ddpm_hf.errors import DDPMError
-from ddpm_hf.hub import push_output, upload_files
+from ddpm_hf.util.errors import DDPMError
+from ddpm_hf.hub.upload import push_output, upload_files
 
 TOKEN = "hf_dummyTestToken0123456789abcdef"
 PIPELINE_FILES = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
@@ -82,9 +82,9 @@ def trained(hub, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pushed(hub, trained, tmp_path_factory):
-    """The retry: `python -m ddpm_hf.push OUTPUT_DIR` with the token from $HF_TOKEN, repo id from the run."""
+    """The retry: `python -m ddpm_hf.commands.push OUTPUT_DIR` with the token from $HF_TOKEN, repo id from the run."""
     out, _ = trained
-    proc = run(["-m", "ddpm_hf.push", out], hub_env(hub.url, tmp_path_factory.mktemp("push"), token=TOKEN))
+    proc = run(["-m", "ddpm_hf.commands.push", out], hub_env(hub.url, tmp_path_factory.mktemp("push"), token=TOKEN))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -95,7 +95,7 @@ def test_failed_final_push_keeps_the_output_and_exits_nonzero(hub, trained):
     assert proc.returncode == 1
     line = error_line(proc)
     assert "tester/ddpm-tiny" in line and "the local output is intact" in line
-    assert f"python -m ddpm_hf.push {out} --hub_model_id tester/ddpm-tiny" in line
+    assert f"python -m ddpm_hf.commands.push {out} --hub_model_id tester/ddpm-tiny" in line
     assert (out / "model_index.json").exists() and (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert not (out / "README.md").exists()  # written only after a successful push
     repo = hub.state.repos["tester/ddpm-tiny"]
@@ -173,7 +173,7 @@ def test_metrics_of_ood_and_fid_runs_enter_the_card(hub, pushed, tmp_path):
     (fid_dir / "fid.json").write_text(json.dumps({"fid": 41.5, "kid_mean": 0.031, "num_generated": 200,
                                                   "reference": {"dataset": "mnist5k"}}))
     (fid_dir / "0.png").write_bytes(b"not uploaded")
-    proc = run(["-m", "ddpm_hf.push", copy, "--hub_model_id", "tester/ddpm-metrics", "--hub_license", "apache-2.0"],
+    proc = run(["-m", "ddpm_hf.commands.push", copy, "--hub_model_id", "tester/ddpm-metrics", "--hub_license", "apache-2.0"],
                hub_env(hub.url, tmp_path, token=TOKEN))
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = hub.state.repos["tester/ddpm-metrics"]["commits"][-1]["files"]
@@ -190,10 +190,10 @@ def test_metrics_of_ood_and_fid_runs_enter_the_card(hub, pushed, tmp_path):
 def test_push_to_a_dead_endpoint_keeps_the_output(pushed, tmp_path):
     out, _ = pushed
     before = folder_state(out)
-    proc = run(["-m", "ddpm_hf.push", out, "--hub_model_id", "tester/elsewhere"], hub_env(dead_endpoint(), tmp_path, TOKEN))
+    proc = run(["-m", "ddpm_hf.commands.push", out, "--hub_model_id", "tester/elsewhere"], hub_env(dead_endpoint(), tmp_path, TOKEN))
     assert proc.returncode == 1
     line = error_line(proc)
-    assert "ConnectError" in line and "the local output is intact" in line and "python -m ddpm_hf.push" in line
+    assert "ConnectError" in line and "the local output is intact" in line and "python -m ddpm_hf.commands.push" in line
     assert folder_state(out) == before
 
 
@@ -227,7 +227,7 @@ def test_model_card_files_metrics_under_the_measured_dataset_and_records_what_ra
     """Offline, no server: OOD metrics measured on mnist5k's test split are filed under mnist5k (not
     ylecun/mnist), trained steps/epochs are not listed as flags, mixed precision shows what ran, and the
     card has a limitations section."""
-    from ddpm_hf.hub import build_model_card
+    from ddpm_hf.hub.upload import build_model_card
 
     out = tmp_path / "run"
     (out / "unet").mkdir(parents=True)

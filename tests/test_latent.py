@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from conftest import TINY_TRAIN, run_script
-from ddpm_hf.config import DDPMConfig
-from ddpm_hf.data import to_model_range, to_uint8
-from ddpm_hf.errors import UsageError
-from ddpm_hf.latent import (cached_to_latents, decode_latents, downsample_factor, encode, encode_dataset, latent_format,
+from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.data.images import to_model_range, to_uint8
+from ddpm_hf.util.errors import UsageError
+from ddpm_hf.diffusion.latent import (cached_to_latents, decode_latents, downsample_factor, encode, encode_dataset, latent_format,
                             load_training_vae, load_vae, training_latents)
 
 # 32 px images -> 4x4 latents (the tiny VAE downsamples by 8, like Stable Diffusion's) -> a 2-level UNet.
@@ -136,7 +136,7 @@ def test_unreachable_hub_is_asked_once_without_retries(monkeypatch):
     import huggingface_hub.hf_api
     from diffusers import AutoencoderKL  # noqa: F401  (imported before the clock starts)
 
-    from ddpm_hf.errors import DDPMError
+    from ddpm_hf.util.errors import DDPMError
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", "http://127.0.0.1:9")  # a closed port
@@ -186,8 +186,8 @@ def test_cache_latents_trains_identically(latent_run, vae_dir, tmp_path):
 def test_stock_ldm_pipeline_loads_and_samples_like_ddpm_hf(latent_run):
     from diffusers import DiffusionPipeline, LDMPipeline
 
-    from ddpm_hf.loader import load_model
-    from ddpm_hf.sampling import make_sampler, sample_batch
+    from ddpm_hf.models.loader import load_model
+    from ddpm_hf.diffusion.sampling import make_sampler, sample_batch
 
     run, _ = latent_run
     pipe = DiffusionPipeline.from_pretrained(run, use_safetensors=True)  # no custom code, no trust_remote_code
@@ -205,8 +205,8 @@ def test_stock_ldm_pipeline_loads_and_samples_like_ddpm_hf(latent_run):
 
 @pytest.mark.slow
 def test_sample_script_writes_decoded_pixel_images(latent_run, tmp_path):
-    from ddpm_hf.loader import load_model
-    from ddpm_hf.sampling import batch_generator, make_sampler, sample_batch
+    from ddpm_hf.models.loader import load_model
+    from ddpm_hf.diffusion.sampling import batch_generator, make_sampler, sample_batch
     from sample_ddpm import main as sample_main
 
     run, _ = latent_run
@@ -225,8 +225,8 @@ def test_sample_script_writes_decoded_pixel_images(latent_run, tmp_path):
 
 @pytest.mark.slow
 def test_ood_scores_latent_models_in_pixel_space(latent_run, tmp_path):
-    from ddpm_hf.ood import Scorer, load_lpips, plan_levels
-    from ddpm_hf.loader import load_model
+    from ddpm_hf.ood.scoring import Scorer, load_lpips, plan_levels
+    from ddpm_hf.models.loader import load_model
     from ood_ddpm import main as ood_main
 
     run, _ = latent_run

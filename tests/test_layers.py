@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from ddpm_hf.config import DDPMConfig, build_parser, load_yaml, parse_config
-from ddpm_hf.errors import DDPMError, UsageError
-from ddpm_hf.hub_access import check_hub_repo, is_hub_id
+from ddpm_hf.config.options import DDPMConfig, build_parser, load_yaml, parse_config
+from ddpm_hf.util.errors import DDPMError, UsageError
+from ddpm_hf.util.hub_access import check_hub_repo, is_hub_id
 
 LIBRARY = REPO / "ddpm_hf"
 
@@ -30,7 +30,7 @@ def test_is_hub_id(name, expected):
 
 
 def test_resolve_spec_reads_a_home_path_as_a_folder_not_a_hub_id():
-    from ddpm_hf.data import resolve_spec
+    from ddpm_hf.data.images import resolve_spec
 
     with pytest.raises(UsageError, match=r"image folder ~/my_images does not exist"):
         resolve_spec("~/my_images")  # was: a Hub id "~/my_images"
@@ -40,10 +40,10 @@ def test_resolve_spec_reads_a_home_path_as_a_folder_not_a_hub_id():
 
 
 def test_every_loader_uses_the_same_hub_id_rule(tmp_path):
-    from ddpm_hf.features import load_dinov2
-    from ddpm_hf.hub import _dataset_ids
-    from ddpm_hf.latent import load_vae
-    from ddpm_hf.loader import load_model
+    from ddpm_hf.metrics.features import load_dinov2
+    from ddpm_hf.hub.upload import _dataset_ids
+    from ddpm_hf.diffusion.latent import load_vae
+    from ddpm_hf.models.loader import load_model
 
     for name in ("~/vae", "a/b/c", "./x"):
         with pytest.raises(UsageError, match="neither an existing folder nor a Hub id"):
@@ -89,7 +89,7 @@ def test_no_other_hub_request_is_written_out():
 # ---- "is the output folder writable?" and the atomic write: one helper each --------------------
 
 def test_one_writable_check(tmp_path):
-    from ddpm_hf.files import make_output_dir
+    from ddpm_hf.util.files import make_output_dir
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -97,19 +97,19 @@ def test_one_writable_check(tmp_path):
         make_output_dir(blocker / "out")
     assert not (blocker / "out").exists()
     others = [str(p.relative_to(REPO)) for p in LIBRARY.rglob("*.py")
-              if "is not writable" in p.read_text() and p.name not in ("files.py", "training.py")]
-    assert not others  # (training.py's own checks call files.py too)
+              if "is not writable" in p.read_text() and p.name != "files.py"]
+    assert not others
 
 
 def test_one_atomic_write():
-    """Temporary names and renames of files only in files.py (training.py's checkpoint folders excepted)."""
+    """Temporary names and renames of files only in util/files.py."""
     others = [str(p.relative_to(REPO)) for p in LIBRARY.rglob("*.py")
-              if re.search(r"\.tmp\"|os\.replace\(tmp", p.read_text()) and p.name not in ("files.py", "training.py")]
+              if re.search(r"\.tmp\"|os\.replace\(tmp", p.read_text()) and p.name != "files.py"]
     assert not others
 
 
 def test_the_atomic_write_keeps_the_old_file_on_a_failure(tmp_path, monkeypatch):
-    from ddpm_hf import files
+    from ddpm_hf.util import files
 
     path = tmp_path / "card.md"
     files.write_text(path, "old")
@@ -122,7 +122,7 @@ def test_the_atomic_write_keeps_the_old_file_on_a_failure(tmp_path, monkeypatch)
 # ---- defects ----------------------------------------------------------------------------------
 
 def test_overwrite_clears_everything_an_earlier_run_left(tmp_path):
-    from ddpm_hf.files import clear_earlier_run
+    from ddpm_hf.util.files import clear_earlier_run
 
     out = tmp_path / "run"
     for rel in ("checkpoints/checkpoint-2/model.safetensors", "train_log.jsonl", "samples/epoch_0001.png",
@@ -168,8 +168,8 @@ def test_ood_and_sample_take_bf16_and_latent():
 
 
 def test_fid_and_data_agree_on_grayscale_modes(tmp_path):
-    from ddpm_hf.data import is_gray
-    from ddpm_hf.fid import read_folder
+    from ddpm_hf.data.images import is_gray
+    from ddpm_hf.metrics.fid import read_folder
 
     assert all(is_gray(m) for m in ("L", "1", "I", "F", "LA", "I;16")) and not any(is_gray(m) for m in ("RGB", "RGBA", "P"))
     Image.fromarray(np.full((8, 8, 2), 200, np.uint8), "LA").save(tmp_path / "0.png")
@@ -181,11 +181,11 @@ def test_fid_and_data_agree_on_grayscale_modes(tmp_path):
 
 def test_commands_unpack_the_config_for_the_ood_data():
     """load_set takes DataOptions (five fields), not the 70-field DDPMConfig with --size/--channels cleared."""
-    from ddpm_hf.data import DataOptions
+    from ddpm_hf.data.images import DataOptions
 
     opts = DataOptions.of(DDPMConfig(size=64, channels=3, image_column="img"), keep_format=False)
     assert opts == DataOptions(None, None, "img", None, None)
-    assert "replace(cfg" not in (LIBRARY / "ood.py").read_text()
+    assert "replace(cfg" not in (LIBRARY / "ood" / "scoring.py").read_text()
 
 
 def test_docs_defects_stay_fixed():
@@ -201,8 +201,8 @@ def test_docs_defects_stay_fixed():
 def test_sample_progress_bar_ticks_once_per_denoising_step(tmp_path, monkeypatch):
     """One tick per UNet call on a batch (2 batches x 3 steps = 6), not one per batch."""
     from ddpm_hf.commands import sample
-    from ddpm_hf.model import build_unet
-    from ddpm_hf.sampling import make_noise_scheduler, make_sampler
+    from ddpm_hf.models.unet import build_unet
+    from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler
 
     bars = []
 

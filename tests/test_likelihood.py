@@ -1,4 +1,4 @@
-"""The variational bound (ddpm_hf/likelihood.py) against exact answers.
+"""The variational bound (ddpm_hf/diffusion/likelihood.py) against exact answers.
 
 For data with independent N(MU, S^2) pixels the best noise predictor is linear in x_t, so the
 model's posterior mean is linear too and every KL term has a closed form; the expectation over
@@ -14,9 +14,9 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from ddpm_hf.likelihood import (bits_per_dim, combine_terms, discretized_gaussian_log_likelihood, make_schedule,
+from ddpm_hf.diffusion.likelihood import (bits_per_dim, combine_terms, discretized_gaussian_log_likelihood, make_schedule,
                                 prior_nats, term_nats)
-from ddpm_hf.sampling import make_noise_scheduler
+from ddpm_hf.diffusion.sampling import make_noise_scheduler
 
 MU, S = 0.3, 0.5
 T = 100

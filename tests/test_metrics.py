@@ -1,4 +1,4 @@
-"""Metrics beyond FID (ddpm_hf/features.py): precision / recall / density / coverage on constructed
+"""Metrics beyond FID (ddpm_hf/metrics/features.py): precision / recall / density / coverage on constructed
 sets with known answers, and the DINOv2 feature space through a tiny random Dinov2Model saved to a
 temporary folder (the real facebook/dinov2-base is never downloaded in tests)."""
 
@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from conftest import run_script
-from ddpm_hf import fid
-from ddpm_hf.config import DDPMConfig
-from ddpm_hf.data import load_images
-from ddpm_hf.errors import DDPMError, UsageError
-from ddpm_hf.features import DinoV2Features, prdc
-from ddpm_hf.fid import load_extractor
-from ddpm_hf.sampling import _save_png
+from ddpm_hf.metrics import fid
+from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.data.images import load_images
+from ddpm_hf.util.errors import DDPMError, UsageError
+from ddpm_hf.metrics.features import DinoV2Features, prdc
+from ddpm_hf.metrics.fid import load_extractor
+from ddpm_hf.diffusion.sampling import _save_png
 
 
 def points(n, dim=8, seed=0):

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 from conftest import run_script
-from ddpm_hf.config import FIELDS
-from ddpm_hf.errors import UsageError
-from ddpm_hf.inpaint import make_masks
-from ddpm_hf.likelihood import refuse_latent
-from ddpm_hf.ood import ood_metrics
-from ddpm_hf.prediction import to_epsilon, to_x0
+from ddpm_hf.config.options import FIELDS
+from ddpm_hf.util.errors import UsageError
+from ddpm_hf.diffusion.inpaint import make_masks
+from ddpm_hf.diffusion.likelihood import refuse_latent
+from ddpm_hf.ood.scoring import ood_metrics
+from ddpm_hf.diffusion.prediction import to_epsilon, to_x0
 from ood_ddpm import main as ood_main
 from sample_ddpm import main as sample_main
 from test_ood import random_pipeline, read_csv
@@ -32,7 +32,7 @@ def pipe(tmp_path_factory):
 
 
 def test_every_new_flag_has_help_and_a_default():
-    from ddpm_hf.config import DDPMConfig
+    from ddpm_hf.config.options import DDPMConfig
 
     defaults = DDPMConfig()
     for name in NEW_FLAGS:
@@ -138,8 +138,8 @@ def test_inpaint_outputs_keep_the_known_pixels(pipe, tmp_path):
     assert {"inpaint_grid.png", "inpaint.json", "inpainted_0.png", "mask_2.png"} <= {p.name for p in a.iterdir()}
     info = json.loads((a / "inpaint.json").read_text())
     assert info["num_images"] == 3 and info["model_calls_per_batch"] == 10 + 4 * 2 and len(info["hole_mse"]) == 3
-    from ddpm_hf.config import DDPMConfig
-    from ddpm_hf.data import load_images
+    from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.data.images import load_images
 
     originals = load_images("mnist5k", "test", DDPMConfig(), size=16, channels=1, limit=3, progress=False).images
     for i in range(3):

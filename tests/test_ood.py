@@ -13,13 +13,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from conftest import run_script
-from ddpm_hf.config import DDPMConfig
-from ddpm_hf.errors import DDPMError, UsageError
-from ddpm_hf.model import build_unet
-from ddpm_hf.ood import (Scorer, combine, load_lpips, lpips_distance, model_format, ood_metrics, plan_levels,
+from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.util.errors import DDPMError, UsageError
+from ddpm_hf.models.unet import build_unet
+from ddpm_hf.ood.scoring import (Scorer, combine, load_lpips, lpips_distance, model_format, ood_metrics, plan_levels,
                          reconstruct, snap_notices)
-from ddpm_hf.pipeline import LoadedModel, save_pipeline
-from ddpm_hf.sampling import make_noise_scheduler, make_sampler
+from ddpm_hf.models.pipeline import LoadedModel, save_pipeline
+from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler
 from ood_ddpm import main as ood_main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gzoo_unet_a"
@@ -148,7 +148,7 @@ def test_levels_share_one_model_call_per_timestep():
 
 def test_reconstruction_matches_the_original_code():
     """The fixture's `ddim_eta0_recon` was computed by GenerativeZoo's own outlier reconstruction."""
-    convert = pytest.importorskip("ddpm_hf.convert_gzoo")
+    convert = pytest.importorskip("ddpm_hf.models.convert_gzoo")
     if not FIXTURE.with_suffix(".pt").exists():
         pytest.skip("fixture missing")
     flags = json.loads(FIXTURE.with_suffix(".json").read_text())
@@ -268,7 +268,7 @@ def test_same_command_same_scores_and_no_silent_overwrite(trained_pipeline, firs
 
 @pytest.mark.slow
 def test_multi_level_with_lpips_in_process(trained_pipeline, tmp_path, monkeypatch, capsys):
-    import ddpm_hf.ood as ood
+    import ddpm_hf.ood.scoring as ood
 
     monkeypatch.setattr(ood, "load_lpips", lambda device="cpu": load_lpips(pnet_rand=True))
     ood_main(["--checkpoint", str(trained_pipeline), *OFFLINE_SETS, "--max_samples", "6", "--batch_size", "16",

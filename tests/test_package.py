@@ -23,7 +23,7 @@ def test_public_api_resolves():
 
     missing = [name for name in ddpm_hf.__all__ if getattr(ddpm_hf, name, None) is None]
     assert not missing
-    assert ddpm_hf.train.__module__ == "ddpm_hf.trainer" and ddpm_hf.load_model.__module__ == "ddpm_hf.loader"
+    assert ddpm_hf.train.__module__ == "ddpm_hf.training.trainer" and ddpm_hf.load_model.__module__ == "ddpm_hf.models.loader"
     assert ddpm_hf.__version__.count(".") == 2
 
 
@@ -111,8 +111,8 @@ def find_cycle(graph: dict):
 
 def test_import_graph_has_no_cycle():
     graph = import_graph()
-    assert {"ddpm_hf.pipeline", "ddpm_hf.loader", "ddpm_hf.commands.sample", "ddpm_hf.commands.ood"} <= set(graph)
-    assert "ddpm_hf.convert_gzoo" in graph["ddpm_hf.loader"]  # function-level imports are read too
+    assert {"ddpm_hf.models.pipeline", "ddpm_hf.models.loader", "ddpm_hf.commands.sample", "ddpm_hf.commands.ood"} <= set(graph)
+    assert "ddpm_hf.models.convert_gzoo" in graph["ddpm_hf.models.loader"]  # function-level imports are read too
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
@@ -120,6 +120,29 @@ def test_import_graph_has_no_cycle():
 def test_find_cycle_sees_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# Sub-packages from the bottom up: each imports only from the layers below it (and itself); the
+# packages of one layer do not import each other.
+LAYERS = [("util",), ("config",), ("data",), ("diffusion",), ("models",), ("metrics", "hub", "ood"), ("training",),
+          ("commands",)]
+
+
+def subpackage(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+def test_subpackages_import_only_lower_layers():
+    rank = {package: level for level, packages in enumerate(LAYERS) for package in packages}
+    graph = import_graph()
+    assert set(rank) == {subpackage(m) for m in graph if m.count(".") >= 1}  # every sub-package has its layer
+    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets
+                    if subpackage(m) and subpackage(t) != subpackage(m) and rank[subpackage(t)] >= rank[subpackage(m)])
+    assert upward == []
+
+
+def test_no_flat_modules_beside_the_subpackages():
+    assert sorted(p.name for p in (REPO / "ddpm_hf").glob("*.py")) == ["__init__.py"]
 
 
 def test_library_never_imports_the_command_layer():

@@ -16,14 +16,14 @@ from diffusers import DDIMPipeline, DiffusionPipeline, UNet2DModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
-from ddpm_hf.config import DDPMConfig, validate
-from ddpm_hf.data import StreamingBatches, batch_loader, stream_images
-from ddpm_hf.errors import UsageError
-from ddpm_hf.model import unet_kwargs
-from ddpm_hf.precision import inference_autocast
-from ddpm_hf.sampling import make_noise_scheduler, make_sampler, sample_batch
-from ddpm_hf.ema import PlainEMA
-from ddpm_hf.training import diffusion_loss, make_optimizer
+from ddpm_hf.config.options import DDPMConfig, validate
+from ddpm_hf.data.images import StreamingBatches, batch_loader, stream_images
+from ddpm_hf.util.errors import UsageError
+from ddpm_hf.models.unet import unet_kwargs
+from ddpm_hf.util.precision import inference_autocast
+from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch
+from ddpm_hf.training.ema import PlainEMA
+from ddpm_hf.training.steps import diffusion_loss, make_optimizer
 
 TINY = DDPMConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_head_channels=32,
                   timesteps=100)
@@ -196,7 +196,7 @@ def test_streaming_training_with_two_processes(tmp_path):
 
 
 def test_mixed_precision_auto_follows_native_bf16(monkeypatch):
-    from ddpm_hf import precision
+    from ddpm_hf.util import precision
 
     for native, expected in ((True, "bf16"), (False, "no")):
         monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
@@ -210,7 +210,7 @@ def test_mixed_precision_auto_follows_native_bf16(monkeypatch):
 
 
 def test_explicit_bf16_on_a_device_without_it_prints_one_notice_with_the_measured_slowdown(monkeypatch, capsys):
-    from ddpm_hf import precision
+    from ddpm_hf.util import precision
 
     monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     monkeypatch.setattr(precision, "bf16_slowdown", lambda device: 6.42)
@@ -229,7 +229,7 @@ def test_explicit_bf16_on_a_device_without_it_prints_one_notice_with_the_measure
 def test_ood_scores_under_bf16_stay_close_to_fp32():
     from types import SimpleNamespace
 
-    from ddpm_hf.ood import Scorer, plan_levels
+    from ddpm_hf.ood.scoring import Scorer, plan_levels
 
     unet = tiny_unet().eval()
     sc = dict(make_noise_scheduler(100, 1e-4, 0.02).config)

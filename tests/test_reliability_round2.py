@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, TINY_MODEL, run_script
-from ddpm_hf.config import DDPMConfig, build_parser, load_yaml, parse_config
-from ddpm_hf.errors import DDPMError, UsageError
+from ddpm_hf.config.options import DDPMConfig, build_parser, load_yaml, parse_config
+from ddpm_hf.util.errors import DDPMError, UsageError
 
 ENV = {"OMP_NUM_THREADS": "1"}
 TRAIN = ["--dataset", "animalmnist", "--max_train_samples", "16", "--batch_size", "8", "--timesteps", "100",
@@ -53,19 +53,19 @@ def test_second_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_pat
     finally:
         first.send_signal(signal.SIGKILL)  # a kill leaves its lock file behind, unlocked
         first.wait()
-    assert json.loads((out / ".ddpm_hf.lock").read_text())["pid"] == first.pid
+    assert json.loads((out / ".ddpm_hf.util.lock").read_text())["pid"] == first.pid
     third = run_script("train_ddpm.py", *TRAIN, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", out,
                        "--resume_from_checkpoint", "latest", env=ENV)
     assert f"notice: taking over the lock of {out} left by process {first.pid} (train_ddpm.py" in third.stderr
-    assert (out / "model_index.json").exists() and not (out / ".ddpm_hf.lock").exists()
+    assert (out / "model_index.json").exists() and not (out / ".ddpm_hf.util.lock").exists()
 
 
 def test_lock_in_process(tmp_path):
     """The library calls: a lock held by a live process refuses, one whose holder died is taken over."""
-    from ddpm_hf.lock import LOCK_NAME, lock_output_dir, release_all
+    from ddpm_hf.util.lock import LOCK_NAME, lock_output_dir, release_all
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from ddpm_hf.lock import lock_output_dir; lock_output_dir(sys.argv[2], 'holder.py');"
+                               "from ddpm_hf.util.lock import lock_output_dir; lock_output_dir(sys.argv[2], 'holder.py');"
                                "print('held', flush=True); time.sleep(600)", str(REPO), str(tmp_path)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -100,7 +100,7 @@ def test_full_disk_during_the_pipeline_save_then_resume_writes_it(tmp_path):
 def test_disk_full_error_classification(tmp_path):
     """Errors that torch.save and safetensors raise on a full disk do not say so: a nearly full disk
     decides. Other errors keep their own words."""
-    from ddpm_hf import files
+    from ddpm_hf.util import files
 
     with pytest.raises(DDPMError, match=r"could not write x to .* \(no space left on device\); free some space"):
         with files.writing(tmp_path, "x"):
@@ -140,7 +140,7 @@ def test_really_full_disk_training(small_disk):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (line,) = _error_lines(proc.stderr)
     assert "(no space left on device)" in line and f"to {out}" in line
-    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not (out / ".ddpm_hf.lock").exists()
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not (out / ".ddpm_hf.util.lock").exists()
 
 
 # ---- SIGTERM during the final save; the printed hint ----------------------------------------------------
@@ -153,7 +153,7 @@ def test_sigterm_during_the_final_save_finishes_it(tmp_path):
     assert f"sample it with: python sample_ddpm.py --checkpoint '{out}'" in proc.stdout
     assert f"stopped at step 2; checkpoint saved to {out / 'checkpoints' / 'checkpoint-2'}. The run had finished" in proc.stdout
     assert (out / "model_index.json").exists()
-    from ddpm_hf.checkpoints import checkpoint_problem
+    from ddpm_hf.training.checkpoints import checkpoint_problem
 
     assert checkpoint_problem(out / "checkpoints" / "checkpoint-2") is None
 
@@ -161,7 +161,7 @@ def test_sigterm_during_the_final_save_finishes_it(tmp_path):
 # ---- input sanity ---------------------------------------------------------------------------------------
 
 def test_16_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
-    from ddpm_hf.data import load_images
+    from ddpm_hf.data.images import load_images
 
     values = (np.arange(256, dtype=np.uint32) * 257).reshape(16, 16).astype(np.uint16)  # 0, 257, ..., 65535
     for i in range(2):

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO, TINY_MODEL, run_script
-from ddpm_hf.checkpoints import MANIFEST, checkpoint_problem
+from ddpm_hf.training.checkpoints import MANIFEST, checkpoint_problem
 
 # Every test here trains, kills and resumes: `make test-all` (CI) runs them, `make test` does not.
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from conftest import REPO, TINY_MODEL, run_script
 
 SOURCES = sorted([*REPO.glob("*.py"), *(REPO / "ddpm_hf").rglob("*.py")])
 # The one unpickling we allow: the uint8 arrays shipped inside the installed animal-mnist package.
-PICKLE_ALLOWED = {("ddpm_hf/data.py", "pickle.load")}
+PICKLE_ALLOWED = {("ddpm_hf/data/images.py", "pickle.load")}
 
 
 def _calls(path):
@@ -29,7 +29,7 @@ def _keyword(call, name):
 
 
 def test_sources_were_found():
-    assert {"train_ddpm.py", "training.py", "pipeline.py"} <= {p.name for p in SOURCES}
+    assert {"train_ddpm.py", "steps.py", "pipeline.py"} <= {p.name for p in SOURCES}
 
 
 def test_no_trust_remote_code_anywhere():
@@ -123,7 +123,7 @@ def test_tokens_are_never_printed_logged_saved_or_put_in_model_cards(tmp_path):
     assert {p.name for p in files} >= {"train_config.json", "ddpm_hf_config.json", "train_log.jsonl", "trainer_state.json"}
     assert {str(p.relative_to(out)): _leaks(p.read_bytes()) for p in files if _leaks(p.read_bytes())} == {}
 
-    from ddpm_hf.hub import build_model_card
+    from ddpm_hf.hub.upload import build_model_card
 
     card = build_model_card(out, "nobody/ddpm-test")
     assert "nobody/ddpm-test" in str(card) and _leaks(str(card)) == []
@@ -135,6 +135,6 @@ def test_tokens_are_never_printed_logged_saved_or_put_in_model_cards(tmp_path):
 
 @pytest.mark.parametrize("key", ["hub_token"])
 def test_public_config_drops_secrets(key):
-    from ddpm_hf.pipeline import public_config
+    from ddpm_hf.models.pipeline import public_config
 
     assert public_config({key: SECRETS["--hub_token"], "lr": 1e-3}) == {"lr": 1e-3}

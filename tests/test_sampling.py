@@ -3,9 +3,9 @@
 import torch
 from diffusers import DDIMPipeline, UNet2DModel
 
-from ddpm_hf.config import DDPMConfig
-from ddpm_hf.model import unet_kwargs
-from ddpm_hf.sampling import make_noise_scheduler, make_sampler, num_inference_steps, sample_batch
+from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.models.unet import unet_kwargs
+from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, num_inference_steps, sample_batch
 
 
 def test_step_rule_of_the_original_without_its_crashes():

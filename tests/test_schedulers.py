@@ -1,4 +1,4 @@
-"""Every --scheduler through the one sampling loop (ddpm_hf.sampling.denoise / sample_batch).
+"""Every --scheduler through the one sampling loop (ddpm_hf.diffusion.sampling.denoise / sample_batch).
 
 Two kinds of model: a tiny random UNet2DModel (the loop must match diffusers' own
 DDIMPipeline bit for bit) and the exact noise predictor of Gaussian data, for which the
@@ -13,8 +13,8 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, UNet2DModel
 
-from ddpm_hf.config import SCHEDULERS
-from ddpm_hf.sampling import make_noise_scheduler, make_sampler, sample_batch
+from ddpm_hf.config.options import SCHEDULERS
+from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch
 
 MU, S = 0.3, 0.5  # the Gaussian "data set": every pixel ~ N(MU, S^2)
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from ddpm_hf.config import DDPMConfig
-from ddpm_hf.ema import ema_weights, make_ema
-from ddpm_hf.train_output import prepare_output_dir
-from ddpm_hf.trainer import Trainer, TrainerState
+from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.training.ema import ema_weights, make_ema
+from ddpm_hf.training.output import prepare_output_dir
+from ddpm_hf.training.trainer import Trainer, TrainerState
 
 
 def _tiny_unet():
@@ -32,7 +32,7 @@ def test_overwrite_output_dir_removes_what_an_earlier_run_left(tmp_path):
 
 
 def test_without_overwrite_an_earlier_run_is_refused_and_kept(tmp_path):
-    from ddpm_hf.errors import UsageError
+    from ddpm_hf.util.errors import UsageError
 
     out = tmp_path / "run"
     (out / "checkpoints" / "checkpoint-4").mkdir(parents=True)
@@ -110,7 +110,7 @@ def test_micro_batches_give_the_batch_loss_and_gradient(micro):
 
 
 def test_micro_batch_auto_is_32_on_a_cpu_and_off_on_a_gpu():
-    from ddpm_hf.trainer import resolve_micro_batch
+    from ddpm_hf.training.trainer import resolve_micro_batch
 
     assert resolve_micro_batch(None, 128, torch.device("cpu")) == 32
     assert resolve_micro_batch(None, 32, torch.device("cpu")) == 0  # a batch that fits in one piece

@@ -11,12 +11,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
 from conftest import TINY_TRAIN, run_script
-from ddpm_hf.config import DDPMConfig
-from ddpm_hf.losses import min_snr_weights, prediction_target
-from ddpm_hf.pipeline import save_pipeline
-from ddpm_hf.sampling import make_noise_scheduler, make_sampler, noise_scheduler_from_config, sample_batch
-from ddpm_hf.ema import make_ema
-from ddpm_hf.training import diffusion_loss, make_lr_scheduler, random_hflip
+from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.diffusion.losses import min_snr_weights, prediction_target
+from ddpm_hf.models.pipeline import save_pipeline
+from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, noise_scheduler_from_config, sample_batch
+from ddpm_hf.training.ema import make_ema
+from ddpm_hf.training.steps import diffusion_loss, make_lr_scheduler, random_hflip
 
 
 def _tiny_unet():

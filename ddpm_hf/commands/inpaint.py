@@ -1,5 +1,5 @@
 """sample_ddpm.py --inpaint: the first --num_samples test images of --dataset, masked and inpainted
-(RePaint: ddpm_hf/inpaint.py) -> per-image PNGs, inpaint_grid.png and inpaint.json."""
+(RePaint: ddpm_hf/diffusion/inpaint.py) -> per-image PNGs, inpaint_grid.png and inpaint.json."""
 
 import time
 from pathlib import Path
@@ -7,16 +7,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import DataOptions, to_model_range, to_uint8
-from ..files import make_output_dir
-from ..fid import write_json
-from ..inpaint import hole_mse, make_masks, make_repaint_scheduler, model_calls, repaint, save_grid
-from ..likelihood import refuse_latent
-from ..loader import load_model
-from ..ood import load_set, model_format
-from ..prediction import prediction_type
-from ..precision import inference_autocast
-from ..sampling import _save_png, batch_generator
+from ..data.images import DataOptions, to_model_range, to_uint8
+from ..util.files import make_output_dir
+from ..metrics.fid import write_json
+from ..diffusion.inpaint import hole_mse, make_masks, make_repaint_scheduler, model_calls, repaint, save_grid
+from ..diffusion.likelihood import refuse_latent
+from ..models.loader import load_model
+from ..ood.scoring import load_set, model_format
+from ..diffusion.prediction import prediction_type
+from ..util.precision import inference_autocast
+from ..diffusion.sampling import _save_png, batch_generator
 from .common import default_sample_dir, ready_device
 
 

@@ -1,14 +1,14 @@
-"""sample_ddpm.py --nll: bits/dim of --dataset's test split (the bound: ddpm_hf/likelihood.py) -> nll.json."""
+"""sample_ddpm.py --nll: bits/dim of --dataset's test split (the bound: ddpm_hf/diffusion/likelihood.py) -> nll.json."""
 
 import time
 
-from ..data import DataOptions
-from ..files import make_output_dir
-from ..fid import write_json
-from ..likelihood import bits_per_dim, check_nll_timesteps, refuse_latent, summarise, unet_model_fn
-from ..loader import load_model
-from ..ood import load_set, model_format
-from ..prediction import prediction_type
+from ..data.images import DataOptions
+from ..util.files import make_output_dir
+from ..metrics.fid import write_json
+from ..diffusion.likelihood import bits_per_dim, check_nll_timesteps, refuse_latent, summarise, unet_model_fn
+from ..models.loader import load_model
+from ..ood.scoring import load_set, model_format
+from ..diffusion.prediction import prediction_type
 from .common import default_sample_dir, ready_device
 
 

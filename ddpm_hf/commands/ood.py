@@ -1,4 +1,4 @@
-"""ood_ddpm.py: score the in-distribution and OOD test sets with the OOD method (ddpm_hf/ood.py),
+"""ood_ddpm.py: score the in-distribution and OOD test sets with the OOD method (ddpm_hf/ood/scoring.py),
 print the report and write the four result files (ood_results.json, scores.csv, histogram.png,
 roc.png) together, atomically. The DDPMConfig is unpacked here."""
 
@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import ood as method
-from ..data import DataOptions, same_dataset
-from ..errors import UsageError
-from ..files import make_output_dir, remove, simulate_disk_full, writing
-from ..loader import load_model
-from ..lock import ensure_not_in_use, lock_output_dir
-from ..ood import SET_IDS, Scorer, combine, load_set, load_stats_images, model_format, ood_metrics, plan_levels, snap_notices
-from ..precision import resolve_mixed_precision
+from ..ood import scoring as method
+from ..data.images import DataOptions, same_dataset
+from ..util.errors import UsageError
+from ..util.files import make_output_dir, remove, simulate_disk_full, writing
+from ..models.loader import load_model
+from ..util.lock import ensure_not_in_use, lock_output_dir
+from ..ood.scoring import SET_IDS, Scorer, combine, load_set, load_stats_images, model_format, ood_metrics, plan_levels, snap_notices
+from ..util.precision import resolve_mixed_precision
 from .common import ready_device
 
 RESULT_FILES = ("ood_results.json", "scores.csv", "histogram.png", "roc.png")
@@ -162,9 +162,9 @@ def format_report(results: dict) -> str:
 # ---- the whole run -------------------------------------------------------------------------
 
 def likelihood_hook(cfg, loaded, images, raw, stats, factors, device) -> tuple:
-    """--score nll|both (ddpm_hf/ood_likelihood.py): the bound of every set, the final scores,
+    """--score nll|both (ddpm_hf/ood/likelihood.py): the bound of every set, the final scores,
     what ood_results.json adds and the CSV's extra columns."""
-    from .. import ood_likelihood
+    from ..ood import likelihood as ood_likelihood
 
     start = time.perf_counter()
     nll = ood_likelihood.nll_of_sets(loaded, images, cfg, SET_IDS, device)
@@ -181,7 +181,7 @@ def _load(cfg, device):
     lpips_model = method.load_lpips(device=device) if cfg.lpips else None  # before anything slow
     loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
     if cfg.score != "recon":  # a latent model or a bad --nll_timesteps fails before any image is scored
-        from ..ood_likelihood import check_model
+        from ..ood.likelihood import check_model
 
         check_model(loaded, cfg)
     return lpips_model, loaded
@@ -233,7 +233,7 @@ def _per_level(levels, raw: dict, lpips: bool) -> tuple:
 def _results(cfg, loaded, device, levels, factors, images, metrics, per_level, timing) -> dict:
     channels, size = model_format(loaded)
     scored = sum(len(v) for v in images.values())
-    from ..model import count_parameters
+    from ..models.unet import count_parameters
 
     return {
         **metrics,

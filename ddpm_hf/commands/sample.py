@@ -1,5 +1,5 @@
 """sample_ddpm.py: a grid plus one PNG per image, or (--fid) a resumable folder of PNGs scored
-against a reference (FID/KID). The sampling loop itself is the library's (ddpm_hf/sampling.py);
+against a reference (FID/KID). The sampling loop itself is the library's (ddpm_hf/diffusion/sampling.py);
 this module holds the folder rules (what a rerun may add to, what it refuses), the capacity
 check, the progress bar and the report."""
 
@@ -15,14 +15,14 @@ import torch
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from ..data import to_uint8
-from ..errors import UsageError
-from ..files import free_bytes, make_output_dir, read_json, remove, write_text
-from ..latent import downsample_factor
-from ..loader import load_model
-from ..lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
-from ..precision import inference_autocast, resolve_mixed_precision
-from ..sampling import GRID_MAX, _save_png, _step_kwargs, batch_generator, make_sampler, num_inference_steps, sample_batch
+from ..data.images import to_uint8
+from ..util.errors import UsageError
+from ..util.files import free_bytes, make_output_dir, read_json, remove, write_text
+from ..diffusion.latent import downsample_factor
+from ..models.loader import load_model
+from ..util.lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
+from ..util.precision import inference_autocast, resolve_mixed_precision
+from ..diffusion.sampling import GRID_MAX, _save_png, _step_kwargs, batch_generator, make_sampler, num_inference_steps, sample_batch
 from .common import default_sample_dir, ready_device
 
 FID_ORIGIN = "fid_origin.json"  # what made the images of a --fid folder
@@ -166,7 +166,7 @@ def _before_loading(cfg, device):
     if cfg.fid_reference:
         if not cfg.fid:
             raise UsageError("--fid_reference measures the --fid folder; add --fid (and --num_samples N)")
-        from ..fid import FIDEvaluator, FIDSettings
+        from ..metrics.fid import FIDEvaluator, FIDSettings
 
         evaluator = FIDEvaluator(FIDSettings.of(cfg), cfg.fid_reference, cfg.fid_reference_split, device=device)
     if cfg.checkpoint and not cfg.fid:
@@ -237,7 +237,7 @@ def run_sampling(cfg, device=None) -> Path:
     print(f"wrote {done} new image(s) ({num_images - done} already there) to {out} in {elapsed:.1f} s"
           + ("" if cfg.fid else f"; grid: {out / 'grid.png'}"))
     if evaluator is not None:
-        from ..fid import evaluate_folder
+        from ..metrics.fid import evaluate_folder
 
         evaluate_folder(evaluator, out, num_images, sampler=dict(
             scheduler=cfg.scheduler, steps=steps, sample_timesteps=cfg.sample_timesteps, eta=eta, seed=cfg.seed,

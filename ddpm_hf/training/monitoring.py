@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from .config import DDPMConfig
-from .data import to_uint8
+from ..config.options import DDPMConfig
+from ..data.images import to_uint8
 from .ema import ema_weights
-from .files import atomic_write, read_json
-from .sampling import generate
-from .train_output import RESUME_HINT, append_log, save_pipeline_atomically
+from ..util.files import atomic_write, read_json
+from ..diffusion.sampling import generate
+from .output import RESUME_HINT, append_log, save_pipeline_atomically
 
 PRDC = ("precision", "recall", "density", "coverage")  # k-NN metrics next to FID/KID (features.prdc)
 
@@ -49,7 +49,7 @@ class FidHook:
 
     def __init__(self, cfg: DDPMConfig, out: Path, accelerator, export, vae=None):
         """`export(folder, step, **record)` writes the EMA pipeline (the trainer's export_pipeline)."""
-        from .fid import FIDEvaluator
+        from ..metrics.fid import FIDEvaluator
 
         self.cfg, self.out, self.accelerator, self.export, self.vae = cfg, out, accelerator, export, vae
         self.best_dir = out / "best_fid"
@@ -81,7 +81,7 @@ class FidHook:
         print(f"epoch {epoch + 1}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({count} EMA samples)")
 
     def _save_best(self, result: dict, epoch: int, global_step: int) -> None:
-        from .fid import write_json
+        from ..metrics.fid import write_json
 
         self.best = result["fid"]
         self.best_dir.mkdir(exist_ok=True)

@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import yaml
 
-from .errors import UsageError
+from ..util.errors import UsageError
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "unipc")
 LOSS_TYPES = ("huber", "l2", "l1")
@@ -112,7 +112,7 @@ class DDPMConfig:
     scheduler: str = _opt("ddim", "Sampler.", "sampler", choices=SCHEDULERS)
     num_samples: Optional[int] = _opt(None, "Images to sample (default: 16; 50,000 with --fid).", "samples")
     fid: bool = _opt(False, "Write --num_samples images for FID into fid_samples/{dataset}/ddpm_{ddpm}_timesteps_{S}_ep{N}/.", "fid")
-    # ---- FID / KID (ddpm_hf/fid.py) -------------------------------------------------------
+    # ---- FID / KID (ddpm_hf/metrics/fid.py) -------------------------------------------------------
     fid_reference: Optional[str] = _opt(None, "Compute FID and KID against this dataset (any --dataset form); sample_ddpm.py: of the --fid folder, into fid.json (training default: --dataset).", "fid_metric")
     fid_reference_split: str = _opt("train", "Split of --fid_reference.", "fid_metric")
     fid_reference_max: Optional[int] = _opt(None, "Use only the first N reference images (default: the whole split).", "fid_metric")
@@ -129,8 +129,8 @@ class DDPMConfig:
     recon_factors: Optional[List[float]] = _opt(None, "Several noise levels in one run (replaces --recon_factor): each level's error is z-scored with in-distribution training images and the z-scores are averaged.", "ood")
     stats_samples: int = _opt(256, "In-distribution training images (never scored) whose per-level mean/std z-score --recon_factors.", "ood")
     recon_draws: int = _opt(1, "Independent noisings per image and level, their errors averaged (1: the original; more: a less noisy score).", "ood")
-    # ---- likelihood, inpainting, feature metrics (checks: ddpm_hf/feature_checks.py) ------------
-    nll: bool = _opt(False, "sample_ddpm.py: instead of sampling, the variational bound in bits/dim of --dataset's test split (--num_samples N: its first N images) into OUTPUT_DIR/nll.json (ddpm_hf/likelihood.py).", "nll")
+    # ---- likelihood, inpainting, feature metrics (checks: ddpm_hf/config/feature_checks.py) ------------
+    nll: bool = _opt(False, "sample_ddpm.py: instead of sampling, the variational bound in bits/dim of --dataset's test split (--num_samples N: its first N images) into OUTPUT_DIR/nll.json (ddpm_hf/diffusion/likelihood.py).", "nll")
     nll_timesteps: Optional[int] = _opt(None, "Estimate the bound from K model calls per image: L_0 plus K-1 of the other T-1 terms, drawn uniformly per image and weighted (T-1)/(K-1), with its standard error (default: all T, exact).", "likelihood")
     score: str = _opt("recon", "OOD score: recon (reconstruction, the original), nll (bits/dim of the variational bound) or both (mean of the two z-scores under --stats_samples in-distribution training images).", "ood", choices=("recon", "nll", "both"))
     inpaint: bool = _opt(False, "sample_ddpm.py: inpaint --dataset's test images (--num_samples N, default 16) with RePaint into OUTPUT_DIR/inpaint_grid.png (rows: original, masked, inpainted) and per-image PNGs; --sample_timesteps steps, --ddpm eta.", "inpaint")
@@ -139,7 +139,7 @@ class DDPMConfig:
     jump_n_sample: int = _opt(10, "RePaint's resampling count r: times each jump is made (1: no resampling).", "inpaint")
     fid_feature_extractor: str = _opt("inception", "Feature space of FID, KID and precision/recall/density/coverage: inception (standard FID) or dinov2 (transformers Dinov2Model, --dinov2_model).", "fid_metric", choices=("inception", "dinov2"))
     dinov2_model: str = _opt("facebook/dinov2-base", "DINOv2 weights for --fid_feature_extractor dinov2: a Hub id or a local folder.", "fid_metric")
-    # ---- Hugging Face Hub (ddpm_hf/hub.py) -------------------------------------------------
+    # ---- Hugging Face Hub (ddpm_hf/hub/upload.py) -------------------------------------------------
     push_to_hub: bool = _opt(False, "Upload the final pipeline and a model card to the Hub (never checkpoints/, tracker logs or tokens).", "hub_train")
     hub_strategy: str = _opt("end", "end: push once after training; every_save: also push the EMA pipeline at each checkpoint.", "hub_train", choices=("end", "every_save"))
     hub_model_id: Optional[str] = _opt(None, "Hub repository (user/name or name; default: the output folder's name).", "hub")

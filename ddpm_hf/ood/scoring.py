@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from .data import DataOptions, load_images, resolve_spec, to_model_range
-from .errors import DDPMError, UsageError
-from .latent import downsample_factor, encode
-from .losses import per_image_loss
-from .precision import inference_autocast
-from .sampling import (batch_generator, decode_latents, denoise, make_sampler, noise_scheduler_from_config,
+from ..data.images import DataOptions, load_images, resolve_spec, to_model_range
+from ..util.errors import DDPMError, UsageError
+from ..diffusion.latent import downsample_factor, encode
+from ..diffusion.losses import per_image_loss
+from ..util.precision import inference_autocast
+from ..diffusion.sampling import (batch_generator, decode_latents, denoise, make_sampler, noise_scheduler_from_config,
                        num_inference_steps)
 
 LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet, fetched by `lpips` on first use

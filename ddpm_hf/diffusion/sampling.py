@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .files import RETRY, atomic_write
+from ..util.files import RETRY, atomic_write
 from .latent import decode_latents  # noqa: F401  (latent models decode here; ood.py imports it from here)
 
 GRID_MAX = 256  # images in sample_ddpm.py's grid.png; only these are kept in memory

@@ -9,8 +9,8 @@ listed), the middle block always has attention, `num_head_channels` wins over
 import torch
 from diffusers import UNet2DModel
 
-from .config import DDPMConfig
-from .errors import UsageError
+from ..config.options import DDPMConfig
+from ..util.errors import UsageError
 
 
 def unet_kwargs(cfg: DDPMConfig, in_channels: int, sample_size: int) -> dict:

@@ -1,6 +1,6 @@
 """ood_ddpm.py --score nll|both: the variational bound (bits/dim) as the anomaly score.
 
---score nll: each image's bound in bits/dim (ddpm_hf/likelihood.py), higher = more anomalous.
+--score nll: each image's bound in bits/dim (ddpm_hf/diffusion/likelihood.py), higher = more anomalous.
 --score both: the mean of two z-scores, the reconstruction score's and the bound's, each
 standardised with the mean and standard deviation of in-distribution *training* images that are
 never scored (the --stats_samples images of the --recon_factors path): the two scores live on
@@ -11,7 +11,7 @@ reported, so one run compares them.
 
 import numpy as np
 
-from .likelihood import bits_per_dim, check_nll_timesteps, refuse_latent, summarise, unet_model_fn
+from ..diffusion.likelihood import bits_per_dim, check_nll_timesteps, refuse_latent, summarise, unet_model_fn
 
 NLL_STREAM = 10  # noise streams 10 + set id: never the reconstruction's (set id)
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .losses import elementwise_loss, min_snr_weights, per_image_loss, prediction_target
+from ..diffusion.losses import elementwise_loss, min_snr_weights, per_image_loss, prediction_target
 
 
 def make_optimizer(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:

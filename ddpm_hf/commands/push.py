@@ -1,7 +1,7 @@
 """Upload an existing output folder to the Hugging Face Hub (or retry a push that failed).
 
-    python -m ddpm_hf.push outputs/quickstart --hub_model_id user/ddpm-mnist
-    python -m ddpm_hf.push outputs/quickstart        # the --hub_model_id the run was trained with
+    python -m ddpm_hf.commands.push outputs/quickstart --hub_model_id user/ddpm-mnist
+    python -m ddpm_hf.commands.push outputs/quickstart        # the --hub_model_id the run was trained with
 
 The model card (README.md) is regenerated from the folder, with the metrics that OOD and
 FID runs wrote into it since training.
@@ -9,9 +9,9 @@ FID runs wrote into it since training.
 
 from pathlib import Path
 
-from .config import build_parser, parse_config
-from .errors import run_cli
-from .hub import default_repo_id, push_output
+from ..config.options import build_parser, parse_config
+from ..util.errors import run_cli
+from ..hub.upload import default_repo_id, push_output
 
 
 def _extra(parser):
@@ -21,8 +21,8 @@ def _extra(parser):
 
 @run_cli
 def main(argv=None):
-    parser = build_parser("python -m ddpm_hf.push", __doc__.strip().splitlines()[0], ("hub",), _extra,
-                          usage="python -m ddpm_hf.push OUTPUT_DIR [options]")
+    parser = build_parser("python -m ddpm_hf.commands.push", __doc__.strip().splitlines()[0], ("hub",), _extra,
+                          usage="python -m ddpm_hf.commands.push OUTPUT_DIR [options]")
     cfg, extra = parse_config(parser, argv)
     out = Path(cfg.output_dir)
     push_output(out, cfg.hub_model_id or default_repo_id(out), cfg.hub_token, cfg.hub_private_repo, cfg.hub_license,

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import DDPMError, UsageError
-from .hub_access import check_hub_repo, hub_offline, is_hub_id
+from ..util.errors import DDPMError, UsageError
+from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
 
 OFFLINE_HINT = "offline, use --dataset mnist5k or animalmnist (shipped in packages) or a local image folder"
 STREAM_SHARDS = 8  # shards of an in-memory dataset streamed with --streaming (split across processes)

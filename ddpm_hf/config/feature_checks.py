@@ -3,7 +3,7 @@
 
 import os
 
-from .errors import UsageError
+from ..util.errors import UsageError
 
 MASKS = ("random_box", "left_half", "center")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import to_model_range
-from .errors import DDPMError, UsageError
-from .hub_access import check_hub_repo, hub_offline, is_hub_id
+from ..data.images import to_model_range
+from ..util.errors import DDPMError, UsageError
+from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
 
 VAE_SUBFOLDERS = ("", "vae", "vqvae")  # a VAE folder, a Stable Diffusion pipeline, a ddpm-hf latent pipeline
 

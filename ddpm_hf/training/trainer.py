@@ -32,21 +32,21 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .checkpoints import CHECKPOINT_PREFIX, kill_hook, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import DDPMConfig
-from .data import StreamingBatches, batch_loader, load_images, stream_images, to_model_range
+from ..config.options import DDPMConfig
+from ..data.images import StreamingBatches, batch_loader, load_images, stream_images, to_model_range
 from .ema import ema_weights, make_ema
-from .errors import DDPMError, UsageError
-from .host_memory import keep_freed_memory
-from .hub import TrainingPush
-from .latent import encode_dataset, latent_format, load_training_vae, training_latents
-from .model import build_unet, count_parameters, unet_kwargs
+from ..util.errors import DDPMError, UsageError
+from ..util.host_memory import keep_freed_memory
+from ..hub.upload import TrainingPush
+from ..diffusion.latent import encode_dataset, latent_format, load_training_vae, training_latents
+from ..models.unet import build_unet, count_parameters, unet_kwargs
 from .monitoring import FidHook, save_grid, setup_tracker
-from .pipeline import public_config, save_pipeline
-from .precision import resolve_mixed_precision, warn_if_bf16_emulated
-from .sampling import GRID_MAX, generate, make_noise_scheduler, make_sampler, num_inference_steps
-from .files import write_text
-from .train_output import append_log, check_output_dir, prepare_output_dir, save_pipeline_atomically, trim_log
-from .training import diffusion_loss, draw_noise, make_lr_scheduler, make_optimizer, random_hflip
+from ..models.pipeline import public_config, save_pipeline
+from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
+from ..diffusion.sampling import GRID_MAX, generate, make_noise_scheduler, make_sampler, num_inference_steps
+from ..util.files import write_text
+from .output import append_log, check_output_dir, prepare_output_dir, save_pipeline_atomically, trim_log
+from .steps import diffusion_loss, draw_noise, make_lr_scheduler, make_optimizer, random_hflip
 
 EMA_FILE = "ema.safetensors"
 TRAINER_STATE = "trainer_state.json"  # data position, counters, EMA and LR-schedule state

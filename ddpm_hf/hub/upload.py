@@ -8,7 +8,7 @@ FID image folders or a token: the token is read from --hub_token, $HF_TOKEN or t
 stored login, only ever sent as a header, and every text file is checked for it first.
 
 A failed push leaves the output folder as it was and says how to retry:
-`python -m ddpm_hf.push OUTPUT_DIR --hub_model_id NAME`.
+`python -m ddpm_hf.commands.push OUTPUT_DIR --hub_model_id NAME`.
 """
 
 import json
@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from .errors import DDPMError, UsageError
-from .files import write_text
-from .hub_access import is_hub_id
+from ..util.errors import DDPMError, UsageError
+from ..util.files import write_text
+from ..util.hub_access import is_hub_id
 
 CARD_MARKER = "<!-- ddpm-hf model card: regenerated at every push; delete this line to keep your edits -->"
 EXTRA_FILES = ("ddpm_hf_config.json", "train_config.json", "train_log.jsonl")
@@ -183,7 +183,7 @@ def _dataset_ids(dataset: str, source: bool = True) -> tuple:
     """(name shown in the card, Hub dataset id or None) of a --dataset value. `source`: an offline
     registry dataset maps to the Hub dataset its images come from (mnist5k -> ylecun/mnist), right for
     the training data; metrics use source=False, since their splits are the offline dataset's own."""
-    from .data import REGISTRY
+    from ..data.images import REGISTRY
 
     if dataset in REGISTRY:
         return dataset, REGISTRY[dataset].hub_id or (SOURCE_DATASETS.get(dataset) if source else None)
@@ -258,7 +258,7 @@ def build_model_card(out: Path, repo_id: str, license: str = "mit", pipeline_dir
     from diffusers.utils.hub_utils import populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .sampling import num_inference_steps
+    from ..diffusion.sampling import num_inference_steps
 
     source = Path(pipeline_dir or out)
     config = _read_json(source / "ddpm_hf_config.json") or _read_json(out / "train_config.json")
@@ -383,7 +383,7 @@ def push_output(out, repo_id: str, token: Optional[str] = None, private: bool = 
         raise
     except Exception as err:
         raise DDPMError(f"push of {out} to the Hub repository {repo_id} at {_endpoint()} failed ({_describe(err, token)}); "
-                        f"the local output is intact; retry with: python -m ddpm_hf.push {shlex.quote(str(out))} --hub_model_id {shlex.quote(repo_id)}") from None
+                        f"the local output is intact; retry with: python -m ddpm_hf.commands.push {shlex.quote(str(out))} --hub_model_id {shlex.quote(repo_id)}") from None
     if pipeline_dir is None and not own_card:  # after success: the folder then mirrors the Hub repository
         write_text(readme, card_text, "the model card")
     print(f"pushed {len(operations)} files to {_endpoint()}/{repo_id} (commit {str(info.oid)[:8]})")

@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints
-from .config import DDPMConfig
-from .data import same_dataset
-from .errors import UsageError
-from .files import append_line, check_writable, clear_earlier_run, make_output_dir, read_json, simulate_disk_full, write_text, writing
-from .lock import ensure_not_in_use, lock_output_dir
+from ..config.options import DDPMConfig
+from ..data.images import same_dataset
+from ..util.errors import UsageError
+from ..util.files import append_line, check_writable, clear_earlier_run, make_output_dir, read_json, simulate_disk_full, write_text, writing
+from ..util.lock import ensure_not_in_use, lock_output_dir
 
 # Flags a resumed run must keep (the data, its order, the noise process, the batches): the checkpoint's
 # optimiser, data position and schedule mean nothing under others. --n_epochs / --max_train_steps may change.

@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from .data import to_uint8
+from ..data.images import to_uint8
 from .prediction import to_epsilon
 
 GRID_COLUMNS = 16

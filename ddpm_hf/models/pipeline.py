@@ -6,7 +6,7 @@ safetensors, `scheduler/` with T, betas and the original's DDIM settings) plus
 loads it with no custom code. A latent model (`--latent`) is saved as diffusers' stock
 `LDMPipeline` instead, with the frozen AutoencoderKL in `vqvae/` (LDMPipeline divides the
 latents by `vqvae.config.scaling_factor` and calls `decode`, as training does). `load_pipeline`
-reads a folder or Hub model back; `ddpm_hf.loader.load_model` is the one loader of every command
+reads a folder or Hub model back; `ddpm_hf.models.loader.load_model` is the one loader of every command
 (it also takes an original GenerativeZoo `.pt` checkpoint, converted on the fly by convert_gzoo.py).
 """
 
@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from .errors import DDPMError, UsageError
-from .files import read_json, safetensors_problem
+from ..util.errors import DDPMError, UsageError
+from ..util.files import read_json, safetensors_problem
 
 CONFIG_NAME = "ddpm_hf_config.json"
 SECRET_KEYS = ("hub_token",)

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 from .convert_gzoo import load_original_checkpoint
-from .errors import DDPMError, UsageError
-from .hub_access import check_hub_repo, hub_offline, is_hub_id
+from ..util.errors import DDPMError, UsageError
+from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
 from .pipeline import LoadedModel, _refuse_weight_file, check_pipeline_folder, load_pipeline
 
 

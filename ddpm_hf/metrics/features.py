@@ -23,8 +23,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .errors import DDPMError, UsageError
-from .hub_access import hub_offline, is_hub_id
+from ..util.errors import DDPMError, UsageError
+from ..util.hub_access import hub_offline, is_hub_id
 
 DINOV2_INPUT = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

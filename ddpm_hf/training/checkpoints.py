@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from .errors import DDPMError, UsageError
-from .files import read_json, safetensors_problem, simulate_disk_full, writing
+from ..util.errors import DDPMError, UsageError
+from ..util.files import read_json, safetensors_problem, simulate_disk_full, writing
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"

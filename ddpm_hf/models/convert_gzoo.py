@@ -8,7 +8,7 @@ is loaded). The renaming (seed-semantics.md, "Converting an original checkpoint"
 derived from those flags block by block, so a wrong flag shows up as keys or shapes that
 do not match, reported in one line.
 
-    python -m ddpm_hf.convert_gzoo --checkpoint DDPM_mnist_epoch100.pt --output_dir ddpm-mnist --timesteps 1000
+    python -m ddpm_hf.models.convert_gzoo --checkpoint DDPM_mnist_epoch100.pt --output_dir ddpm-mnist --timesteps 1000
 """
 
 import pickle
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .config import build_parser, parse_config
-from .errors import DDPMError, UsageError, run_cli
-from .files import make_output_dir
-from .latent import latent_format, load_vae
-from .model import build_unet
+from ..config.options import build_parser, parse_config
+from ..util.errors import DDPMError, UsageError, run_cli
+from ..util.files import make_output_dir
+from ..diffusion.latent import latent_format, load_vae
+from .unet import build_unet
 from .pipeline import LoadedModel, public_config, save_pipeline
-from .sampling import make_noise_scheduler, make_sampler
+from ..diffusion.sampling import make_noise_scheduler, make_sampler
 
 # ResBlock sub-modules: original name -> diffusers ResnetBlock2D name.
 RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
@@ -36,7 +36,7 @@ SHOWN = 4  # keys named per kind of mismatch in the one-line error
 
 def image_shape(cfg) -> tuple:
     """(channels, size) of the images, from the flags alone (the original read them from the dataset)."""
-    from .data import resolve_spec
+    from ..data.images import resolve_spec
 
     spec = resolve_spec(cfg.dataset)
     channels, size = cfg.channels or spec.channels, cfg.size or spec.size
@@ -139,7 +139,7 @@ def check_keys(state_dict: dict, unet, cfg, source: str) -> None:
     if first is not None and first.dim() == 4:
         hint = f" (its first conv has {first.shape[0]} channels and {first.shape[1]} input channel(s)"
         if first.shape[1] == 4 and not cfg.latent:
-            hint += "; 4 inputs suggest a latent LatDDPM_ checkpoint: add --latent (python -m ddpm_hf.convert_gzoo, sample_ddpm.py and ood_ddpm.py take it)"
+            hint += "; 4 inputs suggest a latent LatDDPM_ checkpoint: add --latent (python -m ddpm_hf.models.convert_gzoo, sample_ddpm.py and ood_ddpm.py take it)"
         hint += ")"
     raise UsageError(f"{source} does not match the given model flags ({'; '.join(parts)}); pass the flags it was "
                      f"trained with{hint}: --model_channels, --channel_mult, --num_res_blocks, --attention_resolutions, "
@@ -197,7 +197,7 @@ def read_state_dict(path) -> dict:
 
 def load_original_checkpoint(path, cfg=None, device="cpu") -> LoadedModel:
     """An original `.pt` file -> LoadedModel (UNet2DModel, noise schedule, training flags)."""
-    from .config import DDPMConfig
+    from ..config.options import DDPMConfig
 
     cfg = cfg or DDPMConfig()
     if cfg.prediction_type != "epsilon" or cfg.beta_schedule != "linear":
@@ -238,7 +238,7 @@ GROUPS = ("checkpoint", "output", "data", "model", "diffusion", "latent")
 
 @run_cli
 def main(argv=None):
-    parser = build_parser("python -m ddpm_hf.convert_gzoo", "Convert an original GenerativeZoo DDPM checkpoint (.pt) "
+    parser = build_parser("python -m ddpm_hf.models.convert_gzoo", "Convert an original GenerativeZoo DDPM checkpoint (.pt) "
                           "into a diffusers pipeline folder; pass the flags it was trained with.", GROUPS)
     cfg, _ = parse_config(parser, argv)
     convert(cfg)

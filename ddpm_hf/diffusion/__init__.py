@@ -1,0 +1,1 @@
+"""The diffusion maths: prediction types, losses, schedulers and the sampling loop, likelihoods, inpainting."""

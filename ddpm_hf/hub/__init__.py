@@ -1,0 +1,1 @@
+"""The Hugging Face Hub: id checks, offline mode, model cards and uploads."""

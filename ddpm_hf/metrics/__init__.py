@@ -1,0 +1,1 @@
+"""Image metrics: Inception/DINOv2 features and FID/KID."""

@@ -1,0 +1,1 @@
+"""Out-of-distribution detection: the reconstruction and likelihood scores and their metrics."""
