@@ -1,8 +1,8 @@
 """Flag out-of-distribution images by how badly a trained DDPM reconstructs them.
 
-    python ood_ddpm.py --config configs/quickstart.yaml --checkpoint outputs/quickstart
-    python ood_ddpm.py --checkpoint outputs/ddpm_cifar10 --dataset cifar10 --out_dataset svhn --lpips
-    python ood_ddpm.py --checkpoint outputs/quickstart --recon_factors 0.1 0.3 0.5 --max_samples 500
+python ood_ddpm.py --config configs/quickstart.yaml --checkpoint outputs/quickstart
+python ood_ddpm.py --checkpoint outputs/ddpm_cifar10 --dataset cifar10 --out_dataset svhn --lpips
+python ood_ddpm.py --checkpoint outputs/quickstart --recon_factors 0.1 0.3 0.5 --max_samples 500
 """
 
 import argparse
@@ -12,18 +12,31 @@ from ddpm_hf.config.options import build_parser, parse_config, script_help
 from ddpm_hf.util.errors import run_cli
 
 # model flags describe an original .pt checkpoint (converted on the fly); diffusion holds --loss_type.
-GROUPS = ("checkpoint", "data", "ood", "likelihood", "sampler", "diffusion", "batch", "precision", "seed", "output", "model", "latent")
+GROUPS = (
+    "checkpoint",
+    "data",
+    "ood",
+    "likelihood",
+    "sampler",
+    "diffusion",
+    "batch",
+    "precision",
+    "seed",
+    "output",
+    "model",
+    "latent",
+)
 # Training-only flags, and --scheduler (reconstruction is DDIM with eta --ddpm, as the original's).
 EXCLUDE = ("max_train_samples", "num_workers", "streaming", "shuffle_buffer_size", "scheduler", "cache_latents")
 HELPS = {
     "dataset": "In-distribution dataset, scored on its test split (a registry name, a Hub dataset id or an image folder).",
     "ddpm": "DDIM eta of the reconstruction: 1.0 is DDPM-like ancestral sampling, 0.0 deterministic DDIM.",
     "sample_timesteps": "Sampling steps of the whole chain (the original's step rule: T // (T // S)); a reconstruction "
-                        "runs the steps below its starting noise level.",
+    "runs the steps below its starting noise level.",
     "batch_size": "Images scored per batch.",
     "output_dir": "Folder of the OOD results (default: ood_results/<checkpoint name>).",
     "mixed_precision": "Autocast of the UNet while scoring (default: full precision); auto: bf16 where the device "
-                       "computes it natively, else no.",
+    "computes it natively, else no.",
     "loss_type": "Per-image reconstruction error of the score.",
 }
 NOTES = {
@@ -36,13 +49,19 @@ NOTES = {
 
 def _extra(parser):
     output = next(g for g in parser._action_groups if g.title == "output")
-    output.add_argument("--overwrite_output_dir", dest="overwrite_output_dir", action=argparse.BooleanOptionalAction,
-                        help="Replace OOD results already in --output_dir (default: refuse).")
+    output.add_argument(
+        "--overwrite_output_dir",
+        dest="overwrite_output_dir",
+        action=argparse.BooleanOptionalAction,
+        help="Replace OOD results already in --output_dir (default: refuse).",
+    )
 
 
 def build(prog="ood_ddpm.py"):
     description, epilog = script_help(__doc__)
-    return build_parser(prog, description, GROUPS, extra=_extra, epilog=epilog, exclude=EXCLUDE, helps=HELPS, notes=NOTES)
+    return build_parser(
+        prog, description, GROUPS, extra=_extra, epilog=epilog, exclude=EXCLUDE, helps=HELPS, notes=NOTES
+    )
 
 
 @run_cli

@@ -20,8 +20,8 @@ except ImportError:  # a checkout without the install, run as python benchmarks/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddpm_hf.config.options import DDPMConfig  # noqa: E402
 from ddpm_hf.diffusion.losses import elementwise_loss  # noqa: E402
-from ddpm_hf.models.unet import build_unet, count_parameters  # noqa: E402
 from ddpm_hf.diffusion.sampling import denoise, make_noise_scheduler, make_sampler  # noqa: E402
+from ddpm_hf.models.unet import build_unet, count_parameters  # noqa: E402
 
 
 def timed(fn, repeats):
@@ -66,14 +66,22 @@ def main():
     denoise(unet, sampler, x, sampler.timesteps[:1])  # warm-up
     sample_time = timed(lambda: denoise(unet, sampler, x, sampler.timesteps, eta=1.0), 2)
 
-    print(json.dumps(dict(
-        model="seed default UNet2DModel 1x32x32", parameters=count_parameters(unet), torch=torch.__version__,
-        threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
-        train_batch_size=args.batch_size, train_step_seconds=round(step_time, 4),
-        train_images_per_sec=round(args.batch_size / step_time, 2),
-        sample_batch_size=args.sample_batch,
-        sample_image_steps_per_sec=round(args.sample_batch * args.sample_steps / sample_time, 2),
-    )))
+    print(
+        json.dumps(
+            dict(
+                model="seed default UNet2DModel 1x32x32",
+                parameters=count_parameters(unet),
+                torch=torch.__version__,
+                threads=torch.get_num_threads(),
+                machine=platform.processor() or platform.machine(),
+                train_batch_size=args.batch_size,
+                train_step_seconds=round(step_time, 4),
+                train_images_per_sec=round(args.batch_size / step_time, 2),
+                sample_batch_size=args.sample_batch,
+                sample_image_steps_per_sec=round(args.sample_batch * args.sample_steps / sample_time, 2),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

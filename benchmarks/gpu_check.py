@@ -12,7 +12,6 @@ Arms run in order of importance until --budget_s is spent; the ones left are rep
 """
 
 import argparse
-import copy
 import json
 import platform
 import sys
@@ -28,12 +27,18 @@ from run import OurStep  # noqa: E402  (the trainer's step, shared with the CPU 
 from timing import log, sync  # noqa: E402
 
 from ddpm_hf.config.options import DDPMConfig  # noqa: E402
+from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
 from ddpm_hf.models.unet import build_unet, count_parameters  # noqa: E402
 from ddpm_hf.util.precision import inference_autocast  # noqa: E402
-from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
 
-CIFAR_DDPM = dict(model_channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2, attention_resolutions=[2],
-                  dropout=0.1, num_head_channels=64)
+CIFAR_DDPM = dict(
+    model_channels=128,
+    channel_mult=[1, 2, 2, 2],
+    num_res_blocks=2,
+    attention_resolutions=[2],
+    dropout=0.1,
+    num_head_channels=64,
+)
 TARGET_CIFAR_BF16_IMAGES_PER_SEC = 2700  # the DDPM paper's TPU v3-8 rate
 
 
@@ -53,7 +58,9 @@ def parse(argv):
 def models(args) -> dict:
     """{name: (config, channels)} of the UNets to train."""
     if args.tiny:
-        return {"tiny": (DDPMConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2]), 1)}
+        return {
+            "tiny": (DDPMConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2]), 1)
+        }
     return {"ddpm_cifar10": (DDPMConfig(**CIFAR_DDPM), 3), "seed_default": (DDPMConfig(), 1)}
 
 
@@ -77,8 +84,12 @@ def train_arm(cfg, channels, precision, compiled, args) -> dict:
         step()
     sync(args.device)
     seconds = time.perf_counter() - start
-    return dict(images_per_sec=round(args.batch * args.steps / seconds, 1), warmup_seconds=round(warmup, 1),
-                parameters=count_parameters(unet), peak_memory_gb=peak_memory_gb(args.device))
+    return dict(
+        images_per_sec=round(args.batch * args.steps / seconds, 1),
+        warmup_seconds=round(warmup, 1),
+        parameters=count_parameters(unet),
+        peak_memory_gb=peak_memory_gb(args.device),
+    )
 
 
 def sample_arm(cfg, channels, precision, args) -> dict:
@@ -120,13 +131,19 @@ def plan(args) -> list:
             continue
         for name, (cfg, channels) in models(args).items():
             for precision in ("bf16", "no"):
-                label = f"train_{name}_{'bf16' if precision == 'bf16' else 'fp32_tf32'}{'_compiled' if compiled else ''}"
+                label = (
+                    f"train_{name}_{'bf16' if precision == 'bf16' else 'fp32_tf32'}{'_compiled' if compiled else ''}"
+                )
                 arms.append((label, lambda c=cfg, ch=channels, p=precision, k=compiled: train_arm(c, ch, p, k, args)))
         if not compiled:
             cfg, channels = next(iter(models(args).values()))
             for precision in ("bf16", "no"):
-                arms.append((f"sample_{next(iter(models(args)))}_{'bf16' if precision == 'bf16' else 'fp32_tf32'}",
-                             lambda p=precision, c=cfg, ch=channels: sample_arm(c, ch, p, args)))
+                arms.append(
+                    (
+                        f"sample_{next(iter(models(args)))}_{'bf16' if precision == 'bf16' else 'fp32_tf32'}",
+                        lambda p=precision, c=cfg, ch=channels: sample_arm(c, ch, p, args),
+                    )
+                )
             arms.append(("fid_features", lambda: fid_arm(args)))
     return arms
 
@@ -136,8 +153,15 @@ def main(argv=None):
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 arms are "fp32/TF32": what an Ampere+ GPU runs
         torch.backends.cudnn.allow_tf32 = True
-    result = dict(machine=dict(device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
-                               torch=torch.__version__, batch=args.batch, timed_steps=args.steps, tiny=args.tiny))
+    result = dict(
+        machine=dict(
+            device=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+            torch=torch.__version__,
+            batch=args.batch,
+            timed_steps=args.steps,
+            tiny=args.tiny,
+        )
+    )
     start = time.perf_counter()
     for name, arm in plan(args):
         if time.perf_counter() - start > args.budget_s:
@@ -151,9 +175,18 @@ def main(argv=None):
         log(f"gpu_check: {name}: {result[name]}")
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    best = [v["images_per_sec"] for k, v in result.items() if k.startswith("train_ddpm_cifar10_bf16") and isinstance(v, dict)]
-    result["targets"] = {f"cifar10_unet_bf16_train_images_per_sec>={TARGET_CIFAR_BF16_IMAGES_PER_SEC}":
-                         (max(best) >= TARGET_CIFAR_BF16_IMAGES_PER_SEC) if best else None}
+    best = [
+        v["images_per_sec"]
+        for k, v in result.items()
+        if k.startswith("train_ddpm_cifar10_bf16") and isinstance(v, dict)
+    ]
+    result["targets"] = {
+        f"cifar10_unet_bf16_train_images_per_sec>={TARGET_CIFAR_BF16_IMAGES_PER_SEC}": (
+            max(best) >= TARGET_CIFAR_BF16_IMAGES_PER_SEC
+        )
+        if best
+        else None
+    }
     result["seconds"] = round(time.perf_counter() - start, 1)
     line = json.dumps(result)
     if args.json:

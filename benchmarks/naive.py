@@ -18,12 +18,14 @@ from torchvision import transforms
 
 def per_item_transform(resolution: int, channels: int):
     """The example's `transform_images`: one PIL image at a time."""
-    augmentations = transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5], [0.5]),
-    ])
+    augmentations = transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
     mode = "L" if channels == 1 else "RGB"
 
     def transform_images(examples):
@@ -35,21 +37,40 @@ def per_item_transform(resolution: int, channels: int):
 def per_item_loader(dataset, resolution: int, channels: int, batch_size: int, seed: int = 0):
     """A DataLoader over a `datasets.Dataset` with an Image column, transformed per item."""
     dataset = dataset.with_transform(per_item_transform(resolution, channels))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0,
-                                       generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 class NaiveStep:
     """One optimiser step per call, as the example's loop body does it."""
 
-    def __init__(self, unet: UNet2DModel, dataset, resolution: int, batch_size: int, timesteps: int = 300,
-                 lr: float = 1e-3, weight_decay: float = 1e-5, device="cpu"):
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        dataset,
+        resolution: int,
+        batch_size: int,
+        timesteps: int = 300,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        device="cpu",
+    ):
         self.unet, self.device = unet.to(device).train(), device
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="linear")
         self.optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=weight_decay)
-        self.lr_scheduler = get_scheduler("cosine", optimizer=self.optimizer, num_warmup_steps=500, num_training_steps=10**6)
-        self.ema = EMAModel(unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4,
-                            model_cls=UNet2DModel, model_config=unet.config)
+        self.lr_scheduler = get_scheduler(
+            "cosine", optimizer=self.optimizer, num_warmup_steps=500, num_training_steps=10**6
+        )
+        self.ema = EMAModel(
+            unet.parameters(),
+            decay=0.9999,
+            use_ema_warmup=True,
+            inv_gamma=1.0,
+            power=3 / 4,
+            model_cls=UNet2DModel,
+            model_config=unet.config,
+        )
         self.ema.to(device)
         loader = per_item_loader(dataset, resolution, unet.config.in_channels, batch_size)
         self.batches = self._endless(loader)  # re-iterated every epoch: every image transformed every time
@@ -62,8 +83,9 @@ class NaiveStep:
     def __call__(self) -> float:
         clean_images = next(self.batches)["input"].to(self.device)
         noise = torch.randn(clean_images.shape, device=self.device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (clean_images.shape[0],),
-                                  device=self.device).long()
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (clean_images.shape[0],), device=self.device
+        ).long()
         noisy_images = self.noise_scheduler.add_noise(clean_images, noise, timesteps)
         model_output = self.unet(noisy_images, timesteps).sample
         loss = F.mse_loss(model_output.float(), noise.float())
@@ -83,19 +105,38 @@ class OriginalStep(NaiveStep):
     (`ema = rate * ema + (1 - rate) * p`). The UNet is the diffusers model that an original checkpoint
     converts to exactly (its module code is the original's only part not measured here)."""
 
-    def __init__(self, unet: UNet2DModel, dataset, resolution: int, batch_size: int, timesteps: int = 300,
-                 lr: float = 1e-3, weight_decay: float = 1e-5, ema_rate: float = 0.999, device="cpu"):
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        dataset,
+        resolution: int,
+        batch_size: int,
+        timesteps: int = 300,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        ema_rate: float = 0.999,
+        device="cpu",
+    ):
         super().__init__(unet, dataset, resolution, batch_size, timesteps, lr, weight_decay, device)
         self.lr_scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=lr, total_steps=10**6, pct_start=0.1, anneal_strategy="cos", cycle_momentum=False,
-            div_factor=lr / 1e-6, final_div_factor=1)
+            self.optimizer,
+            max_lr=lr,
+            total_steps=10**6,
+            pct_start=0.1,
+            anneal_strategy="cos",
+            cycle_momentum=False,
+            div_factor=lr / 1e-6,
+            final_div_factor=1,
+        )
         self.ema_rate = ema_rate
         self.ema_params = [p.detach().clone() for p in unet.parameters()]
 
     def __call__(self) -> float:
         clean_images = next(self.batches)["input"].to(self.device)
         noise = torch.randn_like(clean_images)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (clean_images.shape[0],), device=self.device)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (clean_images.shape[0],), device=self.device
+        )
         loss = F.smooth_l1_loss(self.unet(self.noise_scheduler.add_noise(clean_images, noise, t), t).sample, noise)
         self.optimizer.zero_grad()
         loss.backward()

@@ -44,18 +44,31 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default="outputs/quickstart", help="trained pipeline folder (make demo's model)")
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument("--out_dataset", default="animalmnist")
-    p.add_argument("--steps", type=int, nargs="+", default=[300, 150, 100, 50, 30, 20, 10], help="--sample_timesteps values")
-    p.add_argument("--factors", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5], help="levels of the multi-level score")
+    p.add_argument(
+        "--steps", type=int, nargs="+", default=[300, 150, 100, 50, 30, 20, 10], help="--sample_timesteps values"
+    )
+    p.add_argument(
+        "--factors", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5], help="levels of the multi-level score"
+    )
     p.add_argument("--max_samples", type=int, default=200, help="images of each test set, the same for every setting")
-    p.add_argument("--stats_samples", type=int, default=256, help="training images of the multi-level z-scores (seed default)")
+    p.add_argument(
+        "--stats_samples", type=int, default=256, help="training images of the multi-level z-scores (seed default)"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget_minutes", type=float, default=55.0, help="skip settings whose extrapolated end is past this")
+    p.add_argument(
+        "--budget_minutes", type=float, default=55.0, help="skip settings whose extrapolated end is past this"
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples for the AUROC differences")
     p.add_argument("--work_dir", default="/tmp/ood_nfe_runs", help="each run's ood_ddpm.py output folder goes here")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "ood_nfe.json"))
-    p.add_argument("--machine", default=None, help="label of the machine in the JSON (default: /proc/cpuinfo's model name)")
-    p.add_argument("--reuse", action="store_true",
-                   help="take a setting's results from --work_dir when an earlier run there had the same flags (marked 'reused')")
+    p.add_argument(
+        "--machine", default=None, help="label of the machine in the JSON (default: /proc/cpuinfo's model name)"
+    )
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take a setting's results from --work_dir when an earlier run there had the same flags (marked 'reused')",
+    )
     p.add_argument("--plot_only", action="store_true")
     p.add_argument("--table", action="store_true", help="print the results JSON as a Markdown table, run nothing")
     return p.parse_args(argv)
@@ -67,7 +80,11 @@ def machine_label():
         name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
         flags = next(line for line in info.splitlines() if line.startswith("flags"))
         cores = sum(line.startswith("processor") for line in info.splitlines())
-        avx = "AVX512-BF16" if "avx512_bf16" in flags else ("AVX-512 without BF16" if "avx512f" in flags else "no AVX-512")
+        avx = (
+            "AVX512-BF16"
+            if "avx512_bf16" in flags
+            else ("AVX-512 without BF16" if "avx512f" in flags else "no AVX-512")
+        )
         return f"{cores}-core {name}, {avx}"
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
@@ -82,8 +99,8 @@ def settings(args):
 def plan(factors, S, scheduler_config):
     """Network evaluations per image of one setting (no model call: the timestep plan only), or the reason
     it cannot run (a level's t* below the first sampling timestep)."""
-    from ddpm_hf.util.errors import UsageError
     from ddpm_hf.ood.scoring import plan_levels
+    from ddpm_hf.util.errors import UsageError
 
     try:
         _, levels = plan_levels(factors, scheduler_config, S)
@@ -93,9 +110,23 @@ def plan(factors, S, scheduler_config):
 
 
 def flags_of(args, mode, S, factors, out_dir):
-    argv = ["--checkpoint", args.checkpoint, "--dataset", args.dataset, "--out_dataset", args.out_dataset,
-            "--sample_timesteps", str(S), "--max_samples", str(args.max_samples), "--seed", str(args.seed),
-            "--output_dir", str(out_dir), "--overwrite_output_dir"]
+    argv = [
+        "--checkpoint",
+        args.checkpoint,
+        "--dataset",
+        args.dataset,
+        "--out_dataset",
+        args.out_dataset,
+        "--sample_timesteps",
+        str(S),
+        "--max_samples",
+        str(args.max_samples),
+        "--seed",
+        str(args.seed),
+        "--output_dir",
+        str(out_dir),
+        "--overwrite_output_dir",
+    ]
     if mode == "multi":
         argv += ["--recon_factors", *map(str, factors), "--stats_samples", str(args.stats_samples)]
     return argv
@@ -107,9 +138,21 @@ def earlier_results(args, mode, S, factors, out_dir):
     if not (args.reuse and earlier.exists() and (out_dir / "scores.csv").exists()):
         return None
     results = json.loads(earlier.read_text())
-    wanted = {"dataset": args.dataset, "out_dataset": args.out_dataset, "recon_factors": factors, "sample_timesteps": S,
-              "max_samples": args.max_samples, "seed": args.seed, "ddpm_eta": 1.0, "batch_size": 128, "loss_type": "huber",
-              "recon_draws": 1, "lpips": False, "score": "recon", "stats_samples": args.stats_samples if mode == "multi" else None}
+    wanted = {
+        "dataset": args.dataset,
+        "out_dataset": args.out_dataset,
+        "recon_factors": factors,
+        "sample_timesteps": S,
+        "max_samples": args.max_samples,
+        "seed": args.seed,
+        "ddpm_eta": 1.0,
+        "batch_size": 128,
+        "loss_type": "huber",
+        "recon_draws": 1,
+        "lpips": False,
+        "score": "recon",
+        "stats_samples": args.stats_samples if mode == "multi" else None,
+    }
     same_model = Path(results["model"]["checkpoint"]).resolve() == Path(args.checkpoint).resolve()
     return results if same_model and all(results["settings"].get(k) == v for k, v in wanted.items()) else None
 
@@ -118,15 +161,17 @@ def run_setting(args, mode, S, factors, out_dir):
     """One ood_ddpm.py run: (results, wall seconds). Beside its results it leaves SIDECAR: this process's CPU
     seconds (all threads) and the 1-minute load average at the end, to show how much of the shared CPU it had."""
     import ood_ddpm
-    from ddpm_hf.config.options import parse_config
     from ddpm_hf.commands.ood import run_ood
+    from ddpm_hf.config.options import parse_config
 
     cfg, _ = parse_config(ood_ddpm.build(), flags_of(args, mode, S, factors, out_dir))
     assert (cfg.ddpm, cfg.batch_size, cfg.loss_type, cfg.recon_draws) == (1.0, 128, "huber", 1), "seed defaults changed"
     start, cpu = time.perf_counter(), time.process_time()
     results = run_ood(cfg)
     wall = time.perf_counter() - start
-    (out_dir / SIDECAR).write_text(json.dumps({"cpu_s": round(time.process_time() - cpu, 1), "load_avg_1min": os.getloadavg()[0]}))
+    (out_dir / SIDECAR).write_text(
+        json.dumps({"cpu_s": round(time.process_time() - cpu, 1), "load_avg_1min": os.getloadavg()[0]})
+    )
     return results, wall
 
 
@@ -170,11 +215,21 @@ def recommend(rows):
     done = [r for r in rows if "auroc" in r]
     within = [r for r in done if r["auroc"] >= ref["auroc"] - TOLERANCE]
     best = min(within, key=lambda r: (r["nfe_per_image"], r["report_minutes"]))
-    better = [r for r in done if r["mode"] == "multi" and r["auroc"] > ref["auroc"] and r["report_minutes"] < ref["report_minutes"]]
+    better = [
+        r
+        for r in done
+        if r["mode"] == "multi" and r["auroc"] > ref["auroc"] and r["report_minutes"] < ref["report_minutes"]
+    ]
     cheapest_better = min(better, key=lambda r: (r["nfe_per_image"], r["report_minutes"])) if better else None
-    tag = lambda r: r and {k: r[k] for k in ("mode", "sample_timesteps", "nfe_per_image", "auroc", "report_minutes", "flags")}
-    return {"rule": f"cheapest setting (NFE/image) whose AUROC is >= the seed default's (single level, S=300) - {TOLERANCE}",
-            "reference": tag(ref), "recommended": tag(best), "multi_level_beating_reference_cheaper": tag(cheapest_better)}
+    tag = lambda r: (
+        r and {k: r[k] for k in ("mode", "sample_timesteps", "nfe_per_image", "auroc", "report_minutes", "flags")}
+    )
+    return {
+        "rule": f"cheapest setting (NFE/image) whose AUROC is >= the seed default's (single level, S=300) - {TOLERANCE}",
+        "reference": tag(ref),
+        "recommended": tag(best),
+        "multi_level_beating_reference_cheaper": tag(cheapest_better),
+    }
 
 
 def plot(doc, path):
@@ -186,8 +241,10 @@ def plot(doc, path):
     rows = [r for r in doc["settings"] if "auroc" in r]
     ref = next(r for r in rows if r.get("reference"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, label, marker in (("single", "single level (recon_factor 0.5, the seed default)", "o"),
-                                ("multi", "multi level (0.1-0.5, z-scored)", "s")):
+    for mode, label, marker in (
+        ("single", "single level (recon_factor 0.5, the seed default)", "o"),
+        ("multi", "multi level (0.1-0.5, z-scored)", "s"),
+    ):
         pts = sorted((r["nfe_per_image"], r["auroc"], r["sample_timesteps"]) for r in rows if r["mode"] == mode)
         if not pts:
             continue
@@ -198,8 +255,11 @@ def plot(doc, path):
     ax.axhspan(ref["auroc"] - TOLERANCE, ref["auroc"], color="grey", alpha=0.15, label=f"within {TOLERANCE} of it")
     ax.set_xscale("log")
     c = doc["counts"]
-    ax.set(xlabel="network evaluations per image (log)", ylabel="AUROC (OOD positive)",
-           title=f"{doc['dataset']} vs {doc['out_dataset']}: {c['in']} / {c['out']} test images, eta 1.0")
+    ax.set(
+        xlabel="network evaluations per image (log)",
+        ylabel="AUROC (OOD positive)",
+        title=f"{doc['dataset']} vs {doc['out_dataset']}: {c['in']} / {c['out']} test images, eta 1.0",
+    )
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -208,17 +268,31 @@ def plot(doc, path):
 
 def table(doc):
     """docs/ood.md's table: one row per setting, measured or skipped."""
-    lines = ["| score | S | NFE / image | AUROC | ΔAUROC (± paired SE) | FPR95 | AUPR-in | AUPR-out | images/s | default report (derived) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| score | S | NFE / image | AUROC | ΔAUROC (± paired SE) | FPR95 | AUPR-in | AUPR-out | images/s | default report (derived) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in doc["settings"]:
-        name = "single level 0.5" + (" (seed default)" if r["reference"] else "") if r["mode"] == "single" else "multi level 0.1-0.5"
+        name = (
+            "single level 0.5" + (" (seed default)" if r["reference"] else "")
+            if r["mode"] == "single"
+            else "multi level 0.1-0.5"
+        )
         if "auroc" not in r:
-            why = f"~{r['estimated_s'] / 60:.0f} min extrapolated" if "estimated_s" in r else "a level below the first timestep"
-            lines.append(f"| {name} | {r['sample_timesteps']} | {r.get('nfe_per_image', '-')} | not run: {why} | | | | | | |")
+            why = (
+                f"~{r['estimated_s'] / 60:.0f} min extrapolated"
+                if "estimated_s" in r
+                else "a level below the first timestep"
+            )
+            lines.append(
+                f"| {name} | {r['sample_timesteps']} | {r.get('nfe_per_image', '-')} | not run: {why} | | | | | | |"
+            )
             continue
         delta = "reference" if r["reference"] else f"{r['delta_auroc']:+.4f} ± {r['delta_auroc_se']:.4f}"
-        lines.append(f"| {name} | {r['sample_timesteps']} | {r['nfe_per_image']} | **{r['auroc']:.4f}** | {delta} | {r['fpr95']:.3f} | "
-                     f"{r['aupr_in']:.3f} | {r['aupr_out']:.3f} | {r['images_per_s']:.2f} | {r['report_minutes']:.0f} min |")
+        lines.append(
+            f"| {name} | {r['sample_timesteps']} | {r['nfe_per_image']} | **{r['auroc']:.4f}** | {delta} | {r['fpr95']:.3f} | "
+            f"{r['aupr_in']:.3f} | {r['aupr_out']:.3f} | {r['images_per_s']:.2f} | {r['report_minutes']:.0f} min |"
+        )
     return "\n".join(lines)
 
 
@@ -238,15 +312,27 @@ def main(argv=None):
     report = full_counts(args)
     todo = [(m, s, f, plan(f, s, scheduler_config)) for m, s, f in settings(args)]
     ref_key = ("single", max(args.steps))
-    rows, scores = [{"mode": m, "sample_timesteps": s, "levels": f, "reference": False, "skipped": f"impossible: {nfe}"}
-                    for m, s, f, nfe in todo if isinstance(nfe, str)], {}
+    rows, scores = (
+        [
+            {"mode": m, "sample_timesteps": s, "levels": f, "reference": False, "skipped": f"impossible: {nfe}"}
+            for m, s, f, nfe in todo
+            if isinstance(nfe, str)
+        ],
+        {},
+    )
     todo = [t for t in todo if not isinstance(t[3], str)]
     # reference first, then single level cheapest first, then multi level cheapest first
     todo.sort(key=lambda t: ((t[0], t[1]) != ref_key, t[0] == "multi", t[3]))
     rate = {}  # mode -> image-NFE per second measured so far (total, seconds)
     for mode, S, factors, nfe in todo:
         images = 2 * args.max_samples + (args.stats_samples if mode == "multi" else 0)
-        row = {"mode": mode, "sample_timesteps": S, "levels": factors, "nfe_per_image": nfe, "reference": (mode, S) == ref_key}
+        row = {
+            "mode": mode,
+            "sample_timesteps": S,
+            "levels": factors,
+            "nfe_per_image": nfe,
+            "reference": (mode, S) == ref_key,
+        }
         out_dir = Path(args.work_dir) / f"{mode}_S{S}"
         earlier = earlier_results(args, mode, S, factors, out_dir)
         known = rate.get(mode) or rate.get("single")
@@ -254,13 +340,18 @@ def main(argv=None):
             estimate = nfe * images / (known[0] / known[1])
             elapsed = time.perf_counter() - start
             if elapsed + estimate > args.budget_minutes * 60:
-                row.update(skipped=f"extrapolated {estimate / 60:.1f} min at the {mode if mode in rate else 'single'}-level "
-                                   f"throughput measured so far; {elapsed / 60:.1f} min spent of the {args.budget_minutes:g} min budget",
-                           estimated_s=round(estimate, 1))
+                row.update(
+                    skipped=f"extrapolated {estimate / 60:.1f} min at the {mode if mode in rate else 'single'}-level "
+                    f"throughput measured so far; {elapsed / 60:.1f} min spent of the {args.budget_minutes:g} min budget",
+                    estimated_s=round(estimate, 1),
+                )
                 print(f"== skip {mode} S={S}: {row['skipped']}", flush=True)
                 rows.append(row)
                 continue
-        print(f"== {mode} S={S}: {nfe} NFE/image, {images} images" + (f" (reusing {out_dir})" if earlier else ""), flush=True)
+        print(
+            f"== {mode} S={S}: {nfe} NFE/image, {images} images" + (f" (reusing {out_dir})" if earlier else ""),
+            flush=True,
+        )
         if earlier:
             res, wall, reused = earlier, earlier["timing"]["total_s"], True
         else:
@@ -270,11 +361,21 @@ def main(argv=None):
         rate[mode] = (total + nfe * res["counts"]["scored"], secs + t["score_s"])
         report_images = report["in"] + report["out"] + (args.stats_samples if mode == "multi" else 0)
         row.update({k: round(res[k], 4) for k in METRICS})
-        row.update(per_level_auroc={f"{lv['recon_factor']:g}": round(lv["auroc"], 4) for lv in res["per_level"]} if mode == "multi" else None,
-                   model_calls_per_batch=res["cost"]["model_calls_per_batch"], counts=res["counts"],
-                   images_per_s=round(t["images_per_s"], 3), score_s=round(t["score_s"], 1), seconds=round(wall, 1),
-                   reused=reused, report_images=report_images, report_minutes=round(report_images / t["images_per_s"] / 60, 2),
-                   flags="--sample_timesteps %d" % S + (" --recon_factors " + " ".join(f"{f:g}" for f in factors) if mode == "multi" else ""))
+        row.update(
+            per_level_auroc={f"{lv['recon_factor']:g}": round(lv["auroc"], 4) for lv in res["per_level"]}
+            if mode == "multi"
+            else None,
+            model_calls_per_batch=res["cost"]["model_calls_per_batch"],
+            counts=res["counts"],
+            images_per_s=round(t["images_per_s"], 3),
+            score_s=round(t["score_s"], 1),
+            seconds=round(wall, 1),
+            reused=reused,
+            report_images=report_images,
+            report_minutes=round(report_images / t["images_per_s"] / 60, 2),
+            flags="--sample_timesteps %d" % S
+            + (" --recon_factors " + " ".join(f"{f:g}" for f in factors) if mode == "multi" else ""),
+        )
         sidecar = out_dir / SIDECAR
         row.update(json.loads(sidecar.read_text()) if sidecar.exists() else {"cpu_s": None, "load_avg_1min": None})
         scores[(mode, S)] = read_scores(out_dir / "scores.csv")
@@ -284,22 +385,37 @@ def main(argv=None):
     for row in rows:
         if "auroc" in row and not row["reference"]:
             row["delta_auroc"] = round(row["auroc"] - ref_auroc, 4)
-            row["delta_auroc_se"] = round(paired_bootstrap(ref_scores, scores[(row["mode"], row["sample_timesteps"])], args.bootstrap), 4)
+            row["delta_auroc_se"] = round(
+                paired_bootstrap(ref_scores, scores[(row["mode"], row["sample_timesteps"])], args.bootstrap), 4
+            )
     rows.sort(key=lambda r: (r["mode"] == "multi", -r["sample_timesteps"]))
     import torch
 
     doc = {
         "what": "AUROC against network evaluations per image (NFE) of ood_ddpm.py, paired: the same images and seed in every setting",
-        "machine": args.machine or machine_label(), "torch_threads": torch.get_num_threads(),
-        "checkpoint": args.checkpoint, "dataset": args.dataset, "out_dataset": args.out_dataset,
+        "machine": args.machine or machine_label(),
+        "torch_threads": torch.get_num_threads(),
+        "checkpoint": args.checkpoint,
+        "dataset": args.dataset,
+        "out_dataset": args.out_dataset,
         "counts": {"in": args.max_samples, "out": args.max_samples, "stats_multi_level": args.stats_samples},
-        "fixed": {"ddpm_eta": 1.0, "loss_type": "huber", "batch_size": 128, "mixed_precision": "no (fp32)", "seed": args.seed,
-                  "max_samples": args.max_samples},
-        "default_report": {**report, "stats_multi_level": args.stats_samples,
-                           "note": "report_minutes = the default report's images (every test image, plus the statistics images of the "
-                                   "multi-level score) / the setting's measured images/s: derived, not measured; model and data "
-                                   "loading (seconds) not included"},
-        "budget_minutes": args.budget_minutes, "study_minutes": round((time.perf_counter() - start) / 60, 1),
+        "fixed": {
+            "ddpm_eta": 1.0,
+            "loss_type": "huber",
+            "batch_size": 128,
+            "mixed_precision": "no (fp32)",
+            "seed": args.seed,
+            "max_samples": args.max_samples,
+        },
+        "default_report": {
+            **report,
+            "stats_multi_level": args.stats_samples,
+            "note": "report_minutes = the default report's images (every test image, plus the statistics images of the "
+            "multi-level score) / the setting's measured images/s: derived, not measured; model and data "
+            "loading (seconds) not included",
+        },
+        "budget_minutes": args.budget_minutes,
+        "study_minutes": round((time.perf_counter() - start) / 60, 1),
         "reused_minutes": round(sum(r["seconds"] for r in rows if r.get("reused")) / 60, 1),
         "command": "python benchmarks/ood_nfe.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": rows,

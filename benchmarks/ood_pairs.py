@@ -67,8 +67,10 @@ def build_folder(name: str, n: int, root: Path) -> Path:
         old.unlink()
     test = load_images("mnist5k", "test", DDPMConfig(), progress=False).images  # (1000, 1, 28, 28) uint8
     if OUT_OFFSET + n > len(test):
-        raise SystemExit(f"error: --max_samples {n} too large: only {len(test) - OUT_OFFSET} test digits from {OUT_OFFSET}")
-    digits = transform(name, test[OUT_OFFSET:OUT_OFFSET + n, 0].numpy())
+        raise SystemExit(
+            f"error: --max_samples {n} too large: only {len(test) - OUT_OFFSET} test digits from {OUT_OFFSET}"
+        )
+    digits = transform(name, test[OUT_OFFSET : OUT_OFFSET + n, 0].numpy())
     for i, img in enumerate(digits):
         Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")
     return folder
@@ -78,11 +80,35 @@ def run_pair(args, pair: str) -> dict:
     out = pair if pair == "animalmnist" else str(build_folder(pair, args.max_samples, args.work_dir / "folders"))
     model = Path(args.checkpoint).name
     out_dir = args.work_dir / model / pair
-    cmd = [sys.executable, str(REPO / "ood_ddpm.py"), "--checkpoint", args.checkpoint, "--dataset", "mnist5k",
-           "--out_dataset", out, "--score", "both", "--sample_timesteps", str(args.sample_timesteps),
-           "--recon_factors", *map(str, args.recon_factors), "--max_samples", str(args.max_samples),
-           "--stats_samples", str(args.stats_samples), "--nll_timesteps", str(args.nll_timesteps),
-           "--mixed_precision", "no", "--seed", "0", "--output_dir", str(out_dir), "--overwrite_output_dir"]
+    cmd = [
+        sys.executable,
+        str(REPO / "ood_ddpm.py"),
+        "--checkpoint",
+        args.checkpoint,
+        "--dataset",
+        "mnist5k",
+        "--out_dataset",
+        out,
+        "--score",
+        "both",
+        "--sample_timesteps",
+        str(args.sample_timesteps),
+        "--recon_factors",
+        *map(str, args.recon_factors),
+        "--max_samples",
+        str(args.max_samples),
+        "--stats_samples",
+        str(args.stats_samples),
+        "--nll_timesteps",
+        str(args.nll_timesteps),
+        "--mixed_precision",
+        "no",
+        "--seed",
+        "0",
+        "--output_dir",
+        str(out_dir),
+        "--overwrite_output_dir",
+    ]
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -91,7 +117,10 @@ def run_pair(args, pair: str) -> dict:
     per = res["per_score"]
     sets = res["likelihood"]["sets"]
     return {
-        "out": pair, "out_dataset": out if pair == "animalmnist" else f"mnist5k test {OUT_OFFSET}..{OUT_OFFSET + args.max_samples - 1}, {pair}",
+        "out": pair,
+        "out_dataset": out
+        if pair == "animalmnist"
+        else f"mnist5k test {OUT_OFFSET}..{OUT_OFFSET + args.max_samples - 1}, {pair}",
         "auroc": {k: round(v["auroc"], 4) for k, v in per.items()},
         "fpr95_in_positive": {k: round(v["fpr95_in_positive"], 4) for k, v in per.items()},
         "bpd_mean": {k: round(v["bpd_mean"], 4) for k, v in sets.items() if "bpd_mean" in v},
@@ -115,13 +144,17 @@ def machine() -> str:
 
 
 def table(results: dict) -> str:
-    rows = ["| model | in / out | AUROC recon | AUROC nll | AUROC both | bits/dim in / out | seconds |",
-            "|---|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| model | in / out | AUROC recon | AUROC nll | AUROC both | bits/dim in / out | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for model, pairs in results.get("models", {}).items():
         for pair, r in pairs.items():
             a, b = r["auroc"], r["bpd_mean"]
-            rows.append(f"| {model} | mnist5k / {pair} | {a['recon']:.3f} | {a['nll']:.3f} | {a.get('both', float('nan')):.3f} "
-                        f"| {b.get('in', float('nan')):.3f} / {b.get('out', float('nan')):.3f} | {r['seconds']:.0f} |")
+            rows.append(
+                f"| {model} | mnist5k / {pair} | {a['recon']:.3f} | {a['nll']:.3f} | {a.get('both', float('nan')):.3f} "
+                f"| {b.get('in', float('nan')):.3f} / {b.get('out', float('nan')):.3f} | {r['seconds']:.0f} |"
+            )
     return "\n".join(rows)
 
 
@@ -134,7 +167,9 @@ def main(argv=None):
     p.add_argument("--sample_timesteps", type=int, default=20)
     p.add_argument("--recon_factors", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
     p.add_argument("--nll_timesteps", type=int, default=30)
-    p.add_argument("--work_dir", type=Path, default=Path("/tmp/ddpm_hf_ood_pairs"), help="image folders and ood_ddpm.py outputs")
+    p.add_argument(
+        "--work_dir", type=Path, default=Path("/tmp/ddpm_hf_ood_pairs"), help="image folders and ood_ddpm.py outputs"
+    )
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "likelihood" / "ood_pairs.json")
     p.add_argument("--table_only", action="store_true")
     args = p.parse_args(argv)
@@ -146,7 +181,9 @@ def main(argv=None):
             results["models"].setdefault(model, {})[pair] = run_pair(args, pair)
             results["machine"] = machine()
             args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps(results, indent=2) + "\n")  # after every pair: a stopped run keeps its results
+            args.output.write_text(
+                json.dumps(results, indent=2) + "\n"
+            )  # after every pair: a stopped run keeps its results
     print(table(results))
 
 

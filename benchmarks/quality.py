@@ -30,17 +30,24 @@ TRAIN_IMAGES = 4000  # mnist5k's training split: one epoch
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument("--recipes", nargs="+", type=Path, default=None, help="recipe YAML files (default: all of benchmarks/recipes/)")
+    p.add_argument(
+        "--recipes", nargs="+", type=Path, default=None, help="recipe YAML files (default: all of benchmarks/recipes/)"
+    )
     p.add_argument("--base", type=Path, default=RECIPES / "_base.yaml", help="settings every recipe starts from")
     p.add_argument("--images", type=int, default=20_000, help="budget: training images seen per recipe")
     p.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (4,000 images each)")
     p.add_argument("--fid_num_samples", type=int, default=1000)
     p.add_argument("--parallel", type=int, default=1, help="recipes trained at once (a GPU takes several)")
-    p.add_argument("--speed_steps", type=int, default=0, help="also time N optimiser steps of each recipe on this machine")
+    p.add_argument(
+        "--speed_steps", type=int, default=0, help="also time N optimiser steps of each recipe on this machine"
+    )
     p.add_argument("--output_dir", type=Path, default=REPO / "benchmarks" / "results" / "quality")
     p.add_argument("--plot_only", action="store_true", help="redraw quality.png from OUTPUT_DIR/quality.json")
-    p.add_argument("--speed_only", action="store_true",
-                   help="with --speed_steps: add this machine's training speed to an existing OUTPUT_DIR/quality.json")
+    p.add_argument(
+        "--speed_only",
+        action="store_true",
+        help="with --speed_steps: add this machine's training speed to an existing OUTPUT_DIR/quality.json",
+    )
     p.add_argument("train_flags", nargs=argparse.REMAINDER, help="after --: flags passed to every train_ddpm.py run")
     args = p.parse_args(argv)
     args.train_flags = [f for f in args.train_flags if f != "--"]
@@ -53,9 +60,27 @@ def recipe_config(base: Path, recipe: Path) -> dict:
 
 
 def train_command(config_path: Path, out: Path, epochs: int, args, extra=()) -> list:
-    return [sys.executable, str(REPO / "train_ddpm.py"), "--config", str(config_path), "--output_dir", str(out),
-            "--overwrite_output_dir", "--n_epochs", str(epochs), "--report_to", "none", "--seed", "0",
-            "--checkpointing_steps", "1000000", "--sample_and_save_freq", "1000000", *extra, *args.train_flags]
+    return [
+        sys.executable,
+        str(REPO / "train_ddpm.py"),
+        "--config",
+        str(config_path),
+        "--output_dir",
+        str(out),
+        "--overwrite_output_dir",
+        "--n_epochs",
+        str(epochs),
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--checkpointing_steps",
+        "1000000",
+        "--sample_and_save_freq",
+        "1000000",
+        *extra,
+        *args.train_flags,
+    ]
 
 
 def launch(name: str, config: dict, args, speed=False) -> tuple:
@@ -69,8 +94,14 @@ def launch(name: str, config: dict, args, speed=False) -> tuple:
         cmd = train_command(config_path, out, 1, args, extra)
     else:
         epochs = max(round(args.images / TRAIN_IMAGES), 1)
-        extra = ["--eval_fid_every", str(args.eval_every), "--fid_num_samples", str(args.fid_num_samples),
-                 "--fid_reference", "mnist5k"]
+        extra = [
+            "--eval_fid_every",
+            str(args.eval_every),
+            "--fid_num_samples",
+            str(args.fid_num_samples),
+            "--fid_reference",
+            "mnist5k",
+        ]
         cmd = train_command(config_path, out, epochs, args, extra)
     log = open(out.parent / f"{name}.log", "w")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -89,7 +120,10 @@ def run_all(jobs: dict, args, speed=False) -> dict:
             if proc.poll() is not None:
                 done[name] = (proc.returncode, time.time() - start, out)
                 del running[name]
-                print(f"{'speed' if speed else 'quality'} run {name}: exit {proc.returncode} after {done[name][1]:.0f} s", flush=True)
+                print(
+                    f"{'speed' if speed else 'quality'} run {name}: exit {proc.returncode} after {done[name][1]:.0f} s",
+                    flush=True,
+                )
     return done
 
 
@@ -99,8 +133,16 @@ def read_points(out: Path, config: dict) -> list:
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     per_step = config.get("batch_size", 128) * config.get("gradient_accumulation_steps", 1)
     # A partial last batch makes an epoch a little less than its steps x batch: count whole epochs as 4,000.
-    return [dict(images=min(r["step"] * per_step, (r["epoch"] + 1) * TRAIN_IMAGES), epoch=r["epoch"] + 1, fid=r["fid"],
-                 kid=r["kid_mean"]) for r in records if "fid" in r]
+    return [
+        dict(
+            images=min(r["step"] * per_step, (r["epoch"] + 1) * TRAIN_IMAGES),
+            epoch=r["epoch"] + 1,
+            fid=r["fid"],
+            kid=r["kid_mean"],
+        )
+        for r in records
+        if "fid" in r
+    ]
 
 
 def read_speed(out: Path) -> float:
@@ -119,13 +161,17 @@ def floor(args) -> dict:
 
     flags = dict(zip(args.train_flags[::2], args.train_flags[1::2]))
     max_ref = flags.get("--fid_reference_max")
-    cfg = DDPMConfig(dataset="mnist5k", size=28, inception_weights=flags.get("--inception_weights"),
-                     fid_reference_max=int(max_ref) if max_ref else None)
+    cfg = DDPMConfig(
+        dataset="mnist5k",
+        size=28,
+        inception_weights=flags.get("--inception_weights"),
+        fid_reference_max=int(max_ref) if max_ref else None,
+    )
     device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
     evaluator = FIDEvaluator(cfg, "mnist5k", "train", device=device)
     test = load_images("mnist5k", "test", cfg, size=28, channels=1)
-    result = evaluator.evaluate(test.images[:args.fid_num_samples])
-    return dict(fid=result["fid"], kid=result["kid_mean"], images=len(test.images[:args.fid_num_samples]))
+    result = evaluator.evaluate(test.images[: args.fid_num_samples])
+    return dict(fid=result["fid"], kid=result["kid_mean"], images=len(test.images[: args.fid_num_samples]))
 
 
 def plot(results: dict, path: Path) -> None:
@@ -135,13 +181,24 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    ranked = sorted(results["recipes"].items(), key=lambda kv: min([p["fid"] for p in kv[1].get("points", [])] or [1e9]))
+    ranked = sorted(
+        results["recipes"].items(), key=lambda kv: min([p["fid"] for p in kv[1].get("points", [])] or [1e9])
+    )
     for i, (name, r) in enumerate(ranked):  # 20 colours, and line styles, so that no two recipes look alike
         if r.get("points"):
-            ax.plot([p["images"] for p in r["points"]], [p["fid"] for p in r["points"]], marker="o", ms=3, label=name,
-                    color=plt.cm.tab20(i % 20), ls=("-", "--", ":")[i // 20 % 3] if i < 20 else "-.")
+            ax.plot(
+                [p["images"] for p in r["points"]],
+                [p["fid"] for p in r["points"]],
+                marker="o",
+                ms=3,
+                label=name,
+                color=plt.cm.tab20(i % 20),
+                ls=("-", "--", ":")[i // 20 % 3] if i < 20 else "-.",
+            )
     if results.get("floor"):
-        ax.axhline(results["floor"]["fid"], ls="--", color="k", label=f"held-out digits ({results['floor']['fid']:.1f})")
+        ax.axhline(
+            results["floor"]["fid"], ls="--", color="k", label=f"held-out digits ({results['floor']['fid']:.1f})"
+        )
     ax.set_yscale("log")
     ax.set_xlabel("training images seen")
     ax.set_ylabel(f"FID ({results['fid_num_samples']} EMA samples vs mnist5k train)")
@@ -158,15 +215,27 @@ def fid_at(points: list, images: int):
 
 def table(results: dict, early: int = 8000) -> str:
     """One row per recipe, best final FID first; the FID at `early` images compares runs stopped early too."""
-    lines = [f"| recipe | images seen | CPU minutes | FID at {early:,} | FID | KID ×1000 |", "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| recipe | images seen | CPU minutes | FID at {early:,} | FID | KID ×1000 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     done = {k: r for k, r in results["recipes"].items() if r.get("points")}
-    for name, r in sorted(done.items(), key=lambda kv: (kv[1]["points"][-1]["images"] < results["images_budget"], kv[1]["points"][-1]["fid"])):
+    for name, r in sorted(
+        done.items(),
+        key=lambda kv: (kv[1]["points"][-1]["images"] < results["images_budget"], kv[1]["points"][-1]["fid"]),
+    ):
         last, ips = r["points"][-1], r.get("train_images_per_sec")
         minutes = f"{last['images'] / ips / 60:.1f}" if ips else "–"
         at = fid_at(r["points"], early)
-        lines.append(f"| {name} | {last['images']:,} | {minutes} | {f'{at:.1f}' if at else '–'} | {last['fid']:.1f} | "
-                     f"{1000 * last['kid']:.1f} |")
-    lines += [f"| {name} | – | – | – | failed (exit {r.get('exit_code')}) | – |" for name, r in results["recipes"].items() if not r.get("points")]
+        lines.append(
+            f"| {name} | {last['images']:,} | {minutes} | {f'{at:.1f}' if at else '–'} | {last['fid']:.1f} | "
+            f"{1000 * last['kid']:.1f} |"
+        )
+    lines += [
+        f"| {name} | – | – | – | failed (exit {r.get('exit_code')}) | – |"
+        for name, r in results["recipes"].items()
+        if not r.get("points")
+    ]
     return "\n".join(lines)
 
 
@@ -180,15 +249,23 @@ def main(argv=None):
         print(table(results))
         return
     configs = {r.stem: recipe_config(args.base, r) for r in args.recipes}
-    results = dict(images_budget=args.images, fid_num_samples=args.fid_num_samples, base=str(args.base.resolve().relative_to(REPO)),
-                   train_flags=args.train_flags, recipes={})
+    results = dict(
+        images_budget=args.images,
+        fid_num_samples=args.fid_num_samples,
+        base=str(args.base.resolve().relative_to(REPO)),
+        train_flags=args.train_flags,
+        recipes={},
+    )
     if args.speed_only:
         results = json.loads(path.read_text())
     if args.speed_steps:
         import platform
 
-        results["speed_machine"] = dict(cpu=platform.processor() or platform.machine(), threads=os.cpu_count(),
-                                        avx512_bf16="avx512_bf16" in Path("/proc/cpuinfo").read_text())
+        results["speed_machine"] = dict(
+            cpu=platform.processor() or platform.machine(),
+            threads=os.cpu_count(),
+            avx512_bf16="avx512_bf16" in Path("/proc/cpuinfo").read_text(),
+        )
         for name, (code, _, out) in run_all(configs, args, speed=True).items():
             results["recipes"].setdefault(name, {})["train_images_per_sec"] = read_speed(out) if code == 0 else None
     if args.speed_only:
@@ -197,7 +274,8 @@ def main(argv=None):
         return
     for name, (code, seconds, out) in run_all(configs, args).items():
         results["recipes"].setdefault(name, {}).update(
-            config=configs[name], exit_code=code, wall_seconds=round(seconds, 1), points=read_points(out, configs[name]))
+            config=configs[name], exit_code=code, wall_seconds=round(seconds, 1), points=read_points(out, configs[name])
+        )
     results["floor"] = floor(args)
     path.write_text(json.dumps(results, indent=1))
     plot(results, args.output_dir / "quality.png")

@@ -52,27 +52,54 @@ os.environ["HF_DATASETS_CACHE"] = str(SCRATCH / "datasets_cache")  # imagefolder
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from diffusers import DDIMPipeline, UNet2DModel  # noqa: E402
-
-from ddpm_hf.config.options import DDPMConfig  # noqa: E402
-from ddpm_hf.data.images import batch_loader, load_images, to_model_range  # noqa: E402
-from ddpm_hf.models.unet import build_unet, count_parameters, unet_kwargs  # noqa: E402
-from ddpm_hf.util.precision import inference_autocast, native_bf16  # noqa: E402
-from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
-from ddpm_hf.training.ema import PlainEMA  # noqa: E402
-from ddpm_hf.training.trainer import CPU_MICRO_BATCH, Trainer  # noqa: E402
 from naive import NaiveStep, OriginalStep, per_item_loader  # noqa: E402
 from timing import ProcessArm, interleave, log, rate, speedup, sync  # noqa: E402
 
-QUICK = dict(train_batches=[32, 128], train_rounds=2, sample_batches=[16], sample_steps=3, sample_rounds=2, ood_images=8,
-             ood_sample_timesteps=30, data_rounds=2, matmul_n=1024, component_rounds=5, leak_steps=0,
-             fid_batch=16, fid_rounds=2, fid_inputs=["1x28"])
-FULL = dict(train_batches=[32, 128], train_rounds=4, sample_batches=[16, 128], sample_steps=5, sample_rounds=3, ood_images=8,
-            ood_sample_timesteps=300, data_rounds=3, matmul_n=2048, component_rounds=10, leak_steps=1000,
-            fid_batch=64, fid_rounds=5, fid_inputs=["1x28", "3x32"])
+from ddpm_hf.config.options import DDPMConfig  # noqa: E402
+from ddpm_hf.data.images import batch_loader, load_images, to_model_range  # noqa: E402
+from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
+from ddpm_hf.models.unet import build_unet, count_parameters, unet_kwargs  # noqa: E402
+from ddpm_hf.training.ema import PlainEMA  # noqa: E402
+from ddpm_hf.training.trainer import CPU_MICRO_BATCH, Trainer  # noqa: E402
+from ddpm_hf.util.precision import inference_autocast, native_bf16  # noqa: E402
+
+QUICK = dict(
+    train_batches=[32, 128],
+    train_rounds=2,
+    sample_batches=[16],
+    sample_steps=3,
+    sample_rounds=2,
+    ood_images=8,
+    ood_sample_timesteps=30,
+    data_rounds=2,
+    matmul_n=1024,
+    component_rounds=5,
+    leak_steps=0,
+    fid_batch=16,
+    fid_rounds=2,
+    fid_inputs=["1x28"],
+)
+FULL = dict(
+    train_batches=[32, 128],
+    train_rounds=4,
+    sample_batches=[16, 128],
+    sample_steps=5,
+    sample_rounds=3,
+    ood_images=8,
+    ood_sample_timesteps=300,
+    data_rounds=3,
+    matmul_n=2048,
+    component_rounds=10,
+    leak_steps=1000,
+    fid_batch=64,
+    fid_rounds=5,
+    fid_inputs=["1x28", "3x32"],
+)
 MULTI_LEVEL = [0.1, 0.2, 0.3, 0.4, 0.5]
 
 
 # ---- machine -------------------------------------------------------------------------------
+
 
 def cpu_flags() -> set:
     try:
@@ -91,17 +118,35 @@ def rss_mb(field: str = "VmRSS", pid="self") -> float:
 
 
 def machine(device, threads) -> dict:
-    name = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                 if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    info = dict(cpu=name, cores=os.cpu_count(), threads=threads, device=str(device), torch=torch.__version__,
-                bf16=native_bf16(device), cpu_bf16_flags=sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags()),
-                load_average_start=[round(x, 2) for x in os.getloadavg()])
+    name = (
+        next(
+            (
+                l.split(":", 1)[1].strip()
+                for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor()
+    )
+    info = dict(
+        cpu=name,
+        cores=os.cpu_count(),
+        threads=threads,
+        device=str(device),
+        torch=torch.__version__,
+        bf16=native_bf16(device),
+        cpu_bf16_flags=sorted({"avx512_bf16", "amx_bf16", "amx_tile"} & cpu_flags()),
+        load_average_start=[round(x, 2) for x in os.getloadavg()],
+    )
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
 # ---- models and data ---------------------------------------------------------------------
+
 
 def seed_model(cfg, init="original") -> UNet2DModel:
     """The seed's default UNet; `init="random"` skips the original's zero init (non-trivial outputs for sampling)."""
@@ -128,7 +173,12 @@ class Inputs:
         from PIL import Image
 
         self.folder.mkdir(exist_ok=True)
-        raw = torch.cat([load_images("mnist5k", split, self.cfg, size=28, channels=1, progress=False).images for split in ("train", "test")])
+        raw = torch.cat(
+            [
+                load_images("mnist5k", split, self.cfg, size=28, channels=1, progress=False).images
+                for split in ("train", "test")
+            ]
+        )
         for i, a in enumerate(raw):
             Image.fromarray(a[0].numpy()).save(self.folder / f"{i:05d}.png")
 
@@ -155,12 +205,20 @@ class OurStep:
         device = torch.device(device)
         if channels_last:
             unet.to(memory_format=torch.channels_last)
-        trainer = Trainer.for_step(dataclasses.replace(cfg, max_train_steps=10**6),  # the LR schedule never runs out
-                                   unet, images, Accelerator(cpu=device.type == "cpu", mixed_precision="no"))
+        trainer = Trainer.for_step(
+            dataclasses.replace(cfg, max_train_steps=10**6),  # the LR schedule never runs out
+            unet,
+            images,
+            Accelerator(cpu=device.type == "cpu", mixed_precision="no"),
+        )
         if channels_last:
-            trainer.model_input = lambda batch: Trainer.model_input(trainer, batch).contiguous(memory_format=torch.channels_last)
+            trainer.model_input = lambda batch: Trainer.model_input(trainer, batch).contiguous(
+                memory_format=torch.channels_last
+            )
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        trainer.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if precision != "no" else contextlib.nullcontext
+        trainer.autocast = (
+            (lambda: torch.autocast(device.type, dtype=dtype)) if precision != "no" else contextlib.nullcontext
+        )
         trainer.unet.train()
         self.trainer, self.batches = trainer, self._endless()
 
@@ -179,13 +237,23 @@ class OurStep:
 
 # ---- sections ------------------------------------------------------------------------------
 
+
 def bench_train(cfg, s, device, bf16, args, inputs) -> dict:
     """Every batch size of s["train_batches"]: the original's step, the naive one and ours, interleaved."""
     return {f"batch_{batch}": train_arms(cfg, s, batch, device, bf16, args, inputs) for batch in s["train_batches"]}
 
 
-def train_arm(kind: str, batch: int, threads: int, device: str, precision="no", micro_batch_size=None,
-              channels_last=False, compiled=False, keep_freed_memory=True):
+def train_arm(
+    kind: str,
+    batch: int,
+    threads: int,
+    device: str,
+    precision="no",
+    micro_batch_size=None,
+    channels_last=False,
+    compiled=False,
+    keep_freed_memory=True,
+):
     """One training arm, built in its own worker process (timing.ProcessArm) on the same seeded model:
     "original" and "naive" as their programs run (glibc's allocator as it comes), "ours" as
     train_ddpm.py runs (the Trainer's step, its allocator policy: ddpm_hf/util/host_memory.py)."""
@@ -196,8 +264,14 @@ def train_arm(kind: str, batch: int, threads: int, device: str, precision="no", 
         return (OriginalStep if kind == "original" else NaiveStep)(base, inputs.png_dataset(), 32, batch, device=device)
     if not keep_freed_memory:
         os.environ["DDPM_HF_KEEP_FREED_MEMORY"] = "0"
-    step = OurStep(base, inputs.decoded(), DDPMConfig(batch_size=batch, micro_batch_size=micro_batch_size), precision,
-                   device, channels_last=channels_last)
+    step = OurStep(
+        base,
+        inputs.decoded(),
+        DDPMConfig(batch_size=batch, micro_batch_size=micro_batch_size),
+        precision,
+        device,
+        channels_last=channels_last,
+    )
     if compiled:
         step.compile()
         step()
@@ -224,24 +298,42 @@ def train_arm_plan(batch: int, device, bf16: bool, args) -> dict:
 
 def train_arms(cfg, s, batch, device, bf16, args, inputs) -> dict:
     inputs.decoded()  # the PNG files exist before the workers read them
-    log(f"train: batch {batch}: starting the arms' worker processes" + (" (compiling: minutes on a CPU)" if args.compile else ""))
-    arms = {name: ProcessArm(train_arm, batch=batch, threads=args.threads, device=str(device), **kw)
-            for name, kw in train_arm_plan(batch, device, bf16, args).items()}
+    log(
+        f"train: batch {batch}: starting the arms' worker processes"
+        + (" (compiling: minutes on a CPU)" if args.compile else "")
+    )
+    arms = {
+        name: ProcessArm(train_arm, batch=batch, threads=args.threads, device=str(device), **kw)
+        for name, kw in train_arm_plan(batch, device, bf16, args).items()
+    }
     # The roofline's matmuls run interleaved with the training steps: both see the same machine load.
-    matmuls = {f"matmul_{name}": matmul_arm(s["matmul_n"], dtype, device) for name, dtype in
-               (("fp32", torch.float32), ("bf16", torch.bfloat16)) if name == "fp32" or bf16}
+    matmuls = {
+        f"matmul_{name}": matmul_arm(s["matmul_n"], dtype, device)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        if name == "fp32" or bf16
+    }
     log(f"train: batch {batch}, arms {', '.join(arms)} (and {', '.join(matmuls)}), each in its own process")
     try:
         # Three warm-up steps each: a fresh process's first steps are slower (the original's took up to
         # 1.7x its later ones while glibc's allocator adapted); the rounds compare steady states.
-        times = interleave({**arms, **{k: v[0] for k, v in matmuls.items()}}, s["train_rounds"], warmup=3, device=device, label=f"train {batch}")
+        times = interleave(
+            {**arms, **{k: v[0] for k, v in matmuls.items()}},
+            s["train_rounds"],
+            warmup=3,
+            device=device,
+            label=f"train {batch}",
+        )
         peak_rss = {name: rss_mb("VmHWM", arm.process.pid) for name, arm in arms.items()}  # data, model, optimiser, EMA
     finally:
         for arm in arms.values():
             arm.close()
     result = {name: rate(times[name], batch) for name in arms}
-    result["speedup_vs_original"] = {name: speedup(times[name], times["original_fp32"]) for name in arms if name.startswith("ours")}
-    result["speedup_vs_naive"] = {name: speedup(times[name], times["naive_fp32"]) for name in arms if name.startswith("ours")}
+    result["speedup_vs_original"] = {
+        name: speedup(times[name], times["original_fp32"]) for name in arms if name.startswith("ours")
+    }
+    result["speedup_vs_naive"] = {
+        name: speedup(times[name], times["naive_fp32"]) for name in arms if name.startswith("ours")
+    }
     result["interleaved_matmul_gflops"] = {name: rate(times[name], flops / 1e9) for name, (_, flops) in matmuls.items()}
     result["peak_rss_mb"] = peak_rss
     result["arms"] = "each in its own worker process, interleaved one step at a time"
@@ -255,21 +347,30 @@ def bench_sample(cfg, s, device, bf16) -> dict:
     pipe.set_progress_bar_config(disable=True)
     steps, out = s["sample_steps"], {}
     for n in s["sample_batches"]:
+
         def ours(precision):
             sampler = make_sampler("ddim", noise_scheduler.config)
             with inference_autocast(precision, device):
                 return sample_batch(unet, sampler, n, steps, 1.0, torch.Generator().manual_seed(0))
 
-        arms = {"stock_ddim_pipeline": lambda: pipe(batch_size=n, num_inference_steps=steps, eta=1.0,
-                                                    generator=torch.Generator().manual_seed(0), output_type="np"),
-                "ours_fp32": lambda: ours("no")}
+        arms = {
+            "stock_ddim_pipeline": lambda: pipe(
+                batch_size=n,
+                num_inference_steps=steps,
+                eta=1.0,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            ),
+            "ours_fp32": lambda: ours("no"),
+        }
         if bf16:
             arms["ours_bf16"] = lambda: ours("bf16")
         log(f"sample: batch {n}, {steps} DDIM steps")
         times = interleave(arms, s["sample_rounds"], warmup=1, device=device, label=f"sample {n}")
         result = {name: rate(t, n * steps) for name, t in times.items()}
-        result["speedup_vs_stock"] = {name: speedup(times[name], times["stock_ddim_pipeline"])
-                                      for name in arms if name != "stock_ddim_pipeline"}
+        result["speedup_vs_stock"] = {
+            name: speedup(times[name], times["stock_ddim_pipeline"]) for name in arms if name != "stock_ddim_pipeline"
+        }
         if bf16:  # same noise: how far bf16 moves the samples (images in [-1, 1])
             result["bf16_max_abs_diff_vs_fp32"] = round(float((ours("bf16") - ours("no")).abs().max()), 4)
         out[f"batch_{n}"] = result
@@ -285,7 +386,7 @@ def bench_ood(cfg, s, device, inputs) -> dict:
     handle = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
     noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)
     loaded = SimpleNamespace(unet=unet, vae=None, train_config={}, scheduler_config=dict(noise_scheduler.config))
-    images = inputs.decoded()[:s["ood_images"]]
+    images = inputs.decoded()[: s["ood_images"]]
     ood_cfg = DDPMConfig(sample_timesteps=s["ood_sample_timesteps"], batch_size=len(images))
     out = dict(images=len(images), sample_timesteps=s["ood_sample_timesteps"], timesteps=cfg.timesteps)
     for name, factors in (("default", [ood_cfg.recon_factor]), ("multi_level", MULTI_LEVEL)):
@@ -297,9 +398,13 @@ def bench_ood(cfg, s, device, inputs) -> dict:
         scorer.score_batch(images, torch.Generator().manual_seed(0))
         sync(device)
         elapsed = time.perf_counter() - start
-        out[name] = dict(recon_factors=factors, images_per_sec=round(len(images) / elapsed, 4),
-                         network_evaluations_per_image=sum(rows) / len(images), model_calls_per_batch=len(rows),
-                         model_calls_if_levels_ran_one_by_one=sum(len(l.timesteps) for l in levels))
+        out[name] = dict(
+            recon_factors=factors,
+            images_per_sec=round(len(images) / elapsed, 4),
+            network_evaluations_per_image=sum(rows) / len(images),
+            model_calls_per_batch=len(rows),
+            model_calls_if_levels_ran_one_by_one=sum(len(l.timesteps) for l in levels),
+        )
     handle.remove()
     return out
 
@@ -323,7 +428,9 @@ def bench_data(cfg, s, inputs) -> dict:
     result = {name: rate(t, n) for name, t in times.items()}
     result["speedup_vs_per_item_pil"] = speedup(times["ours"], times["per_item_pil"])
     result["ours_decode_once_seconds"] = round(inputs.decode_seconds, 2)
-    result["ours_first_epoch_images_per_sec"] = round(n / (inputs.decode_seconds + statistics.median(times["ours"]["wall"])), 1)
+    result["ours_first_epoch_images_per_sec"] = round(
+        n / (inputs.decode_seconds + statistics.median(times["ours"]["wall"])), 1
+    )
     result["images"] = n
     return result
 
@@ -338,7 +445,7 @@ def matmul_gflops(n: int, dtype, device, repeats=5) -> dict:
         a @ b
         sync(device)
         times.append(time.perf_counter() - start)
-    flops = 2 * n ** 3
+    flops = 2 * n**3
     return dict(best=round(flops / min(times) / 1e9, 1), median=round(flops / statistics.median(times) / 1e9, 1))
 
 
@@ -354,7 +461,7 @@ def matmul_arm(n: int, dtype, device, seconds: float = 1.0):
         for _ in range(repeats):
             a @ b
 
-    return run, 2 * n ** 3 * repeats
+    return run, 2 * n**3 * repeats
 
 
 def model_flops(cfg, device) -> dict:
@@ -384,26 +491,69 @@ def bench_components(cfg, s, device) -> dict:
         for p in m.parameters():
             p.grad = torch.randn_like(p) * 1e-3
     params = list(base.parameters())
-    emas = {"ema_stock": EMAModel(params, decay=0.999), "ema_stock_foreach": EMAModel(params, decay=0.999, foreach=True),
-            "ema_ours_lerp": PlainEMA(params, decay=0.999, min_decay=0.999, use_ema_warmup=False)}
+    emas = {
+        "ema_stock": EMAModel(params, decay=0.999),
+        "ema_stock_foreach": EMAModel(params, decay=0.999, foreach=True),
+        "ema_ours_lerp": PlainEMA(params, decay=0.999, min_decay=0.999, use_ema_warmup=False),
+    }
     for e in emas.values():
         e.to(device)
     arms = {f"adamw_{k}": (lambda k=k: opts[k].step()) for k in opts}
     arms.update({k: (lambda e=e: e.step(params)) for k, e in emas.items()})
     times = interleave(arms, s["component_rounds"], warmup=1, device=device, label="components")
-    return {k: dict(median_ms=round(1000 * statistics.median(t["wall"]), 2), best_ms=round(1000 * min(t["wall"]), 2),
-                    cpu_median_ms=round(1000 * statistics.median(t["cpu"]), 2)) for k, t in times.items()}
+    return {
+        k: dict(
+            median_ms=round(1000 * statistics.median(t["wall"]), 2),
+            best_ms=round(1000 * min(t["wall"]), 2),
+            cpu_median_ms=round(1000 * statistics.median(t["cpu"]), 2),
+        )
+        for k, t in times.items()
+    }
 
 
 def bench_leak(steps: int, threads: int) -> dict:
     """RSS of train_ddpm.py (tiny model, mnist5k) sampled at every logged step of a `steps`-step run."""
     out = SCRATCH / "leak_run"
     log_every = max(steps // 40, 1)
-    cmd = [sys.executable, str(REPO / "train_ddpm.py"), "--dataset", "mnist5k", "--max_train_samples", "512", "--batch_size", "32",
-           "--size", "16", "--model_channels", "32", "--channel_mult", "1", "2", "--num_res_blocks", "1",
-           "--attention_resolutions", "2", "--timesteps", "100", "--sample_timesteps", "10", "--num_samples", "4",
-           "--max_train_steps", str(steps), "--logging_steps", str(log_every), "--checkpointing_steps", str(max(steps // 2, 1)),
-           "--sample_and_save_freq", "100000", "--no_wandb", "--output_dir", str(out), "--overwrite_output_dir"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train_ddpm.py"),
+        "--dataset",
+        "mnist5k",
+        "--max_train_samples",
+        "512",
+        "--batch_size",
+        "32",
+        "--size",
+        "16",
+        "--model_channels",
+        "32",
+        "--channel_mult",
+        "1",
+        "2",
+        "--num_res_blocks",
+        "1",
+        "--attention_resolutions",
+        "2",
+        "--timesteps",
+        "100",
+        "--sample_timesteps",
+        "10",
+        "--num_samples",
+        "4",
+        "--max_train_steps",
+        str(steps),
+        "--logging_steps",
+        str(log_every),
+        "--checkpointing_steps",
+        str(max(steps // 2, 1)),
+        "--sample_and_save_freq",
+        "100000",
+        "--no_wandb",
+        "--output_dir",
+        str(out),
+        "--overwrite_output_dir",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     log(f"leak: train_ddpm.py, tiny model, {steps} steps")
     errors = SCRATCH / "leak_stderr.txt"  # a file, not a pipe: a full pipe would stall the trainer
@@ -426,9 +576,16 @@ def bench_leak(steps: int, threads: int) -> dict:
     after = {k: v for k, v in samples.items() if k >= warm}
     reference = after[min(after)]
     growth = max(after.values()) / reference - 1
-    return dict(steps=steps, warmup_steps=warm, rss_mb_at_warmup=reference, rss_mb_max_after=max(after.values()),
-                rss_mb_last=after[max(after)], growth_after_warmup=round(growth, 4), flat_within_5_percent=growth <= 0.05,
-                samples={str(k): v for k, v in sorted(samples.items())})
+    return dict(
+        steps=steps,
+        warmup_steps=warm,
+        rss_mb_at_warmup=reference,
+        rss_mb_max_after=max(after.values()),
+        rss_mb_last=after[max(after)],
+        growth_after_warmup=round(growth, 4),
+        flat_within_5_percent=growth <= 0.05,
+        samples={str(k): v for k, v in sorted(samples.items())},
+    )
 
 
 def fid_inputs(shape: str, n: int) -> torch.Tensor:
@@ -437,7 +594,9 @@ def fid_inputs(shape: str, n: int) -> torch.Tensor:
     channels, size = map(int, shape.split("x"))
     if (channels, size) == (1, 28):
         return load_images("mnist5k", "test", DDPMConfig(), size=28, channels=1, limit=n, progress=False).images
-    return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return torch.randint(
+        0, 256, (n, channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def bench_fid(s, device) -> dict:
@@ -455,8 +614,11 @@ def bench_fid(s, device) -> dict:
     n, out = s["fid_batch"], dict(batch=s["fid_batch"], inception_flops_per_image=flops, matmul_n=s["matmul_n"])
     for shape in s["fid_inputs"]:
         images, last = fid_inputs(shape, n).to(device), {}
-        arms = {"old": lambda: last.__setitem__("old", extractor.plain(images)),
-                "ours": lambda: last.__setitem__("ours", extractor(images)), "matmul_fp32": matmul}
+        arms = {
+            "old": lambda: last.__setitem__("old", extractor.plain(images)),
+            "ours": lambda: last.__setitem__("ours", extractor(images)),
+            "matmul_fp32": matmul,
+        }
         log(f"fid: {n} images {shape}, old and ours")
         times = interleave(arms, s["fid_rounds"], warmup=1, device=device, label=f"fid {shape}")
         result = {name: rate(times[name], n) for name in ("old", "ours")}
@@ -467,29 +629,41 @@ def bench_fid(s, device) -> dict:
         for name in ("old", "ours"):  # by wall and by CPU time against the matmuls of the same rounds
             result[f"{name}_gflops"] = round(result[name]["median"] * flops / 1e9, 1)
             result[f"{name}_fraction_of_roofline"] = round(result[name]["median"] * flops / 1e9 / peak["median"], 3)
-            result[f"{name}_fraction_of_roofline_cpu_time"] = round(result[name]["cpu_median"] * flops / 1e9 / peak["cpu_median"], 3)
+            result[f"{name}_fraction_of_roofline_cpu_time"] = round(
+                result[name]["cpu_median"] * flops / 1e9 / peak["cpu_median"], 3
+            )
         out[shape] = result
     return out
 
 
 # ---- main ----------------------------------------------------------------------------------
 
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few rounds, batches 32 and 128: ~8 minutes on 2 CPU cores")
+    parser.add_argument(
+        "--quick", action="store_true", help="few rounds, batches 32 and 128: ~8 minutes on 2 CPU cores"
+    )
     parser.add_argument("--json", help="also write the JSON document to this file")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for every arm")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sections", nargs="+", default=["train", "sample", "ood", "data", "roofline", "components", "leak", "fid"])
+    parser.add_argument(
+        "--sections", nargs="+", default=["train", "sample", "ood", "data", "roofline", "components", "leak", "fid"]
+    )
     parser.add_argument("--train_batches", type=int, nargs="+", help="override the training batch sizes")
     parser.add_argument("--train_rounds", type=int, help="override the number of interleaved training rounds")
     parser.add_argument("--leak_steps", type=int, help="steps of the leak run (0: skip)")
     parser.add_argument("--fid_batch", type=int, help="override the FID section's images per call")
     parser.add_argument("--fid_rounds", type=int, help="override the FID section's interleaved rounds")
     parser.add_argument("--channels_last", action="store_true", help="add a channels_last training arm")
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile training arm (compiles for minutes on a CPU)")
-    parser.add_argument("--allocator_arm", action="store_true",
-                        help="add a training arm with glibc's allocator as it comes (DDPM_HF_KEEP_FREED_MEMORY=0)")
+    parser.add_argument(
+        "--compile", action="store_true", help="add a torch.compile training arm (compiles for minutes on a CPU)"
+    )
+    parser.add_argument(
+        "--allocator_arm",
+        action="store_true",
+        help="add a training arm with glibc's allocator as it comes (DDPM_HF_KEEP_FREED_MEMORY=0)",
+    )
     args = parser.parse_args()
 
     started = time.time()
@@ -501,8 +675,11 @@ def main():
             s[key] = getattr(args, key)
     cfg = DDPMConfig()
     bf16 = native_bf16(device)  # the rule of --mixed_precision auto
-    doc = dict(machine=machine(device, args.threads), settings=dict(quick=args.quick, **s),
-               model=dict(shape="1x32x32", parameters=count_parameters(seed_model(cfg))))
+    doc = dict(
+        machine=machine(device, args.threads),
+        settings=dict(quick=args.quick, **s),
+        model=dict(shape="1x32x32", parameters=count_parameters(seed_model(cfg))),
+    )
     sections = set(args.sections)
     inputs = Inputs(cfg) if sections & {"train", "ood", "data"} else None
     if "train" in sections:
@@ -553,12 +730,15 @@ def roofline_fractions(train: dict, roof: dict, batch_name: str) -> dict:
         out[f"{key}_fraction_of_roofline"] = round(figures["median"] * flops / peak["median"], 3)
         if "cpu_median" in peak:
             out[f"{key}_fraction_of_roofline_cpu_time"] = round(figures["cpu_median"] * flops / peak["cpu_median"], 3)
-        out[f"{key}_fraction_of_roofline_best"] = round(figures["best"] * flops / roof[f"matmul_gflops_{kind}"]["best"], 3)
+        out[f"{key}_fraction_of_roofline_best"] = round(
+            figures["best"] * flops / roof[f"matmul_gflops_{kind}"]["best"], 3
+        )
     return out
 
 
 def targets(doc) -> dict:
     """The issue's targets, checked against this run (None: not measured)."""
+
     def get(*keys):
         node = doc
         for k in keys:
@@ -571,23 +751,40 @@ def targets(doc) -> dict:
     seed_batch = "batch_128"  # the seed's default batch, where the fp32 loss showed
     bf16_train = get("train_images_per_sec", seed_batch, "speedup_vs_naive", "ours_bf16", "ratio_of_medians")
     fp32_train = get("train_images_per_sec", seed_batch, "speedup_vs_original", "ours_fp32", "ratio_of_medians")
-    samples = [v["speedup_vs_stock"].get("ours_bf16" if bf16 else "ours_fp32", {}).get("ratio_of_medians") for k, v in
-               (get("sample_image_steps_per_sec") or {}).items() if isinstance(v, dict)]
+    samples = [
+        v["speedup_vs_stock"].get("ours_bf16" if bf16 else "ours_fp32", {}).get("ratio_of_medians")
+        for k, v in (get("sample_image_steps_per_sec") or {}).items()
+        if isinstance(v, dict)
+    ]
     data = get("data_images_per_sec", "speedup_vs_per_item_pil", "ratio_of_medians")
     leak = get("memory_leak", "flat_within_5_percent")
     fid = get("fid_images_per_sec", "1x28", "speedup_vs_old", "ratio_of_medians")
     check = lambda value, bound: None if value is None else value >= bound  # noqa: E731
-    common = {"data_vs_per_item_pil_>=10": check(data, 10.0), "rss_flat_within_5%": leak,
-              "fid_features_1x28_vs_old_>=3": check(fid, 3.0)}
+    common = {
+        "data_vs_per_item_pil_>=10": check(data, 10.0),
+        "rss_flat_within_5%": leak,
+        "fid_features_1x28_vs_old_>=3": check(fid, 3.0),
+    }
     if bf16:  # the targets of a machine that computes bf16 natively (AVX512-BF16/AMX, Ampere+)
         roof = get("roofline", f"{seed_batch}_ours_bf16_fraction_of_roofline")
-        return {"machine": "native bf16", "train_bf16_vs_naive_>=2.0": check(bf16_train, 2.0),
-                "train_bf16_>=70%_of_bf16_matmul_roofline": check(roof, 0.7),
-                "sample_bf16_vs_stock_>=1.5_every_batch": None if not samples or None in samples else all(v >= 1.5 for v in samples),
-                **common}
-    return {"machine": "no native bf16: fp32 targets", "train_fp32_vs_original_>=1.3_at_batch_128": check(fp32_train, 1.3),
-            "sample_fp32_vs_stock_>=1.0_every_batch": None if not samples or None in samples else all(v >= 1.0 for v in samples),
-            **common}
+        return {
+            "machine": "native bf16",
+            "train_bf16_vs_naive_>=2.0": check(bf16_train, 2.0),
+            "train_bf16_>=70%_of_bf16_matmul_roofline": check(roof, 0.7),
+            "sample_bf16_vs_stock_>=1.5_every_batch": None
+            if not samples or None in samples
+            else all(v >= 1.5 for v in samples),
+            **common,
+        }
+    return {
+        "machine": "no native bf16: fp32 targets",
+        "train_fp32_vs_original_>=1.3_at_batch_128": check(fp32_train, 1.3),
+        "sample_fp32_vs_stock_>=1.0_every_batch": None
+        if not samples or None in samples
+        else all(v >= 1.0 for v in samples),
+        **common,
+    }
+
 
 if __name__ == "__main__":
     main()

@@ -95,14 +95,22 @@ def interleave(arms: dict, rounds: int, warmup: int = 1, device="cpu", label: st
 def rate(times: dict, work: float) -> dict:
     """Work per second (images, image-steps): at the median, best and worst wall time, and by CPU time."""
     wall, cpu = times["wall"], times["cpu"]
-    return dict(median=round(work / statistics.median(wall), 3), best=round(work / min(wall), 3),
-                worst=round(work / max(wall), 3), cpu_median=round(work / statistics.median(cpu), 3), rounds=len(wall))
+    return dict(
+        median=round(work / statistics.median(wall), 3),
+        best=round(work / min(wall), 3),
+        worst=round(work / max(wall), 3),
+        cpu_median=round(work / statistics.median(cpu), 3),
+        rounds=len(wall),
+    )
 
 
 def speedup(ours: dict, base: dict) -> dict:
     """How many times faster `ours` is than `base` (same work per call): ratio of median wall times,
     min-max of the per-round (pair) ratios, and the ratio of median CPU times."""
     pairs = [b / o for b, o in zip(base["wall"], ours["wall"])]
-    return dict(ratio_of_medians=round(statistics.median(base["wall"]) / statistics.median(ours["wall"]), 3),
-                pair_min=round(min(pairs), 3), pair_max=round(max(pairs), 3),
-                cpu_time_ratio=round(statistics.median(base["cpu"]) / statistics.median(ours["cpu"]), 3))
+    return dict(
+        ratio_of_medians=round(statistics.median(base["wall"]) / statistics.median(ours["wall"]), 3),
+        pair_min=round(min(pairs), 3),
+        pair_max=round(max(pairs), 3),
+        cpu_time_ratio=round(statistics.median(base["cpu"]) / statistics.median(ours["cpu"]), 3),
+    )

@@ -28,19 +28,56 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 # A UNet small enough to train for a few steps in seconds on 2 CPU cores.
-TINY_MODEL = ["--model_channels", "32", "--channel_mult", "1", "2", "--num_res_blocks", "1",
-              "--attention_resolutions", "2", "--num_head_channels", "32", "--size", "16"]
-TINY_TRAIN = ["--dataset", "mnist5k", "--max_train_samples", "256", "--batch_size", "32", "--timesteps", "100",
-              "--sample_timesteps", "10", "--num_samples", "4", "--no_wandb", "--logging_steps", "2", *TINY_MODEL]
+TINY_MODEL = [
+    "--model_channels",
+    "32",
+    "--channel_mult",
+    "1",
+    "2",
+    "--num_res_blocks",
+    "1",
+    "--attention_resolutions",
+    "2",
+    "--num_head_channels",
+    "32",
+    "--size",
+    "16",
+]
+TINY_TRAIN = [
+    "--dataset",
+    "mnist5k",
+    "--max_train_samples",
+    "256",
+    "--batch_size",
+    "32",
+    "--timesteps",
+    "100",
+    "--sample_timesteps",
+    "10",
+    "--num_samples",
+    "4",
+    "--no_wandb",
+    "--logging_steps",
+    "2",
+    *TINY_MODEL,
+]
 
 
 def run_script(script, *args, check=True, env=None, timeout=600, cwd=None):
     """Run one of the top-level scripts in a fresh interpreter (Accelerate state is per process)."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd or REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd or REPO,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -48,6 +85,7 @@ def run_script(script, *args, check=True, env=None, timeout=600, cwd=None):
 def trained_pipeline(tmp_path_factory):
     """A tiny pipeline trained once per session on mnist5k (16 px), shared by tests that only read it."""
     out = tmp_path_factory.mktemp("trained") / "pipeline"
-    run_script("train_ddpm.py", *TINY_TRAIN, "--max_train_steps", "8", "--checkpointing_steps", "4",
-               "--output_dir", out)
+    run_script(
+        "train_ddpm.py", *TINY_TRAIN, "--max_train_steps", "8", "--checkpointing_steps", "4", "--output_dir", out
+    )
     return out

@@ -139,15 +139,29 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/api/whoami-v2":
             if not self._authorized():
                 return None
-            return self._send(200, {"type": "user", "name": USER, "fullname": "Test User", "orgs": [],
-                                    "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}}})
+            return self._send(
+                200,
+                {
+                    "type": "user",
+                    "name": USER,
+                    "fullname": "Test User",
+                    "orgs": [],
+                    "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
+                },
+            )
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
         if match:
             return self._model_info(match.group(1), match.group(2) or "main")
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
         if match:
-            return self._tree(match.group(1), match.group(2), match.group(3) or "", query.get("recursive") == ["true"]
-                              or query.get("recursive") == ["True"] or query.get("recursive") == ["1"])
+            return self._tree(
+                match.group(1),
+                match.group(2),
+                match.group(3) or "",
+                query.get("recursive") == ["true"]
+                or query.get("recursive") == ["True"]
+                or query.get("recursive") == ["1"],
+            )
         match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if match:
             return self._resolve(match.group(1), match.group(2), match.group(3))
@@ -177,9 +191,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def _preupload(self, repo_id, payload):
         current = self.state.files(repo_id)
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                  "oid": git_blob_oid(current[f["path"]]) if f["path"] in current else None}
-                 for f in payload.get("files", [])]
+        files = [
+            {
+                "path": f["path"],
+                "uploadMode": "regular",
+                "shouldIgnore": False,
+                "oid": git_blob_oid(current[f["path"]]) if f["path"] in current else None,
+            }
+            for f in payload.get("files", [])
+        ]
         return self._send(200, {"files": files, "commitOid": self.state.head(repo_id)})
 
     def _commit(self, repo_id, body):
@@ -202,8 +222,15 @@ class Handler(BaseHTTPRequestHandler):
                     return self._error(400, "BadRequest", f"unsupported operation {item['key']} (only regular files)")
             oid = hashlib.sha1(f"{repo_id}{len(self.state.repos[repo_id]['commits'])}".encode()).hexdigest()
             self.state.repos[repo_id]["commits"].append({"oid": oid, "message": header.get("summary"), "files": files})
-        return self._send(200, {"success": True, "commitOid": oid, "commitUrl": f"{self.server.url}/{repo_id}/commit/{oid}",
-                                "pullRequestUrl": None})
+        return self._send(
+            200,
+            {
+                "success": True,
+                "commitOid": oid,
+                "commitUrl": f"{self.server.url}/{repo_id}/commit/{oid}",
+                "pullRequestUrl": None,
+            },
+        )
 
     def _lookup(self, repo_id, revision):
         if repo_id not in self.state.repos:
@@ -223,11 +250,26 @@ class Handler(BaseHTTPRequestHandler):
         if files is None:
             return None
         repo = self.state.repos[repo_id]
-        return self._send(200, {"_id": uuid.uuid4().hex, "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
-                                "sha": self._commit_id(repo_id, revision), "private": repo["visibility"] == "private",
-                                "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": [],
-                                "library_name": "diffusers", "lastModified": NOW, "createdAt": NOW,
-                                "siblings": [{"rfilename": p} for p in sorted(files)]})
+        return self._send(
+            200,
+            {
+                "_id": uuid.uuid4().hex,
+                "id": repo_id,
+                "modelId": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": self._commit_id(repo_id, revision),
+                "private": repo["visibility"] == "private",
+                "disabled": False,
+                "gated": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "library_name": "diffusers",
+                "lastModified": NOW,
+                "createdAt": NOW,
+                "siblings": [{"rfilename": p} for p in sorted(files)],
+            },
+        )
 
     def _tree(self, repo_id, revision, folder, recursive):
         files = self._lookup(repo_id, revision)
@@ -238,14 +280,16 @@ class Handler(BaseHTTPRequestHandler):
         for path in sorted(files):
             if not path.startswith(prefix):
                 continue
-            rest = path[len(prefix):]
+            rest = path[len(prefix) :]
             if "/" in rest and not recursive:
                 folders.add(prefix + rest.split("/")[0])
                 continue
             parts = rest.split("/")[:-1]
-            folders.update(prefix + "/".join(parts[:i + 1]) for i in range(len(parts)))
+            folders.update(prefix + "/".join(parts[: i + 1]) for i in range(len(parts)))
             entries.append({"type": "file", "path": path, "size": len(files[path]), "oid": git_blob_oid(files[path])})
-        entries += [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()} for f in sorted(folders)]
+        entries += [
+            {"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()} for f in sorted(folders)
+        ]
         return self._send(200, entries)
 
     def _resolve(self, repo_id, revision, path):
@@ -255,8 +299,11 @@ class Handler(BaseHTTPRequestHandler):
         if path not in files:
             return self._error(404, "EntryNotFound", f"{path} does not exist on {revision}")
         content = files[path]
-        return self._send(200, body=content, headers={"X-Repo-Commit": self._commit_id(repo_id, revision),
-                                                       "ETag": f'"{git_blob_oid(content)}"'})
+        return self._send(
+            200,
+            body=content,
+            headers={"X-Repo-Commit": self._commit_id(repo_id, revision), "ETag": f'"{git_blob_oid(content)}"'},
+        )
 
 
 class HubServer:

@@ -18,20 +18,32 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from conftest import REPO
 from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.diffusion.sampling import denoise, make_sampler, num_inference_steps
 from ddpm_hf.models.convert_gzoo import load_original_checkpoint
 from ddpm_hf.models.convert_gzoo import main as convert_main
-from ddpm_hf.diffusion.sampling import denoise, make_sampler, num_inference_steps
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gzoo_unet_a"
 FIXTURE_FLAGS = json.loads(FIXTURE.with_suffix(".json").read_text())
-MODEL_FLAGS = ("model_channels", "num_res_blocks", "attention_resolutions", "channel_mult", "num_heads",
-               "num_head_channels", "use_scale_shift_norm", "resblock_updown", "use_new_attention_order",
-               "timesteps", "beta_start", "beta_end", "size")
+MODEL_FLAGS = (
+    "model_channels",
+    "num_res_blocks",
+    "attention_resolutions",
+    "channel_mult",
+    "num_heads",
+    "num_head_channels",
+    "use_scale_shift_norm",
+    "resblock_updown",
+    "use_new_attention_order",
+    "timesteps",
+    "beta_start",
+    "beta_end",
+    "size",
+)
 
 
 def fixture_config(**changes) -> DDPMConfig:
@@ -51,8 +63,14 @@ def cli_flags(cfg: DDPMConfig) -> list:
 
 def run_module(module, *args):
     """`python -m module args` in a fresh interpreter (like conftest.run_script, for package modules)."""
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ), timeout=600, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=600,
+        cwd=REPO,
+    )
 
 
 def relative_error(actual, expected) -> float:
@@ -114,8 +132,11 @@ class original_unet:
         heads = c // self.cfg.num_head_channels if self.cfg.num_head_channels != -1 else self.cfg.num_heads
         ch = c // heads
         flat = x.reshape(b, c, -1)
-        qkv = F.conv1d(self.norm(f"{name}.norm", flat), self.p(f"{name}.qkv.weight", 3 * c, c, 1),
-                       self.p(f"{name}.qkv.bias", 3 * c))
+        qkv = F.conv1d(
+            self.norm(f"{name}.norm", flat),
+            self.p(f"{name}.qkv.weight", 3 * c, c, 1),
+            self.p(f"{name}.qkv.bias", 3 * c),
+        )
         if self.cfg.use_new_attention_order:  # QKVAttention
             q, k, v = (part.reshape(b * heads, ch, -1) for part in qkv.chunk(3, dim=1))
         else:  # QKVAttentionLegacy
@@ -184,8 +205,14 @@ def expected():
 def converted(tmp_path_factory):
     """The fixture converted by the command-line tool, loaded back with stock diffusers."""
     out = tmp_path_factory.mktemp("converted") / "pipeline"
-    proc = run_module("ddpm_hf.models.convert_gzoo", "--checkpoint", FIXTURE.with_suffix(".pt"), "--output_dir", out,
-                      *cli_flags(fixture_config()))
+    proc = run_module(
+        "ddpm_hf.models.convert_gzoo",
+        "--checkpoint",
+        FIXTURE.with_suffix(".pt"),
+        "--output_dir",
+        out,
+        *cli_flags(fixture_config()),
+    )
     assert proc.returncode == 0 and "converted" in proc.stdout, proc.stderr
     return out
 
@@ -199,7 +226,12 @@ def test_reference_forward_matches_the_original_code(expected):
 
 
 def test_converted_fixture_reproduces_eps_sample_and_recon(converted, expected):
-    assert sorted(p.name for p in converted.iterdir()) == ["ddpm_hf_config.json", "model_index.json", "scheduler", "unet"]
+    assert sorted(p.name for p in converted.iterdir()) == [
+        "ddpm_hf_config.json",
+        "model_index.json",
+        "scheduler",
+        "unet",
+    ]
     pipe = DiffusionPipeline.from_pretrained(converted)
     unet, cfg = pipe.unet.eval(), fixture_config()
     assert sum(p.numel() for p in unet.parameters()) == FIXTURE_FLAGS["n_params"]
@@ -218,21 +250,35 @@ def test_converted_fixture_reproduces_eps_sample_and_recon(converted, expected):
     recon = denoise(unet, sampler, expected["x_noisy"], sampler.timesteps[sampler.timesteps <= t_start], eta=0.0)
     assert relative_error(recon, expected["ddim_eta0_recon"]) < 1e-4
     # The stock DDIMPipeline of the converted folder samples as the library loop does.
-    images = pipe(batch_size=2, num_inference_steps=10, eta=0.0, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        batch_size=2, num_inference_steps=10, eta=0.0, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
     noise = torch.randn((2, 1, 16, 16), generator=torch.Generator().manual_seed(0))
     ours = (denoise(unet, sampler, noise, sampler.timesteps, eta=0.0) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     assert images.shape == (2, 16, 16, 1) and relative_error(torch.from_numpy(images), ours) < 1e-5
 
 
 @pytest.mark.parametrize("new_order", [False, True], ids=["legacy_qkv", "new_qkv"])
-@pytest.mark.parametrize("scale_shift,updown", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["plain", "scale_shift", "resblock_updown", "scale_shift+updown"])
+@pytest.mark.parametrize(
+    "scale_shift,updown",
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["plain", "scale_shift", "resblock_updown", "scale_shift+updown"],
+)
 def test_variants_match_the_original_forward(tmp_path, new_order, scale_shift, updown):
     """Attention at both levels (so resblock up/down sits inside attention blocks too), 2 heads per width."""
-    cfg = DDPMConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[1, 2],
-                     num_head_channels=16, use_scale_shift_norm=scale_shift, resblock_updown=updown,
-                     use_new_attention_order=new_order, size=8, channels=3, timesteps=50)
+    cfg = DDPMConfig(
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[1, 2],
+        num_head_channels=16,
+        use_scale_shift_norm=scale_shift,
+        resblock_updown=updown,
+        use_new_attention_order=new_order,
+        size=8,
+        channels=3,
+        timesteps=50,
+    )
     reference = original_unet(cfg, 3, seed=1)
     x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([3, 41])
     eps = reference(x, t)
@@ -257,12 +303,15 @@ def test_wrapped_keys_are_unwrapped(tmp_path, expected):
         assert relative_error(loaded.unet(expected["x"], expected["t"]).sample, expected["eps"]) < 1e-4
 
 
-@pytest.mark.parametrize("flags,named", [
-    (["--model_channels", "64"], "time_embed.0.weight (128, 32) vs (256, 64)"),
-    (["--num_res_blocks", "2"], "missing: input_blocks.2.0.in_layers.0.weight"),
-    (["--use_scale_shift_norm"], "input_blocks.1.0.emb_layers.1.weight (32, 128) vs (64, 128)"),
-    (["--channels", "3"], "input_blocks.0.0.weight (32, 1, 3, 3) vs (32, 3, 3, 3)"),
-])
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--model_channels", "64"], "time_embed.0.weight (128, 32) vs (256, 64)"),
+        (["--num_res_blocks", "2"], "missing: input_blocks.2.0.in_layers.0.weight"),
+        (["--use_scale_shift_norm"], "input_blocks.1.0.emb_layers.1.weight (32, 128) vs (64, 128)"),
+        (["--channels", "3"], "input_blocks.0.0.weight (32, 1, 3, 3) vs (32, 3, 3, 3)"),
+    ],
+)
 def cli_error(main, argv, capsys) -> tuple:
     """Run a command-line `main` in this process; return (exit code, stderr lines)."""
     with pytest.raises(SystemExit) as exit_info:
@@ -279,8 +328,18 @@ def test_wrong_flags_give_one_line_naming_keys(tmp_path, capsys):
         (["--use_scale_shift_norm"], "input_blocks.1.0.emb_layers.1.weight (32, 128) vs (64, 128)"),
         (["--channels", "3"], "input_blocks.0.0.weight (32, 1, 3, 3) vs (32, 3, 3, 3)"),
     ):
-        code, lines = cli_error(convert_main, ["--checkpoint", FIXTURE.with_suffix(".pt"), "--output_dir", tmp_path / "out",
-                                               *cli_flags(fixture_config()), *flags], capsys)
+        code, lines = cli_error(
+            convert_main,
+            [
+                "--checkpoint",
+                FIXTURE.with_suffix(".pt"),
+                "--output_dir",
+                tmp_path / "out",
+                *cli_flags(fixture_config()),
+                *flags,
+            ],
+            capsys,
+        )
         assert code == 2 and len(lines) == 1, lines
         assert "does not match the given model flags" in lines[0] and named in lines[0]
         assert "first conv has 32 channels and 1 input channel(s)" in lines[0]
@@ -293,16 +352,25 @@ def test_unreadable_files_give_one_line(tmp_path, capsys):
     (tmp_path / "text.pt").write_text("not a checkpoint")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")  # a pickled object: refused by weights_only
     torch.save({"step": 3}, tmp_path / "dict.pt")
-    for name, message in (("text.pt", "not a plain PyTorch state dict"), ("module.pt", "not a plain PyTorch state dict"),
-                          ("dict.pt", "not a state dict of the original UNet"), ("missing.pt", "does not exist")):
-        code, lines = cli_error(sample_ddpm.main, ["--checkpoint", tmp_path / name, "--output_dir", tmp_path / "s"], capsys)
+    for name, message in (
+        ("text.pt", "not a plain PyTorch state dict"),
+        ("module.pt", "not a plain PyTorch state dict"),
+        ("dict.pt", "not a state dict of the original UNet"),
+        ("missing.pt", "does not exist"),
+    ):
+        code, lines = cli_error(
+            sample_ddpm.main, ["--checkpoint", tmp_path / name, "--output_dir", tmp_path / "s"], capsys
+        )
         assert code == 2 and len(lines) == 1 and message in lines[0], lines
 
 
 def test_existing_output_is_not_overwritten(converted, capsys):
     before = (converted / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
-    code, lines = cli_error(convert_main, ["--checkpoint", FIXTURE.with_suffix(".pt"), "--output_dir", converted,
-                                           *cli_flags(fixture_config())], capsys)
+    code, lines = cli_error(
+        convert_main,
+        ["--checkpoint", FIXTURE.with_suffix(".pt"), "--output_dir", converted, *cli_flags(fixture_config())],
+        capsys,
+    )
     assert code == 2 and "already holds a pipeline" in lines[0]
     assert (converted / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
 
@@ -315,7 +383,9 @@ def test_sample_ddpm_converts_pt_on_the_fly(tmp_path, converted):
     shutil.copy(FIXTURE.with_suffix(".pt"), pt)
     import sample_ddpm
 
-    sample_ddpm.main(["--checkpoint", str(pt), *cli_flags(fixture_config()), *common, "--output_dir", str(tmp_path / "a")])
+    sample_ddpm.main(
+        ["--checkpoint", str(pt), *cli_flags(fixture_config()), *common, "--output_dir", str(tmp_path / "a")]
+    )
     sample_ddpm.main(["--checkpoint", str(converted), *common, "--output_dir", str(tmp_path / "b")])
     for name in ("0.png", "1.png", "grid.png"):
         a, b = (torch.tensor(list(Image.open(tmp_path / d / name).getdata())) for d in ("a", "b"))
@@ -327,10 +397,24 @@ def test_latent_checkpoint_converts_to_an_ldm_pipeline(tmp_path, capsys):
     """A LatDDPM_ checkpoint: the UNet on the VAE's latents, saved with the VAE (here a tiny local one)."""
     from diffusers import AutoencoderKL
 
-    AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=32).save_pretrained(tmp_path / "vae")
-    cfg = DDPMConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2],
-                     num_head_channels=32, size=16, channels=1, latent=True, vae=str(tmp_path / "vae"))
+    AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+    ).save_pretrained(tmp_path / "vae")
+    cfg = DDPMConfig(
+        model_channels=32,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[2],
+        num_head_channels=32,
+        size=16,
+        channels=1,
+        latent=True,
+        vae=str(tmp_path / "vae"),
+    )
     reference = original_unet(cfg, 4, seed=3)  # the tiny VAE halves 16 px: 4x8x8 latents
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([5, 200])
     eps = reference(x, t)
@@ -340,7 +424,10 @@ def test_latent_checkpoint_converts_to_an_ldm_pipeline(tmp_path, capsys):
     assert code == 2 and "4 inputs suggest a latent LatDDPM_ checkpoint: add --latent" in lines[0]
     convert_main([str(a) for a in argv + ["--latent", "--output_dir", tmp_path / "out"]])
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "out")
-    assert type(pipe).__name__ == "LDMPipeline" and (pipe.unet.config.in_channels, pipe.unet.config.sample_size) == (4, 8)
+    assert type(pipe).__name__ == "LDMPipeline" and (pipe.unet.config.in_channels, pipe.unet.config.sample_size) == (
+        4,
+        8,
+    )
     with torch.no_grad():
         assert relative_error(pipe.unet(x, t).sample, eps) < 1e-5
     saved = json.loads((tmp_path / "out" / "ddpm_hf_config.json").read_text())

@@ -11,8 +11,21 @@ from ddpm_hf.config.options import DDPMConfig
 from ddpm_hf.data.images import REGISTRY, load_images, to_model_range, to_uint8
 from ddpm_hf.util.errors import DDPMError, UsageError
 
-SEED_DATASETS = ["mnist", "cifar10", "cifar100", "places365", "dtd", "fashionmnist", "chestmnist", "octmnist",
-                 "tissuemnist", "pneumoniamnist", "svhn", "tinyimagenet", "imagenet"]
+SEED_DATASETS = [
+    "mnist",
+    "cifar10",
+    "cifar100",
+    "places365",
+    "dtd",
+    "fashionmnist",
+    "chestmnist",
+    "octmnist",
+    "tissuemnist",
+    "pneumoniamnist",
+    "svhn",
+    "tinyimagenet",
+    "imagenet",
+]
 
 
 def test_registry_covers_every_seed_dataset_with_the_seed_shapes():
@@ -79,7 +92,10 @@ def test_unreachable_hub_dataset_fails_fast_naming_offline_alternatives():
 
 def test_medmnist_from_a_local_npz(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8) for s, n in (("train", 12), ("val", 3), ("test", 5))}
+    arrays = {
+        f"{s}_images": rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        for s, n in (("train", 12), ("val", 3), ("test", 5))
+    }
     arrays.update({f"{s}_labels": np.zeros((n, 1), np.uint8) for s, n in (("train", 12), ("val", 3), ("test", 5))})
     np.savez(tmp_path / "chestmnist.npz", **arrays)
     data = load_images("chestmnist", "test", DDPMConfig(medmnist_root=str(tmp_path)))

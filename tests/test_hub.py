@@ -14,17 +14,24 @@ import subprocess
 import sys
 
 import pytest
-from huggingface_hub import ModelCard
-
 from conftest import REPO, TINY_TRAIN
 from hub_server import HubServer
-from ddpm_hf.util.errors import DDPMError
+from huggingface_hub import ModelCard
+
 from ddpm_hf.hub.upload import push_output, upload_files
+from ddpm_hf.util.errors import DDPMError
 
 TOKEN = "hf_dummyTestToken0123456789abcdef"
-PIPELINE_FILES = {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-                  "scheduler/scheduler_config.json", "ddpm_hf_config.json", "train_config.json", "train_log.jsonl",
-                  "README.md"}
+PIPELINE_FILES = {
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "scheduler/scheduler_config.json",
+    "ddpm_hf_config.json",
+    "train_config.json",
+    "train_log.jsonl",
+    "README.md",
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +51,9 @@ def hub_env(endpoint, tmp_path, token=None) -> dict:
 
 
 def run(args, env, timeout=600):
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout
+    )
     assert TOKEN not in proc.stdout + proc.stderr
     return proc
 
@@ -63,8 +71,11 @@ def dead_endpoint() -> str:
 
 
 def folder_state(folder) -> dict:
-    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +84,25 @@ def trained(hub, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hub_train")
     out = tmp / "ddpm-tiny"
     hub.state.fail_after = 1
-    proc = run([REPO / "train_ddpm.py", *TINY_TRAIN, "--max_train_steps", "3", "--checkpointing_steps", "2",
-                "--output_dir", out, "--push_to_hub", "--hub_strategy", "every_save", "--hub_token", TOKEN,
-                "--hub_private_repo"], hub_env(hub.url, tmp))
+    proc = run(
+        [
+            REPO / "train_ddpm.py",
+            *TINY_TRAIN,
+            "--max_train_steps",
+            "3",
+            "--checkpointing_steps",
+            "2",
+            "--output_dir",
+            out,
+            "--push_to_hub",
+            "--hub_strategy",
+            "every_save",
+            "--hub_token",
+            TOKEN,
+            "--hub_private_repo",
+        ],
+        hub_env(hub.url, tmp),
+    )
     hub.state.fail_after = None
     return out, proc
 
@@ -116,7 +143,10 @@ def test_retry_uploads_the_pipeline_and_nothing_else(hub, pushed):
     assert set(files) == PIPELINE_FILES | {"samples/epoch_0001.png"}
     assert (out / "checkpoints").is_dir()  # present locally, never uploaded
     assert json.loads(files["ddpm_hf_config.json"])["trained_steps"] == 3
-    assert files["unet/diffusion_pytorch_model.safetensors"] == (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (
+        files["unet/diffusion_pytorch_model.safetensors"]
+        == (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
     assert files["README.md"] == (out / "README.md").read_bytes()
     # The token only ever travelled as a header: in no uploaded file, no local file, no config.
     for commit in repo["commits"]:
@@ -145,13 +175,15 @@ def test_from_pretrained_through_the_endpoint_gives_identical_weights(hub, pushe
     """Stock diffusers loads the Hub copy; sample_ddpm.py takes the Hub id with --revision (the snapshot commit)."""
     out, _ = pushed
     snapshot = hub.state.repos["tester/ddpm-tiny"]["commits"][0]["oid"]
-    check = ("import sys, torch\nfrom diffusers import DiffusionPipeline\nimport sample_ddpm\n"
-             "hub = DiffusionPipeline.from_pretrained('tester/ddpm-tiny')\nlocal = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
-             "a, b = hub.unet.state_dict(), local.unet.state_dict()\n"
-             "print(type(hub).__name__, len(a), a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),"
-             " hub.scheduler.config == local.scheduler.config)\n"
-             "sample_ddpm.main(['--checkpoint', 'tester/ddpm-tiny', '--revision', sys.argv[2], '--num_samples', '2',"
-             " '--sample_timesteps', '5', '--output_dir', sys.argv[3]])\n")
+    check = (
+        "import sys, torch\nfrom diffusers import DiffusionPipeline\nimport sample_ddpm\n"
+        "hub = DiffusionPipeline.from_pretrained('tester/ddpm-tiny')\nlocal = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
+        "a, b = hub.unet.state_dict(), local.unet.state_dict()\n"
+        "print(type(hub).__name__, len(a), a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),"
+        " hub.scheduler.config == local.scheduler.config)\n"
+        "sample_ddpm.main(['--checkpoint', 'tester/ddpm-tiny', '--revision', sys.argv[2], '--num_samples', '2',"
+        " '--sample_timesteps', '5', '--output_dir', sys.argv[3]])\n"
+    )
     proc = run(["-c", check, out, snapshot, tmp_path / "samples"], hub_env(hub.url, tmp_path, token=TOKEN))
     assert proc.returncode == 0, proc.stderr[-3000:]
     name, count, same_weights, same_scheduler = proc.stdout.splitlines()[0].split()[-4:]
@@ -166,15 +198,19 @@ def test_metrics_of_ood_and_fid_runs_enter_the_card(hub, pushed, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
     (copy / "ood").mkdir()
-    (copy / "ood" / "ood_results.json").write_text(json.dumps(
-        {"auroc": 0.9731, "fpr95": 0.125, "settings": {"dataset": "mnist5k", "out_dataset": "animalmnist"}}))
+    (copy / "ood" / "ood_results.json").write_text(
+        json.dumps({"auroc": 0.9731, "fpr95": 0.125, "settings": {"dataset": "mnist5k", "out_dataset": "animalmnist"}})
+    )
     fid_dir = copy / "fid_samples" / "mnist5k" / "ddpm_0.0_timesteps_10_ep1"
     fid_dir.mkdir(parents=True)
-    (fid_dir / "fid.json").write_text(json.dumps({"fid": 41.5, "kid_mean": 0.031, "num_generated": 200,
-                                                  "reference": {"dataset": "mnist5k"}}))
+    (fid_dir / "fid.json").write_text(
+        json.dumps({"fid": 41.5, "kid_mean": 0.031, "num_generated": 200, "reference": {"dataset": "mnist5k"}})
+    )
     (fid_dir / "0.png").write_bytes(b"not uploaded")
-    proc = run(["-m", "ddpm_hf.commands.push", copy, "--hub_model_id", "tester/ddpm-metrics", "--hub_license", "apache-2.0"],
-               hub_env(hub.url, tmp_path, token=TOKEN))
+    proc = run(
+        ["-m", "ddpm_hf.commands.push", copy, "--hub_model_id", "tester/ddpm-metrics", "--hub_license", "apache-2.0"],
+        hub_env(hub.url, tmp_path, token=TOKEN),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = hub.state.repos["tester/ddpm-metrics"]["commits"][-1]["files"]
     assert "ood/ood_results.json" in files and f"{fid_dir.relative_to(copy).as_posix()}/fid.json" in files
@@ -190,7 +226,10 @@ def test_metrics_of_ood_and_fid_runs_enter_the_card(hub, pushed, tmp_path):
 def test_push_to_a_dead_endpoint_keeps_the_output(pushed, tmp_path):
     out, _ = pushed
     before = folder_state(out)
-    proc = run(["-m", "ddpm_hf.commands.push", out, "--hub_model_id", "tester/elsewhere"], hub_env(dead_endpoint(), tmp_path, TOKEN))
+    proc = run(
+        ["-m", "ddpm_hf.commands.push", out, "--hub_model_id", "tester/elsewhere"],
+        hub_env(dead_endpoint(), tmp_path, TOKEN),
+    )
     assert proc.returncode == 1
     line = error_line(proc)
     assert "ConnectError" in line and "the local output is intact" in line and "python -m ddpm_hf.commands.push" in line
@@ -200,8 +239,22 @@ def test_push_to_a_dead_endpoint_keeps_the_output(pushed, tmp_path):
 @pytest.mark.slow
 def test_training_with_an_unreachable_hub_fails_before_training(tmp_path):
     out = tmp_path / "never"
-    proc = run([REPO / "train_ddpm.py", *TINY_TRAIN, "--max_train_steps", "3", "--output_dir", out, "--push_to_hub",
-                "--hub_model_id", "tester/never", "--hub_token", TOKEN], hub_env(dead_endpoint(), tmp_path))
+    proc = run(
+        [
+            REPO / "train_ddpm.py",
+            *TINY_TRAIN,
+            "--max_train_steps",
+            "3",
+            "--output_dir",
+            out,
+            "--push_to_hub",
+            "--hub_model_id",
+            "tester/never",
+            "--hub_token",
+            TOKEN,
+        ],
+        hub_env(dead_endpoint(), tmp_path),
+    )
     assert proc.returncode == 1
     assert "cannot create the Hub repository tester/never" in error_line(proc)
     assert not (out / "checkpoints").exists() and not (out / "model_index.json").exists()
@@ -212,8 +265,14 @@ def test_upload_list_and_token_guard(tmp_path, trained):
     out, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    for extra in ("logs/DDPM/events.out", "wandb/run/config.yaml", "best_fid/fid.json", "checkpoints/x/fid.json",
-                  ".pipeline.partial/model_index.json", "generated/0.png"):
+    for extra in (
+        "logs/DDPM/events.out",
+        "wandb/run/config.yaml",
+        "best_fid/fid.json",
+        "checkpoints/x/fid.json",
+        ".pipeline.partial/model_index.json",
+        "generated/0.png",
+    ):
         (copy / extra).parent.mkdir(parents=True, exist_ok=True)
         (copy / extra).write_text("{}")
     assert set(upload_files(copy)) == PIPELINE_FILES - {"README.md"} | {"samples/epoch_0001.png"}
@@ -234,13 +293,33 @@ def test_model_card_files_metrics_under_the_measured_dataset_and_records_what_ra
     (out / "scheduler").mkdir()
     (out / "ood").mkdir()
     (out / "unet" / "config.json").write_text(json.dumps({"in_channels": 1, "sample_size": 28}))
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"num_train_timesteps": 300, "beta_start": 0.0001, "beta_end": 0.02}))
-    (out / "ddpm_hf_config.json").write_text(json.dumps(
-        {"dataset": "mnist5k", "timesteps": 300, "sample_timesteps": 20, "batch_size": 32, "mixed_precision": "auto",
-         "mixed_precision_used": "bf16", "trained_steps": 625, "trained_epochs": 5, "ddpm": 1.0}))
-    (out / "ood" / "ood_results.json").write_text(json.dumps(
-        {"auroc": 0.9612080000000001, "fpr95": 0.212, "settings": {"dataset": "mnist5k", "out_dataset": "animalmnist"}}))
+    (out / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"num_train_timesteps": 300, "beta_start": 0.0001, "beta_end": 0.02})
+    )
+    (out / "ddpm_hf_config.json").write_text(
+        json.dumps(
+            {
+                "dataset": "mnist5k",
+                "timesteps": 300,
+                "sample_timesteps": 20,
+                "batch_size": 32,
+                "mixed_precision": "auto",
+                "mixed_precision_used": "bf16",
+                "trained_steps": 625,
+                "trained_epochs": 5,
+                "ddpm": 1.0,
+            }
+        )
+    )
+    (out / "ood" / "ood_results.json").write_text(
+        json.dumps(
+            {
+                "auroc": 0.9612080000000001,
+                "fpr95": 0.212,
+                "settings": {"dataset": "mnist5k", "out_dataset": "animalmnist"},
+            }
+        )
+    )
     card = build_model_card(out, "tester/ddpm-quickstart")
     data = card.data.to_dict()
     assert data["datasets"] == ["ylecun/mnist"]  # the training images are MNIST digits

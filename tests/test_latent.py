@@ -7,20 +7,41 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN, run_script
 from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from conftest import TINY_TRAIN, run_script
 from ddpm_hf.config.options import DDPMConfig
 from ddpm_hf.data.images import to_model_range, to_uint8
+from ddpm_hf.diffusion.latent import (
+    cached_to_latents,
+    decode_latents,
+    downsample_factor,
+    encode,
+    encode_dataset,
+    latent_format,
+    load_training_vae,
+    load_vae,
+    training_latents,
+)
 from ddpm_hf.util.errors import UsageError
-from ddpm_hf.diffusion.latent import (cached_to_latents, decode_latents, downsample_factor, encode, encode_dataset, latent_format,
-                            load_training_vae, load_vae, training_latents)
 
 # 32 px images -> 4x4 latents (the tiny VAE downsamples by 8, like Stable Diffusion's) -> a 2-level UNet.
-LATENT_TRAIN = [*TINY_TRAIN, "--size", "32", "--max_train_samples", "48", "--batch_size", "16", "--logging_steps", "1",
-                "--max_train_steps", "3", "--latent"]
+LATENT_TRAIN = [
+    *TINY_TRAIN,
+    "--size",
+    "32",
+    "--max_train_samples",
+    "48",
+    "--batch_size",
+    "16",
+    "--logging_steps",
+    "1",
+    "--max_train_steps",
+    "3",
+    "--latent",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +50,17 @@ def vae_dir(tmp_path_factory):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=8, sample_size=32)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
     vae.save_pretrained(path)
     return path
@@ -54,6 +83,7 @@ def _losses(run):
 
 
 # ---- the encoding rules, in process ------------------------------------------------------------
+
 
 def test_vae_is_frozen_and_factor_comes_from_its_config(vae):
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
@@ -119,14 +149,18 @@ def test_unreachable_vae_fails_fast_in_one_line(tmp_path, capsys):
     from train_ddpm import main as train_main
 
     start = time.time()
-    with pytest.raises(SystemExit) as exit_info:  # the script's entry point, in process (conftest sets HF_HUB_OFFLINE=1)
+    with pytest.raises(
+        SystemExit
+    ) as exit_info:  # the script's entry point, in process (conftest sets HF_HUB_OFFLINE=1)
         train_main([*LATENT_TRAIN, "--vae", "some/unreachable-id", "--output_dir", str(tmp_path / "out")])
     elapsed = time.time() - start
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 1 and len(lines) == 1, lines
-    assert lines[0] == ("error: cannot load the VAE some/unreachable-id: it is not in the Hugging Face cache and "
-                        "HF_HUB_OFFLINE=1 forbids downloading it; download it once online, or pass --vae FOLDER "
-                        "(an AutoencoderKL saved with save_pretrained)")
+    assert lines[0] == (
+        "error: cannot load the VAE some/unreachable-id: it is not in the Hugging Face cache and "
+        "HF_HUB_OFFLINE=1 forbids downloading it; download it once online, or pass --vae FOLDER "
+        "(an AutoencoderKL saved with save_pretrained)"
+    )
     assert not (tmp_path / "out").exists()
     assert elapsed < 20  # the VAE is looked up before the data, the model or Accelerate
 
@@ -147,6 +181,7 @@ def test_unreachable_hub_is_asked_once_without_retries(monkeypatch):
 
 
 # ---- training ----------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_training_saves_an_ldm_pipeline_with_the_frozen_vae(latent_run, vae_dir):
@@ -171,7 +206,9 @@ def test_training_saves_an_ldm_pipeline_with_the_frozen_vae(latent_run, vae_dir)
 @pytest.mark.slow
 def test_cache_latents_trains_identically(latent_run, vae_dir, tmp_path):
     run, _ = latent_run
-    proc = run_script("train_ddpm.py", *LATENT_TRAIN, "--cache_latents", "--vae", vae_dir, "--output_dir", tmp_path / "cached")
+    proc = run_script(
+        "train_ddpm.py", *LATENT_TRAIN, "--cache_latents", "--vae", vae_dir, "--output_dir", tmp_path / "cached"
+    )
     assert "cached once" in proc.stdout
     # The cache holds the posterior moments, so every draw (and so every loss) is the one on-the-fly encoding makes.
     assert np.allclose(_losses(tmp_path / "cached"), _losses(run), rtol=0, atol=1e-6)
@@ -182,56 +219,101 @@ def test_cache_latents_trains_identically(latent_run, vae_dir, tmp_path):
 
 # ---- the saved pipeline, sampling and OOD --------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_stock_ldm_pipeline_loads_and_samples_like_ddpm_hf(latent_run):
     from diffusers import DiffusionPipeline, LDMPipeline
 
-    from ddpm_hf.models.loader import load_model
     from ddpm_hf.diffusion.sampling import make_sampler, sample_batch
+    from ddpm_hf.models.loader import load_model
 
     run, _ = latent_run
     pipe = DiffusionPipeline.from_pretrained(run, use_safetensors=True)  # no custom code, no trust_remote_code
     assert type(pipe) is LDMPipeline and type(pipe.vqvae).__name__ == "AutoencoderKL"
-    images = pipe(batch_size=3, generator=torch.Generator().manual_seed(7), eta=0.0, num_inference_steps=5,
-                  output_type="np").images
+    images = pipe(
+        batch_size=3, generator=torch.Generator().manual_seed(7), eta=0.0, num_inference_steps=5, output_type="np"
+    ).images
     assert images.shape == (3, 32, 32, 3)
     loaded = load_model(str(run))
     assert loaded.vae is not None and not any(p.requires_grad for p in loaded.vae.parameters())
-    ours = sample_batch(loaded.unet, make_sampler("ddim", loaded.scheduler_config), 3, 5, 0.0,
-                        torch.Generator().manual_seed(7), loaded.vae)
+    ours = sample_batch(
+        loaded.unet,
+        make_sampler("ddim", loaded.scheduler_config),
+        3,
+        5,
+        0.0,
+        torch.Generator().manual_seed(7),
+        loaded.vae,
+    )
     ours = ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert images.std() > 0.01 and np.abs(images - ours).max() < 1e-5
 
 
 @pytest.mark.slow
 def test_sample_script_writes_decoded_pixel_images(latent_run, tmp_path):
-    from ddpm_hf.models.loader import load_model
     from ddpm_hf.diffusion.sampling import batch_generator, make_sampler, sample_batch
+    from ddpm_hf.models.loader import load_model
     from sample_ddpm import main as sample_main
 
     run, _ = latent_run
-    sample_main.__wrapped__(["--checkpoint", str(run), "--output_dir", str(tmp_path), "--fid", "--num_samples", "3",
-                             "--batch_size", "2", "--sample_timesteps", "5"])
+    sample_main.__wrapped__(
+        [
+            "--checkpoint",
+            str(run),
+            "--output_dir",
+            str(tmp_path),
+            "--fid",
+            "--num_samples",
+            "3",
+            "--batch_size",
+            "2",
+            "--sample_timesteps",
+            "5",
+        ]
+    )
     folder = tmp_path / "fid_samples" / "mnist5k" / "ddpm_1.0_timesteps_5_ep1"
     assert sorted(p.name for p in folder.glob("*.png")) == ["0.png", "1.png", "2.png"]
     assert (folder / "fid_origin.json").exists()  # what made the images (sample_ddpm.py --fid)
     first = np.asarray(Image.open(folder / "0.png"))
     assert first.shape == (32, 32, 3) and first.dtype == np.uint8
     loaded = load_model(str(run))  # the PNG is batch 0 of seed 0, decoded through the VAE
-    expected = to_uint8(sample_batch(loaded.unet, make_sampler("ddim", loaded.scheduler_config), 2, 5, 1.0,
-                                     batch_generator(0, 0), loaded.vae))[0].permute(1, 2, 0).numpy()
+    expected = (
+        to_uint8(
+            sample_batch(
+                loaded.unet, make_sampler("ddim", loaded.scheduler_config), 2, 5, 1.0, batch_generator(0, 0), loaded.vae
+            )
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     assert np.abs(first.astype(int) - expected.astype(int)).max() <= 1
 
 
 @pytest.mark.slow
 def test_ood_scores_latent_models_in_pixel_space(latent_run, tmp_path):
-    from ddpm_hf.ood.scoring import Scorer, load_lpips, plan_levels
     from ddpm_hf.models.loader import load_model
+    from ddpm_hf.ood.scoring import Scorer, load_lpips, plan_levels
     from ood_ddpm import main as ood_main
 
     run, _ = latent_run
-    ood_main.__wrapped__(["--checkpoint", str(run), "--dataset", "mnist5k", "--out_dataset", "animalmnist",
-                          "--max_samples", "4", "--batch_size", "4", "--sample_timesteps", "10", "--output_dir", str(tmp_path)])
+    ood_main.__wrapped__(
+        [
+            "--checkpoint",
+            str(run),
+            "--dataset",
+            "mnist5k",
+            "--out_dataset",
+            "animalmnist",
+            "--max_samples",
+            "4",
+            "--batch_size",
+            "4",
+            "--sample_timesteps",
+            "10",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     results = json.loads((tmp_path / "ood_results.json").read_text())
     assert results["model"]["latent"] is True
     assert (results["model"]["channels"], results["model"]["image_size"]) == (3, 32)

@@ -8,10 +8,10 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
-from ddpm_hf.config.options import DDPMConfig, build_parser, load_yaml, parse_config
+from ddpm_hf.config.options import DDPMConfig, load_yaml, parse_config
 from ddpm_hf.util.errors import DDPMError, UsageError
 from ddpm_hf.util.hub_access import check_hub_repo, is_hub_id
 
@@ -20,11 +20,26 @@ LIBRARY = REPO / "ddpm_hf"
 
 # ---- "is this a Hub id?": one rule -----------------------------------------------------------
 
-@pytest.mark.parametrize("name, expected", [
-    ("user/name", True), ("stabilityai/sd-vae-ft-mse", True), ("ylecun/mnist", True),
-    ("~/my_images", False), ("./x", False), ("../x/y", False), ("/abs/x", False), ("a/b/c", False),
-    ("name", False), ("user/", False), ("/name", False), ("user//name", False), ("a\\b", False), ("", False),
-])
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("user/name", True),
+        ("stabilityai/sd-vae-ft-mse", True),
+        ("ylecun/mnist", True),
+        ("~/my_images", False),
+        ("./x", False),
+        ("../x/y", False),
+        ("/abs/x", False),
+        ("a/b/c", False),
+        ("name", False),
+        ("user/", False),
+        ("/name", False),
+        ("user//name", False),
+        ("a\\b", False),
+        ("", False),
+    ],
+)
 def test_is_hub_id(name, expected):
     assert is_hub_id(name) is expected
 
@@ -40,9 +55,9 @@ def test_resolve_spec_reads_a_home_path_as_a_folder_not_a_hub_id():
 
 
 def test_every_loader_uses_the_same_hub_id_rule(tmp_path):
-    from ddpm_hf.metrics.features import load_dinov2
-    from ddpm_hf.hub.upload import _dataset_ids
     from ddpm_hf.diffusion.latent import load_vae
+    from ddpm_hf.hub.upload import _dataset_ids
+    from ddpm_hf.metrics.features import load_dinov2
     from ddpm_hf.models.loader import load_model
 
     for name in ("~/vae", "a/b/c", "./x"):
@@ -59,11 +74,16 @@ def test_every_loader_uses_the_same_hub_id_rule(tmp_path):
 def test_no_other_hub_id_test_is_written_out():
     """The rule lives in hub_access.py only (it was written four times, and the versions disagreed)."""
     pattern = re.compile(r"count\(\"/\"\) [!=]= 1|startswith\(\(\"\.\", \"/\"")
-    found = [str(p.relative_to(REPO)) for p in LIBRARY.rglob("*.py") if pattern.search(p.read_text()) and p.name != "hub_access.py"]
+    found = [
+        str(p.relative_to(REPO))
+        for p in LIBRARY.rglob("*.py")
+        if pattern.search(p.read_text()) and p.name != "hub_access.py"
+    ]
     assert not found
 
 
 # ---- "is the Hub reachable?": one request, one line -------------------------------------------
+
 
 def test_check_hub_repo_is_one_line(monkeypatch):
     import huggingface_hub
@@ -73,20 +93,27 @@ def test_check_hub_repo_is_one_line(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
     monkeypatch.setattr(huggingface_hub, "dataset_info", unreachable)
-    with pytest.raises(DDPMError, match=r"^cannot reach the Hugging Face Hub for model u/n \(ConnectionError\); set "
-                                        r"HF_HUB_OFFLINE=1 to use a cached copy, or pass a folder$"):
+    with pytest.raises(
+        DDPMError,
+        match=r"^cannot reach the Hugging Face Hub for model u/n \(ConnectionError\); set "
+        r"HF_HUB_OFFLINE=1 to use a cached copy, or pass a folder$",
+    ):
         check_hub_repo("u/n", "model u/n", "check it", "pass a folder")
     with pytest.raises(DDPMError, match="for dataset 'u/d'"):
         check_hub_repo("u/d", "dataset 'u/d'", "check the id", "use a folder", repo_type="dataset")
 
 
 def test_no_other_hub_request_is_written_out():
-    found = [str(p.relative_to(REPO)) for p in LIBRARY.rglob("*.py")
-             if re.search(r"\b(model_info|dataset_info)\(", p.read_text()) and p.name != "hub_access.py"]
+    found = [
+        str(p.relative_to(REPO))
+        for p in LIBRARY.rglob("*.py")
+        if re.search(r"\b(model_info|dataset_info)\(", p.read_text()) and p.name != "hub_access.py"
+    ]
     assert not found
 
 
 # ---- "is the output folder writable?" and the atomic write: one helper each --------------------
+
 
 def test_one_writable_check(tmp_path):
     from ddpm_hf.util.files import make_output_dir
@@ -96,15 +123,21 @@ def test_one_writable_check(tmp_path):
     with pytest.raises(UsageError, match="is not writable"):
         make_output_dir(blocker / "out")
     assert not (blocker / "out").exists()
-    others = [str(p.relative_to(REPO)) for p in LIBRARY.rglob("*.py")
-              if "is not writable" in p.read_text() and p.name != "files.py"]
+    others = [
+        str(p.relative_to(REPO))
+        for p in LIBRARY.rglob("*.py")
+        if "is not writable" in p.read_text() and p.name != "files.py"
+    ]
     assert not others
 
 
 def test_one_atomic_write():
     """Temporary names and renames of files only in util/files.py."""
-    others = [str(p.relative_to(REPO)) for p in LIBRARY.rglob("*.py")
-              if re.search(r"\.tmp\"|os\.replace\(tmp", p.read_text()) and p.name != "files.py"]
+    others = [
+        str(p.relative_to(REPO))
+        for p in LIBRARY.rglob("*.py")
+        if re.search(r"\.tmp\"|os\.replace\(tmp", p.read_text()) and p.name != "files.py"
+    ]
     assert not others
 
 
@@ -121,13 +154,25 @@ def test_the_atomic_write_keeps_the_old_file_on_a_failure(tmp_path, monkeypatch)
 
 # ---- defects ----------------------------------------------------------------------------------
 
+
 def test_overwrite_clears_everything_an_earlier_run_left(tmp_path):
     from ddpm_hf.util.files import clear_earlier_run
 
     out = tmp_path / "run"
-    for rel in ("checkpoints/checkpoint-2/model.safetensors", "train_log.jsonl", "samples/epoch_0001.png",
-                "samples/epoch_0005.png", "best_fid/fid.json", "fid.json", "ood_results.json", "scores.csv",
-                "histogram.png", "roc.png", "model_index.json", "samples/mine.png"):
+    for rel in (
+        "checkpoints/checkpoint-2/model.safetensors",
+        "train_log.jsonl",
+        "samples/epoch_0001.png",
+        "samples/epoch_0005.png",
+        "best_fid/fid.json",
+        "fid.json",
+        "ood_results.json",
+        "scores.csv",
+        "histogram.png",
+        "roc.png",
+        "model_index.json",
+        "samples/mine.png",
+    ):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text("x")
     clear_earlier_run(out)
@@ -152,7 +197,9 @@ def test_sampling_steps_follow_the_loaded_models_T():
         return types.SimpleNamespace(scheduler_config={"num_train_timesteps": T})
 
     assert sampling_steps(DDPMConfig(sample_timesteps=500), loaded(1000)) == 500  # not refused against --timesteps 300
-    assert sampling_steps(DDPMConfig(sample_timesteps=400), loaded(1000)) == 500  # the original's rule: 1000 // (1000 // 400)
+    assert (
+        sampling_steps(DDPMConfig(sample_timesteps=400), loaded(1000)) == 500
+    )  # the original's rule: 1000 // (1000 // 400)
     assert sampling_steps(DDPMConfig(sample_timesteps=300), loaded(100)) == 100
 
 
@@ -161,8 +208,20 @@ def test_ood_and_sample_take_bf16_and_latent():
     import sample_ddpm
 
     for script in (ood_ddpm, sample_ddpm):
-        cfg, _ = parse_config(script.build(), ["--checkpoint", "x.pt", "--mixed_precision", "bf16", "--latent",
-                                               "--vae", "some/vae", "--dataset", "mnist"])
+        cfg, _ = parse_config(
+            script.build(),
+            [
+                "--checkpoint",
+                "x.pt",
+                "--mixed_precision",
+                "bf16",
+                "--latent",
+                "--vae",
+                "some/vae",
+                "--dataset",
+                "mnist",
+            ],
+        )
         assert cfg.mixed_precision == "bf16" and cfg.latent and cfg.vae == "some/vae"
         assert "--cache_latents" not in script.build().format_help()  # training only
 
@@ -171,7 +230,9 @@ def test_fid_and_data_agree_on_grayscale_modes(tmp_path):
     from ddpm_hf.data.images import is_gray
     from ddpm_hf.metrics.fid import read_folder
 
-    assert all(is_gray(m) for m in ("L", "1", "I", "F", "LA", "I;16")) and not any(is_gray(m) for m in ("RGB", "RGBA", "P"))
+    assert all(is_gray(m) for m in ("L", "1", "I", "F", "LA", "I;16")) and not any(
+        is_gray(m) for m in ("RGB", "RGBA", "P")
+    )
     Image.fromarray(np.full((8, 8, 2), 200, np.uint8), "LA").save(tmp_path / "0.png")
     Image.fromarray(np.full((8, 8), 65535, np.uint16)).save(tmp_path / "1.png")  # 16-bit grayscale
     images = read_folder(tmp_path, 2)
@@ -195,14 +256,16 @@ def test_docs_defects_stay_fixed():
     assert "2-minute demo" not in readme
     assert "only **one** process" in readme  # accelerate launch --cpu --num_processes 2
     assert "0.9612080000000001" not in readme + docs
-    assert "disk" not in "".join(line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("#"))
+    assert "disk" not in "".join(
+        line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("#")
+    )
 
 
 def test_sample_progress_bar_ticks_once_per_denoising_step(tmp_path, monkeypatch):
     """One tick per UNet call on a batch (2 batches x 3 steps = 6), not one per batch."""
     from ddpm_hf.commands import sample
-    from ddpm_hf.models.unet import build_unet
     from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler
+    from ddpm_hf.models.unet import build_unet
 
     bars = []
 
@@ -224,7 +287,9 @@ def test_sample_progress_bar_ticks_once_per_denoising_step(tmp_path, monkeypatch
             pass
 
     monkeypatch.setattr(sample, "tqdm", Bar)
-    tiny = dict(model_channels=32, channel_mult=[1, 1], num_res_blocks=1, attention_resolutions=[2], num_head_channels=32)
+    tiny = dict(
+        model_channels=32, channel_mult=[1, 1], num_res_blocks=1, attention_resolutions=[2], num_head_channels=32
+    )
     unet = build_unet(DDPMConfig(**tiny), 1, 8).eval()
     config = make_noise_scheduler(10, 1e-4, 0.02).config
     loaded = types.SimpleNamespace(unet=unet, vae=None, scheduler_config=dict(config))

@@ -14,8 +14,14 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from ddpm_hf.diffusion.likelihood import (bits_per_dim, combine_terms, discretized_gaussian_log_likelihood, make_schedule,
-                                prior_nats, term_nats)
+from ddpm_hf.diffusion.likelihood import (
+    bits_per_dim,
+    combine_terms,
+    discretized_gaussian_log_likelihood,
+    make_schedule,
+    prior_nats,
+    term_nats,
+)
 from ddpm_hf.diffusion.sampling import make_noise_scheduler
 
 MU, S = 0.3, 0.5
@@ -30,7 +36,7 @@ def gaussian_model(kind="epsilon"):
     def call(x, t):
         a = a_all[t].reshape(-1, 1, 1, 1)
         x = x.double()
-        eps = (1 - a).sqrt() / (a * S ** 2 + 1 - a) * (x - a.sqrt() * MU)
+        eps = (1 - a).sqrt() / (a * S**2 + 1 - a) * (x - a.sqrt() * MU)
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
         out = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}[kind]
         return out.float()
@@ -50,6 +56,7 @@ def image():
 
 # ---- the float64 reference ------------------------------------------------------------------
 
+
 def reference_schedule():
     betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)
     a = np.cumprod(1 - betas)
@@ -59,7 +66,7 @@ def reference_schedule():
 
 def x0_hat(x_t, a):
     """The linear x0 estimate of the exact denoiser: g x_t + h."""
-    g, h = math.sqrt(a) * S ** 2 / (a * S ** 2 + 1 - a), (1 - a) * MU / (a * S ** 2 + 1 - a)
+    g, h = math.sqrt(a) * S**2 / (a * S**2 + 1 - a), (1 - a) * MU / (a * S**2 + 1 - a)
     return g * x_t + h, g, h
 
 
@@ -84,8 +91,8 @@ def reference_terms(x0, expected: bool):
         c1 = betas[t] * math.sqrt(a_prev[t]) / (1 - a[t])
         _, g, h = x0_hat(0.0, a[t])
         bias = g * math.sqrt(a[t]) * x0 + h - x0  # E[x0_hat] - x0
-        spread = g ** 2 * (1 - a[t]) if expected else 0.0
-        terms[t] = (c1 ** 2 * (bias ** 2 + spread) / (2 * var[t])).sum()
+        spread = g**2 * (1 - a[t]) if expected else 0.0
+        terms[t] = (c1**2 * (bias**2 + spread) / (2 * var[t])).sum()
     sigma = math.sqrt(var[1])
     if expected:  # E over x_1 ~ N(sqrt(a_0) x0, 1 - a_0), by 80-point Gauss-Hermite
         z, w = np.polynomial.hermite.hermgauss(80)
@@ -93,25 +100,33 @@ def reference_terms(x0, expected: bool):
         terms[0] = (decoder_nll(x0[..., None], x0_hat(x1, a[0])[0], sigma) * w / math.sqrt(math.pi)).sum()
     else:
         terms[0] = decoder_nll(x0, x0_hat(math.sqrt(a[0]) * x0, a[0])[0], sigma).sum()
-    prior = (0.5 * (a[-1] * x0 ** 2 + (1 - a[-1]) - 1 - math.log(1 - a[-1]))).sum()
+    prior = (0.5 * (a[-1] * x0**2 + (1 - a[-1]) - 1 - math.log(1 - a[-1]))).sum()
     return terms, prior
 
 
 # ---- tests ----------------------------------------------------------------------------------
 
+
 def test_decoder_is_a_distribution_over_the_256_levels():
     levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
     for mean, scale in ((0.3, 0.01), (-0.99, 0.2), (1.5, 0.05), (0.0, 3.0)):
-        log_p = discretized_gaussian_log_likelihood(levels, torch.tensor(mean, dtype=torch.float64),
-                                                    torch.tensor(math.log(scale), dtype=torch.float64))
+        log_p = discretized_gaussian_log_likelihood(
+            levels, torch.tensor(mean, dtype=torch.float64), torch.tensor(math.log(scale), dtype=torch.float64)
+        )
         assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
-        np.testing.assert_allclose(log_p.numpy(), bin_log_probability(levels.numpy(), mean, scale), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            log_p.numpy(), bin_log_probability(levels.numpy(), mean, scale), rtol=1e-9, atol=1e-12
+        )
 
 
 def test_every_term_at_fixed_noise_matches_the_closed_form():
     s, x0 = make_schedule(config()), image().double()[None] / 127.5 - 1
-    ours = np.array([term_nats(gaussian_model(), s, x0, torch.tensor([t]), torch.zeros_like(x0), "epsilon", clip=False).item()
-                     for t in range(T)])
+    ours = np.array(
+        [
+            term_nats(gaussian_model(), s, x0, torch.tensor([t]), torch.zeros_like(x0), "epsilon", clip=False).item()
+            for t in range(T)
+        ]
+    )
     ref, ref_prior = reference_terms(x0[0].numpy(), expected=False)
     np.testing.assert_allclose(ours, ref, rtol=2e-3, atol=1e-7)
     assert ours.sum() == pytest.approx(ref.sum(), rel=1e-5)
@@ -164,6 +179,8 @@ def test_prediction_types_give_the_same_bound(kind):
 
 def test_seeded():
     images = torch.randint(0, 256, (6, *SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    run = lambda seed, bs: bits_per_dim(gaussian_model(), config(), images, batch_size=bs, seed=seed, K=10, progress=False)["bpd"]
+    run = lambda seed, bs: bits_per_dim(
+        gaussian_model(), config(), images, batch_size=bs, seed=seed, K=10, progress=False
+    )["bpd"]
     np.testing.assert_array_equal(run(0, 3), run(0, 3))
     assert not np.array_equal(run(0, 3), run(1, 3))

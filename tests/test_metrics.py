@@ -4,18 +4,17 @@ temporary folder (the real facebook/dinov2-base is never downloaded in tests).""
 
 import json
 
-import numpy as np
 import pytest
 import torch
-
 from conftest import run_script
-from ddpm_hf.metrics import fid
+
 from ddpm_hf.config.options import DDPMConfig
 from ddpm_hf.data.images import load_images
-from ddpm_hf.util.errors import DDPMError, UsageError
+from ddpm_hf.diffusion.sampling import _save_png
+from ddpm_hf.metrics import fid
 from ddpm_hf.metrics.features import DinoV2Features, prdc
 from ddpm_hf.metrics.fid import load_extractor
-from ddpm_hf.diffusion.sampling import _save_png
+from ddpm_hf.util.errors import DDPMError, UsageError
 
 
 def points(n, dim=8, seed=0):
@@ -78,13 +77,15 @@ def test_equal_counts_and_too_few_images():
 
 # ---- DINOv2 --------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_dinov2(tmp_path_factory):
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14,
-                          image_size=224)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=224
+    )
     path = tmp_path_factory.mktemp("dinov2") / "tiny-dinov2"
     Dinov2Model(config).eval().save_pretrained(path)
     return path
@@ -103,14 +104,21 @@ def test_dinov2_extractor_from_a_local_folder(tiny_dinov2):
     assert features.shape == (6, 32) and features.dtype == torch.float32
     torch.testing.assert_close(extractor(images.repeat(1, 3, 1, 1)), features)  # grayscale = RGB repeated
     assert torch.equal(load_extractor(cfg)(images), features)
-    assert extractor.info["sha256"] == load_extractor(cfg).info["sha256"] and extractor.info["origin"] == str(tiny_dinov2)
+    assert extractor.info["sha256"] == load_extractor(cfg).info["sha256"] and extractor.info["origin"] == str(
+        tiny_dinov2
+    )
     with pytest.raises(TypeError, match="uint8"):
         extractor(images.float())
 
 
 def test_fid_json_in_dinov2_space_with_prdc(tiny_dinov2, tmp_path):
-    cfg = DDPMConfig(fid_feature_extractor="dinov2", dinov2_model=str(tiny_dinov2), fid_cache_dir=str(tmp_path / "cache"),
-                     fid_reference_max=40, batch_size=16)
+    cfg = DDPMConfig(
+        fid_feature_extractor="dinov2",
+        dinov2_model=str(tiny_dinov2),
+        fid_cache_dir=str(tmp_path / "cache"),
+        fid_reference_max=40,
+        batch_size=16,
+    )
     evaluator = fid.FIDEvaluator(cfg, "mnist5k", "test")
     folder = tmp_path / "samples"
     folder.mkdir()
@@ -120,15 +128,27 @@ def test_fid_json_in_dinov2_space_with_prdc(tiny_dinov2, tmp_path):
     saved = json.loads((folder / "fid.json").read_text())
     assert saved["fid"] == pytest.approx(0, abs=1e-3)
     assert saved["precision"] == saved["recall"] == saved["coverage"] == 1.0 and saved["density"] == pytest.approx(1.0)
-    assert saved["feature_extractor"]["name"].startswith("DINOv2 32-d") and saved["feature_extractor"]["num_features"] == 32
+    assert (
+        saved["feature_extractor"]["name"].startswith("DINOv2 32-d")
+        and saved["feature_extractor"]["num_features"] == 32
+    )
     assert result["prdc_k"] == 5
     other = evaluator.evaluate(_mnist(40, "train"))  # other digits: a positive distance, imperfect overlap
     assert other["fid"] > 0 and min(other["precision"], other["recall"], other["coverage"]) < 1.0
 
 
 def test_missing_dinov2_offline_fails_in_one_line(tmp_path):
-    proc = run_script("sample_ddpm.py", "--checkpoint", tmp_path / "none", "--fid", "--fid_reference", "mnist5k",
-                      "--fid_feature_extractor", "dinov2", check=False)
+    proc = run_script(
+        "sample_ddpm.py",
+        "--checkpoint",
+        tmp_path / "none",
+        "--fid",
+        "--fid_reference",
+        "mnist5k",
+        "--fid_feature_extractor",
+        "dinov2",
+        check=False,
+    )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "hf download facebook/dinov2-base" in proc.stderr
     assert "--dinov2_model FOLDER" in proc.stderr

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ddpm_hf.config.options import DDPMConfig
-from ddpm_hf.util.errors import UsageError
 from ddpm_hf.models.unet import build_unet, count_parameters, unet_kwargs
+from ddpm_hf.util.errors import UsageError
 
 
 def test_default_model_matches_the_original_parameter_count():

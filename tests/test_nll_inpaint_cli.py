@@ -9,21 +9,30 @@ import types
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import run_script
-from ddpm_hf.config.options import FIELDS
-from ddpm_hf.util.errors import UsageError
-from ddpm_hf.diffusion.inpaint import make_masks
-from ddpm_hf.diffusion.likelihood import refuse_latent
-from ddpm_hf.ood.scoring import ood_metrics
-from ddpm_hf.diffusion.prediction import to_epsilon, to_x0
-from ood_ddpm import main as ood_main
-from sample_ddpm import main as sample_main
+from PIL import Image
 from test_ood import random_pipeline, read_csv
 
-NEW_FLAGS = ("nll", "nll_timesteps", "score", "inpaint", "mask", "jump_length", "jump_n_sample", "fid_feature_extractor",
-             "dinov2_model")
+from ddpm_hf.config.options import FIELDS
+from ddpm_hf.diffusion.inpaint import make_masks
+from ddpm_hf.diffusion.likelihood import refuse_latent
+from ddpm_hf.diffusion.prediction import to_epsilon, to_x0
+from ddpm_hf.ood.scoring import ood_metrics
+from ddpm_hf.util.errors import UsageError
+from ood_ddpm import main as ood_main
+from sample_ddpm import main as sample_main
+
+NEW_FLAGS = (
+    "nll",
+    "nll_timesteps",
+    "score",
+    "inpaint",
+    "mask",
+    "jump_length",
+    "jump_n_sample",
+    "fid_feature_extractor",
+    "dinov2_model",
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,23 +76,29 @@ def test_nll_json_exact_and_subsampled(pipe, tmp_path):
     assert abs(k5["bpd_mean"] - exact["bpd_mean"]) < 5 * k5["timestep_se_mean"] + 5 * exact["bpd_mean_se"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--nll", "--nll_timesteps", "2"], "at least 3"),
-    (["--nll", "--nll_timesteps", "21"], "between 3 .* T = 20"),
-    (["--nll", "--fid"], "pass only one of them"),
-    (["--inpaint", "--nll"], "pass only one of them"),
-    (["--inpaint", "--mask", "triangle"], "--mask must be one of"),
-    (["--inpaint", "--jump_length", "0"], "--jump_length must be a positive integer"),
-    (["--inpaint", "--jump_n_sample", "-1"], "--jump_n_sample must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nll", "--nll_timesteps", "2"], "at least 3"),
+        (["--nll", "--nll_timesteps", "21"], "between 3 .* T = 20"),
+        (["--nll", "--fid"], "pass only one of them"),
+        (["--inpaint", "--nll"], "pass only one of them"),
+        (["--inpaint", "--mask", "triangle"], "--mask must be one of"),
+        (["--inpaint", "--jump_length", "0"], "--jump_length must be a positive integer"),
+        (["--inpaint", "--jump_n_sample", "-1"], "--jump_n_sample must be a positive integer"),
+    ],
+)
 def test_bad_values_fail_in_one_line(pipe, args, message):
     with pytest.raises(UsageError, match=message):
         sample_main.__wrapped__(["--checkpoint", str(pipe), "--dataset", "mnist5k", *args])
 
 
 def test_bad_values_exit_2_from_the_scripts(pipe):
-    for script, args in (("sample_ddpm.py", ["--nll", "--nll_timesteps", "1"]), ("ood_ddpm.py", ["--score", "likelihood"]),
-                         ("sample_ddpm.py", ["--inpaint", "--mask", "nope.png"])):
+    for script, args in (
+        ("sample_ddpm.py", ["--nll", "--nll_timesteps", "1"]),
+        ("ood_ddpm.py", ["--score", "likelihood"]),
+        ("sample_ddpm.py", ["--inpaint", "--mask", "nope.png"]),
+    ):
         proc = run_script(script, "--checkpoint", pipe, *args, check=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
 
@@ -94,8 +109,24 @@ def test_latent_models_are_refused():
 
 
 def test_ood_score_nll_and_both(pipe, tmp_path):
-    base = ["--checkpoint", str(pipe), "--dataset", "mnist5k", "--out_dataset", "animalmnist", "--max_samples", "6",
-            "--batch_size", "6", "--sample_timesteps", "10", "--nll_timesteps", "4", "--stats_samples", "6"]
+    base = [
+        "--checkpoint",
+        str(pipe),
+        "--dataset",
+        "mnist5k",
+        "--out_dataset",
+        "animalmnist",
+        "--max_samples",
+        "6",
+        "--batch_size",
+        "6",
+        "--sample_timesteps",
+        "10",
+        "--nll_timesteps",
+        "4",
+        "--stats_samples",
+        "6",
+    ]
     ood_main([*base, "--score", "nll", "--output_dir", str(tmp_path / "nll")])
     ood_main([*base, "--score", "both", "--output_dir", str(tmp_path / "both")])
     ood_main([*base, "--output_dir", str(tmp_path / "recon")])
@@ -106,7 +137,12 @@ def test_ood_score_nll_and_both(pipe, tmp_path):
     assert nll["per_score"]["recon"]["auroc"] == recon["auroc"]  # the reconstruction part is today's score
     assert set(both["likelihood"]["sets"]) == {"in", "out", "stats"} and both["counts"]["stats"] == 6
     assert "per_score" not in recon and recon["settings"]["score"] == "recon" and both["settings"]["score"] == "both"
-    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["histogram.png", "ood_results.json", "roc.png", "scores.csv"]
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == [
+        "histogram.png",
+        "ood_results.json",
+        "roc.png",
+        "scores.csv",
+    ]
     rows = read_csv(tmp_path / "nll" / "scores.csv")
     assert list(rows[0]) == ["set", "index", "recon_error", "lpips", "nll_bpd", "nll_se", "score"]
     assert all(float(r["score"]) == float(r["nll_bpd"]) for r in rows)
@@ -121,7 +157,9 @@ def test_masks():
     assert left.shape == (2, 1, 8, 8) and left[..., :4].sum() == 0 and left[..., 4:].min() == 1
     assert centre[0, 0, 2:6, 2:6].sum() == 0 and centre.sum() == 64 - 16
     boxes = make_masks("random_box", 6, 16, 3)
-    assert torch.equal(boxes, make_masks("random_box", 6, 16, 3)) and not torch.equal(boxes, make_masks("random_box", 6, 16, 4))
+    assert torch.equal(boxes, make_masks("random_box", 6, 16, 3)) and not torch.equal(
+        boxes, make_masks("random_box", 6, 16, 4)
+    )
     holes = (1 - boxes).flatten(1).sum(1)
     assert (holes >= 16).all() and (holes <= 64).all() and len(set(holes.tolist())) > 1
 
@@ -130,8 +168,25 @@ def test_inpaint_outputs_keep_the_known_pixels(pipe, tmp_path):
     mask = np.full((16, 16), 255, np.uint8)
     mask[4:12, :8] = 0
     Image.fromarray(mask).save(tmp_path / "mask.png")
-    args = ["--checkpoint", str(pipe), "--inpaint", "--dataset", "mnist5k", "--num_samples", "3", "--batch_size", "2",
-            "--mask", str(tmp_path / "mask.png"), "--sample_timesteps", "10", "--jump_length", "2", "--jump_n_sample", "2"]
+    args = [
+        "--checkpoint",
+        str(pipe),
+        "--inpaint",
+        "--dataset",
+        "mnist5k",
+        "--num_samples",
+        "3",
+        "--batch_size",
+        "2",
+        "--mask",
+        str(tmp_path / "mask.png"),
+        "--sample_timesteps",
+        "10",
+        "--jump_length",
+        "2",
+        "--jump_n_sample",
+        "2",
+    ]
     sample_main([*args, "--output_dir", str(tmp_path / "a")])
     sample_main([*args, "--output_dir", str(tmp_path / "b")])
     a = tmp_path / "a"
@@ -146,7 +201,9 @@ def test_inpaint_outputs_keep_the_known_pixels(pipe, tmp_path):
         out = np.asarray(Image.open(a / f"inpainted_{i}.png"))
         assert np.array_equal(out, np.asarray(Image.open(tmp_path / "b" / f"inpainted_{i}.png")))  # seeded
         keep = mask >= 128
-        assert np.abs(out[keep].astype(int) - originals[i, 0].numpy()[keep]).max() <= 1  # RePaint keeps the known region
+        assert (
+            np.abs(out[keep].astype(int) - originals[i, 0].numpy()[keep]).max() <= 1
+        )  # RePaint keeps the known region
         assert np.array_equal(np.asarray(Image.open(a / f"mask_{i}.png")) >= 128, keep)
     with Image.open(a / "inpaint_grid.png") as grid:
         assert grid.size == (3 * 18 + 2, 3 * 18 + 2)  # 3 columns, rows original | masked | inpainted

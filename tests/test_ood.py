@@ -9,21 +9,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 from PIL import Image
 from tqdm import tqdm
 
-from conftest import run_script
 from ddpm_hf.config.options import DDPMConfig
-from ddpm_hf.util.errors import DDPMError, UsageError
-from ddpm_hf.models.unet import build_unet
-from ddpm_hf.ood.scoring import (Scorer, combine, load_lpips, lpips_distance, model_format, ood_metrics, plan_levels,
-                         reconstruct, snap_notices)
-from ddpm_hf.models.pipeline import LoadedModel, save_pipeline
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler
+from ddpm_hf.models.pipeline import LoadedModel, save_pipeline
+from ddpm_hf.models.unet import build_unet
+from ddpm_hf.ood.scoring import (
+    Scorer,
+    combine,
+    load_lpips,
+    lpips_distance,
+    model_format,
+    ood_metrics,
+    plan_levels,
+    reconstruct,
+    snap_notices,
+)
+from ddpm_hf.util.errors import DDPMError, UsageError
 from ood_ddpm import main as ood_main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gzoo_unet_a"
-TINY_UNET = dict(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_head_channels=32)
+TINY_UNET = dict(
+    model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_head_channels=32
+)
 OFFLINE_SETS = ["--dataset", "mnist5k", "--out_dataset", "animalmnist"]
 
 
@@ -40,7 +51,9 @@ def random_unet(channels=1, size=16, seed=0):
 
 def random_pipeline(path, channels=1, size=16, timesteps=100):
     noise = make_noise_scheduler(timesteps, 1e-4, 0.02)
-    save_pipeline(path, random_unet(channels, size), make_sampler("ddim", noise.config), DDPMConfig(**TINY_UNET).to_dict())
+    save_pipeline(
+        path, random_unet(channels, size), make_sampler("ddim", noise.config), DDPMConfig(**TINY_UNET).to_dict()
+    )
     return path
 
 
@@ -59,6 +72,7 @@ def read_csv(path):
 
 
 # ---- metrics against hand-computed values --------------------------------------------------
+
 
 def test_metrics_hand_computed_symmetric_case():
     m = ood_metrics([0.1, 0.2, 0.3, 0.4], [0.35, 0.5, 0.6, 0.7])
@@ -101,16 +115,26 @@ def test_report_prints_metrics_to_four_decimals():
     """The original's `AUC score: X FPR95: Y` line shows 4 decimals, not a raw float (0.9612080000000001)."""
     from ddpm_hf.commands.ood import format_report
 
-    results = {"auroc": 0.9612080000000001, "fpr95": 0.212, "fpr95_in_positive": 0.176, "aupr_in": 0.955, "aupr_out": 0.967,
-               "per_level": [{}], "counts": {"in": 500, "out": 500, "scored": 1000},
-               "settings": {"dataset": "mnist5k", "out_dataset": "animalmnist"}, "score": "huber reconstruction error",
-               "cost": {"nfe_per_image": 10, "model_calls_per_batch": 10}, "timing": {"images_per_s": 38.5, "score_s": 26.0}}
+    results = {
+        "auroc": 0.9612080000000001,
+        "fpr95": 0.212,
+        "fpr95_in_positive": 0.176,
+        "aupr_in": 0.955,
+        "aupr_out": 0.967,
+        "per_level": [{}],
+        "counts": {"in": 500, "out": 500, "scored": 1000},
+        "settings": {"dataset": "mnist5k", "out_dataset": "animalmnist"},
+        "score": "huber reconstruction error",
+        "cost": {"nfe_per_image": 10, "model_calls_per_batch": 10},
+        "timing": {"images_per_s": 38.5, "score_s": 26.0},
+    }
     lines = format_report(results).splitlines()
     assert lines[1] == "AUC score: 0.9612 FPR95: 0.2120"
     assert "AUROC (OOD positive):" in lines[2] and lines[2].endswith(" 0.9612")
 
 
 # ---- reconstruction ------------------------------------------------------------------------
+
 
 def test_levels_follow_the_original_timestep_rule():
     config = make_noise_scheduler(100, 1e-4, 0.02).config
@@ -141,7 +165,7 @@ def test_levels_share_one_model_call_per_timestep():
     # 0.5 runs alone at 49, 39; 0.35 joins at 29, 0.2 at 19: five calls instead of ten.
     assert batch_sizes == [3, 3, 6, 9, 9]
     for i, level in enumerate(levels):
-        alone = reconstruct(unet, sampler, noise_scheduler, x0, [level], 0.0, None, noise=noise[i:i + 1])[0]
+        alone = reconstruct(unet, sampler, noise_scheduler, x0, [level], 0.0, None, noise=noise[i : i + 1])[0]
         torch.testing.assert_close(shared[i], alone, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(shared[0], shared[1])
 
@@ -153,22 +177,36 @@ def test_reconstruction_matches_the_original_code():
         pytest.skip("fixture missing")
     flags = json.loads(FIXTURE.with_suffix(".json").read_text())
     expected = torch.load(FIXTURE.with_name(FIXTURE.name + "_expected.pt"), weights_only=True)
-    keys = ("model_channels", "num_res_blocks", "attention_resolutions", "channel_mult", "num_heads", "num_head_channels",
-            "timesteps", "beta_start", "beta_end", "size")
+    keys = (
+        "model_channels",
+        "num_res_blocks",
+        "attention_resolutions",
+        "channel_mult",
+        "num_heads",
+        "num_head_channels",
+        "timesteps",
+        "beta_start",
+        "beta_end",
+        "size",
+    )
     cfg = DDPMConfig(**{k: flags[k] for k in keys}, channels=flags["in_channels"])
     loaded = convert.load_original_checkpoint(str(FIXTURE.with_suffix(".pt")), cfg)
     sampler, levels = plan_levels([flags["recon_factor"]], loaded.scheduler_config, flags["sample_timesteps"])
     assert levels[0].t_start == int(expected["recon_t_start"])
     noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)
     t = torch.full((len(expected["x0"]),), levels[0].t_start)
-    torch.testing.assert_close(noise_scheduler.add_noise(expected["x0"], expected["recon_noise"], t), expected["x_noisy"])
-    recon = reconstruct(loaded.unet, sampler, noise_scheduler, expected["x0"], levels, 0.0, None,
-                        noise=expected["recon_noise"][None])[0]
+    torch.testing.assert_close(
+        noise_scheduler.add_noise(expected["x0"], expected["recon_noise"], t), expected["x_noisy"]
+    )
+    recon = reconstruct(
+        loaded.unet, sampler, noise_scheduler, expected["x0"], levels, 0.0, None, noise=expected["recon_noise"][None]
+    )[0]
     rel = (recon - expected["ddim_eta0_recon"]).abs().max() / expected["ddim_eta0_recon"].abs().max()
     assert rel < 1e-4
 
 
 # ---- LPIPS ---------------------------------------------------------------------------------
+
 
 def test_lpips_code_path_with_a_random_backbone():
     model = load_lpips(pnet_rand=True)  # no download: random AlexNet, the package's linear heads
@@ -194,9 +232,17 @@ def test_lpips_code_path_with_a_random_backbone():
 @pytest.mark.slow
 def test_lpips_offline_without_weights_fails_in_one_line(tmp_path):
     out = tmp_path / "res"
-    proc = run_script("ood_ddpm.py", "--checkpoint", tmp_path / "never-read", *OFFLINE_SETS, "--lpips",
-                      "--output_dir", out, check=False,
-                      env={"TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"})
+    proc = run_script(
+        "ood_ddpm.py",
+        "--checkpoint",
+        tmp_path / "never-read",
+        *OFFLINE_SETS,
+        "--lpips",
+        "--output_dir",
+        out,
+        check=False,
+        env={"TORCH_HOME": str(tmp_path / "torch"), "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
@@ -207,8 +253,19 @@ def test_lpips_offline_without_weights_fails_in_one_line(tmp_path):
 
 # ---- the script end to end -----------------------------------------------------------------
 
-E2E_ARGS = [*OFFLINE_SETS, "--max_samples", "12", "--batch_size", "8", "--sample_timesteps", "10", "--ddpm", "1.0",
-            "--seed", "3"]
+E2E_ARGS = [
+    *OFFLINE_SETS,
+    "--max_samples",
+    "12",
+    "--batch_size",
+    "8",
+    "--sample_timesteps",
+    "10",
+    "--ddpm",
+    "1.0",
+    "--seed",
+    "3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +284,13 @@ def test_end_to_end_outputs(first_run):
     for name in ("auroc", "fpr95", "fpr95_in_positive", "aupr_in", "aupr_out"):
         assert 0 <= results[name] <= 1
     assert "Loading pipeline components" not in first.stderr
-    for label in ("AUROC (OOD positive)", "FPR at 95% TPR, in-dist. positive", "AUPR-in", "AUPR-out", "network evaluations per image"):
+    for label in (
+        "AUROC (OOD positive)",
+        "FPR at 95% TPR, in-dist. positive",
+        "AUPR-in",
+        "AUPR-out",
+        "network evaluations per image",
+    ):
         assert label in first.stdout
     assert results["counts"] == {"in": 12, "out": 12, "stats": 0, "scored": 24}
     assert results["settings"]["recon_factors"] == [0.5] and results["settings"]["t_start"] == [49]
@@ -271,16 +334,39 @@ def test_multi_level_with_lpips_in_process(trained_pipeline, tmp_path, monkeypat
     import ddpm_hf.ood.scoring as ood
 
     monkeypatch.setattr(ood, "load_lpips", lambda device="cpu": load_lpips(pnet_rand=True))
-    ood_main(["--checkpoint", str(trained_pipeline), *OFFLINE_SETS, "--max_samples", "6", "--batch_size", "16",
-              "--sample_timesteps", "10", "--recon_factors", "0.2", "0.5", "--stats_samples", "5", "--lpips", "--recon_draws", "2",
-              "--output_dir", str(tmp_path)])
+    ood_main(
+        [
+            "--checkpoint",
+            str(trained_pipeline),
+            *OFFLINE_SETS,
+            "--max_samples",
+            "6",
+            "--batch_size",
+            "16",
+            "--sample_timesteps",
+            "10",
+            "--recon_factors",
+            "0.2",
+            "0.5",
+            "--stats_samples",
+            "5",
+            "--lpips",
+            "--recon_draws",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     report = capsys.readouterr().out
     results = json.loads((tmp_path / "ood_results.json").read_text())
     assert results["counts"] == {"in": 6, "out": 6, "stats": 5, "scored": 17}
     assert [lv["recon_factor"] for lv in results["per_level"]] == [0.2, 0.5]
     assert [lv["steps"] for lv in results["per_level"]] == [2, 5]
     assert results["cost"] == {"nfe_per_image": 14, "model_calls_per_batch": 5}  # 2 draws x (2 + 5) steps
-    assert results["score"] == "mean z-score of the huber reconstruction error and LPIPS at recon_factors 0.2 0.5, each the mean of 2 noise draws"
+    assert (
+        results["score"]
+        == "mean z-score of the huber reconstruction error and LPIPS at recon_factors 0.2 0.5, each the mean of 2 noise draws"
+    )
     assert "recon_factor 0.2" in report and "recon_factor 0.5" in report
     rows = read_csv(tmp_path / "scores.csv")
     assert list(rows[0]) == ["set", "index", "recon_error@0.2", "lpips@0.2", "recon_error@0.5", "lpips@0.5", "score"]
@@ -291,11 +377,26 @@ def test_multi_level_with_lpips_in_process(trained_pipeline, tmp_path, monkeypat
 
 # ---- channel and size mismatches -----------------------------------------------------------
 
+
 def test_gray_model_against_an_rgb_folder_of_another_size(tmp_path, capsys):
     model = random_pipeline(tmp_path / "gray16", channels=1, size=16)
     folder = image_folder(tmp_path / "rgb24", 5, 24)
-    ood_main(["--checkpoint", str(model), "--dataset", "mnist5k", "--out_dataset", str(folder), "--max_samples", "4",
-              "--sample_timesteps", "10", "--output_dir", str(tmp_path / "res")])
+    ood_main(
+        [
+            "--checkpoint",
+            str(model),
+            "--dataset",
+            "mnist5k",
+            "--out_dataset",
+            str(folder),
+            "--max_samples",
+            "4",
+            "--sample_timesteps",
+            "10",
+            "--output_dir",
+            str(tmp_path / "res"),
+        ]
+    )
     err = capsys.readouterr().err
     assert f"OOD set {folder} has 3-channel images; converted to grayscale for the 1-channel model" in err
     assert f"OOD set {folder} has 24 px images; shrunk to the model's 16 px" in err
@@ -309,9 +410,27 @@ def test_rgb_model_against_gray_data_and_stats_never_scored(tmp_path, capsys):
     """A flat folder has one split: the statistics images must be the ones not evaluated."""
     model = random_pipeline(tmp_path / "rgb16", channels=3, size=16)
     folder = image_folder(tmp_path / "rgb12", 10, 12)
-    ood_main(["--checkpoint", str(model), "--dataset", str(folder), "--out_dataset", "mnist5k", "--max_samples", "6",
-              "--sample_timesteps", "10", "--recon_factors", "0.3", "0.6", "--stats_samples", "50",
-              "--output_dir", str(tmp_path / "res")])
+    ood_main(
+        [
+            "--checkpoint",
+            str(model),
+            "--dataset",
+            str(folder),
+            "--out_dataset",
+            "mnist5k",
+            "--max_samples",
+            "6",
+            "--sample_timesteps",
+            "10",
+            "--recon_factors",
+            "0.3",
+            "0.6",
+            "--stats_samples",
+            "50",
+            "--output_dir",
+            str(tmp_path / "res"),
+        ]
+    )
     err = capsys.readouterr().err
     assert "OOD set mnist5k has 1-channel images; grayscale repeated to RGB for the 3-channel model" in err
     assert f"in-distribution set {folder} has 12 px images; enlarged to the model's 16 px" in err
@@ -323,9 +442,16 @@ def test_latent_model_scores_in_pixel_space():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
-                        latent_channels=4, sample_size=16).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=16,
+    ).eval()
     config = make_noise_scheduler(100, 1e-4, 0.02).config
     loaded = LoadedModel(random_unet(channels=4, size=8), dict(config), vae)
     assert model_format(loaded) == (3, 16)

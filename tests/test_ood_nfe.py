@@ -4,7 +4,6 @@ import json
 import sys
 
 import pytest
-
 from conftest import REPO
 from test_ood import random_pipeline
 
@@ -15,8 +14,23 @@ import ood_nfe  # noqa: E402
 @pytest.mark.slow  # ~1 min on 2 idle cores: six tiny OOD runs
 def test_study_runs_reuses_skips_and_recommends(tmp_path):
     model = random_pipeline(tmp_path / "model")
-    common = ["--checkpoint", str(model), "--max_samples", "4", "--stats_samples", "4", "--bootstrap", "20",
-              "--factors", "0.2", "0.5", "--work_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "r.json")]
+    common = [
+        "--checkpoint",
+        str(model),
+        "--max_samples",
+        "4",
+        "--stats_samples",
+        "4",
+        "--bootstrap",
+        "20",
+        "--factors",
+        "0.2",
+        "0.5",
+        "--work_dir",
+        str(tmp_path / "runs"),
+        "--output",
+        str(tmp_path / "r.json"),
+    ]
     ood_nfe.main([*common, "--steps", "10", "5"])
     first = json.loads((tmp_path / "r.json").read_text())
     rows = {(r["mode"], r["sample_timesteps"]): r for r in first["settings"]}
@@ -35,4 +49,6 @@ def test_study_runs_reuses_skips_and_recommends(tmp_path):
     second = {(r["mode"], r["sample_timesteps"]): r for r in json.loads((tmp_path / "r.json").read_text())["settings"]}
     assert all(second[k]["reused"] and second[k]["auroc"] == rows[k]["auroc"] for k in rows)
     assert "auroc" not in second["single", 2] and "budget" in second["single", 2]["skipped"]
-    assert second["multi", 2]["skipped"].startswith("impossible: recon factor 0.2")  # t* = 19 is below the grid's first step
+    assert second["multi", 2]["skipped"].startswith(
+        "impossible: recon factor 0.2"
+    )  # t* = 19 is below the grid's first step

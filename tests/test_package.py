@@ -4,15 +4,16 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
 def test_import_is_lazy():
-    code = ("import sys, ddpm_hf\n"
-            "cfg = ddpm_hf.DDPMConfig(dataset='mnist5k')\n"
-            "ddpm_hf.validate(cfg)\n"
-            "print(ddpm_hf.__version__, sorted(m for m in ('torch', 'diffusers', 'accelerate', 'datasets') if m in sys.modules))\n")
+    code = (
+        "import sys, ddpm_hf\n"
+        "cfg = ddpm_hf.DDPMConfig(dataset='mnist5k')\n"
+        "ddpm_hf.validate(cfg)\n"
+        "print(ddpm_hf.__version__, sorted(m for m in ('torch', 'diffusers', 'accelerate', 'datasets') if m in sys.modules))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split(" ", 1)[1].strip() == "[]"  # neither the import nor the config loaded torch
@@ -23,7 +24,10 @@ def test_public_api_resolves():
 
     missing = [name for name in ddpm_hf.__all__ if getattr(ddpm_hf, name, None) is None]
     assert not missing
-    assert ddpm_hf.train.__module__ == "ddpm_hf.training.trainer" and ddpm_hf.load_model.__module__ == "ddpm_hf.models.loader"
+    assert (
+        ddpm_hf.train.__module__ == "ddpm_hf.training.trainer"
+        and ddpm_hf.load_model.__module__ == "ddpm_hf.models.loader"
+    )
     assert ddpm_hf.__version__.count(".") == 2
 
 
@@ -55,6 +59,7 @@ def test_dependencies_come_from_requirements_txt_alone():
 
 # ---- layers: the import graph (module-level and function-level imports alike) ----------------------
 
+
 def _module_name(path) -> str:
     parts = path.relative_to(REPO).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -75,7 +80,7 @@ def import_graph() -> dict:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(up + ([node.module] if node.module else []))
                 targets.add(base)
                 targets.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import ood`
@@ -92,7 +97,7 @@ def find_cycle(graph: dict):
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -111,7 +116,12 @@ def find_cycle(graph: dict):
 
 def test_import_graph_has_no_cycle():
     graph = import_graph()
-    assert {"ddpm_hf.models.pipeline", "ddpm_hf.models.loader", "ddpm_hf.commands.sample", "ddpm_hf.commands.ood"} <= set(graph)
+    assert {
+        "ddpm_hf.models.pipeline",
+        "ddpm_hf.models.loader",
+        "ddpm_hf.commands.sample",
+        "ddpm_hf.commands.ood",
+    } <= set(graph)
     assert "ddpm_hf.models.convert_gzoo" in graph["ddpm_hf.models.loader"]  # function-level imports are read too
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
@@ -124,8 +134,16 @@ def test_find_cycle_sees_a_cycle():
 
 # Sub-packages from the bottom up: each imports only from the layers below it (and itself); the
 # packages of one layer do not import each other.
-LAYERS = [("util",), ("config",), ("data",), ("diffusion",), ("models",), ("metrics", "hub", "ood"), ("training",),
-          ("commands",)]
+LAYERS = [
+    ("util",),
+    ("config",),
+    ("data",),
+    ("diffusion",),
+    ("models",),
+    ("metrics", "hub", "ood"),
+    ("training",),
+    ("commands",),
+]
 
 
 def subpackage(module: str) -> str:
@@ -136,8 +154,12 @@ def test_subpackages_import_only_lower_layers():
     rank = {package: level for level, packages in enumerate(LAYERS) for package in packages}
     graph = import_graph()
     assert set(rank) == {subpackage(m) for m in graph if m.count(".") >= 1}  # every sub-package has its layer
-    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets
-                    if subpackage(m) and subpackage(t) != subpackage(m) and rank[subpackage(t)] >= rank[subpackage(m)])
+    upward = sorted(
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        for t in targets
+        if subpackage(m) and subpackage(t) != subpackage(m) and rank[subpackage(t)] >= rank[subpackage(m)]
+    )
     assert upward == []
 
 

@@ -18,15 +18,21 @@ from PIL import Image
 
 from ddpm_hf.config.options import DDPMConfig, validate
 from ddpm_hf.data.images import StreamingBatches, batch_loader, stream_images
-from ddpm_hf.util.errors import UsageError
-from ddpm_hf.models.unet import unet_kwargs
-from ddpm_hf.util.precision import inference_autocast
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch
+from ddpm_hf.models.unet import unet_kwargs
 from ddpm_hf.training.ema import PlainEMA
 from ddpm_hf.training.steps import diffusion_loss, make_optimizer
+from ddpm_hf.util.errors import UsageError
+from ddpm_hf.util.precision import inference_autocast
 
-TINY = DDPMConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], num_head_channels=32,
-                  timesteps=100)
+TINY = DDPMConfig(
+    model_channels=32,
+    channel_mult=[1, 2],
+    num_res_blocks=1,
+    attention_resolutions=[2],
+    num_head_channels=32,
+    timesteps=100,
+)
 
 
 def tiny_unet(seed=0):
@@ -41,7 +47,11 @@ def test_bf16_step_runs_and_matches_fp32_loosely():
     for name, autocast in (("fp32", None), ("bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
         torch.manual_seed(1)  # the same noise and timesteps for both
         unet.zero_grad()
-        loss = diffusion_loss(unet, scheduler, x0, TINY.loss_type, autocast=autocast) if autocast else diffusion_loss(unet, scheduler, x0)
+        loss = (
+            diffusion_loss(unet, scheduler, x0, TINY.loss_type, autocast=autocast)
+            if autocast
+            else diffusion_loss(unet, scheduler, x0)
+        )
         loss.backward()
         losses[name], grads[name] = loss.item(), torch.cat([p.grad.flatten() for p in unet.parameters()])
     assert losses["fp32"] > 0 and abs(losses["bf16"] - losses["fp32"]) < 0.02 * losses["fp32"]
@@ -97,8 +107,9 @@ def test_fused_adamw_on_cpu_matches_foreach():
 
 def test_batch_loader_serves_a_tensor_datasets_batches():
     images = torch.randint(0, 256, (300, 1, 4, 4), dtype=torch.uint8)
-    plain = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=64, shuffle=True,
-                                        generator=torch.Generator().manual_seed(5))
+    plain = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(5)
+    )
     ours = list(batch_loader(images, 64, seed=5))
     assert len(ours) == 5 and ours[-1][0].shape == (44, 1, 4, 4)
     assert all(torch.equal(p, q) for (p,), (q,) in zip(ours, plain))
@@ -180,11 +191,41 @@ def test_streaming_training_with_two_processes(tmp_path):
     """`accelerate launch --config_file configs/accelerate/multi_cpu.yaml`: two gloo processes, each
     streaming its half of mnist5k; the result is a standard pipeline."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs/accelerate/multi_cpu.yaml"),
-           str(REPO / "train_ddpm.py"), "--dataset", "mnist5k", "--streaming", "--max_train_samples", "128",
-           "--shuffle_buffer_size", "64", "--batch_size", "16", "--max_train_steps", "4", "--n_epochs", "2",
-           "--timesteps", "100", "--sample_timesteps", "5", "--num_samples", "2", "--no_wandb", "--logging_steps", "2",
-           "--checkpointing_steps", "4", "--output_dir", str(out), *TINY_MODEL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/multi_cpu.yaml"),
+        str(REPO / "train_ddpm.py"),
+        "--dataset",
+        "mnist5k",
+        "--streaming",
+        "--max_train_samples",
+        "128",
+        "--shuffle_buffer_size",
+        "64",
+        "--batch_size",
+        "16",
+        "--max_train_steps",
+        "4",
+        "--n_epochs",
+        "2",
+        "--timesteps",
+        "100",
+        "--sample_timesteps",
+        "5",
+        "--num_samples",
+        "2",
+        "--no_wandb",
+        "--logging_steps",
+        "2",
+        "--checkpointing_steps",
+        "4",
+        "--output_dir",
+        str(out),
+        *TINY_MODEL,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -216,7 +257,11 @@ def test_explicit_bf16_on_a_device_without_it_prints_one_notice_with_the_measure
     monkeypatch.setattr(precision, "bf16_slowdown", lambda device: 6.42)
     precision.warn_if_bf16_emulated("bf16", "cpu")
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("notice: --mixed_precision bf16 is emulated here") and "6.4x slower than fp32" in err[0]
+    assert (
+        len(err) == 1
+        and err[0].startswith("notice: --mixed_precision bf16 is emulated here")
+        and "6.4x slower than fp32" in err[0]
+    )
     for quiet in ("auto", "no", None):
         precision.warn_if_bf16_emulated(quiet, "cpu")
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
@@ -239,7 +284,9 @@ def test_ood_scores_under_bf16_stay_close_to_fp32():
     for precision in ("no", "bf16"):
         cfg = DDPMConfig(sample_timesteps=10, ddpm=0.0, batch_size=6, mixed_precision=precision)
         sampler, levels = plan_levels([0.5], sc, cfg.sample_timesteps)
-        scores[precision] = Scorer(loaded, levels, sampler, cfg).score_batch(images, torch.Generator().manual_seed(0))["recon_error"]
+        scores[precision] = Scorer(loaded, levels, sampler, cfg).score_batch(images, torch.Generator().manual_seed(0))[
+            "recon_error"
+        ]
     assert scores["bf16"].dtype == torch.float64 and scores["bf16"].shape == (1, 6)
     rel = ((scores["bf16"] - scores["no"]).abs() / scores["no"]).max()
     assert 0 < rel < 0.05  # autocast really ran (not bitwise equal), and moved no score by 5%

@@ -15,35 +15,76 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, TINY_MODEL, run_script
 from PIL import Image
 
-from conftest import REPO, TINY_MODEL, run_script
 from ddpm_hf.config.options import DDPMConfig, build_parser, load_yaml, parse_config
 from ddpm_hf.util.errors import DDPMError, UsageError
 
 ENV = {"OMP_NUM_THREADS": "1"}
-TRAIN = ["--dataset", "animalmnist", "--max_train_samples", "16", "--batch_size", "8", "--timesteps", "100",
-         "--sample_timesteps", "5", "--num_samples", "2", "--no_wandb", *TINY_MODEL]
+TRAIN = [
+    "--dataset",
+    "animalmnist",
+    "--max_train_samples",
+    "16",
+    "--batch_size",
+    "8",
+    "--timesteps",
+    "100",
+    "--sample_timesteps",
+    "5",
+    "--num_samples",
+    "2",
+    "--no_wandb",
+    *TINY_MODEL,
+]
 
 
 def _error_lines(stderr):
-    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith(("error:", "notice:", "warning:"))]
+    return [
+        line for line in stderr.replace("\r", "\n").splitlines() if line.startswith(("error:", "notice:", "warning:"))
+    ]
 
 
 # ---- the output-folder lock -------------------------------------------------------------------------
 
+
 def test_second_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, str(REPO / "train_ddpm.py"), *TRAIN, "--max_train_steps", "100000",
-                              "--checkpointing_steps", "2", "--output_dir", str(out)],
-                             cwd=REPO, env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "train_ddpm.py"),
+            *TRAIN,
+            "--max_train_steps",
+            "100000",
+            "--checkpointing_steps",
+            "2",
+            "--output_dir",
+            str(out),
+        ],
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not (out / "checkpoints" / "checkpoint-2").exists():
             assert first.poll() is None, "the first run ended early"
             time.sleep(0.1)
-        second = run_script("train_ddpm.py", *TRAIN, "--max_train_steps", "2", "--output_dir", out,
-                            "--resume_from_checkpoint", "latest", check=False, env=ENV)
+        second = run_script(
+            "train_ddpm.py",
+            *TRAIN,
+            "--max_train_steps",
+            "2",
+            "--output_dir",
+            out,
+            "--resume_from_checkpoint",
+            "latest",
+            check=False,
+            env=ENV,
+        )
         assert second.returncode == 1 and "Traceback" not in second.stderr
         (line,) = _error_lines(second.stderr)
         assert line.startswith(f"error: {out} is in use by another run: process {first.pid} (train_ddpm.py, started ")
@@ -54,8 +95,19 @@ def test_second_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_pat
         first.send_signal(signal.SIGKILL)  # a kill leaves its lock file behind, unlocked
         first.wait()
     assert json.loads((out / ".ddpm_hf.util.lock").read_text())["pid"] == first.pid
-    third = run_script("train_ddpm.py", *TRAIN, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", out,
-                       "--resume_from_checkpoint", "latest", env=ENV)
+    third = run_script(
+        "train_ddpm.py",
+        *TRAIN,
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--output_dir",
+        out,
+        "--resume_from_checkpoint",
+        "latest",
+        env=ENV,
+    )
     assert f"notice: taking over the lock of {out} left by process {first.pid} (train_ddpm.py" in third.stderr
     assert (out / "model_index.json").exists() and not (out / ".ddpm_hf.util.lock").exists()
 
@@ -64,10 +116,19 @@ def test_lock_in_process(tmp_path):
     """The library calls: a lock held by a live process refuses, one whose holder died is taken over."""
     from ddpm_hf.util.lock import LOCK_NAME, lock_output_dir, release_all
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from ddpm_hf.util.lock import lock_output_dir; lock_output_dir(sys.argv[2], 'holder.py');"
-                               "print('held', flush=True); time.sleep(600)", str(REPO), str(tmp_path)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[1]);"
+            "from ddpm_hf.util.lock import lock_output_dir; lock_output_dir(sys.argv[2], 'holder.py');"
+            "print('held', flush=True); time.sleep(600)",
+            str(REPO),
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(DDPMError, match=f"is in use by another run: process {holder.pid} \\(holder.py"):
@@ -84,12 +145,15 @@ def test_lock_in_process(tmp_path):
 
 # ---- a full disk -------------------------------------------------------------------------------------
 
+
 def test_full_disk_during_the_pipeline_save_then_resume_writes_it(tmp_path):
     out = tmp_path / "run"
     args = [*TRAIN, "--max_train_steps", "3", "--checkpointing_steps", "2", "--output_dir", out]
     failed = run_script("train_ddpm.py", *args, check=False, env={**ENV, "DDPM_HF_DISK_FULL": "pipeline"})
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
-    assert _error_lines(failed.stderr)[-1].startswith(f"error: could not write the pipeline to {out} (no space left on device)")
+    assert _error_lines(failed.stderr)[-1].startswith(
+        f"error: could not write the pipeline to {out} (no space left on device)"
+    )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
     assert not (out / ".pipeline.partial").exists() and not (out / "model_index.json").exists()
     resumed = run_script("train_ddpm.py", *args, "--resume_from_checkpoint", "latest", env=ENV)
@@ -120,7 +184,12 @@ def _mount_tmpfs(folder: Path, size: str) -> bool:
     folder.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.fixture
@@ -135,23 +204,46 @@ def small_disk(tmp_path):
 
 def test_really_full_disk_training(small_disk):
     out = small_disk / "run"
-    proc = run_script("train_ddpm.py", *TRAIN, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", out,
-                      check=False, env=ENV)
+    proc = run_script(
+        "train_ddpm.py",
+        *TRAIN,
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--output_dir",
+        out,
+        check=False,
+        env=ENV,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (line,) = _error_lines(proc.stderr)
     assert "(no space left on device)" in line and f"to {out}" in line
-    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not (out / ".ddpm_hf.util.lock").exists()
+    assert (
+        not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not (out / ".ddpm_hf.util.lock").exists()
+    )
 
 
 # ---- SIGTERM during the final save; the printed hint ----------------------------------------------------
 
+
 def test_sigterm_during_the_final_save_finishes_it(tmp_path):
     out = tmp_path / "my run"  # a space: the printed hint must be shell-quoted
-    proc = run_script("train_ddpm.py", *TRAIN, "--max_train_steps", "2", "--output_dir", out,
-                      env={**ENV, "DDPM_HF_SIGTERM_AT_FINAL_SAVE": "1"})
+    proc = run_script(
+        "train_ddpm.py",
+        *TRAIN,
+        "--max_train_steps",
+        "2",
+        "--output_dir",
+        out,
+        env={**ENV, "DDPM_HF_SIGTERM_AT_FINAL_SAVE": "1"},
+    )
     assert "SIGTERM: finishing the final save first" in proc.stderr
     assert f"sample it with: python sample_ddpm.py --checkpoint '{out}'" in proc.stdout
-    assert f"stopped at step 2; checkpoint saved to {out / 'checkpoints' / 'checkpoint-2'}. The run had finished" in proc.stdout
+    assert (
+        f"stopped at step 2; checkpoint saved to {out / 'checkpoints' / 'checkpoint-2'}. The run had finished"
+        in proc.stdout
+    )
     assert (out / "model_index.json").exists()
     from ddpm_hf.training.checkpoints import checkpoint_problem
 
@@ -159,6 +251,7 @@ def test_sigterm_during_the_final_save_finishes_it(tmp_path):
 
 
 # ---- input sanity ---------------------------------------------------------------------------------------
+
 
 def test_16_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
     from ddpm_hf.data.images import load_images
@@ -189,7 +282,12 @@ def test_sample_timesteps_is_checked_against_the_models_T():
 
     parser = build_parser("sample_ddpm.py", "", sample_ddpm.GROUPS)
     assert parse_config(parser, ["--checkpoint", "x", "--sample_timesteps", "400"])[0].sample_timesteps == 400
-    assert parse_config(build_parser("ood_ddpm.py", "", ood_ddpm.GROUPS), ["--sample_timesteps", "400"])[0].sample_timesteps == 400
+    assert (
+        parse_config(build_parser("ood_ddpm.py", "", ood_ddpm.GROUPS), ["--sample_timesteps", "400"])[
+            0
+        ].sample_timesteps
+        == 400
+    )
     with pytest.raises(UsageError, match="--sample_timesteps 400 is larger than --timesteps 300"):
         parse_config(parser, ["--checkpoint", "x.pt", "--sample_timesteps", "400", "--timesteps", "300"])
     with pytest.raises(UsageError, match="--sample_timesteps 400 is larger than --timesteps 300"):
@@ -208,10 +306,21 @@ def test_capacity_problem():
 
 # ---- sample_ddpm.py outputs --------------------------------------------------------------------------------
 
+
 def test_fid_folder_origin_same_model_other_path_and_overwrite(trained_pipeline, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(trained_pipeline, copy, ignore=shutil.ignore_patterns("checkpoints"))
-    args = ["--fid", "--num_samples", "4", "--batch_size", "2", "--sample_timesteps", "5", "--output_dir", tmp_path / "s"]
+    args = [
+        "--fid",
+        "--num_samples",
+        "4",
+        "--batch_size",
+        "2",
+        "--sample_timesteps",
+        "5",
+        "--output_dir",
+        tmp_path / "s",
+    ]
     run_script("sample_ddpm.py", "--checkpoint", trained_pipeline, *args, env=ENV)
     (folder,) = (tmp_path / "s" / "fid_samples").glob("*/*")
     origin = json.loads((folder / "fid_origin.json").read_text())
@@ -222,7 +331,9 @@ def test_fid_folder_origin_same_model_other_path_and_overwrite(trained_pipeline,
     assert "wrote 0 new image(s) (4 already there)" in again.stdout
     refused = run_script("sample_ddpm.py", "--checkpoint", copy, *args, "--seed", "2", check=False, env=ENV)
     assert refused.returncode == 2 and {p.name: p.read_bytes() for p in folder.glob("*.png")} == before
-    replaced = run_script("sample_ddpm.py", "--checkpoint", copy, *args, "--seed", "2", "--overwrite_output_dir", env=ENV)
+    replaced = run_script(
+        "sample_ddpm.py", "--checkpoint", copy, *args, "--seed", "2", "--overwrite_output_dir", env=ENV
+    )
     assert "wrote 4 new image(s) (0 already there)" in replaced.stdout
     assert json.loads((folder / "fid_origin.json").read_text())["seed"] == 2
 

@@ -14,10 +14,10 @@ import sys
 import time
 
 import pytest
+from conftest import REPO, TINY_MODEL, run_script
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, TINY_MODEL, run_script
 from ddpm_hf.training.checkpoints import MANIFEST, checkpoint_problem
 
 # Every test here trains, kills and resumes: `make test-all` (CI) runs them, `make test` does not.
@@ -26,9 +26,28 @@ pytestmark = pytest.mark.slow
 # 48 images in batches of 8: 6 steps per epoch, 12 steps = 2 epochs, a checkpoint every 3 steps.
 # One thread: identical arithmetic in every run and no fight for the shared cores.
 ENV = {"OMP_NUM_THREADS": "1"}
-RUN = ["--dataset", "animalmnist", "--max_train_samples", "48", "--batch_size", "8", "--timesteps", "100",
-       "--sample_timesteps", "5", "--num_samples", "2", "--no_wandb", "--logging_steps", "1", *TINY_MODEL,
-       "--max_train_steps", "12", "--checkpointing_steps", "3"]
+RUN = [
+    "--dataset",
+    "animalmnist",
+    "--max_train_samples",
+    "48",
+    "--batch_size",
+    "8",
+    "--timesteps",
+    "100",
+    "--sample_timesteps",
+    "5",
+    "--num_samples",
+    "2",
+    "--no_wandb",
+    "--logging_steps",
+    "1",
+    *TINY_MODEL,
+    "--max_train_steps",
+    "12",
+    "--checkpointing_steps",
+    "3",
+]
 RESUME = ["--resume_from_checkpoint", "latest"]
 
 
@@ -47,8 +66,10 @@ def max_abs_diff(a, b):
 
 def log_records(out):
     """The log without its wall-clock column."""
-    return [{k: v for k, v in json.loads(line).items() if k != "images_per_sec"}
-            for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "images_per_sec"}
+        for line in (out / "train_log.jsonl").read_text().splitlines()
+    ]
 
 
 def checkpoints(out):
@@ -104,7 +125,8 @@ def test_kill_during_save_and_damaged_checkpoint_fall_back(reference, tmp_path):
     assert notices == [
         f"notice: removing {out / 'checkpoints' / 'checkpoint-9.partial'}, a checkpoint whose save was interrupted",
         f"warning: checkpoint {out / 'checkpoints' / 'checkpoint-6'} is damaged or incomplete "
-        f"(model.safetensors has {size // 2} bytes instead of {size}); falling back to an older one"]
+        f"(model.safetensors has {size // 2} bytes instead of {size}); falling back to an older one",
+    ]
     assert f"resumed from {out / 'checkpoints' / 'checkpoint-3'}" in resumed.stdout
     assert_same_run(reference, out)
     assert checkpoints(out) == ["checkpoint-12", "checkpoint-3", "checkpoint-6", "checkpoint-9"]
@@ -123,16 +145,24 @@ def _wait_for_log(proc, log, lines, timeout=300):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_finishes_step_saves_and_resumes_exactly(sig, reference, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_ddpm.py"), *RUN, "--output_dir", str(out)], cwd=REPO,
-                            env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train_ddpm.py"), *RUN, "--output_dir", str(out)],
+        cwd=REPO,
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for_log(proc, out / "train_log.jsonl", 2)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     step = log_records(out)[-1]["step"]  # the step in progress was finished, then saved
     assert 2 <= step < 12
-    assert f"stopped at step {step}; checkpoint saved to {out / 'checkpoints' / f'checkpoint-{step}'}. Resume with the same " \
-           f"command plus --resume_from_checkpoint latest" in stdout
+    assert (
+        f"stopped at step {step}; checkpoint saved to {out / 'checkpoints' / f'checkpoint-{step}'}. Resume with the same "
+        f"command plus --resume_from_checkpoint latest" in stdout
+    )
     assert f"{sig.name}: stopping after this step and saving a checkpoint" in stderr
     assert checkpoint_problem(out / "checkpoints" / f"checkpoint-{step}") is None
     assert not (out / "model_index.json").exists()
@@ -148,7 +178,8 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     assert "Traceback" not in proc.stderr
     assert error_lines(proc.stderr) == [
         f"error: the loss became non-finite at step 5; the last good checkpoint {out / 'checkpoints' / 'checkpoint-3'} "
-        "is kept; lower --lr, use --mixed_precision no, or pass --skip_nonfinite_steps to skip such updates"]
+        "is kept; lower --lr, use --mixed_precision no, or pass --skip_nonfinite_steps to skip such updates"
+    ]
     assert checkpoints(out) == ["checkpoint-3"]
     assert checkpoint_problem(out / "checkpoints" / "checkpoint-3") is None
     assert not (out / "model_index.json").exists()
@@ -186,15 +217,35 @@ def _pngs(folder):
 
 
 def test_interrupted_fid_sampling_resumes_where_it_stopped(reference, tmp_path):
-    args = [sys.executable, str(REPO / "sample_ddpm.py"), "--checkpoint", str(reference), "--fid", "--num_samples", "16",
-            "--batch_size", "4", "--sample_timesteps", "20", "--ddpm", "1.0"]
+    args = [
+        sys.executable,
+        str(REPO / "sample_ddpm.py"),
+        "--checkpoint",
+        str(reference),
+        "--fid",
+        "--num_samples",
+        "16",
+        "--batch_size",
+        "4",
+        "--sample_timesteps",
+        "20",
+        "--ddpm",
+        "1.0",
+    ]
     env = {**os.environ, **ENV}
-    whole = subprocess.run([*args, "--output_dir", str(tmp_path / "whole")], env=env, capture_output=True, text=True, cwd=REPO)
+    whole = subprocess.run(
+        [*args, "--output_dir", str(tmp_path / "whole")], env=env, capture_output=True, text=True, cwd=REPO
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
     (expected_dir,) = (tmp_path / "whole" / "fid_samples").glob("*/*")
 
-    proc = subprocess.Popen([*args, "--output_dir", str(tmp_path / "cut")], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*args, "--output_dir", str(tmp_path / "cut")],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         found = list((tmp_path / "cut").glob("fid_samples/*/*/*.png"))
@@ -211,7 +262,9 @@ def test_interrupted_fid_sampling_resumes_where_it_stopped(reference, tmp_path):
             img.load()
     complete_batches = sum(all((folder / f"{i}.png").exists() for i in range(b * 4, b * 4 + 4)) for b in range(4))
 
-    again = subprocess.run([*args, "--output_dir", str(tmp_path / "cut")], env=env, capture_output=True, text=True, cwd=REPO)
+    again = subprocess.run(
+        [*args, "--output_dir", str(tmp_path / "cut")], env=env, capture_output=True, text=True, cwd=REPO
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"wrote {16 - 4 * complete_batches} new image(s) ({4 * complete_batches} already there)" in again.stdout
     assert [p.name for p in _pngs(folder)] == [f"{i}.png" for i in range(16)]

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_MODEL, run_script
 
 SOURCES = sorted([*REPO.glob("*.py"), *(REPO / "ddpm_hf").rglob("*.py")])
@@ -87,11 +86,14 @@ def test_saved_weights_are_safetensors_and_checkpoints_need_no_unpickling(traine
     for path in files:
         if path.suffix == ".safetensors":
             assert load_file(str(path))  # readable as safetensors
-    pickled = sorted(str(p.relative_to(trained_pipeline)) for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    pickled = sorted(
+        str(p.relative_to(trained_pipeline)) for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+    )
     # Only Accelerate's optimiser and RNG states, in checkpoints; no custom_checkpoint_*.pkl (those
     # Accelerate unpickles with weights_only=False): our EMA and LR schedule are safetensors + JSON.
-    assert pickled and all(Path(p).parts[0] == "checkpoints" and Path(p).name in ("optimizer.bin", "random_states_0.pkl")
-                           for p in pickled), pickled
+    assert pickled and all(
+        Path(p).parts[0] == "checkpoints" and Path(p).name in ("optimizer.bin", "random_states_0.pkl") for p in pickled
+    ), pickled
     for name in pickled:  # and both load with weights_only=True (Accelerate adds only numpy's RNG types)
         with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
             assert torch.load(trained_pipeline / name, weights_only=True, map_location="cpu")
@@ -99,8 +101,11 @@ def test_saved_weights_are_safetensors_and_checkpoints_need_no_unpickling(traine
         assert (checkpoint / "ema.safetensors").exists() and (checkpoint / "trainer_state.json").exists()
 
 
-SECRETS = {"--hub_token": "hf_CliSecretDoNotLeak123", "HF_TOKEN": "hf_EnvSecretDoNotLeak456",
-           "WANDB_API_KEY": "WandbSecretDoNotLeak789"}
+SECRETS = {
+    "--hub_token": "hf_CliSecretDoNotLeak123",
+    "HF_TOKEN": "hf_EnvSecretDoNotLeak456",
+    "WANDB_API_KEY": "WandbSecretDoNotLeak789",
+}
 
 
 def _leaks(text_or_bytes) -> list:
@@ -113,14 +118,44 @@ def test_tokens_are_never_printed_logged_saved_or_put_in_model_cards(tmp_path):
     out = tmp_path / "run"
     env = {"HF_TOKEN": SECRETS["HF_TOKEN"], "WANDB_API_KEY": SECRETS["WANDB_API_KEY"], "OMP_NUM_THREADS": "1"}
     # tensorboard logs the run's config as hparams: a real tracker file to search.
-    proc = run_script("train_ddpm.py", "--dataset", "animalmnist", "--max_train_samples", "16", "--batch_size", "8",
-                      "--timesteps", "100", "--sample_timesteps", "5", "--num_samples", "2", *TINY_MODEL,
-                      "--max_train_steps", "2", "--checkpointing_steps", "1", "--logging_steps", "1",
-                      "--report_to", "tensorboard", "--hub_token", SECRETS["--hub_token"], "--output_dir", out, env=env)
+    proc = run_script(
+        "train_ddpm.py",
+        "--dataset",
+        "animalmnist",
+        "--max_train_samples",
+        "16",
+        "--batch_size",
+        "8",
+        "--timesteps",
+        "100",
+        "--sample_timesteps",
+        "5",
+        "--num_samples",
+        "2",
+        *TINY_MODEL,
+        "--max_train_steps",
+        "2",
+        "--checkpointing_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "tensorboard",
+        "--hub_token",
+        SECRETS["--hub_token"],
+        "--output_dir",
+        out,
+        env=env,
+    )
     assert _leaks(proc.stdout + proc.stderr) == []
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.parts[-2:-1] == ("logs",) or "logs" in p.parts for p in files), "no tracker files were written"
-    assert {p.name for p in files} >= {"train_config.json", "ddpm_hf_config.json", "train_log.jsonl", "trainer_state.json"}
+    assert {p.name for p in files} >= {
+        "train_config.json",
+        "ddpm_hf_config.json",
+        "train_log.jsonl",
+        "trainer_state.json",
+    }
     assert {str(p.relative_to(out)): _leaks(p.read_bytes()) for p in files if _leaks(p.read_bytes())} == {}
 
     from ddpm_hf.hub.upload import build_model_card

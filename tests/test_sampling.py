@@ -4,8 +4,8 @@ import torch
 from diffusers import DDIMPipeline, UNet2DModel
 
 from ddpm_hf.config.options import DDPMConfig
-from ddpm_hf.models.unet import unet_kwargs
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, num_inference_steps, sample_batch
+from ddpm_hf.models.unet import unet_kwargs
 
 
 def test_step_rule_of_the_original_without_its_crashes():
@@ -24,8 +24,11 @@ def test_trailing_ddim_visits_the_originals_timesteps():
 
 def _random_unet():
     torch.manual_seed(0)  # not zero-initialised, so the noise prediction is non-trivial
-    return UNet2DModel(**unet_kwargs(DDPMConfig(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2],
-                                                num_res_blocks=1), 1, 8)).eval()
+    return UNet2DModel(
+        **unet_kwargs(
+            DDPMConfig(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2], num_res_blocks=1), 1, 8
+        )
+    ).eval()
 
 
 def test_loop_equals_stock_ddim_pipeline_on_the_same_noise():
@@ -35,9 +38,12 @@ def test_loop_equals_stock_ddim_pipeline_on_the_same_noise():
     pipe.set_progress_bar_config(disable=True)
     for eta in (0.0, 1.0):
         ours = sample_batch(unet, sampler, 3, 10, eta, torch.Generator().manual_seed(1))
-        stock = pipe(batch_size=3, num_inference_steps=10, eta=eta, generator=torch.Generator().manual_seed(1),
-                     output_type="pt").images  # (x/2+0.5).clamp(0,1)
-        assert torch.allclose((ours / 2 + 0.5).clamp(0, 1), stock.permute(0, 3, 1, 2) if stock.shape[-1] == 1 else stock, atol=1e-5)
+        stock = pipe(
+            batch_size=3, num_inference_steps=10, eta=eta, generator=torch.Generator().manual_seed(1), output_type="pt"
+        ).images  # (x/2+0.5).clamp(0,1)
+        assert torch.allclose(
+            (ours / 2 + 0.5).clamp(0, 1), stock.permute(0, 3, 1, 2) if stock.shape[-1] == 1 else stock, atol=1e-5
+        )
 
 
 def test_every_scheduler_runs_through_the_loop():

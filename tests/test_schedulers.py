@@ -50,15 +50,23 @@ def gaussian():
 @pytest.fixture(scope="module")
 def tiny_unet():
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
 
 
 def test_ddim_loop_equals_stock_ddim_pipeline(tiny_unet):
     config = make_noise_scheduler(100, 1e-4, 0.02).config
     ours = sample_batch(tiny_unet, make_sampler("ddim", config), 3, 10, 0.0, _gen())
     stock = DDIMPipeline(unet=tiny_unet, scheduler=make_sampler("ddim", config))(
-        batch_size=3, generator=_gen(), num_inference_steps=10, eta=0.0, output_type="np").images
+        batch_size=3, generator=_gen(), num_inference_steps=10, eta=0.0, output_type="np"
+    ).images
     np.testing.assert_allclose((ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), stock, atol=1e-6)
 
 
@@ -74,8 +82,14 @@ def test_every_scheduler_runs_and_is_reproducible(tiny_unet, name):
 
 def test_ode_solvers_converge_to_the_exact_solution(gaussian):
     unet, config, exact = gaussian
-    error = {(name, steps): (sample_batch(unet, make_sampler(name, config), 64, steps, 0.0, _gen()) - exact).abs().max().item()
-             for name in ("ddim", "dpmsolver++", "unipc") for steps in (10, 20, 50)}
+    error = {
+        (name, steps): (sample_batch(unet, make_sampler(name, config), 64, steps, 0.0, _gen()) - exact)
+        .abs()
+        .max()
+        .item()
+        for name in ("ddim", "dpmsolver++", "unipc")
+        for steps in (10, 20, 50)
+    }
     # Measured: ddim 0.33 / 0.17 / 0.069; dpmsolver++ 0.11 / 0.0014 / 0.008; unipc 0.10 / 0.0047 / 0.0018.
     assert error["ddim", 10] > error["ddim", 20] > error["ddim", 50]
     for solver in ("dpmsolver++", "unipc"):  # second order: far closer than DDIM at the same step count

@@ -8,11 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, TINY_TRAIN, run_script
 from diffusers import DDIMPipeline, DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
-
-from conftest import REPO, TINY_TRAIN, run_script
 
 
 def test_trained_output_is_a_standard_pipeline(trained_pipeline):
@@ -23,7 +22,9 @@ def test_trained_output_is_a_standard_pipeline(trained_pipeline):
     assert sched.set_alpha_to_one and not sched.clip_sample and sched.beta_schedule == "linear"
     assert pipe.unet.config.in_channels == 1 and pipe.unet.config.sample_size == 16
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=2, num_inference_steps=5, eta=0.0, generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        batch_size=2, num_inference_steps=5, eta=0.0, generator=torch.Generator().manual_seed(0), output_type="np"
+    ).images
     assert images.shape == (2, 16, 16, 1) and 0 <= images.min() and images.max() <= 1
     assert (trained_pipeline / "unet" / "diffusion_pytorch_model.safetensors").exists()
     config = json.loads((trained_pipeline / "ddpm_hf_config.json").read_text())
@@ -60,8 +61,18 @@ def test_log_grid_and_checkpoints(trained_pipeline):
 def test_resume_continues_from_the_saved_step(trained_pipeline, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(trained_pipeline, out)
-    proc = run_script("train_ddpm.py", *TINY_TRAIN, "--max_train_steps", "12", "--checkpointing_steps", "4",
-                      "--output_dir", out, "--resume_from_checkpoint", "latest")
+    proc = run_script(
+        "train_ddpm.py",
+        *TINY_TRAIN,
+        "--max_train_steps",
+        "12",
+        "--checkpointing_steps",
+        "4",
+        "--output_dir",
+        out,
+        "--resume_from_checkpoint",
+        "latest",
+    )
     assert "resumed from" in proc.stdout + proc.stderr and "checkpoint-8" in proc.stdout + proc.stderr
     steps = [json.loads(l)["step"] for l in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8, 10, 12]  # continued at 9: nothing replayed
@@ -73,11 +84,39 @@ def test_two_processes_with_accelerate_launch(tmp_path):
     out = tmp_path / "ddp"
     # accelerate 1.15 runs `launch --cpu --num_processes 2` as one process (its multi-CPU path wants MPI);
     # torchrun through --multi_gpu with ACCELERATE_USE_CPU=1 gives two gloo processes.
-    cmd = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", str(REPO / "train_ddpm.py")]
-    proc = subprocess.run([sys.executable, *cmd, *TINY_TRAIN, "--max_train_steps", "4", "--checkpointing_steps", "4",
-                           "--output_dir", str(out)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    cmd = [
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        str(REPO / "train_ddpm.py"),
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            *cmd,
+            *TINY_TRAIN,
+            "--max_train_steps",
+            "4",
+            "--checkpointing_steps",
+            "4",
+            "--output_dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [2, 4]  # written once, by the main process

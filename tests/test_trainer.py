@@ -15,8 +15,15 @@ from ddpm_hf.training.trainer import Trainer, TrainerState
 
 def _tiny_unet():
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
 
 
 def test_overwrite_output_dir_removes_what_an_earlier_run_left(tmp_path):
@@ -59,7 +66,9 @@ def test_ema_weights_are_swapped_in_and_out_even_on_error():
 
 
 def test_trainer_state_round_trips_through_its_json():
-    state = TrainerState(global_step=7, epoch=2, batches=3, skipped_nonfinite=1, loss_sum=torch.tensor(1.5), loss_count=4)
+    state = TrainerState(
+        global_step=7, epoch=2, batches=3, skipped_nonfinite=1, loss_sum=torch.tensor(1.5), loss_count=4
+    )
     saved = json.loads(json.dumps(state.progress()))
     assert "global_step" not in saved  # the checkpoint's folder name carries it
     restored = TrainerState()
@@ -99,7 +108,9 @@ def test_micro_batches_give_the_batch_loss_and_gradient(micro):
     accelerator = Accelerator(cpu=True)
     results = {}
     for name, size in (("one_pass", 0), ("micro", micro)):
-        cfg = DDPMConfig(batch_size=8, timesteps=50, sample_timesteps=10, loss_type="l2", snr_gamma=5.0, micro_batch_size=size)
+        cfg = DDPMConfig(
+            batch_size=8, timesteps=50, sample_timesteps=10, loss_type="l2", snr_gamma=5.0, micro_batch_size=size
+        )
         trainer = Trainer.for_step(cfg, _tiny_unet(), images, accelerator)
         assert trainer.micro_batch == size
         torch.manual_seed(4)

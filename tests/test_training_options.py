@@ -1,34 +1,42 @@
 """The training options of issue 13: each changes what it should, and the saved pipeline carries it."""
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN, run_script
 from diffusers import DDIMPipeline, DiffusionPipeline, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
-from conftest import TINY_TRAIN, run_script
 from ddpm_hf.config.options import DDPMConfig
 from ddpm_hf.diffusion.losses import min_snr_weights, prediction_target
-from ddpm_hf.models.pipeline import save_pipeline
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, noise_scheduler_from_config, sample_batch
+from ddpm_hf.models.pipeline import save_pipeline
 from ddpm_hf.training.ema import make_ema
 from ddpm_hf.training.steps import diffusion_loss, make_lr_scheduler, random_hflip
 
 
 def _tiny_unet():
     torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
 
 
 def test_prediction_targets():
     x0, noise, t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 50, 99])
     for kind, expected in [("epsilon", noise), ("sample", x0)]:
-        assert torch.equal(prediction_target(make_noise_scheduler(100, 1e-4, 0.02, prediction_type=kind), x0, noise, t), expected)
+        assert torch.equal(
+            prediction_target(make_noise_scheduler(100, 1e-4, 0.02, prediction_type=kind), x0, noise, t), expected
+        )
     sched = make_noise_scheduler(100, 1e-4, 0.02, prediction_type="v_prediction")
     a = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     s = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
@@ -88,8 +96,12 @@ def test_stock_pipeline_samples_a_saved_model_like_our_loop(tmp_path, kind):
     assert (pipe.scheduler.config.prediction_type, pipe.scheduler.config.beta_schedule) == (kind, "squaredcos_cap_v2")
     assert pipe.scheduler.config.clip_sample
     pipe.set_progress_bar_config(disable=True)
-    stock = pipe(batch_size=2, num_inference_steps=8, eta=0.0, generator=torch.Generator().manual_seed(3), output_type="np").images
-    ours = sample_batch(pipe.unet, make_sampler("ddim", pipe.scheduler.config), 2, 8, 0.0, torch.Generator().manual_seed(3))
+    stock = pipe(
+        batch_size=2, num_inference_steps=8, eta=0.0, generator=torch.Generator().manual_seed(3), output_type="np"
+    ).images
+    ours = sample_batch(
+        pipe.unet, make_sampler("ddim", pipe.scheduler.config), 2, 8, 0.0, torch.Generator().manual_seed(3)
+    )
     np.testing.assert_allclose((ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), stock, atol=1e-5)
 
 
@@ -142,12 +154,35 @@ def test_random_flip_mirrors_about_half_the_images():
 
 def test_training_with_every_option_saves_a_pipeline_that_carries_them(tmp_path):
     out = tmp_path / "run"
-    run_script("train_ddpm.py", *TINY_TRAIN, "--max_train_steps", "6", "--output_dir", out, "--prediction_type",
-               "v_prediction", "--beta_schedule", "squaredcos_cap_v2", "--snr_gamma", "5", "--ema_warmup",
-               "--max_grad_norm", "1.0", "--random_flip", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
-               "--clip_sample")
+    run_script(
+        "train_ddpm.py",
+        *TINY_TRAIN,
+        "--max_train_steps",
+        "6",
+        "--output_dir",
+        out,
+        "--prediction_type",
+        "v_prediction",
+        "--beta_schedule",
+        "squaredcos_cap_v2",
+        "--snr_gamma",
+        "5",
+        "--ema_warmup",
+        "--max_grad_norm",
+        "1.0",
+        "--random_flip",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "2",
+        "--clip_sample",
+    )
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
-    assert (sched["prediction_type"], sched["beta_schedule"], sched["clip_sample"]) == ("v_prediction", "squaredcos_cap_v2", True)
+    assert (sched["prediction_type"], sched["beta_schedule"], sched["clip_sample"]) == (
+        "v_prediction",
+        "squaredcos_cap_v2",
+        True,
+    )
     state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["ema"]["use_ema_warmup"] and state["lr_total_steps"] == 6
     lrs = [json.loads(line)["lr"] for line in (out / "train_log.jsonl").read_text().splitlines()]
@@ -158,13 +193,16 @@ def test_training_with_every_option_saves_a_pipeline_that_carries_them(tmp_path)
     assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--snr_gamma", "0"], "--snr_gamma must be > 0"),
-    (["--max_grad_norm", "-1"], "--max_grad_norm must be > 0"),
-    (["--beta_schedule", "quadratic"], "invalid choice: 'quadratic'"),
-    (["--lr_scheduler", "step"], "invalid choice: 'step'"),
-    (["--prediction_type", "x0"], "invalid choice: 'x0'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--snr_gamma", "0"], "--snr_gamma must be > 0"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm must be > 0"),
+        (["--beta_schedule", "quadratic"], "invalid choice: 'quadratic'"),
+        (["--lr_scheduler", "step"], "invalid choice: 'step'"),
+        (["--prediction_type", "x0"], "invalid choice: 'x0'"),
+    ],
+)
 def test_senseless_values_are_refused_in_one_line(tmp_path, flags, message):
     proc = run_script("train_ddpm.py", *TINY_TRAIN, "--output_dir", tmp_path / "out", *flags, check=False)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -174,7 +212,17 @@ def test_senseless_values_are_refused_in_one_line(tmp_path, flags, message):
 def test_original_checkpoint_refuses_another_prediction_type(tmp_path):
     pt = tmp_path / "model.pt"
     torch.save({}, pt)
-    proc = run_script("sample_ddpm.py", "--checkpoint", pt, "--prediction_type", "sample", "--dataset", "mnist5k",
-                      "--output_dir", tmp_path / "out", check=False)
+    proc = run_script(
+        "sample_ddpm.py",
+        "--checkpoint",
+        pt,
+        "--prediction_type",
+        "sample",
+        "--dataset",
+        "mnist5k",
+        "--output_dir",
+        tmp_path / "out",
+        check=False,
+    )
     assert proc.returncode == 2 and "original .pt checkpoint predicts the noise" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

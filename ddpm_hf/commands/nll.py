@@ -3,12 +3,12 @@
 import time
 
 from ..data.images import DataOptions
-from ..util.files import make_output_dir
-from ..metrics.fid import write_json
 from ..diffusion.likelihood import bits_per_dim, check_nll_timesteps, refuse_latent, summarise, unet_model_fn
+from ..diffusion.prediction import prediction_type
+from ..metrics.fid import write_json
 from ..models.loader import load_model
 from ..ood.scoring import load_set, model_format
-from ..diffusion.prediction import prediction_type
+from ..util.files import make_output_dir
 from .common import default_sample_dir, ready_device
 
 
@@ -23,15 +23,33 @@ def run_nll(cfg, device="cpu") -> dict:
     images = load_set(cfg.dataset, "test", DataOptions.of(cfg), channels, size, cfg.num_samples, "evaluated")
     ready_device(cfg.mixed_precision, device)
     start = time.perf_counter()
-    result = bits_per_dim(unet_model_fn(loaded.unet, cfg.mixed_precision, device), loaded.scheduler_config, images,
-                          cfg.batch_size, cfg.seed, cfg.nll_timesteps, desc=f"bits/dim of {cfg.dataset}", device=device)
-    summary = dict(summarise(result, T, cfg.nll_timesteps), dataset=cfg.dataset, split="test",
-                   checkpoint=str(cfg.checkpoint), seed=cfg.seed, prediction_type=prediction_type(loaded.scheduler_config),
-                   seconds=round(time.perf_counter() - start, 1), device=str(device),
-                   bpd=[float(v) for v in result["bpd"]], bpd_se=[float(v) for v in result["se"]])
+    result = bits_per_dim(
+        unet_model_fn(loaded.unet, cfg.mixed_precision, device),
+        loaded.scheduler_config,
+        images,
+        cfg.batch_size,
+        cfg.seed,
+        cfg.nll_timesteps,
+        desc=f"bits/dim of {cfg.dataset}",
+        device=device,
+    )
+    summary = dict(
+        summarise(result, T, cfg.nll_timesteps),
+        dataset=cfg.dataset,
+        split="test",
+        checkpoint=str(cfg.checkpoint),
+        seed=cfg.seed,
+        prediction_type=prediction_type(loaded.scheduler_config),
+        seconds=round(time.perf_counter() - start, 1),
+        device=str(device),
+        bpd=[float(v) for v in result["bpd"]],
+        bpd_se=[float(v) for v in result["se"]],
+    )
     write_json(out / "nll.json", summary)
     se = f" ± {summary['bpd_mean_se']:.4f} (images)" if summary["bpd_mean_se"] is not None else ""
     sub = "" if summary["exact"] else f", timestep-sampling SE per image {summary['timestep_se_mean']:.4f}"
-    print(f"{cfg.dataset} (test, {len(images)} images): {summary['bpd_mean']:.4f}{se} bits/dim "
-          f"({summary['timesteps_evaluated']} of {T} timesteps{sub}); wrote {out / 'nll.json'}")
+    print(
+        f"{cfg.dataset} (test, {len(images)} images): {summary['bpd_mean']:.4f}{se} bits/dim "
+        f"({summary['timesteps_evaluated']} of {T} timesteps{sub}); wrote {out / 'nll.json'}"
+    )
     return summary

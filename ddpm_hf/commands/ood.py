@@ -15,13 +15,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..ood import scoring as method
 from ..data.images import DataOptions, same_dataset
+from ..models.loader import load_model
+from ..ood import scoring as method
+from ..ood.scoring import (
+    SET_IDS,
+    Scorer,
+    combine,
+    load_set,
+    load_stats_images,
+    model_format,
+    ood_metrics,
+    plan_levels,
+    snap_notices,
+)
 from ..util.errors import UsageError
 from ..util.files import make_output_dir, remove, simulate_disk_full, writing
-from ..models.loader import load_model
 from ..util.lock import ensure_not_in_use, lock_output_dir
-from ..ood.scoring import SET_IDS, Scorer, combine, load_set, load_stats_images, model_format, ood_metrics, plan_levels, snap_notices
 from ..util.precision import resolve_mixed_precision
 from .common import ready_device
 
@@ -37,8 +47,10 @@ def prepare_output_dir(cfg) -> Path:
     ensure_not_in_use(out)
     existing = [f for f in RESULT_FILES if (out / f).exists()]
     if existing and not cfg.overwrite_output_dir:
-        raise UsageError(f"{out} already holds OOD results ({', '.join(existing)}); pass --overwrite_output_dir "
-                         f"to replace them or choose another --output_dir")
+        raise UsageError(
+            f"{out} already holds OOD results ({', '.join(existing)}); pass --overwrite_output_dir "
+            f"to replace them or choose another --output_dir"
+        )
     make_output_dir(out)
     lock_output_dir(out)
     return out
@@ -50,8 +62,12 @@ def write_results(out: Path, results: dict, write_others) -> None:
     staging = out / ".ood_results.partial"
     remove(staging)
     kept = "the earlier results there are unchanged" if (out / RESULT_FILES[0]).exists() else "nothing was written"
-    with writing(out, f"the OOD results ({', '.join(RESULT_FILES)})", cleanup=[staging],
-                 advice=f"{kept}; free some space (or choose another --output_dir) and run the command again"):
+    with writing(
+        out,
+        f"the OOD results ({', '.join(RESULT_FILES)})",
+        cleanup=[staging],
+        advice=f"{kept}; free some space (or choose another --output_dir) and run the command again",
+    ):
         staging.mkdir()
         write_others(staging)
         (staging / "ood_results.json").write_text(json.dumps(results, indent=2))
@@ -97,7 +113,11 @@ def plot_results(out: Path, in_final, out_final, per_level_scores, labels, metri
     from sklearn.metrics import roc_curve
 
     name_in, name_out = labels
-    xlabel = xlabel or ("mean z-score over noise levels" if multi else "anomaly score (reconstruction error" + (" + LPIPS)" if "lpips" in metrics else ")"))
+    xlabel = xlabel or (
+        "mean z-score over noise levels"
+        if multi
+        else "anomaly score (reconstruction error" + (" + LPIPS)" if "lpips" in metrics else ")")
+    )
     edges = np.histogram_bin_edges(np.r_[in_final, out_final], bins=100)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.hist(in_final, bins=edges, alpha=0.6, label=f"in-distribution: {name_in} ({len(in_final)})")
@@ -117,7 +137,11 @@ def plot_results(out: Path, in_final, out_final, per_level_scores, labels, metri
     fpr, tpr, _ = roc_curve(y, np.r_[in_final, out_final])
     ax.plot(fpr, tpr, lw=2, label=f"{'combined' if multi else 'score'} (AUROC {metrics['auroc']:.4f})")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
-    ax.set(xlabel=f"false positive rate ({name_in} flagged)", ylabel=f"true positive rate ({name_out} flagged)", title="ROC, OOD positive")
+    ax.set(
+        xlabel=f"false positive rate ({name_in} flagged)",
+        ylabel=f"true positive rate ({name_out} flagged)",
+        title="ROC, OOD positive",
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "roc.png", dpi=120)
@@ -146,20 +170,27 @@ def format_report(results: dict) -> str:
     ]
     if len(m["per_level"]) > 1:
         for lv in m["per_level"]:
-            lines.append(f"  recon_factor {lv['recon_factor']:<5g} (t*={lv['t_start']}, {lv['steps']} steps): "
-                         f"AUROC {lv['auroc']:.4f} FPR95 {lv['fpr95']:.4f}")
+            lines.append(
+                f"  recon_factor {lv['recon_factor']:<5g} (t*={lv['t_start']}, {lv['steps']} steps): "
+                f"AUROC {lv['auroc']:.4f} FPR95 {lv['fpr95']:.4f}"
+            )
     for name, sm in m.get("per_score", {}).items():  # --score nll|both: every score's AUROC
         lines.append(f"  score {name:<6} AUROC {sm['auroc']:.4f} FPR95 {sm['fpr95']:.4f}")
     for name, sm in m.get("likelihood", {}).get("sets", {}).items():
-        lines.append(f"  bits/dim of the {name} set: {sm['bpd_mean']:.4f} ± {sm['bpd_mean_se'] or 0:.4f} ({sm['num_images']} images)")
+        lines.append(
+            f"  bits/dim of the {name} set: {sm['bpd_mean']:.4f} ± {sm['bpd_mean_se'] or 0:.4f} ({sm['num_images']} images)"
+        )
     t = m["timing"]
-    lines.append(f"cost: {m['cost']['nfe_per_image']} network evaluations per image "
-                 f"({m['cost']['model_calls_per_batch']} batched model calls per batch), "
-                 f"{t['images_per_s']:.1f} images/s ({m['counts']['scored']} images scored in {t['score_s']:.1f} s)")
+    lines.append(
+        f"cost: {m['cost']['nfe_per_image']} network evaluations per image "
+        f"({m['cost']['model_calls_per_batch']} batched model calls per batch), "
+        f"{t['images_per_s']:.1f} images/s ({m['counts']['scored']} images scored in {t['score_s']:.1f} s)"
+    )
     return "\n".join(lines)
 
 
 # ---- the whole run -------------------------------------------------------------------------
+
 
 def likelihood_hook(cfg, loaded, images, raw, stats, factors, device) -> tuple:
     """--score nll|both (ddpm_hf/ood/likelihood.py): the bound of every set, the final scores,
@@ -191,20 +222,31 @@ def _notices(cfg, channels: int, size: int, levels) -> None:
     """Flags that the run does not follow, said once on stderr."""
     for flag, value, used in (("size", cfg.size, size), ("channels", cfg.channels, channels)):
         if value is not None and value != used:
-            print(f"notice: --{flag} {value} ignored: the model scores {used}-{'px' if flag == 'size' else 'channel'} images", file=sys.stderr)
+            print(
+                f"notice: --{flag} {value} ignored: the model scores {used}-{'px' if flag == 'size' else 'channel'} images",
+                file=sys.stderr,
+            )
     if cfg.scheduler != "ddim":
-        print(f"notice: --scheduler {cfg.scheduler} ignored: reconstruction uses DDIM with eta = --ddpm, as the original", file=sys.stderr)
+        print(
+            f"notice: --scheduler {cfg.scheduler} ignored: reconstruction uses DDIM with eta = --ddpm, as the original",
+            file=sys.stderr,
+        )
     if same_dataset(cfg.dataset, cfg.out_dataset):
-        print(f"notice: --out_dataset {cfg.out_dataset} is the in-distribution --dataset: both sets are its test split, "
-              f"so the scores cannot separate them (AUROC near 0.5); pass another --out_dataset", file=sys.stderr)
+        print(
+            f"notice: --out_dataset {cfg.out_dataset} is the in-distribution --dataset: both sets are its test split, "
+            f"so the scores cannot separate them (AUROC near 0.5); pass another --out_dataset",
+            file=sys.stderr,
+        )
     for line in snap_notices(levels):
         print(line, file=sys.stderr)
 
 
 def _load_sets(cfg, channels: int, size: int, with_stats: bool) -> dict:
     data = DataOptions.of(cfg, keep_format=False)  # the model, not --size/--channels, decides the format
-    images = {"in": load_set(cfg.dataset, "test", data, channels, size, cfg.max_samples, "in-distribution"),
-              "out": load_set(cfg.out_dataset, "test", data, channels, size, cfg.max_samples, "OOD")}
+    images = {
+        "in": load_set(cfg.dataset, "test", data, channels, size, cfg.max_samples, "in-distribution"),
+        "out": load_set(cfg.out_dataset, "test", data, channels, size, cfg.max_samples, "OOD"),
+    }
     if with_stats:
         images["stats"] = load_stats_images(cfg.dataset, data, cfg.stats_samples, channels, size, images["in"])
     return images
@@ -212,8 +254,11 @@ def _load_sets(cfg, channels: int, size: int, with_stats: bool) -> dict:
 
 def _score_sets(scorer, images: dict, cfg, levels, nfe: int) -> dict:
     batches = sum(math.ceil(len(v) / cfg.batch_size) for v in images.values())
-    with tqdm(total=batches, desc=f"scoring ({len(levels)} level(s) x {cfg.recon_draws} draw(s), {nfe} NFE/image)",
-              unit="batch") as bar:
+    with tqdm(
+        total=batches,
+        desc=f"scoring ({len(levels)} level(s) x {cfg.recon_draws} draw(s), {nfe} NFE/image)",
+        unit="batch",
+    ) as bar:
         return {name: scorer.score(imgs, name, bar) for name, imgs in images.items()}
 
 
@@ -238,22 +283,49 @@ def _results(cfg, loaded, device, levels, factors, images, metrics, per_level, t
     return {
         **metrics,
         "per_level": per_level,
-        "counts": {"in": len(images["in"]), "out": len(images["out"]), "stats": len(images.get("stats", [])), "scored": scored},
+        "counts": {
+            "in": len(images["in"]),
+            "out": len(images["out"]),
+            "stats": len(images.get("stats", [])),
+            "scored": scored,
+        },
         "score": describe_score(cfg, factors),
         "settings": {
-            "dataset": cfg.dataset, "out_dataset": cfg.out_dataset, "recon_factors": factors,
-            "t_start": [lv.t_start for lv in levels], "ddpm_eta": cfg.ddpm, "sample_timesteps": cfg.sample_timesteps,
-            "loss_type": cfg.loss_type, "lpips": cfg.lpips, "batch_size": cfg.batch_size, "max_samples": cfg.max_samples,
-            "recon_draws": cfg.recon_draws, "stats_samples": cfg.stats_samples if "stats" in images else None, "seed": cfg.seed,
+            "dataset": cfg.dataset,
+            "out_dataset": cfg.out_dataset,
+            "recon_factors": factors,
+            "t_start": [lv.t_start for lv in levels],
+            "ddpm_eta": cfg.ddpm,
+            "sample_timesteps": cfg.sample_timesteps,
+            "loss_type": cfg.loss_type,
+            "lpips": cfg.lpips,
+            "batch_size": cfg.batch_size,
+            "max_samples": cfg.max_samples,
+            "recon_draws": cfg.recon_draws,
+            "stats_samples": cfg.stats_samples if "stats" in images else None,
+            "seed": cfg.seed,
             "mixed_precision": resolve_mixed_precision(cfg.mixed_precision, device) or "no",
         },
-        "model": {"checkpoint": str(cfg.checkpoint), "source": str(loaded.source), "image_size": size, "channels": channels,
-                  "latent": loaded.vae is not None, "timesteps": loaded.scheduler_config["num_train_timesteps"],
-                  "parameters": count_parameters(loaded.unet)},
-        "cost": {"nfe_per_image": cfg.recon_draws * sum(len(lv.timesteps) for lv in levels),
-                 "model_calls_per_batch": max(len(lv.timesteps) for lv in levels)},
-        "timing": {"load_s": round(timing["load_s"], 3), "score_s": round(timing["score_s"], 3),
-                   "images_per_s": scored / max(timing["score_s"], 1e-9), "total_s": None, "device": str(device)},
+        "model": {
+            "checkpoint": str(cfg.checkpoint),
+            "source": str(loaded.source),
+            "image_size": size,
+            "channels": channels,
+            "latent": loaded.vae is not None,
+            "timesteps": loaded.scheduler_config["num_train_timesteps"],
+            "parameters": count_parameters(loaded.unet),
+        },
+        "cost": {
+            "nfe_per_image": cfg.recon_draws * sum(len(lv.timesteps) for lv in levels),
+            "model_calls_per_batch": max(len(lv.timesteps) for lv in levels),
+        },
+        "timing": {
+            "load_s": round(timing["load_s"], 3),
+            "score_s": round(timing["score_s"], 3),
+            "images_per_s": scored / max(timing["score_s"], 1e-9),
+            "total_s": None,
+            "device": str(device),
+        },
     }
 
 
@@ -286,12 +358,24 @@ def run_ood(cfg, device=None) -> dict:
     results.update(added, settings=dict(results["settings"], score=cfg.score))
 
     def write_others(folder: Path) -> None:
-        write_scores_csv(folder / "scores.csv", {s: (raw[s], final[s]) for s in ("in", "out")}, levels, cfg.lpips, columns)
-        plot_results(folder, final["in"], final["out"], per_level_scores, (cfg.dataset, cfg.out_dataset),
-                     {**metrics, **({"lpips": True} if cfg.lpips else {})}, multi, added.get("score"))
+        write_scores_csv(
+            folder / "scores.csv", {s: (raw[s], final[s]) for s in ("in", "out")}, levels, cfg.lpips, columns
+        )
+        plot_results(
+            folder,
+            final["in"],
+            final["out"],
+            per_level_scores,
+            (cfg.dataset, cfg.out_dataset),
+            {**metrics, **({"lpips": True} if cfg.lpips else {})},
+            multi,
+            added.get("score"),
+        )
 
     results["timing"]["total_s"] = round(time.perf_counter() - start, 3)
     write_results(out_dir, results, write_others)
     print(format_report(results))
-    print(f"results: {out_dir / 'ood_results.json'}, {out_dir / 'scores.csv'}, {out_dir / 'histogram.png'}, {out_dir / 'roc.png'}")
+    print(
+        f"results: {out_dir / 'ood_results.json'}, {out_dir / 'scores.csv'}, {out_dir / 'histogram.png'}, {out_dir / 'roc.png'}"
+    )
     return results

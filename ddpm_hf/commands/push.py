@@ -10,23 +10,36 @@ FID runs wrote into it since training.
 from pathlib import Path
 
 from ..config.options import build_parser, parse_config
-from ..util.errors import run_cli
 from ..hub.upload import default_repo_id, push_output
+from ..util.errors import run_cli
 
 
 def _extra(parser):
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="A finished output folder (it holds model_index.json).")
+    parser.add_argument(
+        "output_dir", metavar="OUTPUT_DIR", help="A finished output folder (it holds model_index.json)."
+    )
     parser.add_argument("--commit_message", help="Commit message on the Hub.")
 
 
 @run_cli
 def main(argv=None):
-    parser = build_parser("python -m ddpm_hf.commands.push", __doc__.strip().splitlines()[0], ("hub",), _extra,
-                          usage="python -m ddpm_hf.commands.push OUTPUT_DIR [options]")
+    parser = build_parser(
+        "python -m ddpm_hf.commands.push",
+        __doc__.strip().splitlines()[0],
+        ("hub",),
+        _extra,
+        usage="python -m ddpm_hf.commands.push OUTPUT_DIR [options]",
+    )
     cfg, extra = parse_config(parser, argv)
     out = Path(cfg.output_dir)
-    push_output(out, cfg.hub_model_id or default_repo_id(out), cfg.hub_token, cfg.hub_private_repo, cfg.hub_license,
-                getattr(extra, "commit_message", None))
+    push_output(
+        out,
+        cfg.hub_model_id or default_repo_id(out),
+        cfg.hub_token,
+        cfg.hub_private_repo,
+        cfg.hub_license,
+        getattr(extra, "commit_message", None),
+    )
 
 
 if __name__ == "__main__":

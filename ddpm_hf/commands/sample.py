@@ -16,20 +16,36 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from ..data.images import to_uint8
+from ..diffusion.latent import downsample_factor
+from ..diffusion.sampling import (
+    GRID_MAX,
+    _save_png,
+    _step_kwargs,
+    batch_generator,
+    make_sampler,
+    num_inference_steps,
+    sample_batch,
+)
+from ..models.loader import load_model
 from ..util.errors import UsageError
 from ..util.files import free_bytes, make_output_dir, read_json, remove, write_text
-from ..diffusion.latent import downsample_factor
-from ..models.loader import load_model
 from ..util.lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
 from ..util.precision import inference_autocast, resolve_mixed_precision
-from ..diffusion.sampling import GRID_MAX, _save_png, _step_kwargs, batch_generator, make_sampler, num_inference_steps, sample_batch
 from .common import default_sample_dir, ready_device
 
 FID_ORIGIN = "fid_origin.json"  # what made the images of a --fid folder
 ORIGIN_INFO = ("checkpoint", "revision")  # recorded, not compared: the weights' hash says whether it is the same model
-FLAG_NAMES = dict(scheduler="scheduler", steps="sample_timesteps (steps)", eta="ddpm (eta)", seed="seed",
-                  batch_size="batch_size", precision="mixed_precision", timesteps="timesteps (T)",
-                  beta_start="beta_start", beta_end="beta_end")
+FLAG_NAMES = dict(
+    scheduler="scheduler",
+    steps="sample_timesteps (steps)",
+    eta="ddpm (eta)",
+    seed="seed",
+    batch_size="batch_size",
+    precision="mixed_precision",
+    timesteps="timesteps (T)",
+    beta_start="beta_start",
+    beta_end="beta_end",
+)
 PNG_OVERHEAD = 1024  # bytes per PNG beyond its pixels, a generous bound (sampled noise barely compresses)
 FEATURE_BYTES = 2048 * 20  # per scored image: its Inception features in float32, and float64 twice (FID, KID)
 
@@ -61,15 +77,32 @@ def model_digest(loaded) -> str:
 def fid_origin(cfg, loaded, steps: int, eta, precision: str) -> dict:
     """What made the images of a --fid folder; images of another origin must not join them."""
     sc = loaded.scheduler_config
-    return dict(model_sha256=model_digest(loaded), timesteps=sc["num_train_timesteps"], beta_start=sc["beta_start"],
-                beta_end=sc["beta_end"], scheduler=cfg.scheduler, steps=steps, eta=eta, seed=cfg.seed,
-                batch_size=cfg.batch_size, precision=precision, checkpoint=str(cfg.checkpoint), revision=cfg.revision)
+    return dict(
+        model_sha256=model_digest(loaded),
+        timesteps=sc["num_train_timesteps"],
+        beta_start=sc["beta_start"],
+        beta_end=sc["beta_end"],
+        scheduler=cfg.scheduler,
+        steps=steps,
+        eta=eta,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        precision=precision,
+        checkpoint=str(cfg.checkpoint),
+        revision=cfg.revision,
+    )
 
 
 def _differences(saved: dict, origin: dict) -> list:
     differ = [k for k in origin if k not in ORIGIN_INFO and saved.get(k) != origin[k]]
-    return [("--checkpoint: a model with other weights" if k == "model_sha256" else f"--{FLAG_NAMES.get(k, k)}: {saved.get(k)} there, {origin[k]} now")
-            for k in differ]
+    return [
+        (
+            "--checkpoint: a model with other weights"
+            if k == "model_sha256"
+            else f"--{FLAG_NAMES.get(k, k)}: {saved.get(k)} there, {origin[k]} now"
+        )
+        for k in differ
+    ]
 
 
 def check_fid_folder(folder: Path, origin: dict, overwrite: bool) -> None:
@@ -80,12 +113,18 @@ def check_fid_folder(folder: Path, origin: dict, overwrite: bool) -> None:
     if pngs:  # images to protect (an empty folder just takes the new record)
         saved = read_json(record, "pass --overwrite_output_dir to start the folder over") if record.exists() else None
         saved = {} if saved is not None and not isinstance(saved, dict) else saved  # not a record: matches nothing
-        differ = _differences(saved, origin) if saved is not None else [f"origin unknown: no {FID_ORIGIN} (an older version, or by hand)"]
+        differ = (
+            _differences(saved, origin)
+            if saved is not None
+            else [f"origin unknown: no {FID_ORIGIN} (an older version, or by hand)"]
+        )
         if not differ:
             return
         if not overwrite:
-            raise UsageError(f"{folder} holds {len(pngs)} image(s) made differently ({'; '.join(differ)}); pass "
-                             f"--overwrite_output_dir to replace them, or choose another --output_dir")
+            raise UsageError(
+                f"{folder} holds {len(pngs)} image(s) made differently ({'; '.join(differ)}); pass "
+                f"--overwrite_output_dir to replace them, or choose another --output_dir"
+            )
         remove(*pngs, folder / "fid.json", record)
     write_text(record, json.dumps(origin, indent=2) + "\n", "the FID folder's origin record", point="fid_origin")
 
@@ -94,10 +133,14 @@ def prepare_sample_dir(out: Path, overwrite: bool) -> None:
     """sample_ddpm.py without --fid never writes over earlier samples unless told to."""
     entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
     if entries and not overwrite:
-        raise UsageError(f"output folder {out} is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
-                         f"{', ...' if len(entries) > 3 else ''}); pass --overwrite_output_dir to replace its samples, or choose another --output_dir")
+        raise UsageError(
+            f"output folder {out} is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}); pass --overwrite_output_dir to replace its samples, or choose another --output_dir"
+        )
     if entries:
-        remove(*[out / name for name in entries if name == "grid.png" or (name.endswith(".png") and name[:-4].isdigit())])
+        remove(
+            *[out / name for name in entries if name == "grid.png" or (name.endswith(".png") and name[:-4].isdigit())]
+        )
 
 
 def _available_memory() -> Optional[int]:
@@ -108,7 +151,9 @@ def _available_memory() -> Optional[int]:
         return None
 
 
-def capacity_problem(num_images: int, image_bytes: int, folder, free_disk: int, free_memory: Optional[int], scored: bool) -> Optional[str]:
+def capacity_problem(
+    num_images: int, image_bytes: int, folder, free_disk: int, free_memory: Optional[int], scored: bool
+) -> Optional[str]:
     """Why --num_samples cannot fit (None when it can): the PNGs on disk, and with --fid_reference
     the images and their Inception features in memory."""
     disk = num_images * (image_bytes + PNG_OVERHEAD)
@@ -128,10 +173,14 @@ def _check_capacity(cfg, out: Path, num_images: int, unet, vae) -> None:
     channels = vae.config.out_channels if vae is not None else unet.config.in_channels
     size = unet.config.sample_size * (downsample_factor(vae) if vae is not None else 1)
     missing = num_images - (sum(1 for p in out.glob("*.png") if p.stem.isdigit()) if cfg.fid else 0)
-    problem = capacity_problem(max(missing, 0), channels * size * size, out, free_bytes(out), _available_memory(), bool(cfg.fid_reference))
+    problem = capacity_problem(
+        max(missing, 0), channels * size * size, out, free_bytes(out), _available_memory(), bool(cfg.fid_reference)
+    )
     if problem:
-        raise UsageError(f"--num_samples {num_images} ({channels}x{size}x{size} images) {problem}; lower --num_samples"
-                         + (" or choose another --output_dir" if "disk" in problem else ""))
+        raise UsageError(
+            f"--num_samples {num_images} ({channels}x{size}x{size} images) {problem}; lower --num_samples"
+            + (" or choose another --output_dir" if "disk" in problem else "")
+        )
 
 
 def sampling_steps(cfg, loaded) -> int:
@@ -195,19 +244,32 @@ def _sample_pngs(cfg, loaded, device, scheduler, steps, todo, advice) -> list:
     # The bar counts sampling steps (one UNet call on a whole batch each), not batches: a single
     # batch of 300 steps moves 300 times instead of sitting at 0/1.
     per_batch = f"{steps} steps per batch" if len(todo) > 1 else f"{steps} steps"
-    with tqdm(total=len(todo) * steps, desc=f"sampling {sum(len(p) for _, p in todo)} images ({cfg.scheduler}, {per_batch})",
-              unit="step") as bar:
+    with tqdm(
+        total=len(todo) * steps,
+        desc=f"sampling {sum(len(p) for _, p in todo)} images ({cfg.scheduler}, {per_batch})",
+        unit="step",
+    ) as bar:
         for k, (b, paths) in enumerate(todo):
             if len(todo) > 1:
                 bar.set_postfix_str(f"batch {k + 1}/{len(todo)}")
             with inference_autocast(cfg.mixed_precision, device):
-                images = to_uint8(sample_batch(loaded.unet, scheduler, len(paths), steps, cfg.ddpm, batch_generator(cfg.seed, b),
-                                               loaded.vae, on_step=lambda: bar.update(1)))
+                images = to_uint8(
+                    sample_batch(
+                        loaded.unet,
+                        scheduler,
+                        len(paths),
+                        steps,
+                        cfg.ddpm,
+                        batch_generator(cfg.seed, b),
+                        loaded.vae,
+                        on_step=lambda: bar.update(1),
+                    )
+                )
             for image, path in zip(images, paths):
                 _save_png(image, path, advice)
             first = b * cfg.batch_size
             if not cfg.fid and first < GRID_MAX:  # the grid shows the first GRID_MAX images; the rest are not kept
-                grid_images.append(images[:GRID_MAX - first])
+                grid_images.append(images[: GRID_MAX - first])
     return grid_images
 
 
@@ -224,8 +286,11 @@ def run_sampling(cfg, device=None) -> Path:
     num_images = cfg.num_samples or (50_000 if cfg.fid else 16)
     out, scheduler, steps, eta = _sampling_setup(cfg, loaded, device, num_images)
     ready_device(cfg.mixed_precision, device)  # after the checks: a bad input still gets one line
-    advice = ("the images already written are kept: free some space and run the same command again to add the rest"
-              if cfg.fid else "free some space (or choose another --output_dir) and run the command again with --overwrite_output_dir")
+    advice = (
+        "the images already written are kept: free some space and run the same command again to add the rest"
+        if cfg.fid
+        else "free some space (or choose another --output_dir) and run the command again with --overwrite_output_dir"
+    )
     todo = pending_batches(out, num_images, cfg.batch_size, resume=cfg.fid)
     start = time.time()
     grid_images = _sample_pngs(cfg, loaded, device, scheduler, steps, todo, advice)
@@ -234,12 +299,25 @@ def run_sampling(cfg, device=None) -> Path:
         grid = make_grid(torch.cat(grid_images), nrow=int(math.ceil(math.sqrt(min(num_images, GRID_MAX)))), padding=2)
         _save_png(grid, out / "grid.png", advice)
     elapsed = time.time() - start
-    print(f"wrote {done} new image(s) ({num_images - done} already there) to {out} in {elapsed:.1f} s"
-          + ("" if cfg.fid else f"; grid: {out / 'grid.png'}"))
+    print(
+        f"wrote {done} new image(s) ({num_images - done} already there) to {out} in {elapsed:.1f} s"
+        + ("" if cfg.fid else f"; grid: {out / 'grid.png'}")
+    )
     if evaluator is not None:
         from ..metrics.fid import evaluate_folder
 
-        evaluate_folder(evaluator, out, num_images, sampler=dict(
-            scheduler=cfg.scheduler, steps=steps, sample_timesteps=cfg.sample_timesteps, eta=eta, seed=cfg.seed,
-            checkpoint=str(cfg.checkpoint), sampling_seconds_this_run=round(elapsed, 1)))
+        evaluate_folder(
+            evaluator,
+            out,
+            num_images,
+            sampler=dict(
+                scheduler=cfg.scheduler,
+                steps=steps,
+                sample_timesteps=cfg.sample_timesteps,
+                eta=eta,
+                seed=cfg.seed,
+                checkpoint=str(cfg.checkpoint),
+                sampling_seconds_this_run=round(elapsed, 1),
+            ),
+        )
     return out

@@ -13,7 +13,9 @@ def validate_features(cfg) -> None:
     if len(modes) > 1:
         raise UsageError(f"--{' and --'.join(modes)} are different runs of sample_ddpm.py; pass only one of them")
     if cfg.nll_timesteps is not None and cfg.nll_timesteps < 3:
-        raise UsageError(f"--nll_timesteps must be at least 3 (L_0 and two sampled KL terms, for a standard error), got {cfg.nll_timesteps}")
+        raise UsageError(
+            f"--nll_timesteps must be at least 3 (L_0 and two sampled KL terms, for a standard error), got {cfg.nll_timesteps}"
+        )
     for name in ("jump_length", "jump_n_sample"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")

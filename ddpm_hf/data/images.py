@@ -44,6 +44,7 @@ class DatasetSpec:
 class DataOptions:
     """What loading a dataset reads besides its name and split (DDPMConfig has these fields too, so
     either can be passed where `cfg` is taken). size/channels None: the dataset's own, or the caller's."""
+
     size: Optional[int] = None
     channels: Optional[int] = None
     image_column: Optional[str] = None
@@ -53,8 +54,13 @@ class DataOptions:
     @classmethod
     def of(cls, cfg, keep_format: bool = True) -> "DataOptions":
         """The options of a DDPMConfig; keep_format=False drops --size/--channels (a model decides them)."""
-        return cls(cfg.size if keep_format else None, cfg.channels if keep_format else None, cfg.image_column,
-                   cfg.dataset_config_name, cfg.medmnist_root)
+        return cls(
+            cfg.size if keep_format else None,
+            cfg.channels if keep_format else None,
+            cfg.image_column,
+            cfg.dataset_config_name,
+            cfg.medmnist_root,
+        )
 
 
 def _balanced_split(images: np.ndarray, labels: np.ndarray, split: str, test_per_class: int, seed: int = 0):
@@ -107,10 +113,14 @@ def _medmnist_loader(flag):
 
                 getattr(medmnist, medmnist.INFO[flag]["python_class"])(split=split, root=str(root), download=True)
             except Exception as err:  # no network, or the server refused: say where the file goes
-                raise DDPMError(f"MedMNIST file {path} is missing and could not be downloaded ({type(err).__name__}); "
-                                f"place {flag}.npz in {root} or set --medmnist_root") from None
+                raise DDPMError(
+                    f"MedMNIST file {path} is missing and could not be downloaded ({type(err).__name__}); "
+                    f"place {flag}.npz in {root} or set --medmnist_root"
+                ) from None
         with np.load(path) as npz:
-            return _array_dataset(npz[f"{split}_images"], npz[f"{split}_labels"].reshape(len(npz[f"{split}_labels"]), -1)[:, 0])
+            return _array_dataset(
+                npz[f"{split}_images"], npz[f"{split}_labels"].reshape(len(npz[f"{split}_labels"]), -1)[:, 0]
+            )
 
     return load
 
@@ -127,13 +137,18 @@ REGISTRY = {
     "imagenet": DatasetSpec(3, 128, "benjamin-paine/imagenet-1k-256x256", test_split="validation"),
     "mnist5k": DatasetSpec(1, 28, loader=_load_mnist5k),
     "animalmnist": DatasetSpec(1, 28, loader=_load_animalmnist),
-    **{flag: DatasetSpec(1, 32, loader=_medmnist_loader(flag)) for flag in ("chestmnist", "octmnist", "tissuemnist", "pneumoniamnist")},
+    **{
+        flag: DatasetSpec(1, 32, loader=_medmnist_loader(flag))
+        for flag in ("chestmnist", "octmnist", "tissuemnist", "pneumoniamnist")
+    },
 }
 
 
 def same_dataset(a, b) -> bool:
     """The same --dataset, a folder however it is spelled."""
-    return a == b or (isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b))
+    return a == b or (
+        isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+    )
 
 
 def resolve_spec(name: str) -> DatasetSpec:
@@ -145,19 +160,28 @@ def resolve_spec(name: str) -> DatasetSpec:
     if is_hub_id(name):
         return DatasetSpec(channels=0, size=0, hub_id=name)
     if os.path.isfile(name):
-        raise UsageError(f"--dataset {name} is a file; pass the folder that holds the images (or a registry name or Hub id)")
+        raise UsageError(
+            f"--dataset {name} is a file; pass the folder that holds the images (or a registry name or Hub id)"
+        )
     if "/" in name or os.sep in name:
         tilde = " (a quoted or YAML '~' is not expanded: write the full path)" if name.startswith("~") else ""
         raise UsageError(f"image folder {name} does not exist{tilde}; pass an existing folder of images")
-    raise UsageError(f"unknown dataset '{name}'; choose one of {', '.join(REGISTRY)}, a Hub id (user/name) or an image folder")
+    raise UsageError(
+        f"unknown dataset '{name}'; choose one of {', '.join(REGISTRY)}, a Hub id (user/name) or an image folder"
+    )
 
 
 def _hub_dataset(hub_id, config, split, streaming=False):
     import datasets
 
     if not hub_offline():  # one quick request, so an unreachable Hub fails in seconds instead of after retries
-        check_hub_repo(hub_id, f"dataset '{hub_id}'", "check the id (or log in for a private dataset)", OFFLINE_HINT,
-                       repo_type="dataset")
+        check_hub_repo(
+            hub_id,
+            f"dataset '{hub_id}'",
+            "check the id (or log in for a private dataset)",
+            OFFLINE_HINT,
+            repo_type="dataset",
+        )
     try:
         return datasets.load_dataset(hub_id, config, split=split, streaming=streaming)
     except ValueError as err:
@@ -165,7 +189,9 @@ def _hub_dataset(hub_id, config, split, streaming=False):
             raise DDPMError(f"dataset '{hub_id}' has no split '{split}'") from None
         raise DDPMError(f"cannot load dataset '{hub_id}' ({str(err).splitlines()[0][:200]}); {OFFLINE_HINT}") from None
     except Exception as err:
-        raise DDPMError(f"cannot load dataset '{hub_id}' ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); {OFFLINE_HINT}") from None
+        raise DDPMError(
+            f"cannot load dataset '{hub_id}' ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); {OFFLINE_HINT}"
+        ) from None
 
 
 def _check_metadata(folder) -> None:
@@ -178,13 +204,17 @@ def _check_metadata(folder) -> None:
         try:
             table = pd.read_csv(meta) if meta.suffix == ".csv" else pd.read_json(meta, lines=True)
         except Exception as err:
-            raise UsageError(f"{meta} is malformed ({type(err).__name__}: {str(err).strip().splitlines()[0][:120]}); {fix}") from None
+            raise UsageError(
+                f"{meta} is malformed ({type(err).__name__}: {str(err).strip().splitlines()[0][:120]}); {fix}"
+            ) from None
         if "file_name" not in table.columns:
             raise UsageError(f"{meta} has no file_name column (columns: {', '.join(map(str, table.columns))}); {fix}")
         missing = [str(f) for f in table["file_name"] if not (meta.parent / str(f)).is_file()]
         if missing:
-            raise UsageError(f"{meta} names {len(missing)} file(s) that do not exist ({', '.join(missing[:3])}"
-                             f"{', ...' if len(missing) > 3 else ''}); {fix}")
+            raise UsageError(
+                f"{meta} names {len(missing)} file(s) that do not exist ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}); {fix}"
+            )
 
 
 def _folder_dataset(folder, split, streaming=False):
@@ -197,7 +227,9 @@ def _folder_dataset(folder, split, streaming=False):
     try:
         splits = datasets.load_dataset("imagefolder", data_dir=str(folder), streaming=streaming)
     except Exception as err:
-        raise DDPMError(f"cannot read image folder {folder} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+        raise DDPMError(
+            f"cannot read image folder {folder} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+        ) from None
     if split not in splits:
         split = "train"  # a flat folder has one split: use all of it
     return splits[split]
@@ -221,7 +253,9 @@ def load_split(name: str, split: str, cfg, streaming: bool = False):
 
         image_columns = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
         if not image_columns:
-            raise UsageError(f"dataset {name} has no image column '{column}' (columns: {', '.join(ds.column_names)}); pass --image_column")
+            raise UsageError(
+                f"dataset {name} has no image column '{column}' (columns: {', '.join(ds.column_names)}); pass --image_column"
+            )
         column = image_columns[0]
     return ds, column, spec
 
@@ -287,8 +321,10 @@ def _first_readable(raw, column, name) -> Image.Image:
             return _open(raw[i][column])
         except Exception:
             continue
-    raise DDPMError(f"none of the first {min(len(raw), 50)} images of {name} can be read (damaged or not images); "
-                    f"check the files, or remove the unreadable ones")
+    raise DDPMError(
+        f"none of the first {min(len(raw), 50)} images of {name} can be read (damaged or not images); "
+        f"check the files, or remove the unreadable ones"
+    )
 
 
 @dataclass
@@ -300,8 +336,15 @@ class ImageData:
     skipped: int = 0
 
 
-def load_images(name: str, split: str, cfg, size: Optional[int] = None, channels: Optional[int] = None,
-                limit: Optional[int] = None, progress: bool = True) -> ImageData:
+def load_images(
+    name: str,
+    split: str,
+    cfg,
+    size: Optional[int] = None,
+    channels: Optional[int] = None,
+    limit: Optional[int] = None,
+    progress: bool = True,
+) -> ImageData:
     """Decode a split once into a uint8 tensor at the requested (or the dataset's) size and channels."""
     ds, column, spec = load_split(name, split, cfg)
     if len(ds) == 0:
@@ -312,8 +355,12 @@ def load_images(name: str, split: str, cfg, size: Optional[int] = None, channels
     channels = channels or cfg.channels or spec.channels
     if spec.loader is not None:  # array-backed: convert and resize whole batches
         arr = np.asarray(ds.with_format("numpy", columns=[column])[:][column], dtype=np.uint8)
-        images = torch.cat([_resize_batch(torch.from_numpy(_to_channels(arr[i:i + 4096], channels)), size)
-                            for i in range(0, len(arr), 4096)])
+        images = torch.cat(
+            [
+                _resize_batch(torch.from_numpy(_to_channels(arr[i : i + 4096], channels)), size)
+                for i in range(0, len(arr), 4096)
+            ]
+        )
         return ImageData(images, channels, size, name)
     import datasets
 
@@ -332,7 +379,10 @@ def load_images(name: str, split: str, cfg, size: Optional[int] = None, channels
             skipped += 1
             if skipped <= 3:
                 # tqdm.write: a line of its own, never glued to the progress bar
-                tqdm.write(f"warning: skipping unreadable image {ref.get('path') or '#' + str(len(out) + skipped - 1)} ({type(err).__name__})", file=sys.stderr)
+                tqdm.write(
+                    f"warning: skipping unreadable image {ref.get('path') or '#' + str(len(out) + skipped - 1)} ({type(err).__name__})",
+                    file=sys.stderr,
+                )
     if skipped:
         print(f"warning: skipped {skipped} unreadable image(s) of {len(raw)} in {name} ({split})", file=sys.stderr)
     if not out:
@@ -364,8 +414,14 @@ def _already_batched(batch):
 
 def batch_loader(images: torch.Tensor, batch_size: int, seed: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
     """The shuffled training loader (the order is DataLoader(shuffle=True)'s for the seeded generator)."""
-    return torch.utils.data.DataLoader(ImageBatches(images), batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                                       generator=torch.Generator().manual_seed(seed), collate_fn=_already_batched)
+    return torch.utils.data.DataLoader(
+        ImageBatches(images),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=_already_batched,
+    )
 
 
 def to_model_range(batch: torch.Tensor) -> torch.Tensor:
@@ -380,6 +436,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 # ---- --streaming: datasets too large to download or decode whole ------------------------------
 
+
 @dataclass
 class StreamData:
     dataset: object  # datasets.IterableDataset of {"pixels": uint8 (C, size, size)}: this process's part
@@ -393,7 +450,7 @@ def _stream_pixels(value, channels: int, size: int) -> Optional[np.ndarray]:
     """One streamed image as uint8 (C, size, size); None when it cannot be read (then skipped)."""
     if isinstance(value, (dict, Image.Image)):  # datasets.Image(decode=False) gives {"bytes", "path"}
         try:
-            with (_open(value) if isinstance(value, dict) else value) as img:
+            with _open(value) if isinstance(value, dict) else value as img:
                 return _pil_to_array(img, channels, size)
         except Exception as err:
             where = value.get("path") if isinstance(value, dict) else None
@@ -418,8 +475,9 @@ def _stream_format(ds, column: str, name: str):
     raise DDPMError(f"none of the first 50 images of {name} can be read (damaged or not images)")
 
 
-def stream_images(name: str, cfg, rank: int = 0, world_size: int = 1, size: Optional[int] = None,
-                  channels: Optional[int] = None) -> StreamData:
+def stream_images(
+    name: str, cfg, rank: int = 0, world_size: int = 1, size: Optional[int] = None, channels: Optional[int] = None
+) -> StreamData:
     """--streaming: the training split read lazily (a Hub dataset is never downloaded whole), limited
     to --max_train_samples, shuffled through a buffer of --shuffle_buffer_size with --seed (the same
     seed on every process, which split_dataset_by_node needs), and split with
@@ -458,8 +516,9 @@ class StreamingBatches:
 
     def __init__(self, data: StreamData, batch_size: int, num_batches: int, num_workers: int = 0, device="cpu"):
         self.data, self.batch_size, self.num_batches, self.device = data, batch_size, num_batches, device
-        self.loader = torch.utils.data.DataLoader(data.dataset, batch_size=batch_size, num_workers=num_workers,
-                                                  collate_fn=_collate_pixels)
+        self.loader = torch.utils.data.DataLoader(
+            data.dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_pixels
+        )
         self.epoch, self.remaining, self.passes, self.iterator, self.started = 0, num_batches, 0, None, False
 
     def __len__(self) -> int:
@@ -495,6 +554,8 @@ class StreamingBatches:
                 return next(self.iterator)
             except StopIteration:
                 if empty_pass:
-                    raise DDPMError(f"the stream of {self.data.name} yields no readable image for this process; "
-                                    f"check the dataset (or use fewer processes than it has images)") from None
+                    raise DDPMError(
+                        f"the stream of {self.data.name} yields no readable image for this process; "
+                        f"check the dataset (or use fewer processes than it has images)"
+                    ) from None
                 self.passes, self.iterator = self.passes + 1, None

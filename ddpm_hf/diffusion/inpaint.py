@@ -34,13 +34,16 @@ def make_masks(kind: str, n: int, size: int, seed: int) -> torch.Tensor:
         masks[..., :half] = 0
     elif kind == "center":
         lo = (size - half) // 2
-        masks[..., lo:lo + half, lo:lo + half] = 0
+        masks[..., lo : lo + half, lo : lo + half] = 0
     elif kind == "random_box":  # sides in [size/4, size/2], anywhere inside the image; seeded
         gen = torch.Generator().manual_seed(seed)
         for i in range(n):
             h, w = (int(v) for v in torch.randint(size // 4, half + 1, (2,), generator=gen))
-            top, left = int(torch.randint(0, size - h + 1, (), generator=gen)), int(torch.randint(0, size - w + 1, (), generator=gen))
-            masks[i, :, top:top + h, left:left + w] = 0
+            top, left = (
+                int(torch.randint(0, size - h + 1, (), generator=gen)),
+                int(torch.randint(0, size - w + 1, (), generator=gen)),
+            )
+            masks[i, :, top : top + h, left : left + w] = 0
     else:
         masks[:] = read_mask(kind, size)
     return masks
@@ -53,7 +56,9 @@ def read_mask(path: str, size: int) -> torch.Tensor:
     return (torch.from_numpy(np.asarray(gray).copy()) >= 128).float()[None, None]
 
 
-def make_repaint_scheduler(scheduler_config: dict, steps: int, jump_length: int, jump_n_sample: int, eta: float, device):
+def make_repaint_scheduler(
+    scheduler_config: dict, steps: int, jump_length: int, jump_n_sample: int, eta: float, device
+):
     from diffusers import RePaintScheduler
 
     # clip_sample: x0 estimates stay in the image range, as RePaint's clip_denoised
@@ -64,7 +69,9 @@ def make_repaint_scheduler(scheduler_config: dict, steps: int, jump_length: int,
 
 
 @torch.inference_mode()
-def repaint(unet, scheduler, original: torch.Tensor, mask: torch.Tensor, kind: str, generator, progress=False) -> torch.Tensor:
+def repaint(
+    unet, scheduler, original: torch.Tensor, mask: torch.Tensor, kind: str, generator, progress=False
+) -> torch.Tensor:
     """RePaintPipeline's loop on images in [-1, 1]: a model call on every step down in time, an
     undo (renoising, no model call) on every step up; the model's output is turned into epsilon."""
     from diffusers.utils.torch_utils import randn_tensor
@@ -96,7 +103,7 @@ def save_grid(rows: list, path: Path) -> None:
     n = len(rows[0])
     columns = min(n, GRID_COLUMNS)
     padded = [torch.cat([r, r.new_zeros(-n % columns, *r.shape[1:])]) for r in rows]  # grey filler tiles
-    tiles = [p[i:i + columns] for i in range(0, len(padded[0]), columns) for p in padded]
+    tiles = [p[i : i + columns] for i in range(0, len(padded[0]), columns) for p in padded]
     _save_png(to_uint8(make_grid(torch.cat(tiles), nrow=columns, padding=2, pad_value=1.0)), path)
 
 

@@ -38,15 +38,23 @@ def _load_hub_vae(name: str):
     except Exception:
         pass
     if hub_offline():
-        raise DDPMError(f"cannot load the VAE {name}: it is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                        f"downloading it; download it once online, or pass --vae FOLDER (an AutoencoderKL saved with save_pretrained)")
+        raise DDPMError(
+            f"cannot load the VAE {name}: it is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
+            f"downloading it; download it once online, or pass --vae FOLDER (an AutoencoderKL saved with save_pretrained)"
+        )
     # one quick request, so an unreachable Hub fails in a second instead of after ~25 s of retries
-    check_hub_repo(name, f"the VAE {name}", "check --vae (or log in for a private model)",
-                   "pass --vae FOLDER (an AutoencoderKL saved with save_pretrained)")
+    check_hub_repo(
+        name,
+        f"the VAE {name}",
+        "check --vae (or log in for a private model)",
+        "pass --vae FOLDER (an AutoencoderKL saved with save_pretrained)",
+    )
     try:
         return _from_pretrained(name)
     except Exception as err:
-        raise DDPMError(f"cannot load the VAE {name} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+        raise DDPMError(
+            f"cannot load the VAE {name} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+        ) from None
 
 
 def load_vae(name: str, device="cpu"):
@@ -56,13 +64,17 @@ def load_vae(name: str, device="cpu"):
     if path.is_dir():
         sub = next((s for s in VAE_SUBFOLDERS if (path / s / "config.json").is_file()), None)
         if sub is None:
-            raise UsageError(f"--vae {name} is a folder without config.json (nor vae/config.json or vqvae/config.json); "
-                             f"pass an AutoencoderKL folder saved with save_pretrained, or a Hub id")
+            raise UsageError(
+                f"--vae {name} is a folder without config.json (nor vae/config.json or vqvae/config.json); "
+                f"pass an AutoencoderKL folder saved with save_pretrained, or a Hub id"
+            )
         try:
             vae = _from_pretrained(str(path), subfolder=sub or None)
         except Exception as err:
-            raise DDPMError(f"cannot load the VAE folder {name} ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+            raise DDPMError(
+                f"cannot load the VAE folder {name} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200] if str(err) else ''})"
+            ) from None
     elif not is_hub_id(name):
         raise UsageError(f"--vae {name} is neither an existing folder nor a Hub id (user/name)")
     else:
@@ -71,8 +83,10 @@ def load_vae(name: str, device="cpu"):
         raise UsageError(f"--vae {name} is a {type(vae).__name__}, not an AutoencoderKL")
     if vae.config.get("shift_factor"):
         # LDMPipeline, the saved pipeline, decodes z / scaling_factor with no shift.
-        raise UsageError(f"--vae {name} has a shift_factor ({vae.config.shift_factor}); only VAEs whose latents are scaled "
-                         f"by scaling_factor alone (such as stabilityai/sd-vae-ft-mse) are supported")
+        raise UsageError(
+            f"--vae {name} has a shift_factor ({vae.config.shift_factor}); only VAEs whose latents are scaled "
+            f"by scaling_factor alone (such as stabilityai/sd-vae-ft-mse) are supported"
+        )
     return vae.requires_grad_(False).eval().to(device)
 
 
@@ -85,12 +99,16 @@ def latent_format(cfg, vae, channels: int, size: int) -> tuple:
     """(channels, size) of the UNet's input for `channels` x `size` images, checking that they can be encoded."""
     vae_channels = vae.config.in_channels
     if channels not in (1, vae_channels):
-        raise UsageError(f"the VAE {cfg.vae} encodes {vae_channels}-channel images, not {channels}-channel ones; "
-                         f"pass --channels {vae_channels}")
+        raise UsageError(
+            f"the VAE {cfg.vae} encodes {vae_channels}-channel images, not {channels}-channel ones; "
+            f"pass --channels {vae_channels}"
+        )
     factor, unet_factor = downsample_factor(vae), 2 ** (len(cfg.channel_mult) - 1)
     if size % (factor * unet_factor):
-        raise UsageError(f"image size {size} px does not suit --latent: the VAE downsamples by {factor} and the UNet by "
-                         f"{unet_factor} (--channel_mult), so use a --size that is a multiple of {factor * unet_factor}")
+        raise UsageError(
+            f"image size {size} px does not suit --latent: the VAE downsamples by {factor} and the UNet by "
+            f"{unet_factor} (--channel_mult), so use a --size that is a multiple of {factor * unet_factor}"
+        )
     return vae.config.latent_channels, size // factor
 
 
@@ -132,7 +150,7 @@ def encode_dataset(vae, images: torch.Tensor, mode: str, batch_size: int, progre
     channels), so every epoch still draws a fresh latent, exactly as encoding on the fly would."""
     parts = []
     for start in tqdm(range(0, len(images), batch_size), desc="encoding latents", unit="batch", disable=not progress):
-        distribution = vae.encode(to_vae_input(vae, to_model_range(images[start:start + batch_size]))).latent_dist
+        distribution = vae.encode(to_vae_input(vae, to_model_range(images[start : start + batch_size]))).latent_dist
         parts.append((distribution.parameters if mode == "sample" else distribution.mean).float().cpu().contiguous())
     return torch.cat(parts)
 

@@ -84,21 +84,31 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     width 2/255, the two end bins extending to -inf and +inf (Ho et al. 2020, eq. 13)."""
     inv_scale = torch.exp(-log_scale)
     upper, lower = (x - mean + BIN_HALF_WIDTH) * inv_scale, (x - mean - BIN_HALF_WIDTH) * inv_scale
-    log_p = torch.where(x < -1 + BIN_HALF_WIDTH, torch.special.log_ndtr(upper),
-                        torch.where(x > 1 - BIN_HALF_WIDTH, torch.special.log_ndtr(-lower), _log_ndtr_difference(upper, lower)))
+    log_p = torch.where(
+        x < -1 + BIN_HALF_WIDTH,
+        torch.special.log_ndtr(upper),
+        torch.where(x > 1 - BIN_HALF_WIDTH, torch.special.log_ndtr(-lower), _log_ndtr_difference(upper, lower)),
+    )
     return log_p.clamp_min(math.log(MIN_PROBABILITY))
 
 
 def prior_nats(s: Schedule, x0: torch.Tensor) -> torch.Tensor:
     """KL(q(x_{T-1} | x0) || N(0, I)) per image, in nats (closed form, no model call)."""
     a = s.alphas_cumprod[-1]
-    kl = 0.5 * (a * x0 ** 2 + (1 - a) - 1 - torch.log(1 - a))
+    kl = 0.5 * (a * x0**2 + (1 - a) - 1 - torch.log(1 - a))
     return kl.flatten(1).sum(1)
 
 
 @torch.inference_mode()
-def term_nats(model_fn: Callable, s: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, kind: str,
-              clip: bool = True) -> torch.Tensor:
+def term_nats(
+    model_fn: Callable,
+    s: Schedule,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    kind: str,
+    clip: bool = True,
+) -> torch.Tensor:
     """L_t per image (nats) at per-image timesteps t (B,): the decoder NLL where t = 0, else the
     KL of the true posterior to the model's, both with variance beta~_t. x0, noise: float64."""
     a = _per_image(s.alphas_cumprod, t, x0)
@@ -107,8 +117,10 @@ def term_nats(model_fn: Callable, s: Schedule, x0: torch.Tensor, t: torch.Tensor
     if clip:  # the model's images live in [-1, 1]; so does the mean of its last step
         x0_hat = x0_hat.clamp(-1, 1)
     mean_p = posterior_mean(s, x0_hat, x_t, t)
-    kl = ((posterior_mean(s, x0, x_t, t) - mean_p) ** 2 / (2 * _per_image(s.posterior_variance, t, x0).clamp_min(1e-300)))
-    decoder = -discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * _per_image(s.posterior_log_variance_clipped, t, x0))
+    kl = (posterior_mean(s, x0, x_t, t) - mean_p) ** 2 / (2 * _per_image(s.posterior_variance, t, x0).clamp_min(1e-300))
+    decoder = -discretized_gaussian_log_likelihood(
+        x0, mean_p, 0.5 * _per_image(s.posterior_log_variance_clipped, t, x0)
+    )
     return torch.where(t == 0, decoder.flatten(1).sum(1), kl.flatten(1).sum(1))
 
 
@@ -117,7 +129,7 @@ def draw_timesteps(T: int, K: Optional[int], batch: int, generator: torch.Genera
     without replacement (independently per image)."""
     if K is None or K >= T:
         return torch.arange(T).expand(batch, T)
-    drawn = torch.rand((batch, T - 1), generator=generator).argsort(1)[:, :K - 1] + 1
+    drawn = torch.rand((batch, T - 1), generator=generator).argsort(1)[:, : K - 1] + 1
     return torch.cat([torch.zeros(batch, 1, dtype=torch.long), drawn], 1)
 
 
@@ -135,8 +147,16 @@ def combine_terms(prior: torch.Tensor, terms: torch.Tensor, T: int) -> tuple:
     return estimate, se
 
 
-def bound_batch(model_fn: Callable, s: Schedule, images: torch.Tensor, kind: str, generator: torch.Generator,
-                K: Optional[int] = None, clip: bool = True, bar=None) -> dict:
+def bound_batch(
+    model_fn: Callable,
+    s: Schedule,
+    images: torch.Tensor,
+    kind: str,
+    generator: torch.Generator,
+    K: Optional[int] = None,
+    clip: bool = True,
+    bar=None,
+) -> dict:
     """Per-image bound (nats) of uint8 images: one model call per evaluated timestep, batched."""
     device = images.device
     x0 = images.double().div(127.5).sub(1.0)
@@ -166,9 +186,19 @@ def unet_model_fn(unet, mixed_precision=None, device="cpu") -> Callable:
     return call
 
 
-def bits_per_dim(model_fn: Callable, scheduler_config: dict, images: torch.Tensor, batch_size: int, seed: int,
-                 K: Optional[int] = None, clip: bool = True, stream: int = 0, progress: bool = True, desc: str = "bits/dim",
-                 device="cpu") -> dict:
+def bits_per_dim(
+    model_fn: Callable,
+    scheduler_config: dict,
+    images: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    K: Optional[int] = None,
+    clip: bool = True,
+    stream: int = 0,
+    progress: bool = True,
+    desc: str = "bits/dim",
+    device="cpu",
+) -> dict:
     """Per-image bound of uint8 images (N, C, H, W) in bits/dim, as numpy arrays: bpd, se (its standard
     error from timestep sampling), prior, decoder and, when exact, terms (N, T). Batch b's noise and
     timesteps depend only on (seed, stream, b)."""
@@ -178,11 +208,17 @@ def bits_per_dim(model_fn: Callable, scheduler_config: dict, images: torch.Tenso
     calls = s.T if K is None else min(K, s.T)
     bits = images[0].numel() * math.log(2)  # nats per image -> bits per dimension
     parts = []
-    with tqdm(total=math.ceil(len(images) / batch_size) * calls, desc=f"{desc} ({calls} model calls per image)",
-              unit="call", disable=not progress) as bar:
+    with tqdm(
+        total=math.ceil(len(images) / batch_size) * calls,
+        desc=f"{desc} ({calls} model calls per image)",
+        unit="call",
+        disable=not progress,
+    ) as bar:
         for b, start in enumerate(range(0, len(images), batch_size)):
             gen = batch_generator(seed, stream * 1_000_000 + b)
-            parts.append(bound_batch(model_fn, s, images[start:start + batch_size].to(device), kind, gen, K, clip, bar))
+            parts.append(
+                bound_batch(model_fn, s, images[start : start + batch_size].to(device), kind, gen, K, clip, bar)
+            )
     keys = [k for k in parts[0] if parts[0][k] is not None]
     out = {("bpd" if k == "nats" else k): torch.cat([p[k].cpu() for p in parts]).numpy() / bits for k in keys}
     out["calls_per_image"] = calls
@@ -191,8 +227,10 @@ def bits_per_dim(model_fn: Callable, scheduler_config: dict, images: torch.Tenso
 
 def check_nll_timesteps(K: Optional[int], T: int) -> None:
     if K is not None and not 3 <= K <= T:
-        raise UsageError(f"--nll_timesteps must be between 3 (L_0 and two sampled KL terms, for a standard error) "
-                         f"and the model's T = {T}, got {K}")
+        raise UsageError(
+            f"--nll_timesteps must be between 3 (L_0 and two sampled KL terms, for a standard error) "
+            f"and the model's T = {T}, got {K}"
+        )
 
 
 def refuse_latent(loaded, what: str) -> None:
@@ -204,11 +242,18 @@ def refuse_latent(loaded, what: str) -> None:
 def summarise(result: dict, T: int, K: Optional[int]) -> dict:
     """Dataset-level numbers of a `bits_per_dim` result: the mean and its standard errors."""
     bpd, n = result["bpd"], len(result["bpd"])
-    summary = dict(bpd_mean=float(np.mean(bpd)), bpd_std=float(np.std(bpd, ddof=1)) if n > 1 else 0.0,
-                   bpd_mean_se=float(np.std(bpd, ddof=1) / math.sqrt(n)) if n > 1 else None,
-                   prior_bpd_mean=float(np.mean(result["prior"])), decoder_bpd_mean=float(np.mean(result["decoder"])),
-                   timestep_se_mean=float(np.sqrt(np.mean(result["se"] ** 2))), num_images=n, T=T,
-                   timesteps_evaluated=T if K is None else min(K, T), exact=K is None or K >= T)
+    summary = dict(
+        bpd_mean=float(np.mean(bpd)),
+        bpd_std=float(np.std(bpd, ddof=1)) if n > 1 else 0.0,
+        bpd_mean_se=float(np.std(bpd, ddof=1) / math.sqrt(n)) if n > 1 else None,
+        prior_bpd_mean=float(np.mean(result["prior"])),
+        decoder_bpd_mean=float(np.mean(result["decoder"])),
+        timestep_se_mean=float(np.sqrt(np.mean(result["se"] ** 2))),
+        num_images=n,
+        T=T,
+        timesteps_evaluated=T if K is None else min(K, T),
+        exact=K is None or K >= T,
+    )
     if result.get("terms") is not None:  # the mean of every L_t: where the bits are spent
         summary["terms_bpd_mean"] = [float(v) for v in result["terms"].mean(0)]
     return summary

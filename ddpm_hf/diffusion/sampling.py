@@ -12,8 +12,7 @@ import math
 from pathlib import Path
 
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                       UniPCMultistepScheduler)
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
@@ -24,13 +23,25 @@ from .latent import decode_latents  # noqa: F401  (latent models decode here; oo
 GRID_MAX = 256  # images in sample_ddpm.py's grid.png; only these are kept in memory
 
 
-def make_noise_scheduler(timesteps: int, beta_start: float, beta_end: float, beta_schedule: str = "linear",
-                         prediction_type: str = "epsilon", clip_sample: bool = False) -> DDPMScheduler:
+def make_noise_scheduler(
+    timesteps: int,
+    beta_start: float,
+    beta_end: float,
+    beta_schedule: str = "linear",
+    prediction_type: str = "epsilon",
+    clip_sample: bool = False,
+) -> DDPMScheduler:
     """The forward process (with the seed's linear betas, `add_noise` equals the original's exactly).
     Its config is what every sampler and the saved pipeline inherit: T, betas, the prediction type
     and whether a sampler clips its predicted clean image."""
-    return DDPMScheduler(num_train_timesteps=timesteps, beta_start=beta_start, beta_end=beta_end,
-                         beta_schedule=beta_schedule, prediction_type=prediction_type, clip_sample=clip_sample)
+    return DDPMScheduler(
+        num_train_timesteps=timesteps,
+        beta_start=beta_start,
+        beta_end=beta_end,
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+    )
 
 
 def noise_scheduler_from_config(config) -> DDPMScheduler:
@@ -43,12 +54,15 @@ def make_sampler(name: str, config) -> object:
     clipping; configs saved before --clip_sample existed do not clip, as the original)."""
     clip = bool(config.get("clip_sample", False))
     if name == "ddim":
-        return DDIMScheduler.from_config(config, clip_sample=clip, set_alpha_to_one=True, steps_offset=0,
-                                         timestep_spacing="trailing")
+        return DDIMScheduler.from_config(
+            config, clip_sample=clip, set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing"
+        )
     if name == "ddpm":
         return DDPMScheduler.from_config(config, clip_sample=clip, timestep_spacing="trailing")
     if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", timestep_spacing="trailing")
+        return DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", timestep_spacing="trailing"
+        )
     if name == "unipc":
         return UniPCMultistepScheduler.from_config(config, timestep_spacing="trailing")
     raise ValueError(f"unknown scheduler {name}")
@@ -70,8 +84,9 @@ def _step_kwargs(scheduler, eta, generator) -> dict:
 
 
 @torch.inference_mode()
-def denoise(unet, scheduler, x: torch.Tensor, timesteps, eta: float = 0.0, generator=None, progress=False,
-            on_step=None) -> torch.Tensor:
+def denoise(
+    unet, scheduler, x: torch.Tensor, timesteps, eta: float = 0.0, generator=None, progress=False, on_step=None
+) -> torch.Tensor:
     """Run `scheduler.step` over `timesteps` (descending) from `x`: one model call per step.
     `on_step()`, if given, is called after every step (a caller's progress bar)."""
     kwargs = _step_kwargs(scheduler, eta, generator)
@@ -92,30 +107,58 @@ def batch_generator(seed: int, index: int) -> torch.Generator:
 
 
 @torch.inference_mode()
-def sample_batch(unet, scheduler, n: int, steps: int, eta: float, generator, vae=None, progress=False,
-                 on_step=None) -> torch.Tensor:
+def sample_batch(
+    unet, scheduler, n: int, steps: int, eta: float, generator, vae=None, progress=False, on_step=None
+) -> torch.Tensor:
     """`n` samples in [-1, 1] (pixel space; latents are decoded through `vae`), on the CPU."""
     device = next(unet.parameters()).device
     shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     scheduler.set_timesteps(steps, device=device)
     x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * scheduler.init_noise_sigma
-    x = denoise(unet, scheduler, x, scheduler.timesteps, eta=eta, generator=generator, progress=progress, on_step=on_step)
+    x = denoise(
+        unet, scheduler, x, scheduler.timesteps, eta=eta, generator=generator, progress=progress, on_step=on_step
+    )
     return (decode_latents(vae, x) if vae is not None else x).cpu()
 
 
-def generate(unet, scheduler, num_images: int, steps: int, eta: float = 1.0, seed: int = 0, batch_size: int = 128,
-             vae=None, progress=True) -> torch.Tensor:
+def generate(
+    unet,
+    scheduler,
+    num_images: int,
+    steps: int,
+    eta: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 128,
+    vae=None,
+    progress=True,
+) -> torch.Tensor:
     """`num_images` samples in [-1, 1], in batches of `batch_size`."""
     batches = math.ceil(num_images / batch_size)
-    return torch.cat([
-        sample_batch(unet, scheduler, min(batch_size, num_images - b * batch_size), steps, eta, batch_generator(seed, b),
-                     vae, progress=progress and batches == 1)
-        for b in tqdm(range(batches), desc="sampling batches", disable=not progress or batches == 1)])
+    return torch.cat(
+        [
+            sample_batch(
+                unet,
+                scheduler,
+                min(batch_size, num_images - b * batch_size),
+                steps,
+                eta,
+                batch_generator(seed, b),
+                vae,
+                progress=progress and batches == 1,
+            )
+            for b in tqdm(range(batches), desc="sampling batches", disable=not progress or batches == 1)
+        ]
+    )
 
 
 def _save_png(image_uint8: torch.Tensor, path: Path, advice: str = RETRY) -> None:
     """Write to a temporary name, then rename: an interrupted run or a full disk never leaves a
     truncated PNG under a final name that a rerun would count as done."""
     array = image_uint8.permute(1, 2, 0).squeeze(-1).numpy()
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"), f"the image {path.name}",
-                 point="grid" if path.name == "grid.png" else "png", advice=advice)
+    atomic_write(
+        path,
+        lambda tmp: Image.fromarray(array).save(tmp, format="PNG"),
+        f"the image {path.name}",
+        point="grid" if path.name == "grid.png" else "png",
+        advice=advice,
+    )

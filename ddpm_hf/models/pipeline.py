@@ -24,8 +24,10 @@ from ..util.files import read_json, safetensors_problem
 
 CONFIG_NAME = "ddpm_hf_config.json"
 SECRET_KEYS = ("hub_token",)
-ACCEPTED = ("--checkpoint takes a pipeline folder (holding model_index.json, e.g. a train_ddpm.py --output_dir), "
-            "a Hub model id (user/name) or an original GenerativeZoo .pt file")
+ACCEPTED = (
+    "--checkpoint takes a pipeline folder (holding model_index.json, e.g. a train_ddpm.py --output_dir), "
+    "a Hub model id (user/name) or an original GenerativeZoo .pt file"
+)
 WEIGHT_SUFFIXES = (".pth", ".safetensors", ".bin", ".ckpt", ".pkl")
 
 
@@ -139,8 +141,12 @@ def load_pipeline(source: str, revision: Optional[str] = None, device="cpu") -> 
 def _load_error(source: str, err: Exception) -> DDPMError:
     message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
     where = "folder" if os.path.isdir(source) else "Hub model"
-    shape = re.search(r"(\S+) expected shape (torch\.Size\(\[[\d, ]*\]\)), but got (torch\.Size\(\[[\d, ]*\]\))", message)
+    shape = re.search(
+        r"(\S+) expected shape (torch\.Size\(\[[\d, ]*\]\)), but got (torch\.Size\(\[[\d, ]*\]\))", message
+    )
     if shape:  # weights and config.json disagree: a damaged or hand-edited folder
-        return DDPMError(f"the pipeline {where} {source} does not match its own config ({shape[1]} should be "
-                         f"{shape[2]} but the weights hold {shape[3]}); re-save it, or restore its unet/config.json")
+        return DDPMError(
+            f"the pipeline {where} {source} does not match its own config ({shape[1]} should be "
+            f"{shape[2]} but the weights hold {shape[3]}); re-save it, or restore its unet/config.json"
+        )
     return DDPMError(f"cannot load the pipeline {where} {source} ({type(err).__name__}: {message})")

@@ -17,13 +17,21 @@ def unet_kwargs(cfg: DDPMConfig, in_channels: int, sample_size: int) -> dict:
     levels = len(cfg.channel_mult)
     factor = 2 ** (levels - 1)
     if sample_size % factor:
-        raise UsageError(f"--size {sample_size} is not divisible by {factor}, the UNet's total downsampling with "
-                         f"{levels} levels (--channel_mult); use a multiple of {factor}")
+        raise UsageError(
+            f"--size {sample_size} is not divisible by {factor}, the UNet's total downsampling with "
+            f"{levels} levels (--channel_mult); use a multiple of {factor}"
+        )
     attention = [2**i in cfg.attention_resolutions for i in range(levels)]
     # Levels without attention get ResNet samplers with --resblock_updown; attention levels
     # take the sampler type from downsample_type/upsample_type.
-    down_plain, up_plain = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if cfg.resblock_updown else ("DownBlock2D", "UpBlock2D")
-    head_dim = cfg.num_head_channels if cfg.num_head_channels != -1 else cfg.model_channels * cfg.channel_mult[0] // cfg.num_heads
+    down_plain, up_plain = (
+        ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if cfg.resblock_updown else ("DownBlock2D", "UpBlock2D")
+    )
+    head_dim = (
+        cfg.num_head_channels
+        if cfg.num_head_channels != -1
+        else cfg.model_channels * cfg.channel_mult[0] // cfg.num_heads
+    )
     return dict(
         sample_size=sample_size,
         in_channels=in_channels,

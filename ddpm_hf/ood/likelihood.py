@@ -25,9 +25,20 @@ def check_model(loaded, cfg) -> None:
 def nll_of_sets(loaded, images: dict, cfg, set_ids: dict, device) -> dict:
     """{set name: bits_per_dim result} for every image set (in, out and, for `both`, stats)."""
     model_fn = unet_model_fn(loaded.unet, cfg.mixed_precision, device)
-    return {name: bits_per_dim(model_fn, loaded.scheduler_config, imgs, cfg.batch_size, cfg.seed, cfg.nll_timesteps,
-                               stream=NLL_STREAM + set_ids[name], desc=f"bits/dim of the {name} set", device=device)
-            for name, imgs in images.items()}
+    return {
+        name: bits_per_dim(
+            model_fn,
+            loaded.scheduler_config,
+            imgs,
+            cfg.batch_size,
+            cfg.seed,
+            cfg.nll_timesteps,
+            stream=NLL_STREAM + set_ids[name],
+            desc=f"bits/dim of the {name} set",
+            device=device,
+        )
+        for name, imgs in images.items()
+    }
 
 
 def zscore(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -43,14 +54,20 @@ def likelihood_scores(cfg, recon: dict, nll: dict, T: int, metrics) -> tuple:
     per_score = {"recon": metrics(recon["in"], recon["out"]), "nll": metrics(bpd["in"], bpd["out"])}
     final = {name: bpd[name] for name in ("in", "out")}
     if cfg.score == "both":
-        final = {name: (zscore(recon[name], recon["stats"]) + zscore(bpd[name], bpd["stats"])) / 2 for name in ("in", "out")}
+        final = {
+            name: (zscore(recon[name], recon["stats"]) + zscore(bpd[name], bpd["stats"])) / 2 for name in ("in", "out")
+        }
         per_score["both"] = metrics(final["in"], final["out"])
     summaries = {name: summarise(r, T, cfg.nll_timesteps) for name, r in nll.items()}
     for s in summaries.values():
         s.pop("terms_bpd_mean", None)  # per-timestep profiles belong to sample_ddpm.py --nll
     columns = {"nll_bpd": {n: bpd[n] for n in ("in", "out")}, "nll_se": {n: nll[n]["se"] for n in ("in", "out")}}
-    added = {"per_score": per_score, "likelihood": dict(nll_timesteps=cfg.nll_timesteps, sets=summaries,
-                                                        calls_per_image=next(iter(nll.values()))["calls_per_image"])}
+    added = {
+        "per_score": per_score,
+        "likelihood": dict(
+            nll_timesteps=cfg.nll_timesteps, sets=summaries, calls_per_image=next(iter(nll.values()))["calls_per_image"]
+        ),
+    }
     return final, added, columns
 
 

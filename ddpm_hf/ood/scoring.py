@@ -28,12 +28,18 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..data.images import DataOptions, load_images, resolve_spec, to_model_range
-from ..util.errors import DDPMError, UsageError
 from ..diffusion.latent import downsample_factor, encode
 from ..diffusion.losses import per_image_loss
+from ..diffusion.sampling import (
+    batch_generator,
+    decode_latents,
+    denoise,
+    make_sampler,
+    noise_scheduler_from_config,
+    num_inference_steps,
+)
+from ..util.errors import DDPMError, UsageError
 from ..util.precision import inference_autocast
-from ..diffusion.sampling import (batch_generator, decode_latents, denoise, make_sampler, noise_scheduler_from_config,
-                       num_inference_steps)
 
 LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet, fetched by `lpips` on first use
 LPIPS_MIN_SIZE = 32  # AlexNet's strides and pools need >= 31 px; smaller images are upsampled for LPIPS
@@ -41,6 +47,7 @@ SET_IDS = {"in": 0, "out": 1, "stats": 2}  # separate noise streams per set
 
 
 # ---- metrics -------------------------------------------------------------------------------
+
 
 def _fpr_at_tpr(labels, scores, level=0.95) -> float:
     """The original's rule: fpr at the first ROC point whose tpr reaches `level`."""
@@ -71,6 +78,7 @@ def ood_metrics(in_scores, out_scores) -> dict:
 
 # ---- LPIPS ---------------------------------------------------------------------------------
 
+
 def lpips_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_WEIGHTS
 
@@ -82,8 +90,10 @@ def load_lpips(pnet_rand: bool = False, device="cpu"):
     import lpips
 
     weights = lpips_weights_path()
-    advice = (f"--lpips needs torchvision's AlexNet weights: place {LPIPS_WEIGHTS} in {weights.parent} "
-              f"($TORCH_HOME/hub/checkpoints/), or run without --lpips")
+    advice = (
+        f"--lpips needs torchvision's AlexNet weights: place {LPIPS_WEIGHTS} in {weights.parent} "
+        f"($TORCH_HOME/hub/checkpoints/), or run without --lpips"
+    )
     if not pnet_rand and not weights.exists() and huggingface_hub.constants.HF_HUB_OFFLINE:
         raise DDPMError(f"{advice} (offline, so not downloading it)")
     try:
@@ -100,11 +110,15 @@ def lpips_distance(model, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[1] == 1:
         a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
     if a.shape[-1] < LPIPS_MIN_SIZE:
-        a, b = (F.interpolate(x, size=(LPIPS_MIN_SIZE, LPIPS_MIN_SIZE), mode="bilinear", align_corners=False) for x in (a, b))
+        a, b = (
+            F.interpolate(x, size=(LPIPS_MIN_SIZE, LPIPS_MIN_SIZE), mode="bilinear", align_corners=False)
+            for x in (a, b)
+        )
     return model(a, b).flatten()
 
 
 # ---- reconstruction ------------------------------------------------------------------------
+
 
 @dataclass
 class Level:
@@ -127,8 +141,10 @@ def plan_levels(factors: List[float], scheduler_config: dict, sample_timesteps: 
         steps = [t for t in sampler.timesteps if int(t) <= t_star]
         if not steps:
             first = int(sampler.timesteps[-1])
-            raise UsageError(f"recon factor {f} gives t* = {t_star}, below the first sampling timestep {first} "
-                             f"(T={T}, {len(sampler.timesteps)} steps); use a factor >= {(first + 1) / T:g} or more --sample_timesteps")
+            raise UsageError(
+                f"recon factor {f} gives t* = {t_star}, below the first sampling timestep {first} "
+                f"(T={T}, {len(sampler.timesteps)} steps); use a factor >= {(first + 1) / T:g} or more --sample_timesteps"
+            )
         t_start = int(steps[0])
         levels.append(Level(f, t_start, steps, t_star if t_start != t_star else None))
     return sampler, levels
@@ -136,13 +152,25 @@ def plan_levels(factors: List[float], scheduler_config: dict, sample_timesteps: 
 
 def snap_notices(levels) -> List[str]:
     """One line per level whose t* was off the sampling grid and was snapped."""
-    return [f"notice: recon factor {lv.factor:g} gives t* = {lv.t_requested}, between sampling timesteps; "
-            f"noising to t* = {lv.t_start} instead, where the reverse pass starts" for lv in levels if lv.t_requested is not None]
+    return [
+        f"notice: recon factor {lv.factor:g} gives t* = {lv.t_requested}, between sampling timesteps; "
+        f"noising to t* = {lv.t_start} instead, where the reverse pass starts"
+        for lv in levels
+        if lv.t_requested is not None
+    ]
 
 
 @torch.inference_mode()
-def reconstruct(unet, sampler, noise_scheduler, x0: torch.Tensor, levels: List[Level], eta: float, generator,
-                noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+def reconstruct(
+    unet,
+    sampler,
+    noise_scheduler,
+    x0: torch.Tensor,
+    levels: List[Level],
+    eta: float,
+    generator,
+    noise: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """(L, B, ...) reconstructions of x0 from every level (forward noise (L, B, ...) drawn when not given).
 
     The reverse passes of all levels share one model call per timestep: the levels are taken
@@ -176,7 +204,9 @@ class Scorer:
         self.eta, self.loss_type, self.seed, self.batch_size = cfg.ddpm, cfg.loss_type, cfg.seed, cfg.batch_size
         self.draws, self.mixed_precision = cfg.recon_draws, cfg.mixed_precision
         self.lpips_model, self.device = lpips_model, device
-        self.latent_mode = loaded.train_config.get("latent_mode", "sample")  # as the model was trained (and the original)
+        self.latent_mode = loaded.train_config.get(
+            "latent_mode", "sample"
+        )  # as the model was trained (and the original)
 
     @torch.inference_mode()
     def score_batch(self, images: torch.Tensor, generator) -> dict:
@@ -206,7 +236,7 @@ class Scorer:
         parts = []
         for b, start in enumerate(range(0, len(images), self.batch_size)):
             gen = batch_generator(self.seed, SET_IDS[set_name] * 1_000_000 + b)
-            parts.append(self.score_batch(images[start:start + self.batch_size], gen))
+            parts.append(self.score_batch(images[start : start + self.batch_size], gen))
             bar.update(1)
         return {k: torch.cat([p[k] for p in parts], dim=1).numpy() for k in parts[0]}
 
@@ -216,12 +246,15 @@ def combine(scores: dict, stats: Optional[dict]) -> np.ndarray:
     of every component's z-score under the in-distribution statistics `stats`."""
     if stats is None:
         return scores["recon_error"][0] + (scores["lpips"][0] if "lpips" in scores else 0.0)
-    z = [(scores[k] - stats[k].mean(1, keepdims=True)) / np.maximum(stats[k].std(1, ddof=1, keepdims=True), 1e-12)
-         for k in scores]
+    z = [
+        (scores[k] - stats[k].mean(1, keepdims=True)) / np.maximum(stats[k].std(1, ddof=1, keepdims=True), 1e-12)
+        for k in scores
+    ]
     return np.concatenate(z).mean(0)
 
 
 # ---- data ----------------------------------------------------------------------------------
+
 
 def model_format(loaded):
     """(channels, size) of the images the model scores (pixel space for latent models)."""
@@ -247,20 +280,27 @@ def load_set(name: str, split: str, data: DataOptions, channels: int, size: int,
     native_c, native_s = native_format(name, split, data)
     if native_c != channels:
         how = "converted to grayscale" if channels == 1 else "grayscale repeated to RGB"
-        print(f"notice: {role} set {name} has {native_c}-channel images; {how} for the {channels}-channel model", file=sys.stderr)
+        print(
+            f"notice: {role} set {name} has {native_c}-channel images; {how} for the {channels}-channel model",
+            file=sys.stderr,
+        )
     if native_s != size:
         how = "shrunk" if native_s > size else "enlarged"
         print(f"notice: {role} set {name} has {native_s} px images; {how} to the model's {size} px", file=sys.stderr)
     return load_images(name, split, data, size=size, channels=channels, limit=limit, progress=False).images
 
 
-def load_stats_images(dataset: str, data: DataOptions, stats_samples: int, channels, size, evaluated: torch.Tensor) -> torch.Tensor:
+def load_stats_images(
+    dataset: str, data: DataOptions, stats_samples: int, channels, size, evaluated: torch.Tensor
+) -> torch.Tensor:
     """`stats_samples` in-distribution training images, none of them equal to an evaluated image
     (a flat image folder has one split, so its train and test splits are the same images)."""
     seen = {hashlib.sha1(img.numpy().tobytes()).digest() for img in evaluated}
     pool = load_set(dataset, "train", data, channels, size, stats_samples + len(evaluated), "statistics")
     keep = [i for i, img in enumerate(pool) if hashlib.sha1(img.numpy().tobytes()).digest() not in seen][:stats_samples]
     if len(keep) < 2:
-        raise UsageError(f"--recon_factors needs in-distribution images that are not scored for its statistics, "
-                         f"but {dataset} has none left; lower --max_samples or use a dataset with a train split")
+        raise UsageError(
+            f"--recon_factors needs in-distribution images that are not scored for its statistics, "
+            f"but {dataset} has none left; lower --max_samples or use a dataset with a train split"
+        )
     return pool[keep]

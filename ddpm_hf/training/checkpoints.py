@@ -35,15 +35,18 @@ def kill_hook(variable: str, step: int) -> None:
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(path.name[len(CHECKPOINT_PREFIX):])
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
 
 
 def list_checkpoints(checkpoint_root: Path) -> list:
     """Checkpoints under their final name, oldest first (interrupted saves carry a suffix)."""
     if not checkpoint_root.is_dir():
         return []
-    found = [p for p in checkpoint_root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    found = [
+        p
+        for p in checkpoint_root.iterdir()
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
     return sorted(found, key=checkpoint_step)
 
 
@@ -100,9 +103,14 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, limit=None, w
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     kept = list_checkpoints(checkpoint_root)
-    advice = (f"its partial files were removed and the earlier checkpoints are intact (latest: {kept[-1].name}); free some space, "
-              f"then continue with the same command plus --resume_from_checkpoint latest") if kept else \
-        "its partial files were removed; free some space and run the command again"
+    advice = (
+        (
+            f"its partial files were removed and the earlier checkpoints are intact (latest: {kept[-1].name}); free some space, "
+            f"then continue with the same command plus --resume_from_checkpoint latest"
+        )
+        if kept
+        else "its partial files were removed; free some space and run the command again"
+    )
     with writing(checkpoint_root, f"the checkpoint {final.name}", cleanup=[partial], advice=advice):
         accelerator.save_state(str(partial))
         accelerator.wait_for_everyone()
@@ -148,7 +156,9 @@ def load_checkpoint(accelerator, checkpoint_root: Path, resume: str, read_extra=
         if resume != "latest":
             raise DDPMError(f"{message}; resume from another checkpoint or 'latest'")
         print(f"warning: {message}; falling back to an older one", file=sys.stderr)
-    raise DDPMError(f"no loadable checkpoint in {checkpoint_root}; remove the damaged ones or start without --resume_from_checkpoint")
+    raise DDPMError(
+        f"no loadable checkpoint in {checkpoint_root}; remove the damaged ones or start without --resume_from_checkpoint"
+    )
 
 
 def _remove_interrupted(checkpoint_root: Path) -> None:
@@ -190,5 +200,8 @@ def _warn_rng_state(folder: Path, process_index: int) -> None:
         np.random.RandomState().set_state(states["numpy_random_seed"])
         torch.Generator().set_state(states["torch_manual_seed"])
     except Exception as err:
-        print(f"warning: cannot restore the random states from {path} ({type(err).__name__}); training goes on, but the resume is no "
-              f"longer bit-exact (other noise and timesteps than an uninterrupted run)", file=sys.stderr)
+        print(
+            f"warning: cannot restore the random states from {path} ({type(err).__name__}); training goes on, but the resume is no "
+            f"longer bit-exact (other noise and timesteps than an uninterrupted run)",
+            file=sys.stderr,
+        )

@@ -30,8 +30,17 @@ class PlainEMA(EMAModel):
 def make_ema(unet, decay: float, warmup: bool = False, inv_gamma: float = 1.0, power: float = 0.75) -> PlainEMA:
     """The every-step EMA: constant `decay` (--ema_rate, the original), or with `warmup` diffusers'
     rule 1 - (1 + step / inv_gamma) ** -power, capped at `decay`."""
-    return PlainEMA(unet.parameters(), decay=decay, min_decay=0.0 if warmup else decay, use_ema_warmup=warmup,
-                    inv_gamma=inv_gamma, power=power, foreach=True, model_cls=UNet2DModel, model_config=unet.config)
+    return PlainEMA(
+        unet.parameters(),
+        decay=decay,
+        min_decay=0.0 if warmup else decay,
+        use_ema_warmup=warmup,
+        inv_gamma=inv_gamma,
+        power=power,
+        foreach=True,
+        model_cls=UNet2DModel,
+        model_config=unet.config,
+    )
 
 
 @contextlib.contextmanager

@@ -11,9 +11,9 @@ from torchvision.utils import make_grid, save_image
 
 from ..config.options import DDPMConfig
 from ..data.images import to_uint8
-from .ema import ema_weights
-from ..util.files import atomic_write, read_json
 from ..diffusion.sampling import generate
+from ..util.files import atomic_write, read_json
+from .ema import ema_weights
 from .output import RESUME_HINT, append_log, save_pipeline_atomically
 
 PRDC = ("precision", "recall", "density", "coverage")  # k-NN metrics next to FID/KID (features.prdc)
@@ -26,15 +26,23 @@ def setup_tracker(cfg: DDPMConfig):
         netrc = Path.home() / ".netrc"
         if not (netrc.exists() and "api.wandb.ai" in netrc.read_text()):
             os.environ["WANDB_MODE"] = "offline"
-            print("notice: wandb is not logged in; logging offline (sync later with `wandb sync`, or pass --no_wandb)", file=sys.stderr)
+            print(
+                "notice: wandb is not logged in; logging offline (sync later with `wandb sync`, or pass --no_wandb)",
+                file=sys.stderr,
+            )
     return None if tracker == "none" else tracker
 
 
 def save_grid(images: torch.Tensor, path: Path, accelerator=None, tracker=None, step: int = 0) -> None:
     """A square grid of images in [-1, 1], written atomically and sent to the tracker."""
     grid = make_grid((images + 1) / 2, nrow=int(math.ceil(math.sqrt(len(images)))), padding=2)
-    atomic_write(path, lambda tmp: save_image(grid, tmp, format="PNG"), f"the sample grid {path.name}", point="grid",
-                 advice=RESUME_HINT)
+    atomic_write(
+        path,
+        lambda tmp: save_image(grid, tmp, format="PNG"),
+        f"the sample grid {path.name}",
+        point="grid",
+        advice=RESUME_HINT,
+    )
     if tracker == "wandb":
         import wandb
 
@@ -54,8 +62,11 @@ class FidHook:
         self.cfg, self.out, self.accelerator, self.export, self.vae = cfg, out, accelerator, export, vae
         self.best_dir = out / "best_fid"
         # Loads Inception now: missing weights fail before any training step.
-        self.evaluator = FIDEvaluator(cfg, cfg.fid_reference or cfg.dataset, cfg.fid_reference_split,
-                                      device=accelerator.device) if accelerator.is_main_process else None
+        self.evaluator = (
+            FIDEvaluator(cfg, cfg.fid_reference or cfg.dataset, cfg.fid_reference_split, device=accelerator.device)
+            if accelerator.is_main_process
+            else None
+        )
         self.best = math.inf
         if cfg.resume_from_checkpoint and (self.best_dir / "fid.json").exists():
             self.best = read_json(self.best_dir / "fid.json", "restore it or delete best_fid/")["fid"]
@@ -64,8 +75,17 @@ class FidHook:
         if self.evaluator is not None:
             with ema_weights(ema, model):
                 # The same noise at every evaluation: FID changes come from the model, not the draw.
-                images = generate(model, sampler, self.cfg.fid_num_samples, steps, eta=self.cfg.ddpm, seed=self.cfg.seed,
-                                  batch_size=self.cfg.batch_size, vae=self.vae, progress=False)
+                images = generate(
+                    model,
+                    sampler,
+                    self.cfg.fid_num_samples,
+                    steps,
+                    eta=self.cfg.ddpm,
+                    seed=self.cfg.seed,
+                    batch_size=self.cfg.batch_size,
+                    vae=self.vae,
+                    progress=False,
+                )
                 result = self.evaluator.evaluate(to_uint8(images))
                 self._report(result, len(images), epoch, global_step)
                 if self.cfg.save_best_fid and result["fid"] < self.best:
@@ -74,10 +94,26 @@ class FidHook:
 
     def _report(self, result: dict, count: int, epoch: int, global_step: int) -> None:
         prdc = {k: result.get(k) for k in PRDC}
-        append_log(self.out / "train_log.jsonl", dict(step=global_step, epoch=epoch, fid=result["fid"], kid_mean=result["kid_mean"],
-                                                      kid_std=result["kid_std"], **prdc, fid_num_samples=count))
-        self.accelerator.log({"FID": result["fid"], "KID": result["kid_mean"],
-                              **{k.capitalize(): v for k, v in prdc.items() if v is not None}}, step=global_step)
+        append_log(
+            self.out / "train_log.jsonl",
+            dict(
+                step=global_step,
+                epoch=epoch,
+                fid=result["fid"],
+                kid_mean=result["kid_mean"],
+                kid_std=result["kid_std"],
+                **prdc,
+                fid_num_samples=count,
+            ),
+        )
+        self.accelerator.log(
+            {
+                "FID": result["fid"],
+                "KID": result["kid_mean"],
+                **{k.capitalize(): v for k, v in prdc.items() if v is not None},
+            },
+            step=global_step,
+        )
         print(f"epoch {epoch + 1}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({count} EMA samples)")
 
     def _save_best(self, result: dict, epoch: int, global_step: int) -> None:

@@ -10,23 +10,55 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints
 from ..config.options import DDPMConfig
 from ..data.images import same_dataset
 from ..util.errors import UsageError
-from ..util.files import append_line, check_writable, clear_earlier_run, make_output_dir, read_json, simulate_disk_full, write_text, writing
+from ..util.files import (
+    append_line,
+    check_writable,
+    clear_earlier_run,
+    make_output_dir,
+    read_json,
+    simulate_disk_full,
+    write_text,
+    writing,
+)
 from ..util.lock import ensure_not_in_use, lock_output_dir
+from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints
 
 # Flags a resumed run must keep (the data, its order, the noise process, the batches): the checkpoint's
 # optimiser, data position and schedule mean nothing under others. --n_epochs / --max_train_steps may change.
-RESUME_FIXED = ("dataset", "size", "channels", "image_column", "dataset_config_name", "max_train_samples", "streaming",
-                "shuffle_buffer_size", "latent", "vae", "latent_mode", "cache_latents", "timesteps", "beta_start",
-                "beta_end", "beta_schedule", "prediction_type", "loss_type", "snr_gamma", "batch_size",
-                "gradient_accumulation_steps", "seed")
-RESUME_ADVICE = "resume with its flags (only --n_epochs and --max_train_steps may change), or train into another --output_dir"
-RESUME_HINT = ("the checkpoints saved so far are intact; free some space, then continue with the same command plus "
-               "--resume_from_checkpoint latest")
-
+RESUME_FIXED = (
+    "dataset",
+    "size",
+    "channels",
+    "image_column",
+    "dataset_config_name",
+    "max_train_samples",
+    "streaming",
+    "shuffle_buffer_size",
+    "latent",
+    "vae",
+    "latent_mode",
+    "cache_latents",
+    "timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "prediction_type",
+    "loss_type",
+    "snr_gamma",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+)
+RESUME_ADVICE = (
+    "resume with its flags (only --n_epochs and --max_train_steps may change), or train into another --output_dir"
+)
+RESUME_HINT = (
+    "the checkpoints saved so far are intact; free some space, then continue with the same command plus "
+    "--resume_from_checkpoint latest"
+)
 
 
 def check_output_dir(cfg: DDPMConfig) -> Path:
@@ -35,14 +67,24 @@ def check_output_dir(cfg: DDPMConfig) -> Path:
     out = Path(cfg.resolved_output_dir())
     if not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
         if (out / "model_index.json").exists():
-            raise UsageError(f"{out} already holds a trained pipeline; pass --overwrite_output_dir to replace it, "
-                             f"--resume_from_checkpoint latest to continue, or another --output_dir")
+            raise UsageError(
+                f"{out} already holds a trained pipeline; pass --overwrite_output_dir to replace it, "
+                f"--resume_from_checkpoint latest to continue, or another --output_dir"
+            )
         if list_checkpoints(out / "checkpoints"):
-            raise UsageError(f"{out} holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue it, "
-                             f"--overwrite_output_dir to start over, or another --output_dir")
+            raise UsageError(
+                f"{out} holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue it, "
+                f"--overwrite_output_dir to start over, or another --output_dir"
+            )
     resume = cfg.resume_from_checkpoint
-    if resume and resume != "latest" and not (Path(resume).is_dir() and Path(resume).name.startswith(CHECKPOINT_PREFIX)):
-        raise UsageError(f"--resume_from_checkpoint {resume} is not a checkpoint folder (OUTPUT_DIR/checkpoints/checkpoint-N) or 'latest'")
+    if (
+        resume
+        and resume != "latest"
+        and not (Path(resume).is_dir() and Path(resume).name.startswith(CHECKPOINT_PREFIX))
+    ):
+        raise UsageError(
+            f"--resume_from_checkpoint {resume} is not a checkpoint folder (OUTPUT_DIR/checkpoints/checkpoint-N) or 'latest'"
+        )
     check_writable(out)
     if int(os.environ.get("RANK", "0")) == 0:  # the main process (the one that locks the folder)
         ensure_not_in_use(out)
@@ -63,11 +105,16 @@ def check_resume_flags(cfg: DDPMConfig, out: Path) -> None:
     except FileNotFoundError:
         return
     now = cfg.to_dict()
-    changed = [f"--{k} {_flag_value(now[k])} (the run used {_flag_value(saved[k])})"
-               for k in RESUME_FIXED if k in saved and saved[k] != now[k] and not (k == "dataset" and same_dataset(saved[k], now[k]))]
+    changed = [
+        f"--{k} {_flag_value(now[k])} (the run used {_flag_value(saved[k])})"
+        for k in RESUME_FIXED
+        if k in saved and saved[k] != now[k] and not (k == "dataset" and same_dataset(saved[k], now[k]))
+    ]
     if changed:
-        raise UsageError(f"--resume_from_checkpoint continues the run in {record.parent}, which used other data/diffusion/batch "
-                         f"flags: {'; '.join(changed)}; {RESUME_ADVICE}")
+        raise UsageError(
+            f"--resume_from_checkpoint continues the run in {record.parent}, which used other data/diffusion/batch "
+            f"flags: {'; '.join(changed)}; {RESUME_ADVICE}"
+        )
 
 
 def _flag_value(value) -> str:
@@ -83,7 +130,6 @@ def prepare_output_dir(cfg: DDPMConfig, main: bool = True) -> Path:
     if main and cfg.overwrite_output_dir:
         clear_earlier_run(out)
     return out
-
 
 
 def trim_log(log_path: Path, step: int) -> None:
@@ -109,9 +155,13 @@ def save_pipeline_atomically(out: Path, save) -> None:
     tmp = out / ".pipeline.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     kept = " and the earlier pipeline there is unchanged" if (out / "model_index.json").exists() else ""
-    with writing(out, "the pipeline", cleanup=[tmp],
-                 advice=f"its partial files were removed{kept}; the last checkpoint is saved: free some space, then write "
-                        f"the pipeline with the same command plus --resume_from_checkpoint latest"):
+    with writing(
+        out,
+        "the pipeline",
+        cleanup=[tmp],
+        advice=f"its partial files were removed{kept}; the last checkpoint is saved: free some space, then write "
+        f"the pipeline with the same command plus --resume_from_checkpoint latest",
+    ):
         save(tmp)
         simulate_disk_full("pipeline")
     for entry in sorted(tmp.iterdir(), key=lambda e: e.name == "model_index.json"):

@@ -26,8 +26,16 @@ def draw_noise(noise_scheduler, x0: torch.Tensor) -> tuple:
     return noise, torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
 
 
-def diffusion_loss(unet, noise_scheduler, x0: torch.Tensor, loss_type: str = "huber", snr_gamma: Optional[float] = None,
-                   autocast=contextlib.nullcontext, noise: Optional[torch.Tensor] = None, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+def diffusion_loss(
+    unet,
+    noise_scheduler,
+    x0: torch.Tensor,
+    loss_type: str = "huber",
+    snr_gamma: Optional[float] = None,
+    autocast=contextlib.nullcontext,
+    noise: Optional[torch.Tensor] = None,
+    t: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """The objective of one batch: Gaussian noise and uniform timesteps (drawn unless given), the
     forward process, the UNet under `autocast()` (Accelerate's mixed precision), and the mean
     `loss_type` (huber, l2, l1) between the UNet's output and its target (the scheduler's
@@ -61,5 +69,12 @@ def make_lr_scheduler(optimizer, name: str, lr: float, total_steps: int, warmup_
     # A one-step warm-up is a 0/0 inside OneCycleLR (its first phase would end at step 0): none instead.
     pct_start = warm / total_steps if warm > 1 else 0.0
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=total_steps, pct_start=pct_start, anneal_strategy="cos",
-        cycle_momentum=False, div_factor=lr / 1e-6, final_div_factor=1)
+        optimizer,
+        max_lr=lr,
+        total_steps=total_steps,
+        pct_start=pct_start,
+        anneal_strategy="cos",
+        cycle_momentum=False,
+        div_factor=lr / 1e-6,
+        final_div_factor=1,
+    )

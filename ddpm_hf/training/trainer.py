@@ -31,20 +31,20 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .checkpoints import CHECKPOINT_PREFIX, kill_hook, list_checkpoints, load_checkpoint, save_checkpoint
 from ..config.options import DDPMConfig
 from ..data.images import StreamingBatches, batch_loader, load_images, stream_images, to_model_range
-from .ema import ema_weights, make_ema
-from ..util.errors import DDPMError, UsageError
-from ..util.host_memory import keep_freed_memory
-from ..hub.upload import TrainingPush
 from ..diffusion.latent import encode_dataset, latent_format, load_training_vae, training_latents
-from ..models.unet import build_unet, count_parameters, unet_kwargs
-from .monitoring import FidHook, save_grid, setup_tracker
-from ..models.pipeline import public_config, save_pipeline
-from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
 from ..diffusion.sampling import GRID_MAX, generate, make_noise_scheduler, make_sampler, num_inference_steps
+from ..hub.upload import TrainingPush
+from ..models.pipeline import public_config, save_pipeline
+from ..models.unet import build_unet, count_parameters, unet_kwargs
+from ..util.errors import DDPMError, UsageError
 from ..util.files import write_text
+from ..util.host_memory import keep_freed_memory
+from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
+from .checkpoints import CHECKPOINT_PREFIX, kill_hook, list_checkpoints, load_checkpoint, save_checkpoint
+from .ema import ema_weights, make_ema
+from .monitoring import FidHook, save_grid, setup_tracker
 from .output import append_log, check_output_dir, prepare_output_dir, save_pipeline_atomically, trim_log
 from .steps import diffusion_loss, draw_noise, make_lr_scheduler, make_optimizer, random_hflip
 
@@ -56,6 +56,7 @@ TRAINER_STATE = "trainer_state.json"  # data position, counters, EMA and LR-sche
 class TrainerState:
     """Where a run stands: what a checkpoint restores besides Accelerate's model/optimiser/RNG files
     and the EMA (the step itself is the checkpoint's name)."""
+
     global_step: int = 0
     epoch: int = 0  # the epoch being read
     batches: int = 0  # batches of it consumed, skipped non-finite ones included (they consumed data)
@@ -65,8 +66,13 @@ class TrainerState:
 
     def progress(self) -> dict:
         """The JSON of trainer_state.json's "progress" (without the step, which names the checkpoint)."""
-        return dict(epoch=self.epoch, batches=self.batches, skipped_nonfinite=self.skipped_nonfinite,
-                    loss_sum=self.loss_sum.item(), loss_count=self.loss_count)
+        return dict(
+            epoch=self.epoch,
+            batches=self.batches,
+            skipped_nonfinite=self.skipped_nonfinite,
+            loss_sum=self.loss_sum.item(),
+            loss_count=self.loss_count,
+        )
 
     def restore(self, progress: dict) -> None:
         self.epoch, self.batches = progress["epoch"], progress["batches"]
@@ -92,8 +98,12 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C quits at once (checkpoints on disk stay whole)
         self.requested = True
         what = "finishing the final save first" if self.final else "stopping after this step and saving a checkpoint"
-        print(f"\n{signal.Signals(signum).name}: {what}"
-              + (" (Ctrl-C again quits at once)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name}: {what}"
+            + (" (Ctrl-C again quits at once)" if signum == signal.SIGINT else ""),
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -107,19 +117,30 @@ def _model_config(model) -> dict:
 def _check_launch(accelerator) -> None:
     """Launches that would not do what their user meant."""
     if accelerator.distributed_type == DistributedType.FSDP:
-        raise UsageError("FSDP shards the UNet's parameters, but the every-step EMA and the saved pipeline need them whole; "
-                         "use DDP (configs/accelerate/multi_node_gpu.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)")
-    if accelerator.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") \
-            and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise UsageError(
+            "FSDP shards the UNet's parameters, but the every-step EMA and the saved pipeline need them whole; "
+            "use DDP (configs/accelerate/multi_node_gpu.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)"
+        )
+    if (
+        accelerator.num_processes == 1
+        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        and "MASTER_ADDR" in os.environ
+        and "WORLD_SIZE" not in os.environ
+    ):
         # accelerate 1.x runs `launch --cpu --num_processes N` as ONE process unless it is given an MPI hostfile.
-        print("notice: accelerate started one CPU process; for several use "
-              "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train_ddpm.py ...`", file=sys.stderr)
+        print(
+            "notice: accelerate started one CPU process; for several use "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train_ddpm.py ...`",
+            file=sys.stderr,
+        )
     if accelerator.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun started several processes, but without a GPU each one sees only itself unless
         # ACCELERATE_USE_CPU is set: every process would train the whole run alone, into the same folder.
-        raise UsageError(f"{os.environ['WORLD_SIZE']} processes were launched but each one would train alone (no GPU, and "
-                         f"ACCELERATE_USE_CPU is not set); for CPU processes launch with ACCELERATE_USE_CPU=1 "
-                         f"(see configs/accelerate/multi_cpu.yaml)")
+        raise UsageError(
+            f"{os.environ['WORLD_SIZE']} processes were launched but each one would train alone (no GPU, and "
+            f"ACCELERATE_USE_CPU is not set); for CPU processes launch with ACCELERATE_USE_CPU=1 "
+            f"(see configs/accelerate/multi_cpu.yaml)"
+        )
 
 
 # On a CPU, pieces of 32 need under half the peak memory of one pass of 128 (2.1 vs 4.7 GB for the seed's
@@ -151,7 +172,11 @@ class Trainer:
         self.accelerator = self._make_accelerator()
         self.main = self.accelerator.is_main_process
         self._load_data()
-        self.fid_hook = FidHook(self.cfg, self.out, self.accelerator, self.export_pipeline, self.vae) if self.cfg.eval_fid_every else None
+        self.fid_hook = (
+            FidHook(self.cfg, self.out, self.accelerator, self.export_pipeline, self.vae)
+            if self.cfg.eval_fid_every
+            else None
+        )
         prepare_output_dir(self.cfg, main=self.main)
         # --push_to_hub: the repository is created now, so a bad token or no network fails before training.
         self.hub = TrainingPush(self.cfg, self.out) if self.cfg.push_to_hub and self.main else None
@@ -162,16 +187,26 @@ class Trainer:
         if self.host_memory:
             self.accelerator.print(self.host_memory)
         if self.micro_batch:
-            how = "" if self.cfg.micro_batch_size else f" (auto on a {self.accelerator.device.type.upper()}; --micro_batch_size 0: one pass)"
-            self.accelerator.print(f"micro-batches: each batch of {self.cfg.batch_size} in passes of {self.micro_batch} images{how}")
+            how = (
+                ""
+                if self.cfg.micro_batch_size
+                else f" (auto on a {self.accelerator.device.type.upper()}; --micro_batch_size 0: one pass)"
+            )
+            self.accelerator.print(
+                f"micro-batches: each batch of {self.cfg.batch_size} in passes of {self.micro_batch} images{how}"
+            )
 
     def _check_flags(self) -> None:
         cfg = self.cfg
         if cfg.micro_batch_size is not None and cfg.micro_batch_size < 0:
-            raise UsageError(f"--micro_batch_size must be >= 0 (0: the whole batch in one pass), got {cfg.micro_batch_size}")
+            raise UsageError(
+                f"--micro_batch_size must be >= 0 (0: the whole batch in one pass), got {cfg.micro_batch_size}"
+            )
         if (cfg.num_samples or 0) > GRID_MAX:  # every image of a training grid is held in memory
-            raise UsageError(f"--num_samples {cfg.num_samples} is the size of the training sample grids; use at most {GRID_MAX} "
-                             f"(sample_ddpm.py writes any number)")
+            raise UsageError(
+                f"--num_samples {cfg.num_samples} is the size of the training sample grids; use at most {GRID_MAX} "
+                f"(sample_ddpm.py writes any number)"
+            )
         self.vae = load_training_vae(cfg)  # --latent: the frozen AutoencoderKL; an unreachable one fails in a second
         if cfg.size:  # --size the UNet cannot downsample fails now, not after loading the data
             unet_kwargs(cfg, 1, latent_format(cfg, self.vae, 1, cfg.size)[1] if self.vae else cfg.size)
@@ -180,7 +215,9 @@ class Trainer:
         cfg = self.cfg
         accelerator = Accelerator(
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            mixed_precision=resolve_mixed_precision(cfg.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu"),
+            mixed_precision=resolve_mixed_precision(
+                cfg.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu"
+            ),
             log_with=self.tracker,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -193,24 +230,34 @@ class Trainer:
     def _load_data(self) -> None:
         """The images (or a stream of them), and the UNet sized for them (or for their latents)."""
         cfg, accelerator = self.cfg, self.accelerator
-        data = (stream_images(cfg.dataset, cfg, accelerator.process_index, accelerator.num_processes) if cfg.streaming
-                else load_images(cfg.dataset, "train", cfg, limit=cfg.max_train_samples, progress=self.main))
+        data = (
+            stream_images(cfg.dataset, cfg, accelerator.process_index, accelerator.num_processes)
+            if cfg.streaming
+            else load_images(cfg.dataset, "train", cfg, limit=cfg.max_train_samples, progress=self.main)
+        )
         vae = self.vae
         if vae is not None:
             vae.to(accelerator.device)  # never prepared: no DDP wrapper, no optimiser, no checkpoint
         channels, size = latent_format(cfg, vae, data.channels, data.size) if vae else (data.channels, data.size)
         self.unet = build_unet(cfg, channels, size)
-        accelerator.print(f"data: {cfg.dataset}, {'streamed' if cfg.streaming else len(data.images)} images of "
-                          f"{data.channels}x{data.size}x{data.size}; UNet: {count_parameters(self.unet):,} parameters")
+        accelerator.print(
+            f"data: {cfg.dataset}, {'streamed' if cfg.streaming else len(data.images)} images of "
+            f"{data.channels}x{data.size}x{data.size}; UNet: {count_parameters(self.unet):,} parameters"
+        )
         if vae is not None:
-            accelerator.print(f"latent: the UNet diffuses {channels}x{size}x{size} latents of the VAE {cfg.vae} "
-                              f"(latent_dist.{cfg.latent_mode} x {vae.config.scaling_factor}"
-                              f"{', cached once' if cfg.cache_latents else ', encoded every batch'})")
+            accelerator.print(
+                f"latent: the UNet diffuses {channels}x{size}x{size} latents of the VAE {cfg.vae} "
+                f"(latent_dist.{cfg.latent_mode} x {vae.config.scaling_factor}"
+                f"{', cached once' if cfg.cache_latents else ', encoded every batch'})"
+            )
         if cfg.streaming:
             self.train_data = data
         else:  # --cache_latents: the loader serves the encoded dataset instead of the images.
-            self.train_data = encode_dataset(vae, data.images, cfg.latent_mode, cfg.batch_size, progress=self.main) \
-                if cfg.cache_latents else data.images
+            self.train_data = (
+                encode_dataset(vae, data.images, cfg.latent_mode, cfg.batch_size, progress=self.main)
+                if cfg.cache_latents
+                else data.images
+            )
 
     @classmethod
     def for_step(cls, cfg: DDPMConfig, unet, images: torch.Tensor, accelerator: Accelerator) -> "Trainer":
@@ -226,18 +273,26 @@ class Trainer:
         """The noise process, EMA, optimiser, loader and LR schedule for `unet` on `data` (a uint8
         image or latent tensor, or a stream under --streaming), prepared by Accelerate."""
         cfg, accelerator = self.cfg, self.accelerator
-        self.noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
-                                                    cfg.prediction_type, cfg.clip_sample)
+        self.noise_scheduler = make_noise_scheduler(
+            cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.prediction_type, cfg.clip_sample
+        )
         self.ema = make_ema(unet, cfg.ema_rate, cfg.ema_warmup, cfg.ema_inv_gamma, cfg.ema_power)
         optimizer = make_optimizer(unet.parameters(), cfg.lr, cfg.decay)
         if cfg.streaming:  # epochs are virtual: --max_train_steps in --n_epochs parts (warm-up, sample grids, FID)
-            self.loader = StreamingBatches(data, cfg.batch_size, math.ceil(cfg.max_train_steps / cfg.n_epochs) * cfg.gradient_accumulation_steps,
-                                           cfg.num_workers, accelerator.device)
+            self.loader = StreamingBatches(
+                data,
+                cfg.batch_size,
+                math.ceil(cfg.max_train_steps / cfg.n_epochs) * cfg.gradient_accumulation_steps,
+                cfg.num_workers,
+                accelerator.device,
+            )
         else:
             self.loader = batch_loader(data, cfg.batch_size, cfg.seed, cfg.num_workers)
         if cfg.compile:
             unet = torch.compile(unet)
-        if cfg.streaming:  # each process already reads its own part (split_dataset_by_node): Accelerate must not shard it again
+        if (
+            cfg.streaming
+        ):  # each process already reads its own part (split_dataset_by_node): Accelerate must not shard it again
             self.unet, self.optimizer = accelerator.prepare(unet, optimizer)
         else:
             self.unet, self.optimizer, self.loader = accelerator.prepare(unet, optimizer, self.loader)
@@ -246,8 +301,9 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.loader) / cfg.gradient_accumulation_steps)
         self.max_steps = cfg.max_train_steps or cfg.n_epochs * self.steps_per_epoch
         # Stepped by hand once per optimiser update, so accumulation and process count never change its length.
-        self.lr_scheduler = make_lr_scheduler(self.optimizer.optimizer, cfg.lr_scheduler, cfg.lr, self.max_steps,
-                                              cfg.lr_warmup(self.steps_per_epoch))
+        self.lr_scheduler = make_lr_scheduler(
+            self.optimizer.optimizer, cfg.lr_scheduler, cfg.lr, self.max_steps, cfg.lr_warmup(self.steps_per_epoch)
+        )
         self.state.loss_sum = torch.zeros((), device=accelerator.device)
         self.micro_batch = resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size, accelerator.device)
         self.host_memory = keep_freed_memory(accelerator.device)
@@ -261,16 +317,29 @@ class Trainer:
         names = [name for name, _ in self.model.named_parameters()]
         save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, self.ema.shadow_params)}, folder / EMA_FILE)
         ema_scalars = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
-        (folder / TRAINER_STATE).write_text(json.dumps(dict(
-            progress=self.state.progress(), ema=ema_scalars, lr_scheduler=self.lr_scheduler.state_dict(),
-            lr_total_steps=self.max_steps, model_config=_model_config(self.model)), indent=1))
+        (folder / TRAINER_STATE).write_text(
+            json.dumps(
+                dict(
+                    progress=self.state.progress(),
+                    ema=ema_scalars,
+                    lr_scheduler=self.lr_scheduler.state_dict(),
+                    lr_total_steps=self.max_steps,
+                    model_config=_model_config(self.model),
+                ),
+                indent=1,
+            )
+        )
 
     def read_trainer_state(self, folder: Path) -> None:
         saved = json.loads((folder / TRAINER_STATE).read_text())
         if saved["model_config"] != _model_config(self.model):
-            differ = sorted(k for k in saved["model_config"] if saved["model_config"][k] != _model_config(self.model).get(k))
-            raise UsageError(f"checkpoint {folder} is of a different model ({', '.join(differ)} differ); resume with the "
-                             f"flags of the run that wrote it (see {self.out / 'train_config.json'})")
+            differ = sorted(
+                k for k in saved["model_config"] if saved["model_config"][k] != _model_config(self.model).get(k)
+            )
+            raise UsageError(
+                f"checkpoint {folder} is of a different model ({', '.join(differ)} differ); resume with the "
+                f"flags of the run that wrote it (see {self.out / 'train_config.json'})"
+            )
         shadow = load_file(str(folder / EMA_FILE))
         with torch.no_grad():
             for (name, _), p in zip(self.model.named_parameters(), self.ema.shadow_params):
@@ -284,13 +353,21 @@ class Trainer:
         if "total_steps" in schedule and schedule["total_steps"] != self.max_steps:
             # OneCycleLR keeps its length in its state: a longer or shorter run keeps the position, takes the new length
             # (get_scheduler's schedules take the new length from their re-made lambda).
-            schedule = {**schedule, "total_steps": self.lr_scheduler.total_steps,
-                        "_schedule_phases": self.lr_scheduler._schedule_phases}
+            schedule = {
+                **schedule,
+                "total_steps": self.lr_scheduler.total_steps,
+                "_schedule_phases": self.lr_scheduler._schedule_phases,
+            }
         self.lr_scheduler.load_state_dict(schedule)
 
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.accelerator, self.out / "checkpoints", self.state.global_step,
-                               self.cfg.checkpoints_total_limit, self.write_trainer_state)
+        return save_checkpoint(
+            self.accelerator,
+            self.out / "checkpoints",
+            self.state.global_step,
+            self.cfg.checkpoints_total_limit,
+            self.write_trainer_state,
+        )
 
     def resume(self) -> None:
         """--resume_from_checkpoint: the checkpoint's weights, optimiser, RNG, EMA, data position and
@@ -298,21 +375,31 @@ class Trainer:
         cfg = self.cfg
         if cfg.resume_from_checkpoint:
             self.planned_steps = self.max_steps
-            step = load_checkpoint(self.accelerator, self.out / "checkpoints", cfg.resume_from_checkpoint, self.read_trainer_state)
+            step = load_checkpoint(
+                self.accelerator, self.out / "checkpoints", cfg.resume_from_checkpoint, self.read_trainer_state
+            )
             self.state.global_step = step
             if self.planned_steps != self.max_steps and step < self.max_steps:
                 self.lr_scheduler.last_epoch -= 1
                 self.lr_scheduler.step()  # the learning rate of this step on the new schedule (the optimiser kept the old one)
-                self.accelerator.print(f"notice: the run was planned for {self.planned_steps} steps and now has {self.max_steps}; "
-                                       f"the LR schedule continues from step {step} on the new length")
+                self.accelerator.print(
+                    f"notice: the run was planned for {self.planned_steps} steps and now has {self.max_steps}; "
+                    f"the LR schedule continues from step {step} on the new length"
+                )
             if self.main and (self.out / "train_log.jsonl").exists():
                 trim_log(self.out / "train_log.jsonl", step)
         if self.main:
             (self.out / "samples").mkdir(exist_ok=True)
-            write_text(self.out / "train_config.json", json.dumps(public_config(cfg.to_dict()), indent=2), point="config")
+            write_text(
+                self.out / "train_config.json", json.dumps(public_config(cfg.to_dict()), indent=2), point="config"
+            )
         if self.tracker:
-            flat = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in public_config(cfg.to_dict()).items()}
-            self.accelerator.init_trackers("DDPM", config=flat, init_kwargs={"wandb": {"name": f"DDPM_{Path(cfg.dataset).name}"}})
+            flat = {
+                k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in public_config(cfg.to_dict()).items()
+            }
+            self.accelerator.init_trackers(
+                "DDPM", config=flat, init_kwargs={"wandb": {"name": f"DDPM_{Path(cfg.dataset).name}"}}
+            )
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> Path:
@@ -328,7 +415,9 @@ class Trainer:
         """Epochs until --max_train_steps (past the planned epochs when non-finite batches were skipped;
         none for a finished run). True when a signal stopped the run."""
         state = self.state
-        self.progress = tqdm(total=self.max_steps, initial=state.global_step, desc="training", disable=not self.main, unit="step")
+        self.progress = tqdm(
+            total=self.max_steps, initial=state.global_step, desc="training", disable=not self.main, unit="step"
+        )
         self.last_log = (time.time(), state.global_step)
         self.last_saved = state.global_step
         self.unet.train()
@@ -350,7 +439,9 @@ class Trainer:
         skip = self.state.batches if epoch == self.state.epoch else 0
         batches = self.loader
         if skip:
-            batches = self.loader.skip(skip) if self.cfg.streaming else self.accelerator.skip_first_batches(self.loader, skip)
+            batches = (
+                self.loader.skip(skip) if self.cfg.streaming else self.accelerator.skip_first_batches(self.loader, skip)
+            )
         for index, (batch,) in enumerate(batches, start=skip):
             self.state.epoch, self.state.batches = epoch, index + 1
             yield batch
@@ -372,7 +463,11 @@ class Trainer:
         """uint8 images -> what the UNet diffuses: pixels in [-1, 1], or the VAE's latents."""
         if self.cfg.random_flip:
             batch = random_hflip(batch)
-        return training_latents(self.vae, batch, self.cfg.latent_mode, self.cfg.cache_latents) if self.vae else to_model_range(batch)
+        return (
+            training_latents(self.vae, batch, self.cfg.latent_mode, self.cfg.cache_latents)
+            if self.vae
+            else to_model_range(batch)
+        )
 
     def forward_backward(self, x0: torch.Tensor) -> torch.Tensor:
         """The batch's loss and its gradients, in pieces of `micro_batch` images: noise and timesteps
@@ -386,8 +481,9 @@ class Trainer:
         for i, (x, n, steps) in enumerate(pieces):
             last = i == len(pieces) - 1  # DDP all-reduces the gradients once, after the last piece
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet):
-                loss = diffusion_loss(self.unet, self.noise_scheduler, x, self.cfg.loss_type, self.cfg.snr_gamma,
-                                      self.autocast, n, steps) * (len(x) / len(x0))
+                loss = diffusion_loss(
+                    self.unet, self.noise_scheduler, x, self.cfg.loss_type, self.cfg.snr_gamma, self.autocast, n, steps
+                ) * (len(x) / len(x0))
                 self.accelerator.backward(loss)
             total += loss.detach()
         return total
@@ -404,8 +500,12 @@ class Trainer:
         if os.environ.get("DDPM_HF_NAN_AT_STEP") == str(self.state.global_step + 1):
             del os.environ["DDPM_HF_NAN_AT_STEP"]  # test hook (docs/reliability.md): one non-finite loss
             loss = loss * float("nan")
-        local = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                             torch.tensor(float(bool(stop and stop.requested)), device=loss.device)])
+        local = torch.stack(
+            [
+                (~torch.isfinite(loss.detach())).float(),
+                torch.tensor(float(bool(stop and stop.requested)), device=loss.device),
+            ]
+        )
         return self.accelerator.gather(local).view(-1, 2).amax(0)
 
     def _skip_nonfinite(self) -> bool:
@@ -413,8 +513,10 @@ class Trainer:
             kept = list_checkpoints(self.out / "checkpoints")
             where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved yet"
             self.progress.close()  # the error line starts a line of its own
-            raise DDPMError(f"the loss became non-finite at step {self.state.global_step + 1}; {where}; lower --lr, "
-                            f"use --mixed_precision no, or pass --skip_nonfinite_steps to skip such updates")
+            raise DDPMError(
+                f"the loss became non-finite at step {self.state.global_step + 1}; {where}; lower --lr, "
+                f"use --mixed_precision no, or pass --skip_nonfinite_steps to skip such updates"
+            )
         self.state.skipped_nonfinite += 1
         self.optimizer.zero_grad(set_to_none=True)
         return False
@@ -449,23 +551,36 @@ class Trainer:
         mean_loss = accelerator.reduce(state.loss_sum / max(state.loss_count, 1), "mean").item()
         now, (last_time, last_step) = time.time(), self.last_log
         images_per_update = self.cfg.batch_size * accelerator.num_processes * self.cfg.gradient_accumulation_steps
-        record = dict(step=state.global_step, epoch=state.epoch, loss=mean_loss, lr=self.lr_scheduler.get_last_lr()[0],
-                      images_per_sec=(state.global_step - last_step) * images_per_update / max(now - last_time, 1e-9),
-                      skipped_nonfinite=state.skipped_nonfinite)
+        record = dict(
+            step=state.global_step,
+            epoch=state.epoch,
+            loss=mean_loss,
+            lr=self.lr_scheduler.get_last_lr()[0],
+            images_per_sec=(state.global_step - last_step) * images_per_update / max(now - last_time, 1e-9),
+            skipped_nonfinite=state.skipped_nonfinite,
+        )
         state.loss_sum.zero_()
         state.loss_count, self.last_log = 0, (now, state.global_step)
         if self.main:
             append_log(self.out / "train_log.jsonl", record)
             self.progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
-        accelerator.log({"Train Loss": mean_loss, "Learning Rate": record["lr"], "images_per_sec": record["images_per_sec"]},
-                        step=state.global_step)
+        accelerator.log(
+            {"Train Loss": mean_loss, "Learning Rate": record["lr"], "images_per_sec": record["images_per_sec"]},
+            step=state.global_step,
+        )
 
     def stop_now(self) -> None:
         step = self.state.global_step
-        path = self.out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}" if self.last_saved == step else self.save_checkpoint()
+        path = (
+            self.out / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+            if self.last_saved == step
+            else self.save_checkpoint()
+        )
         self.progress.close()
-        self.accelerator.print(f"stopped at step {step}; checkpoint saved to {path}. Resume with the same "
-                               f"command plus --resume_from_checkpoint latest")
+        self.accelerator.print(
+            f"stopped at step {step}; checkpoint saved to {path}. Resume with the same "
+            f"command plus --resume_from_checkpoint latest"
+        )
         self.accelerator.end_training()
 
     def end_of_epoch(self, epoch: int) -> None:
@@ -480,10 +595,24 @@ class Trainer:
         if self.main:
             with ema_weights(self.ema, self.model), self.accelerator.autocast():
                 # The same noise every time, so grids compare across epochs.
-                images = generate(self.model, self.sampler, self.cfg.num_samples or 16, self.sample_steps, eta=self.cfg.ddpm,
-                                  seed=self.cfg.seed, batch_size=self.cfg.batch_size, vae=self.vae, progress=False)
-            save_grid(images.float(), self.out / "samples" / f"epoch_{epoch + 1:04d}.png",  # a VAE decodes in bf16 under autocast
-                      self.accelerator, self.tracker, self.state.global_step)
+                images = generate(
+                    self.model,
+                    self.sampler,
+                    self.cfg.num_samples or 16,
+                    self.sample_steps,
+                    eta=self.cfg.ddpm,
+                    seed=self.cfg.seed,
+                    batch_size=self.cfg.batch_size,
+                    vae=self.vae,
+                    progress=False,
+                )
+            save_grid(
+                images.float(),
+                self.out / "samples" / f"epoch_{epoch + 1:04d}.png",  # a VAE decodes in bf16 under autocast
+                self.accelerator,
+                self.tracker,
+                self.state.global_step,
+            )
         self.accelerator.wait_for_everyone()
 
     # ---- the end --------------------------------------------------------------------------
@@ -491,9 +620,19 @@ class Trainer:
         """The EMA weights as a standard pipeline folder (the final output, best_fid/, --hub_strategy every_save)."""
         final = UNet2DModel.from_config(self.model.config)
         self.ema.copy_to(final.parameters())
-        trained = dict(trained_steps=step, trained_epochs=math.ceil(step / self.steps_per_epoch),
-                       mixed_precision_used=self.accelerator.mixed_precision, **record)  # what ran: `auto` resolved
-        save_pipeline(folder, final, make_sampler("ddim", self.noise_scheduler.config), {**self.cfg.to_dict(), **trained}, vae=self.vae)
+        trained = dict(
+            trained_steps=step,
+            trained_epochs=math.ceil(step / self.steps_per_epoch),
+            mixed_precision_used=self.accelerator.mixed_precision,
+            **record,
+        )  # what ran: `auto` resolved
+        save_pipeline(
+            folder,
+            final,
+            make_sampler("ddim", self.noise_scheduler.config),
+            {**self.cfg.to_dict(), **trained},
+            vae=self.vae,
+        )
 
     def finish(self) -> None:
         """The last checkpoint and the pipeline (a signal now lets the save finish), then the Hub push."""
@@ -505,11 +644,15 @@ class Trainer:
                 self.save_checkpoint()
             if self.main:
                 save_pipeline_atomically(self.out, lambda folder: self.export_pipeline(folder, step))
-                print(f"saved the pipeline (EMA weights) to {self.out}; sample it with: python sample_ddpm.py --checkpoint "
-                      f"{shlex.quote(str(self.out))}")
+                print(
+                    f"saved the pipeline (EMA weights) to {self.out}; sample it with: python sample_ddpm.py --checkpoint "
+                    f"{shlex.quote(str(self.out))}"
+                )
         if late.requested:
-            self.accelerator.print(f"stopped at step {step}; checkpoint saved to {checkpoint_root / f'{CHECKPOINT_PREFIX}{step}'}. "
-                                   f"The run had finished: its pipeline is saved too")
+            self.accelerator.print(
+                f"stopped at step {step}; checkpoint saved to {checkpoint_root / f'{CHECKPOINT_PREFIX}{step}'}. "
+                f"The run had finished: its pipeline is saved too"
+            )
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         if self.hub:

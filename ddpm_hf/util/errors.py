@@ -9,7 +9,6 @@ import functools
 import os
 import sys
 
-
 _AT_COMMAND_END = []  # callables run when a command ends, however it ends (lock.py registers release_all)
 
 

@@ -50,7 +50,9 @@ def check_writable(out) -> None:
     """Refuse an output folder that cannot be created or written, creating nothing."""
     existing = existing_parent(out)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"output folder {out} is not writable ({existing} is not a writable folder); choose another --output_dir")
+        raise UsageError(
+            f"output folder {out} is not writable ({existing} is not a writable folder); choose another --output_dir"
+        )
 
 
 def make_output_dir(out) -> Path:
@@ -142,6 +144,7 @@ def _truncate_to(path: Path, size: Optional[int]):
         else:
             with contextlib.suppress(OSError):
                 os.truncate(path, size)
+
     return undo
 
 
@@ -168,8 +171,9 @@ def read_json(path, advice: str = ""):
     except FileNotFoundError:
         raise
     except (ValueError, UnicodeDecodeError) as err:
-        raise DDPMError(f"{path} is damaged (not valid JSON: {str(err).splitlines()[0][:120]})"
-                        + (f"; {advice}" if advice else "")) from None
+        raise DDPMError(
+            f"{path} is damaged (not valid JSON: {str(err).splitlines()[0][:120]})" + (f"; {advice}" if advice else "")
+        ) from None
     except OSError as err:
         raise DDPMError(f"cannot read {path} ({err.strerror})" + (f"; {advice}" if advice else "")) from None
 
@@ -189,8 +193,16 @@ def safetensors_problem(path) -> Optional[str]:
 
 
 # What a run leaves in its output folder besides the pipeline, and a model card would read back.
-EARLIER_RUN = ("checkpoints", "train_log.jsonl", "best_fid", "fid.json",
-               "ood_results.json", "scores.csv", "histogram.png", "roc.png")
+EARLIER_RUN = (
+    "checkpoints",
+    "train_log.jsonl",
+    "best_fid",
+    "fid.json",
+    "ood_results.json",
+    "scores.csv",
+    "histogram.png",
+    "roc.png",
+)
 
 
 def clear_earlier_run(out) -> list:

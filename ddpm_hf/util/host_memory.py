@@ -36,8 +36,11 @@ def _glibc() -> Optional[ctypes.CDLL]:
 def user_chose_allocator() -> bool:
     """The user set glibc's malloc tunables, preloaded another allocator (jemalloc, tcmalloc), or
     turned this policy off (DDPM_HF_KEEP_FREED_MEMORY=0): theirs wins."""
-    return (any(os.environ.get(name) for name in USER_CHOICES) or "malloc" in os.environ.get("LD_PRELOAD", "")
-            or os.environ.get("DDPM_HF_KEEP_FREED_MEMORY") == "0")
+    return (
+        any(os.environ.get(name) for name in USER_CHOICES)
+        or "malloc" in os.environ.get("LD_PRELOAD", "")
+        or os.environ.get("DDPM_HF_KEEP_FREED_MEMORY") == "0"
+    )
 
 
 def keep_freed_memory(device="cpu") -> Optional[str]:
@@ -54,5 +57,7 @@ def keep_freed_memory(device="cpu") -> Optional[str]:
     if limit is None:
         return None
     libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
-    _done = f"host memory: freed blocks up to {limit >> 20} MiB are kept for reuse (glibc mallopt; no page faults per step)"
+    _done = (
+        f"host memory: freed blocks up to {limit >> 20} MiB are kept for reuse (glibc mallopt; no page faults per step)"
+    )
     return _done

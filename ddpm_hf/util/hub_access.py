@@ -30,8 +30,9 @@ def hub_offline() -> bool:
     return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
-def check_hub_repo(repo_id: str, what: str, check: str, fallback: str, repo_type: str = "model",
-                   revision: Optional[str] = None) -> None:
+def check_hub_repo(
+    repo_id: str, what: str, check: str, fallback: str, repo_type: str = "model", revision: Optional[str] = None
+) -> None:
     """One quick request for `repo_id`; any failure is one DDPMError line. `what` names the thing
     ("model user/name"), `check` says what to check when it does not exist, `fallback` what to use
     instead when the Hub cannot be reached."""
@@ -47,5 +48,7 @@ def check_hub_repo(repo_id: str, what: str, check: str, fallback: str, repo_type
     except huggingface_hub.errors.RevisionNotFoundError:
         raise DDPMError(f"{what} has no revision {revision}; check --revision") from None
     except Exception as err:
-        raise DDPMError(f"cannot reach the Hugging Face Hub for {what} ({type(err).__name__}); set HF_HUB_OFFLINE=1 "
-                        f"to use a cached copy, or {fallback}") from None
+        raise DDPMError(
+            f"cannot reach the Hugging Face Hub for {what} ({type(err).__name__}); set HF_HUB_OFFLINE=1 "
+            f"to use a cached copy, or {fallback}"
+        ) from None

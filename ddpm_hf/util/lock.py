@@ -55,7 +55,9 @@ def _flock(fd: int) -> bool:
 
 
 def _in_use(folder: Path, info: dict) -> DDPMError:
-    return DDPMError(f"{folder} is in use by another run: {_describe(info)}; wait until it ends, or choose another --output_dir")
+    return DDPMError(
+        f"{folder} is in use by another run: {_describe(info)}; wait until it ends, or choose another --output_dir"
+    )
 
 
 def _ours(folder) -> Optional["OutputLock"]:
@@ -93,7 +95,10 @@ class OutputLock:
                 held = _flock(fd)
             except OSError as err:  # e.g. a network file system without flock
                 os.close(fd)
-                print(f"notice: cannot lock {self.folder} ({err.strerror}); make sure no other run writes into it", file=sys.stderr)
+                print(
+                    f"notice: cannot lock {self.folder} ({err.strerror}); make sure no other run writes into it",
+                    file=sys.stderr,
+                )
                 return self
             if not held:
                 info = _read(fd)
@@ -107,10 +112,16 @@ class OutputLock:
             os.close(fd)
         stale = _read(fd)
         if stale:
-            print(f"notice: taking over the lock of {self.folder} left by {_describe(stale)}, which is no longer running",
-                  file=sys.stderr)
-        info = dict(pid=os.getpid(), host=socket.gethostname(), command=self.command,
-                    started=datetime.datetime.now().isoformat(timespec="seconds"))
+            print(
+                f"notice: taking over the lock of {self.folder} left by {_describe(stale)}, which is no longer running",
+                file=sys.stderr,
+            )
+        info = dict(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            command=self.command,
+            started=datetime.datetime.now().isoformat(timespec="seconds"),
+        )
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self.fd = fd

@@ -30,7 +30,9 @@ def inference_autocast(mixed_precision, device) -> contextlib.AbstractContextMan
     mixed_precision = resolve_mixed_precision(mixed_precision, device)
     if mixed_precision in (None, "no"):
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+    return torch.autocast(
+        torch.device(device).type, dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    )
 
 
 def bf16_slowdown(device, size: int = 256, repeats: int = 5) -> float:
@@ -62,5 +64,8 @@ def warn_if_bf16_emulated(mixed_precision, device) -> None:
         return
     slower = bf16_slowdown(device)
     where = "this CPU has no AVX512-BF16/AMX" if torch.device(device).type == "cpu" else "this GPU has no native bf16"
-    print(f"notice: --mixed_precision bf16 is emulated here ({where}): a bf16 matmul measured {slower:.1f}x slower than fp32 "
-          f"just now; --mixed_precision auto (or no) runs fp32 here", file=sys.stderr)
+    print(
+        f"notice: --mixed_precision bf16 is emulated here ({where}): a bf16 matmul measured {slower:.1f}x slower than fp32 "
+        f"just now; --mixed_precision auto (or no) runs fp32 here",
+        file=sys.stderr,
+    )
