@@ -1,8 +1,11 @@
-"""Flag out-of-distribution images by how badly a trained DDPM reconstructs them.
+"""Flag out-of-distribution images with a trained DDPM: evaluate a score (--score) on two test sets, or fit a
+detector once (--fit) and score any images with it (--detector DIR --images PATH).
 
 python ood_ddpm.py --config configs/quickstart.yaml --checkpoint outputs/quickstart
 python ood_ddpm.py --checkpoint outputs/ddpm_cifar10 --dataset cifar10 --out_dataset svhn --lpips
 python ood_ddpm.py --checkpoint outputs/quickstart --recon_factors 0.1 0.3 0.5 --max_samples 500
+python ood_ddpm.py --checkpoint pretrained/ddpm-mnist5k --dataset mnist5k --fit --score patch --output_dir detectors/mnist5k
+python ood_ddpm.py --detector detectors/mnist5k --images my_images/ --output_dir scored
 """
 
 import argparse
@@ -67,6 +70,10 @@ def build(prog="ood_ddpm.py"):
 @run_cli
 def main(argv):
     cfg, _ = parse_config(build(), argv)
+    if cfg.fit or cfg.detector:
+        from ddpm_hf.commands.detect import run_detector_command
+
+        return run_detector_command(cfg)
     from ddpm_hf.commands.ood import run_ood
 
     run_ood(cfg)

@@ -380,6 +380,7 @@ def bench_sample(cfg, s, device, bf16) -> dict:
 
 def bench_ood(cfg, s, device, inputs) -> dict:
     from ddpm_hf.ood.scoring import Scorer, plan_levels
+    from ddpm_hf.ood.settings import OODSettings
 
     unet = seed_model(cfg, init="random").to(device).eval()
     rows = []
@@ -387,9 +388,9 @@ def bench_ood(cfg, s, device, inputs) -> dict:
     noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)
     loaded = SimpleNamespace(unet=unet, vae=None, train_config={}, scheduler_config=dict(noise_scheduler.config))
     images = inputs.decoded()[: s["ood_images"]]
-    ood_cfg = DDPMConfig(sample_timesteps=s["ood_sample_timesteps"], batch_size=len(images))
+    ood_cfg = OODSettings(sample_timesteps=s["ood_sample_timesteps"], batch_size=len(images))
     out = dict(images=len(images), sample_timesteps=s["ood_sample_timesteps"], timesteps=cfg.timesteps)
-    for name, factors in (("default", [ood_cfg.recon_factor]), ("multi_level", MULTI_LEVEL)):
+    for name, factors in (("default", ood_cfg.recon_factors), ("multi_level", MULTI_LEVEL)):
         sampler, levels = plan_levels(factors, loaded.scheduler_config, ood_cfg.sample_timesteps)
         scorer = Scorer(loaded, levels, sampler, ood_cfg, device=device)
         rows.clear()

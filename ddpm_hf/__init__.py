@@ -62,6 +62,9 @@ _EXPORTS = {
     # outlier detection
     "run_ood": "commands.ood",
     "ood_metrics": "ood.scoring",
+    "OODDetector": "ood.detector",
+    "OODSettings": "ood.settings",
+    "OODRun": "ood.run",
     # latent diffusion
     "load_vae": "diffusion.latent",
     # the Hub and checkpoints of the original

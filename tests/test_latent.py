@@ -293,6 +293,7 @@ def test_sample_script_writes_decoded_pixel_images(latent_run, tmp_path):
 def test_ood_scores_latent_models_in_pixel_space(latent_run, tmp_path):
     from ddpm_hf.models.loader import load_model
     from ddpm_hf.ood.scoring import Scorer, load_lpips, plan_levels
+    from ddpm_hf.ood.settings import OODSettings
     from ood_ddpm import main as ood_main
 
     run, _ = latent_run
@@ -320,7 +321,7 @@ def test_ood_scores_latent_models_in_pixel_space(latent_run, tmp_path):
     assert results["counts"]["in"] == results["counts"]["out"] == 4 and 0 <= results["auroc"] <= 1
     # LPIPS on decoded reconstructions (a random AlexNet: no download; a code-path check)
     loaded = load_model(str(run))
-    cfg = DDPMConfig(batch_size=4, sample_timesteps=10)
+    cfg = OODSettings(batch_size=4, sample_timesteps=10)
     sampler, levels = plan_levels([0.5], loaded.scheduler_config, 10)
     scorer = Scorer(loaded, levels, sampler, cfg, lpips_model=load_lpips(pnet_rand=True))
     with tqdm(disable=True) as bar:

@@ -15,14 +15,15 @@ from tqdm import tqdm
 
 from ddpm_hf.config.options import DDPMConfig
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler
+from ddpm_hf.models.loader import model_format
 from ddpm_hf.models.pipeline import LoadedModel, save_pipeline
 from ddpm_hf.models.unet import build_unet
+from ddpm_hf.ood.settings import OODSettings
 from ddpm_hf.ood.scoring import (
     Scorer,
     combine,
     load_lpips,
     lpips_distance,
-    model_format,
     ood_metrics,
     plan_levels,
     reconstruct,
@@ -219,7 +220,7 @@ def test_lpips_code_path_with_a_random_backbone():
     config = make_noise_scheduler(100, 1e-4, 0.02).config
     sampler, levels = plan_levels([0.3, 0.6], config, 10)
     loaded = LoadedModel(random_unet(), dict(config))
-    cfg = DDPMConfig(batch_size=3, ddpm=1.0)
+    cfg = OODSettings(batch_size=3, eta=1.0)
     scorer = Scorer(loaded, levels, sampler, cfg, lpips_model=model)
     images = torch.randint(0, 256, (5, 1, 16, 16), dtype=torch.uint8)
     with tqdm(disable=True) as bar:
@@ -299,10 +300,10 @@ def test_end_to_end_outputs(first_run):
     assert "scoring" in first.stderr  # the progress bar over batches
 
     rows = read_csv(a / "scores.csv")
-    assert list(rows[0]) == ["set", "index", "recon_error", "lpips", "score"]
+    assert list(rows[0]) == ["set", "index", "recon_error", "score"]  # one column per statistic the score has
     assert [r["set"] for r in rows] == ["in"] * 12 + ["out"] * 12
     assert [int(r["index"]) for r in rows[:12]] == list(range(12))
-    assert all(r["lpips"] == "" and float(r["score"]) == float(r["recon_error"]) > 0 for r in rows)
+    assert all(float(r["score"]) == float(r["recon_error"]) > 0 for r in rows)
     recomputed = ood_metrics([float(r["score"]) for r in rows[:12]], [float(r["score"]) for r in rows[12:]])
     assert recomputed["auroc"] == pytest.approx(results["auroc"])
     for png in ("histogram.png", "roc.png"):
@@ -456,7 +457,7 @@ def test_latent_model_scores_in_pixel_space():
     loaded = LoadedModel(random_unet(channels=4, size=8), dict(config), vae)
     assert model_format(loaded) == (3, 16)
     sampler, levels = plan_levels([0.5], config, 10)
-    scorer = Scorer(loaded, levels, sampler, DDPMConfig(batch_size=4))
+    scorer = Scorer(loaded, levels, sampler, OODSettings(batch_size=4))
     with tqdm(disable=True) as bar:
         scores = scorer.score(torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8), "out", bar)
     assert scores["recon_error"].shape == (1, 3) and (scores["recon_error"] > 0).all()

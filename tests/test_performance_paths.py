@@ -275,6 +275,7 @@ def test_ood_scores_under_bf16_stay_close_to_fp32():
     from types import SimpleNamespace
 
     from ddpm_hf.ood.scoring import Scorer, plan_levels
+    from ddpm_hf.ood.settings import OODSettings
 
     unet = tiny_unet().eval()
     sc = dict(make_noise_scheduler(100, 1e-4, 0.02).config)
@@ -282,7 +283,7 @@ def test_ood_scores_under_bf16_stay_close_to_fp32():
     images = torch.randint(0, 256, (6, 1, 16, 16), dtype=torch.uint8)
     scores = {}
     for precision in ("no", "bf16"):
-        cfg = DDPMConfig(sample_timesteps=10, ddpm=0.0, batch_size=6, mixed_precision=precision)
+        cfg = OODSettings(sample_timesteps=10, eta=0.0, batch_size=6, mixed_precision=precision)
         sampler, levels = plan_levels([0.5], sc, cfg.sample_timesteps)
         scores[precision] = Scorer(loaded, levels, sampler, cfg).score_batch(images, torch.Generator().manual_seed(0))[
             "recon_error"

@@ -8,13 +8,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.images import DataOptions, to_model_range, to_uint8
+from ..data.sets import load_set
 from ..diffusion.inpaint import hole_mse, make_masks, make_repaint_scheduler, model_calls, repaint, save_grid
 from ..diffusion.likelihood import refuse_latent
 from ..diffusion.prediction import prediction_type
 from ..diffusion.sampling import _save_png, batch_generator
 from ..metrics.fid import write_json
-from ..models.loader import load_model
-from ..ood.scoring import load_set, model_format
+from ..models.loader import load_model, model_format
 from ..util.files import make_output_dir
 from ..util.precision import inference_autocast
 from .common import default_sample_dir, ready_device

@@ -3,11 +3,11 @@
 import time
 
 from ..data.images import DataOptions
+from ..data.sets import load_set
 from ..diffusion.likelihood import bits_per_dim, check_nll_timesteps, refuse_latent, summarise, unet_model_fn
 from ..diffusion.prediction import prediction_type
 from ..metrics.fid import write_json
-from ..models.loader import load_model
-from ..ood.scoring import load_set, model_format
+from ..models.loader import load_model, model_format
 from ..util.files import make_output_dir
 from .common import default_sample_dir, ready_device
 

@@ -1,34 +1,26 @@
-"""ood_ddpm.py: score the in-distribution and OOD test sets with the OOD method (ddpm_hf/ood/scoring.py),
-print the report and write the four result files (ood_results.json, scores.csv, histogram.png,
-roc.png) together, atomically. The DDPMConfig is unpacked here."""
+"""ood_ddpm.py: the DDPMConfig unpacked into OODSettings, the in-distribution and OOD test sets scored
+(ddpm_hf/ood/run.py: an OODRun), the report printed and the four result files (ood_results.json,
+scores.csv, histogram.png, roc.png) written together, atomically, from the run. --fit and --detector
+are ddpm_hf/commands/detect.py."""
 
 import csv
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..data.images import DataOptions, same_dataset
-from ..models.loader import load_model
-from ..ood import scoring as method
-from ..ood.scoring import (
-    SET_IDS,
-    Scorer,
-    combine,
-    load_set,
-    load_stats_images,
-    model_format,
-    ood_metrics,
-    plan_levels,
-    snap_notices,
-)
+from ..data.sets import load_set, load_stats_images
+from ..models.loader import load_model, model_format
+from ..ood.network import ScoreModel
+from ..ood.run import OODRun, evaluate
+from ..ood.scores import NLLScore, ReconScore, build_score
+from ..ood.scoring import ood_metrics, snap_notices
+from ..ood.settings import OODSettings
 from ..util.errors import UsageError
 from ..util.files import make_output_dir, remove, simulate_disk_full, writing
 from ..util.lock import ensure_not_in_use, lock_output_dir
@@ -77,32 +69,14 @@ def write_results(out: Path, results: dict, write_others) -> None:
         staging.rmdir()
 
 
-def _level_tag(levels, level):
-    return "" if len(levels) == 1 else f"@{level.factor:g}"
-
-
-def write_scores_csv(path: Path, sets: dict, levels, lpips_used: bool, extra: Optional[dict] = None) -> None:
-    """One row per image: set, index, per-level reconstruction error (and LPIPS), `extra`'s columns
-    ({column: {set: values}}, e.g. bits/dim), final score."""
-    extra = extra or {}
-    columns = []
-    for level in levels:
-        tag = _level_tag(levels, level)
-        columns += [f"recon_error{tag}"] + ([f"lpips{tag}"] if lpips_used or len(levels) == 1 else [])
+def write_scores_csv(path: Path, run: OODRun) -> None:
+    """One row per test image: set, index, every per-image statistic of the score, final score."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["set", "index", *columns, *extra, "score"])
-        for name, (scores, final) in sets.items():
-            for j in range(len(final)):
-                row = []
-                for li in range(len(levels)):
-                    row.append(repr(float(scores["recon_error"][li, j])))
-                    if lpips_used:
-                        row.append(repr(float(scores["lpips"][li, j])))
-                    elif len(levels) == 1:
-                        row.append("")
-                row += [repr(float(values[name][j])) for values in extra.values()]
-                writer.writerow([name, j, *row, repr(float(final[j]))])
+        writer.writerow(["set", "index", *run.columns, "score"])
+        for name in ("in", "out"):
+            for j, (row, final) in enumerate(zip(run.features[name], run.scores[name])):
+                writer.writerow([name, j, *(repr(float(v)) for v in row), repr(float(final))])
 
 
 def plot_results(out: Path, in_final, out_final, per_level_scores, labels, metrics, multi: bool, xlabel=None) -> None:
@@ -148,14 +122,6 @@ def plot_results(out: Path, in_final, out_final, per_level_scores, labels, metri
     plt.close(fig)
 
 
-def describe_score(cfg, factors) -> str:
-    parts = "reconstruction error" + (" and LPIPS" if cfg.lpips else "")
-    draws = f", each the mean of {cfg.recon_draws} noise draws" if cfg.recon_draws > 1 else ""
-    if cfg.recon_factors is None:
-        return f"{cfg.loss_type} {parts.replace(' and ', ' + ')} at recon_factor {factors[0]:g}{draws}"
-    return f"mean z-score of the {cfg.loss_type} {parts} at recon_factors {' '.join(f'{f:g}' for f in factors)}{draws}"
-
-
 def format_report(results: dict) -> str:
     m, c = results, results["counts"]
     lines = [
@@ -192,33 +158,31 @@ def format_report(results: dict) -> str:
 # ---- the whole run -------------------------------------------------------------------------
 
 
-def likelihood_hook(cfg, loaded, images, raw, stats, factors, device) -> tuple:
-    """--score nll|both (ddpm_hf/ood/likelihood.py): the bound of every set, the final scores,
-    what ood_results.json adds and the CSV's extra columns."""
-    from ..ood import likelihood as ood_likelihood
-
-    start = time.perf_counter()
-    nll = ood_likelihood.nll_of_sets(loaded, images, cfg, SET_IDS, device)
-    recon = {name: combine(raw[name], stats) for name in images}
-    T = loaded.scheduler_config["num_train_timesteps"]
-    final, added, columns = ood_likelihood.likelihood_scores(cfg, recon, nll, T, ood_metrics)
-    added["likelihood"]["seconds"] = round(time.perf_counter() - start, 3)
-    added["score"] = ood_likelihood.describe(cfg, describe_score(cfg, factors), T)
-    return final, added, columns
+# OODSettings fields that are DDPMConfig fields of the same name and meaning
+SAME_NAMED = (
+    "score", "sample_timesteps", "loss_type", "lpips", "recon_draws", "nll_timesteps", "path_steps",
+    "msma_levels", "patch_grid", "stats_samples", "batch_size", "seed", "mixed_precision",
+)  # fmt: skip
 
 
-def _load(cfg, device):
-    """(LPIPS model or None, loaded model), failing fast: LPIPS weights first, the model's fitness for --score next."""
-    lpips_model = method.load_lpips(device=device) if cfg.lpips else None  # before anything slow
-    loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
-    if cfg.score != "recon":  # a latent model or a bad --nll_timesteps fails before any image is scored
-        from ..ood.likelihood import check_model
+def settings_from_config(cfg) -> OODSettings:
+    """The OOD flags of a DDPMConfig as OODSettings (checked there: an unknown --score fails before any loading)."""
+    return OODSettings(
+        **{name: getattr(cfg, name) for name in SAME_NAMED},
+        recon_factors=list(cfg.recon_factors) if cfg.recon_factors else [cfg.recon_factor],
+        recon_zscore=cfg.recon_factors is not None,
+        eta=cfg.ddpm,
+    )
 
-        check_model(loaded, cfg)
-    return lpips_model, loaded
+
+def find_part(score, kind):
+    """The score itself or the part of a composite that is a `kind` (None if neither)."""
+    if isinstance(score, kind):
+        return score
+    return next((p for p in getattr(score, "parts", ()) if isinstance(p, kind)), None)
 
 
-def _notices(cfg, channels: int, size: int, levels) -> None:
+def _notices(cfg, channels: int, size: int, recon) -> None:
     """Flags that the run does not follow, said once on stderr."""
     for flag, value, used in (("size", cfg.size, size), ("channels", cfg.channels, channels)):
         if value is not None and value != used:
@@ -237,7 +201,7 @@ def _notices(cfg, channels: int, size: int, levels) -> None:
             f"so the scores cannot separate them (AUROC near 0.5); pass another --out_dataset",
             file=sys.stderr,
         )
-    for line in snap_notices(levels):
+    for line in snap_notices(recon.levels) if recon is not None else ():
         print(line, file=sys.stderr)
 
 
@@ -252,21 +216,15 @@ def _load_sets(cfg, channels: int, size: int, with_stats: bool) -> dict:
     return images
 
 
-def _score_sets(scorer, images: dict, cfg, levels, nfe: int) -> dict:
-    batches = sum(math.ceil(len(v) / cfg.batch_size) for v in images.values())
-    with tqdm(
-        total=batches,
-        desc=f"scoring ({len(levels)} level(s) x {cfg.recon_draws} draw(s), {nfe} NFE/image)",
-        unit="batch",
-    ) as bar:
-        return {name: scorer.score(imgs, name, bar) for name, imgs in images.items()}
-
-
-def _per_level(levels, raw: dict, lpips: bool) -> tuple:
+def _per_level(run: OODRun, recon) -> tuple:
     """(per-level metrics for ood_results.json, {factor: (in scores, out scores)} for the ROC plot)."""
+    if recon is None:
+        return [], {}
     per_level, per_level_scores = [], {}
-    for li, level in enumerate(levels):
-        level_scores = [raw[s]["recon_error"][li] + (raw[s]["lpips"][li] if lpips else 0.0) for s in ("in", "out")]
+    for level in recon.levels:
+        tag = "" if len(recon.levels) == 1 else f"@{level.factor:g}"
+        cols = [i for i, c in enumerate(run.columns) if c in (f"recon_error{tag}", f"lpips{tag}")]
+        level_scores = [run.features[s][:, cols].sum(1) for s in ("in", "out")]
         per_level_scores[level.factor] = level_scores
         entry = {"recon_factor": level.factor, "t_start": level.t_start, "steps": len(level.timesteps)}
         if level.t_requested is not None:
@@ -275,36 +233,35 @@ def _per_level(levels, raw: dict, lpips: bool) -> tuple:
     return per_level, per_level_scores
 
 
-def _results(cfg, loaded, device, levels, factors, images, metrics, per_level, timing) -> dict:
-    channels, size = model_format(loaded)
-    scored = sum(len(v) for v in images.values())
+def _likelihood_section(nll, seconds: float) -> dict:
+    from ..diffusion.likelihood import summarise
+
+    T, K = nll.model.T, nll.settings.nll_timesteps
+    summaries = {name: summarise(r, T, K) for name, r in nll.results.items()}
+    for summary in summaries.values():
+        summary.pop("terms_bpd_mean", None)  # per-timestep profiles belong to sample_ddpm.py --nll
+    return dict(nll_timesteps=K, sets=summaries, calls_per_image=nll.nfe_per_image, seconds=round(seconds, 3))
+
+
+def _results(cfg, loaded, device, run: OODRun, per_level, timing) -> dict:
     from ..models.unet import count_parameters
 
-    return {
-        **metrics,
+    channels, size = model_format(loaded)
+    recon, s = find_part(run.score, ReconScore), run.settings
+    results = {
+        **run.metrics,
         "per_level": per_level,
-        "counts": {
-            "in": len(images["in"]),
-            "out": len(images["out"]),
-            "stats": len(images.get("stats", [])),
-            "scored": scored,
-        },
-        "score": describe_score(cfg, factors),
+        "counts": run.counts(),
+        "score": run.score.describe(),
         "settings": {
             "dataset": cfg.dataset,
             "out_dataset": cfg.out_dataset,
-            "recon_factors": factors,
-            "t_start": [lv.t_start for lv in levels],
-            "ddpm_eta": cfg.ddpm,
-            "sample_timesteps": cfg.sample_timesteps,
-            "loss_type": cfg.loss_type,
-            "lpips": cfg.lpips,
-            "batch_size": cfg.batch_size,
+            **{k: v for k, v in s.to_dict().items() if k not in ("mixed_precision", "eta")},
+            "t_start": [lv.t_start for lv in recon.levels] if recon else None,
+            "ddpm_eta": s.eta,
             "max_samples": cfg.max_samples,
-            "recon_draws": cfg.recon_draws,
-            "stats_samples": cfg.stats_samples if "stats" in images else None,
-            "seed": cfg.seed,
-            "mixed_precision": resolve_mixed_precision(cfg.mixed_precision, device) or "no",
+            "stats_samples": s.stats_samples if "stats" in run.features else None,
+            "mixed_precision": resolve_mixed_precision(s.mixed_precision, device) or "no",
         },
         "model": {
             "checkpoint": str(cfg.checkpoint),
@@ -316,61 +273,58 @@ def _results(cfg, loaded, device, levels, factors, images, metrics, per_level, t
             "parameters": count_parameters(loaded.unet),
         },
         "cost": {
-            "nfe_per_image": cfg.recon_draws * sum(len(lv.timesteps) for lv in levels),
-            "model_calls_per_batch": max(len(lv.timesteps) for lv in levels),
+            "nfe_per_image": run.nfe_per_image,
+            "model_calls_per_batch": max(len(lv.timesteps) for lv in recon.levels) if recon else run.nfe_per_image,
         },
         "timing": {
             "load_s": round(timing["load_s"], 3),
-            "score_s": round(timing["score_s"], 3),
-            "images_per_s": scored / max(timing["score_s"], 1e-9),
+            "score_s": round(run.timings["score_s"], 3),
+            "fit_s": round(run.timings["fit_s"], 3),
+            "images_per_s": run.timings["images_per_s"],
             "total_s": None,
             "device": str(device),
         },
     }
+    if run.per_score:
+        results["per_score"] = run.per_score
+    nll = find_part(run.score, NLLScore)
+    if nll is not None:
+        results["likelihood"] = _likelihood_section(nll, run.timings["score_s"])
+    return results
+
+
+def _prepare(cfg, device) -> tuple:
+    """(settings, loaded model, score), failing fast: the settings first, LPIPS and the model's fitness next."""
+    settings = settings_from_config(cfg)
+    loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
+    model = ScoreModel(loaded, device, settings.mixed_precision, settings.seed, settings.batch_size)
+    return settings, loaded, build_score(settings.score, model, settings)
 
 
 def run_ood(cfg, device=None) -> dict:
-    """ood_ddpm.py: score both test sets, print the report, write the four result files."""
+    """ood_ddpm.py: score both test sets, print the report, write the four result files
+    (--fit and --detector: ddpm_hf/commands/detect.py)."""
     start = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    lpips_model, loaded = _load(cfg, device)
+    settings, loaded, score = _prepare(cfg, device)
     out_dir = prepare_output_dir(cfg)
-    factors = list(cfg.recon_factors) if cfg.recon_factors else [cfg.recon_factor]
-    multi = cfg.recon_factors is not None
-    sampler, levels = plan_levels(factors, loaded.scheduler_config, cfg.sample_timesteps)
     channels, size = model_format(loaded)
-    _notices(cfg, channels, size, levels)
-    images = _load_sets(cfg, channels, size, with_stats=multi or cfg.score == "both")
+    recon = find_part(score, ReconScore)
+    _notices(cfg, channels, size, recon)
+    images = _load_sets(cfg, channels, size, with_stats=score.needs_training_images)
     timing = {"load_s": time.perf_counter() - start}
     ready_device(cfg.mixed_precision, device)  # after the checks: a bad input still gets one line
-    scorer = Scorer(loaded, levels, sampler, cfg, lpips_model, device)
-    score_start = time.perf_counter()
-    raw = _score_sets(scorer, images, cfg, levels, cfg.recon_draws * sum(len(lv.timesteps) for lv in levels))
-    timing["score_s"] = time.perf_counter() - score_start
-    stats = raw.get("stats") if multi else None
-    final = {name: combine(raw[name], stats) for name in ("in", "out")}
-    added, columns = {}, None
-    if cfg.score != "recon":
-        final, added, columns = likelihood_hook(cfg, loaded, images, raw, stats, factors, device)
-    metrics = ood_metrics(final["in"], final["out"])
-    per_level, per_level_scores = _per_level(levels, raw, cfg.lpips)
-    results = _results(cfg, loaded, device, levels, factors, images, metrics, per_level, timing)
-    results.update(added, settings=dict(results["settings"], score=cfg.score))
+    run = evaluate(score, images)
+    per_level, per_level_scores = _per_level(run, recon)
+    results = _results(cfg, loaded, device, run, per_level, timing)
+    multi = settings.recon_zscore and isinstance(score, ReconScore)
 
     def write_others(folder: Path) -> None:
-        write_scores_csv(
-            folder / "scores.csv", {s: (raw[s], final[s]) for s in ("in", "out")}, levels, cfg.lpips, columns
-        )
-        plot_results(
-            folder,
-            final["in"],
-            final["out"],
-            per_level_scores,
-            (cfg.dataset, cfg.out_dataset),
-            {**metrics, **({"lpips": True} if cfg.lpips else {})},
-            multi,
-            added.get("score"),
-        )
+        write_scores_csv(folder / "scores.csv", run)
+        metrics = {**run.metrics, **({"lpips": True} if settings.lpips else {})}
+        xlabel = None if isinstance(score, ReconScore) else f"anomaly score ({score.name})"
+        labels = (cfg.dataset, cfg.out_dataset)
+        plot_results(folder, run.scores["in"], run.scores["out"], per_level_scores, labels, metrics, multi, xlabel)
 
     results["timing"]["total_s"] = round(time.perf_counter() - start, 3)
     write_results(out_dir, results, write_others)

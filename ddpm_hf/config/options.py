@@ -249,9 +249,25 @@ class DDPMConfig:
     )
     score: str = _opt(
         "recon",
-        "OOD score: recon (reconstruction, the original), nll (bits/dim of the variational bound) or both (mean of the two z-scores under --stats_samples in-distribution training images).",
+        "OOD score (ddpm_hf/ood/scores.py): recon (reconstruction, the original), nll (bits/dim of the variational bound), both (mean z-score of the two), path (DiffPath statistics of a DDIM inversion), msma (noise-prediction norms at several levels), fused (one mixture over recon, path and msma statistics), patch (position-aware: per-patch denoising statistics); the mixtures and z-scores are fitted on --stats_samples in-distribution training images.",
         "ood",
-        choices=("recon", "nll", "both"),
+    )
+    path_steps: int = _opt(10, "DDIM-inversion steps (network evaluations) of --score path.", "ood")
+    msma_levels: int = _opt(10, "Noise levels (network evaluations) of --score msma.", "ood")
+    patch_grid: int = _opt(4, "The position-aware scores average their maps on a GRID x GRID grid of patches.", "ood")
+    fit: bool = _opt(
+        False,
+        "Fit a detector: the --score's statistics of --stats_samples --dataset training images, its density, a held-out in-distribution split and the threshold at --tpr, saved to --output_dir.",
+        "ood",
+    )
+    detector: Optional[str] = _opt(
+        None, "Score --images with a detector folder saved by --fit (no --out_dataset needed).", "ood"
+    )
+    images: Optional[str] = _opt(
+        None, "With --detector: the images to score (a folder, an image file, a glob or a Hub dataset id).", "ood"
+    )
+    tpr: float = _opt(
+        0.95, "With --fit: the share of held-out in-distribution images the detector's threshold accepts.", "ood"
     )
     inpaint: bool = _opt(
         False,
@@ -710,6 +726,12 @@ def _check_ood(cfg: DDPMConfig) -> None:
         raise UsageError(
             f"--stats_samples must be at least 2 (a standard deviation needs two images), got {cfg.stats_samples}"
         )
+    if not 0 < cfg.tpr < 1:
+        raise UsageError(f"--tpr must be in (0, 1) (the share of in-distribution images accepted), got {cfg.tpr}")
+    if cfg.fit and cfg.detector:
+        raise UsageError("--fit saves a detector and --detector uses one; pass one of them")
+    if (cfg.images is None) != (cfg.detector is None):
+        raise UsageError("--detector DIR and --images PATH go together: the detector scores the images")
 
 
 def _check_training(cfg: DDPMConfig) -> None:

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ..util.errors import DDPMError, UsageError
 from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
 from .convert_gzoo import load_original_checkpoint
@@ -61,3 +63,27 @@ def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = No
     else:
         require_hub_model(checkpoint, revision)
     return load_pipeline(checkpoint, revision, device)
+
+
+def model_format(loaded: LoadedModel) -> tuple:
+    """(channels, size) of the images the model takes (pixel space for latent models)."""
+    from ..diffusion.latent import downsample_factor
+
+    unet = loaded.unet
+    if loaded.vae is None:
+        return unet.config.in_channels, unet.config.sample_size
+    return loaded.vae.config.in_channels, unet.config.sample_size * downsample_factor(loaded.vae)
+
+
+def weights_hash(unet) -> str:
+    """sha256 over the UNet's weights (names, dtypes, shapes and values in name order): the same for a
+    model however it is stored (safetensors, .bin, an original .pt, a Hub snapshot), different for any
+    other weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

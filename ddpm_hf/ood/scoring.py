@@ -11,14 +11,12 @@ each level's errors are z-scored with in-distribution *training* images that are
 scored, then averaged, as in DDPM-OOD, Graham et al. 2023), all levels of a batch sharing
 one model call per timestep, and everything saved: results JSON, per-image CSV, plots.
 
-This module is the method (metrics, LPIPS, the reconstruction, the scorer, the test sets at the
-model's format); ood_ddpm.py's run, report and result files are ddpm_hf/commands/ood.py.
+This module is the method (metrics, LPIPS, the reconstruction, the scorer; the image sets at the
+model's format are ddpm_hf/data/sets.py); ood_ddpm.py's run, report and result files are ddpm_hf/commands/ood.py.
 """
 
-import hashlib
-import sys
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -27,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..data.images import DataOptions, load_images, resolve_spec, to_model_range
-from ..diffusion.latent import downsample_factor, encode
+from ..data.images import to_model_range
+from ..diffusion.latent import encode
 from ..diffusion.losses import per_image_loss
 from ..diffusion.sampling import (
     batch_generator,
@@ -43,7 +41,7 @@ from ..util.precision import inference_autocast
 
 LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet, fetched by `lpips` on first use
 LPIPS_MIN_SIZE = 32  # AlexNet's strides and pools need >= 31 px; smaller images are upsampled for LPIPS
-SET_IDS = {"in": 0, "out": 1, "stats": 2}  # separate noise streams per set
+SET_IDS = {"in": 0, "out": 1, "stats": 2, "query": 3}  # separate noise streams per set
 
 
 # ---- metrics -------------------------------------------------------------------------------
@@ -197,19 +195,25 @@ def reconstruct(
 class Scorer:
     """Reconstruction errors (and LPIPS) of uint8 images at every level."""
 
-    def __init__(self, loaded, levels, sampler, cfg, lpips_model=None, device="cpu"):
+    def __init__(self, loaded, levels, sampler, settings, lpips_model=None, device="cpu"):
+        """`settings`: an OODSettings (eta, loss_type, seed, batch_size, recon_draws, mixed_precision)."""
         sc = loaded.scheduler_config
         self.unet, self.vae, self.levels, self.sampler = loaded.unet, loaded.vae, levels, sampler
         self.noise_scheduler = noise_scheduler_from_config(sc)
-        self.eta, self.loss_type, self.seed, self.batch_size = cfg.ddpm, cfg.loss_type, cfg.seed, cfg.batch_size
-        self.draws, self.mixed_precision = cfg.recon_draws, cfg.mixed_precision
+        self.eta, self.loss_type, self.seed = settings.eta, settings.loss_type, settings.seed
+        self.batch_size, self.draws, self.mixed_precision = (
+            settings.batch_size,
+            settings.recon_draws,
+            settings.mixed_precision,
+        )
         self.lpips_model, self.device = lpips_model, device
         self.latent_mode = loaded.train_config.get(
             "latent_mode", "sample"
         )  # as the model was trained (and the original)
 
     @torch.inference_mode()
-    def score_batch(self, images: torch.Tensor, generator) -> dict:
+    def reconstructions(self, images: torch.Tensor, generator) -> tuple:
+        """(x0 in [-1, 1], (levels x draws, B, ...) reconstructions in pixel space) of uint8 images."""
         x0 = to_model_range(images).to(self.device)
         z0 = self._encode(x0, generator)
         # Each draw is one more "level" in the shared reverse pass; errors are averaged over draws.
@@ -218,7 +222,13 @@ class Scorer:
             recon = reconstruct(self.unet, self.sampler, self.noise_scheduler, z0, runs, self.eta, generator)
         if self.vae is not None:  # latent model: compare in pixel space, as the original
             recon = decode_latents(self.vae, recon.flatten(0, 1)).unflatten(0, recon.shape[:2])
-        target = x0.expand(len(runs), *x0.shape).flatten(0, 1)
+        return x0, recon
+
+    @torch.inference_mode()
+    def score_batch(self, images: torch.Tensor, generator) -> dict:
+        x0, recon = self.reconstructions(images, generator)
+        runs = recon.shape[0]
+        target = x0.expand(runs, *x0.shape).flatten(0, 1)
         per_level = lambda v: v.view(len(self.levels), self.draws, -1).mean(1).cpu().double()
         result = {"recon_error": per_level(per_image_loss(recon.flatten(0, 1), target, self.loss_type))}
         if self.lpips_model is not None:
@@ -251,56 +261,3 @@ def combine(scores: dict, stats: Optional[dict]) -> np.ndarray:
         for k in scores
     ]
     return np.concatenate(z).mean(0)
-
-
-# ---- data ----------------------------------------------------------------------------------
-
-
-def model_format(loaded):
-    """(channels, size) of the images the model scores (pixel space for latent models)."""
-    unet = loaded.unet
-    if loaded.vae is None:
-        return unet.config.in_channels, unet.config.sample_size
-    return loaded.vae.config.in_channels, unet.config.sample_size * downsample_factor(loaded.vae)
-
-
-def native_format(name: str, split: str, data: DataOptions):
-    """(channels, size) a dataset has before conversion: the registry's, else its first image's."""
-    spec = resolve_spec(name)
-    if spec.channels:
-        return spec.channels, spec.size
-    first = load_images(name, split, replace(data, size=None, channels=None), limit=1, progress=False)
-    return first.channels, first.size
-
-
-def load_set(name: str, split: str, data: DataOptions, channels: int, size: int, limit, role: str):
-    """uint8 images at the model's format (not --size/--channels), with a notice when the dataset had to
-    be converted. `data`: DataOptions (or a DDPMConfig) for the rest of loading."""
-    data = DataOptions.of(data, keep_format=False)
-    native_c, native_s = native_format(name, split, data)
-    if native_c != channels:
-        how = "converted to grayscale" if channels == 1 else "grayscale repeated to RGB"
-        print(
-            f"notice: {role} set {name} has {native_c}-channel images; {how} for the {channels}-channel model",
-            file=sys.stderr,
-        )
-    if native_s != size:
-        how = "shrunk" if native_s > size else "enlarged"
-        print(f"notice: {role} set {name} has {native_s} px images; {how} to the model's {size} px", file=sys.stderr)
-    return load_images(name, split, data, size=size, channels=channels, limit=limit, progress=False).images
-
-
-def load_stats_images(
-    dataset: str, data: DataOptions, stats_samples: int, channels, size, evaluated: torch.Tensor
-) -> torch.Tensor:
-    """`stats_samples` in-distribution training images, none of them equal to an evaluated image
-    (a flat image folder has one split, so its train and test splits are the same images)."""
-    seen = {hashlib.sha1(img.numpy().tobytes()).digest() for img in evaluated}
-    pool = load_set(dataset, "train", data, channels, size, stats_samples + len(evaluated), "statistics")
-    keep = [i for i, img in enumerate(pool) if hashlib.sha1(img.numpy().tobytes()).digest() not in seen][:stats_samples]
-    if len(keep) < 2:
-        raise UsageError(
-            f"--recon_factors needs in-distribution images that are not scored for its statistics, "
-            f"but {dataset} has none left; lower --max_samples or use a dataset with a train split"
-        )
-    return pool[keep]
