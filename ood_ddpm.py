@@ -30,7 +30,16 @@ GROUPS = (
     "latent",
 )
 # Training-only flags, and --scheduler (reconstruction is DDIM with eta --ddpm, as the original's).
-EXCLUDE = ("max_train_samples", "num_workers", "streaming", "shuffle_buffer_size", "scheduler", "cache_latents")
+EXCLUDE = (
+    "max_train_samples",
+    "num_workers",
+    "streaming",
+    "shuffle_buffer_size",
+    "scheduler",
+    "cache_latents",
+    "rescale_betas_zero_snr",
+    "timestep_spacing",
+)
 HELPS = {
     "dataset": "In-distribution dataset, scored on its test split (a registry name, a Hub dataset id or an image folder).",
     "ddpm": "DDIM eta of the reconstruction: 1.0 is DDPM-like ancestral sampling, 0.0 deterministic DDIM.",

@@ -31,7 +31,15 @@ GROUPS = (
     "latent",
 )
 # Training-only flags: they do nothing here.
-EXCLUDE = ("max_train_samples", "num_workers", "streaming", "shuffle_buffer_size", "cache_latents")
+EXCLUDE = (
+    "max_train_samples",
+    "num_workers",
+    "streaming",
+    "shuffle_buffer_size",
+    "cache_latents",
+    "rescale_betas_zero_snr",
+    "timestep_spacing",
+)
 HELPS = {
     "output_dir": "Output folder (default: samples/<checkpoint name>; with --fid, the folder that holds fid_samples/, "
     "default: the current folder).",

@@ -14,6 +14,7 @@ from ddpm_hf.util.errors import run_cli
 
 GROUPS = (
     "data",
+    "start",
     "model",
     "diffusion",
     "latent",
@@ -46,7 +47,7 @@ NOTES = {
 
 def build(prog="train_ddpm.py"):
     description, epilog = script_help(__doc__)
-    return build_parser(prog, description, GROUPS, epilog=epilog, helps=HELPS, notes=NOTES)
+    return build_parser(prog, description, GROUPS, epilog=epilog, helps=HELPS, notes=NOTES, aliases=True)
 
 
 @run_cli

@@ -23,7 +23,7 @@ import pytest
 
 PROGRESS = re.compile(r"(it|examples|img|step|batch)/s\]|s/(it|step|batch)\]|\d+%\|")
 
-from conftest import REPO, TINY_MODEL, TINY_TRAIN, run_script
+from conftest import REPO, TINY_MODEL, TINY_TRAIN, run_script, without_startup_notices
 
 TRAIN = [
     "--dataset",
@@ -602,9 +602,9 @@ def check_row(row, result) -> None:
     report = f"exit {result.code}\nstderr:\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr, report
     # One line; besides it only the progress bars of work done before the failure (datasets, tqdm).
-    lines = [
-        line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip() and not PROGRESS.search(line)
-    ]
+    lines = without_startup_notices(
+        [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip() and not PROGRESS.search(line)]
+    )
     assert len(lines) == 1 and lines[0].startswith(f"{row.kind}: "), report
     for needle in row.needles:
         assert needle in lines[0], f"{needle!r} not in the {row.kind} line\n{report}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_MODEL, run_script
+from conftest import REPO, TINY_MODEL, run_script, without_startup_notices
 from PIL import Image
 
 from ddpm_hf.config.options import DDPMConfig, build_parser, load_yaml, parse_config
@@ -41,9 +41,9 @@ TRAIN = [
 
 
 def _error_lines(stderr):
-    return [
-        line for line in stderr.replace("\r", "\n").splitlines() if line.startswith(("error:", "notice:", "warning:"))
-    ]
+    return without_startup_notices(
+        [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith(("error:", "notice:", "warning:"))]
+    )
 
 
 # ---- the output-folder lock -------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python -m ddpm_hf.commands.push outputs/quickstart --hub_model_id user/ddpm-mnist
     python -m ddpm_hf.commands.push outputs/quickstart        # the --hub_model_id the run was trained with
+    python -m ddpm_hf.commands.push pretrained/ddpm-mnist5k --card_only   # write README.md, upload nothing
 
 The model card (README.md) is regenerated from the folder, with the metrics that OOD and
 FID runs wrote into it since training.
@@ -10,7 +11,7 @@ FID runs wrote into it since training.
 from pathlib import Path
 
 from ..config.options import build_parser, parse_config
-from ..hub.upload import default_repo_id, push_output
+from ..hub.upload import default_repo_id, push_output, write_model_card
 from ..util.errors import run_cli
 
 
@@ -19,6 +20,11 @@ def _extra(parser):
         "output_dir", metavar="OUTPUT_DIR", help="A finished output folder (it holds model_index.json)."
     )
     parser.add_argument("--commit_message", help="Commit message on the Hub.")
+    parser.add_argument(
+        "--card_only",
+        action="store_true",
+        help="Write the model card to OUTPUT_DIR/README.md (for --hub_model_id) and upload nothing; no token needed.",
+    )
 
 
 @run_cli
@@ -32,6 +38,9 @@ def main(argv=None):
     )
     cfg, extra = parse_config(parser, argv)
     out = Path(cfg.output_dir)
+    if getattr(extra, "card_only", False):
+        write_model_card(out, cfg.hub_model_id or default_repo_id(out), cfg.hub_license)
+        return
     push_output(
         out,
         cfg.hub_model_id or default_repo_id(out),

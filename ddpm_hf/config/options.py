@@ -19,11 +19,13 @@ from typing import List, Optional
 import yaml
 
 from ..util.errors import UsageError
+from .aliases import add_aliases, resolve_flags, resolve_yaml
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "unipc")
 LOSS_TYPES = ("huber", "l2", "l1")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 # The original's one-cycle schedule, then diffusers.optimization.get_scheduler's names.
 LR_SCHEDULERS = (
     "one_cycle",
@@ -67,6 +69,24 @@ class DDPMConfig:
         "data",
     )
     shuffle_buffer_size: int = _opt(10000, "Images in the shuffle buffer of --streaming.", "data")
+    crop: str = _opt(
+        "center",
+        "How an image that is not square is cut to --size after its shorter side is resized: its centre, "
+        "or a random window (drawn once per image, seeded by --seed, as images are decoded once).",
+        "data",
+        choices=("center", "random"),
+    )
+    # ---- where the UNet comes from besides the model flags (ddpm_hf/models/pretrained.py) --------
+    pretrained_model_name_or_path: Optional[str] = _opt(
+        None,
+        "Fine-tune a trained pipeline (a folder or Hub id: ddpm-hf's, or a stock DDPMPipeline/DDIMPipeline such as google/ddpm-cifar10-32): its UNet weights and noise schedule are taken over (the model and diffusion flags are ignored) and the data is resized to its format.",
+        "start",
+    )
+    model_config_name_or_path: Optional[str] = _opt(
+        None,
+        "Train a new UNet2DModel of this config (a folder or file config.json, a pipeline folder or a Hub id) instead of the model flags' UNet.",
+        "start",
+    )
     # ---- model (openai UNet flags, mapped onto diffusers UNet2DModel) ---------------------
     model_channels: int = _opt(64, "Base channel width of the UNet.", "model")
     num_res_blocks: int = _opt(2, "Residual blocks per resolution level.", "model")
@@ -108,6 +128,18 @@ class DDPMConfig:
         "Clip the sampler's predicted clean image to [-1, 1] at every step (pixel models; the original does not).",
         "diffusion",
     )
+    rescale_betas_zero_snr: bool = _opt(
+        False,
+        "Rescale the betas to zero signal at t = T-1 (Lin et al. 2024; needs --prediction_type v_prediction "
+        "or sample): sampling from pure noise then starts where training ended.",
+        "diffusion",
+    )
+    timestep_spacing: str = _opt(
+        "trailing",
+        "How samplers space their steps over T (diffusers' names; trailing starts at t = T-1).",
+        "diffusion",
+        choices=TIMESTEP_SPACINGS,
+    )
     # ---- latent diffusion ---------------------------------------------------------------
     latent: bool = _opt(False, "Diffuse in the latent space of a pretrained AutoencoderKL.", "latent")
     vae: str = _opt("stabilityai/sd-vae-ft-mse", "VAE for --latent: a Hub id or a local folder.", "latent")
@@ -125,6 +157,9 @@ class DDPMConfig:
     lr: float = _opt(1e-3, "Peak learning rate of the one-cycle schedule.", "train")
     warmup: int = _opt(10, "Warm-up epochs of the one-cycle schedule.", "train")
     decay: float = _opt(1e-5, "AdamW weight decay.", "train")
+    adam_beta1: float = _opt(0.9, "AdamW beta1.", "train")
+    adam_beta2: float = _opt(0.999, "AdamW beta2.", "train")
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon.", "train")
     ema_rate: float = _opt(
         0.999, "EMA decay applied after every optimiser step (the maximum decay with --ema_warmup).", "train"
     )
@@ -433,6 +468,7 @@ def load_yaml(path) -> dict:
     data = _read_yaml(path)
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must be a mapping of flag names to values")
+    data = resolve_yaml(data, path)
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise UsageError(
@@ -453,6 +489,7 @@ class _OneLineParser(argparse.ArgumentParser):
 GROUP_TITLES = {
     "checkpoint": "trained model",
     "data": "data",
+    "start": "starting from a trained model or a UNet config",
     "model": "model (the original's UNet flags)",
     "diffusion": "diffusion process",
     "latent": "latent diffusion",
@@ -487,6 +524,8 @@ METAVARS = {
     "checkpoint": "DIR|ID|FILE.pt",
     "revision": "REV",
     "vae": "ID|DIR",
+    "pretrained_model_name_or_path": "DIR|ID",
+    "model_config_name_or_path": "DIR|FILE|ID",
     "resume_from_checkpoint": "latest|DIR",
     "inception_weights": "FILE",
     "hub_model_id": "[USER/]NAME",
@@ -516,16 +555,21 @@ def _shown_default(default, scalar) -> Optional[str]:
     return str(default)
 
 
+def _field_type(name: str) -> tuple:
+    """(argparse type, choices) of a setting."""
+    return _base_type(name)[0], FIELDS[name].metadata["choices"]
+
+
 def build_parser(
-    prog, description, groups, extra=None, epilog=None, exclude=(), helps=None, notes=None, usage=None
+    prog, description, groups, extra=None, epilog=None, exclude=(), helps=None, notes=None, usage=None, aliases=False
 ) -> argparse.ArgumentParser:
     """A parser with a flag for each field of `groups`; defaults are applied later (SUPPRESS).
 
     `epilog`: the script's examples, shown after the flags; `exclude`: fields of those groups that
     do nothing in this script (not offered); `helps`: {field: help text} where the script's meaning
     differs from the shared text; `notes`: {group: a line under the group's title}; `usage`: the
-    usage line (default: PROG [--config FILE] [options]). Each flag's
-    default is shown once: appended as "(default: X)" unless the help text already says it.
+    usage line (default: PROG [--config FILE] [options]); `aliases`: also accept diffusers' flag names
+    (aliases.py), listed on one line. Each flag's default is shown once: "(default: X)" unless said.
     """
     helps, notes = helps or {}, notes or {}
     parser = _OneLineParser(
@@ -570,6 +614,8 @@ def build_parser(
                 if is_list:
                     kwargs["nargs"] = "+"
             arg_group.add_argument(f"--{name}", **kwargs)
+    if aliases:
+        add_aliases(parser, {a.dest for a in parser._actions}, _field_type)
     if extra:
         extra(parser)
     return parser
@@ -588,6 +634,7 @@ def parse_config(parser, argv):
     values = load_yaml(args.pop("config")) if args.get("config") else {}
     args.pop("config", None)
     args.pop("debug", None)
+    args = resolve_flags(args)
     extra = {k: args.pop(k) for k in list(args) if k not in FIELDS}
     values.update(args)
     cfg = DDPMConfig(**values)
@@ -701,6 +748,11 @@ def _check_diffusion_and_fid(cfg: DDPMConfig, timesteps_known: bool) -> None:
         raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
     if not 0 < cfg.beta_start < cfg.beta_end < 1:
         raise UsageError("betas must satisfy 0 < --beta_start < --beta_end < 1")
+    if cfg.rescale_betas_zero_snr and cfg.prediction_type == "epsilon":
+        raise UsageError(
+            "--rescale_betas_zero_snr leaves no signal at t = T-1, where predicted noise says nothing about the "
+            "image; add --prediction_type v_prediction (or sample)"
+        )
     if timesteps_known and cfg.sample_timesteps > cfg.timesteps:
         raise UsageError(
             f"--sample_timesteps {cfg.sample_timesteps} is larger than --timesteps {cfg.timesteps}; use at most {cfg.timesteps}"
@@ -745,6 +797,8 @@ def _check_training(cfg: DDPMConfig) -> None:
         raise UsageError(f"--ema_inv_gamma and --ema_power must be > 0, got {cfg.ema_inv_gamma} and {cfg.ema_power}")
     if cfg.lr_warmup_steps is not None and cfg.lr_warmup_steps < 0:
         raise UsageError(f"--lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
+    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1 and cfg.adam_epsilon > 0):
+        raise UsageError("--adam_beta1 and --adam_beta2 must be in [0, 1) and --adam_epsilon > 0")
     if cfg.lr <= 0 or not 0 <= cfg.ema_rate < 1 or cfg.decay < 0:
         raise UsageError("--lr must be > 0, --ema_rate in [0, 1) and --decay >= 0")
 
@@ -769,6 +823,12 @@ def _check_exclusive(cfg: DDPMConfig) -> None:
         )
     if cfg.shuffle_buffer_size <= 0:
         raise UsageError(f"--shuffle_buffer_size must be a positive integer, got {cfg.shuffle_buffer_size}")
+    if cfg.pretrained_model_name_or_path and (cfg.model_config_name_or_path or cfg.latent):
+        raise UsageError(
+            "--pretrained_model_name_or_path brings its own UNet; drop --model_config_name_or_path and --latent"
+        )
+    if cfg.model_config_name_or_path and cfg.latent:
+        raise UsageError("--model_config_name_or_path with --latent is not supported; drop one of them")
     if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
         raise UsageError(
             "--resume_from_checkpoint continues a run and --overwrite_output_dir starts it over; pass only one of them"

@@ -296,13 +296,18 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
 
 
-def _pil_to_array(img: Image.Image, channels: int, size: int) -> np.ndarray:
+def _pil_to_array(img: Image.Image, channels: int, size: int, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Shorter side resized to `size`, then a size x size window: the centre, or one drawn by `rng` (--crop random)."""
     img = to_8bit(img).convert("L" if channels == 1 else "RGB")
     w, h = img.size
-    scale = size / min(w, h)  # shorter side to `size`, then centre crop (non-square images)
+    scale = size / min(w, h)
     if (w, h) != (size, size):
         img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-        left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+        spare_w, spare_h = img.size[0] - size, img.size[1] - size
+        if rng is None:
+            left, top = spare_w // 2, spare_h // 2
+        else:
+            left, top = int(rng.integers(spare_w + 1)), int(rng.integers(spare_h + 1))
         img = img.crop((left, top, left + size, top + size))
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -370,11 +375,16 @@ def load_images(
         channels = channels or (1 if is_gray(first.mode) else 3)
         size = size or min(first.size)
     out, skipped = [], 0
-    for item in tqdm(raw, desc=f"decoding {name} ({split})", disable=not progress, unit="img", mininterval=2):
+    crop_seed = getattr(cfg, "seed", 0) if getattr(cfg, "crop", "center") == "random" else None
+    for index, item in enumerate(
+        tqdm(raw, desc=f"decoding {name} ({split})", disable=not progress, unit="img", mininterval=2)
+    ):
         ref = item[column]
+        # a window per image from (seed, index): every process of a multi-process run cuts the same one
+        rng = None if crop_seed is None else np.random.default_rng([crop_seed, index])
         try:
             with _open(ref) as img:
-                out.append(_pil_to_array(img, channels, size))
+                out.append(_pil_to_array(img, channels, size, rng))
         except Exception as err:  # unreadable or truncated file: skip it and count it
             skipped += 1
             if skipped <= 3:
@@ -446,12 +456,12 @@ class StreamData:
     images: None = None  # nothing is decoded up front
 
 
-def _stream_pixels(value, channels: int, size: int) -> Optional[np.ndarray]:
+def _stream_pixels(value, channels: int, size: int, rng=None) -> Optional[np.ndarray]:
     """One streamed image as uint8 (C, size, size); None when it cannot be read (then skipped)."""
     if isinstance(value, (dict, Image.Image)):  # datasets.Image(decode=False) gives {"bytes", "path"}
         try:
             with _open(value) if isinstance(value, dict) else value as img:
-                return _pil_to_array(img, channels, size)
+                return _pil_to_array(img, channels, size, rng)
         except Exception as err:
             where = value.get("path") if isinstance(value, dict) else None
             print(f"warning: skipping unreadable image {where or ''} ({type(err).__name__})", file=sys.stderr)
@@ -497,7 +507,8 @@ def stream_images(
         ds = ds.take(cfg.max_train_samples)
     ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer_size)
     ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    ds = ds.map(lambda ex: {"pixels": _stream_pixels(ex[column], channels, size)}, remove_columns=ds.column_names)
+    rng = np.random.default_rng([cfg.seed, rank]) if getattr(cfg, "crop", "center") == "random" else None
+    ds = ds.map(lambda ex: {"pixels": _stream_pixels(ex[column], channels, size, rng)}, remove_columns=ds.column_names)
     return StreamData(ds.filter(lambda ex: ex["pixels"] is not None), channels, size, name)
 
 

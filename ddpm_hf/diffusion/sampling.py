@@ -10,6 +10,7 @@ calls `scale_model_input`, and passes `eta`/`generator` only to `step`s that tak
 import inspect
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
@@ -30,10 +31,13 @@ def make_noise_scheduler(
     beta_schedule: str = "linear",
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
+    rescale_betas_zero_snr: bool = False,
+    timestep_spacing: str = "trailing",
 ) -> DDPMScheduler:
     """The forward process (with the seed's linear betas, `add_noise` equals the original's exactly).
-    Its config is what every sampler and the saved pipeline inherit: T, betas, the prediction type
-    and whether a sampler clips its predicted clean image."""
+    Its config is what every sampler and the saved pipeline inherit: T, betas (rescaled to zero
+    terminal SNR with `rescale_betas_zero_snr`), the prediction type, whether a sampler clips its
+    predicted clean image, and how a sampler spaces its steps."""
     return DDPMScheduler(
         num_train_timesteps=timesteps,
         beta_start=beta_start,
@@ -41,6 +45,53 @@ def make_noise_scheduler(
         beta_schedule=beta_schedule,
         prediction_type=prediction_type,
         clip_sample=clip_sample,
+        rescale_betas_zero_snr=rescale_betas_zero_snr,
+        timestep_spacing=timestep_spacing,
+    )
+
+
+def sampler_spacing(config) -> str:
+    """How a sampler spaces its steps: what the model's scheduler config records, else "trailing"
+    (the original's step rule; stock configs that never set it would get diffusers' "leading")."""
+    defaulted = config.get("_use_default_values") or ()
+    spacing = config.get("timestep_spacing")
+    return spacing if spacing and "timestep_spacing" not in defaulted else "trailing"
+
+
+def schedule_settings(config, sample_timesteps: int) -> dict:
+    """The diffusion settings (DDPMConfig's names) a saved scheduler config holds: what a run that takes
+    over a pretrained model's schedule records; its sampling steps are at most its T."""
+    T = config["num_train_timesteps"]
+    return dict(
+        timesteps=T,
+        beta_start=config.get("beta_start", 0.0001),
+        beta_end=config.get("beta_end", 0.02),
+        beta_schedule=config.get("beta_schedule", "linear"),
+        prediction_type=config.get("prediction_type", "epsilon"),
+        clip_sample=bool(config.get("clip_sample", False)),
+        rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)),
+        timestep_spacing=sampler_spacing(config),
+        sample_timesteps=min(sample_timesteps, T),
+    )
+
+
+def terminal_signal(config) -> float:
+    """sqrt(alpha_bar) at t = T-1: the fraction of the image a fully noised sample still holds."""
+    return float(noise_scheduler_from_config(config).alphas_cumprod[-1].sqrt())
+
+
+def terminal_snr_notice(config) -> Optional[str]:
+    """A notice when noise prediction meets a schedule that keeps over 1 % of the signal at t = T-1:
+    sampling starts from pure noise, a state the model never saw (docs/quality.md)."""
+    signal = terminal_signal(config)
+    if config.get("prediction_type", "epsilon") != "epsilon" or signal <= 0.01:
+        return None
+    return (
+        f"notice: the noise schedule keeps {100 * signal:.1f} % of the signal at t = T-1, but sampling starts from "
+        f"pure noise, so a noise-predicting model draws grey scribbles; end the schedule in noise with "
+        f"--rescale_betas_zero_snr --prediction_type v_prediction (keep --timestep_spacing trailing), or train "
+        f"--beta_schedule squaredcos_cap_v2 --prediction_type v_prediction as configs/quickstart.yaml does "
+        f"(docs/quality.md)"
     )
 
 
@@ -52,19 +103,17 @@ def noise_scheduler_from_config(config) -> DDPMScheduler:
 def make_sampler(name: str, config) -> object:
     """A sampling scheduler built from a noise scheduler's config (same T, betas, prediction type and
     clipping; configs saved before --clip_sample existed do not clip, as the original)."""
-    clip = bool(config.get("clip_sample", False))
+    clip, spacing = bool(config.get("clip_sample", False)), sampler_spacing(config)
     if name == "ddim":
         return DDIMScheduler.from_config(
-            config, clip_sample=clip, set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing"
+            config, clip_sample=clip, set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing
         )
     if name == "ddpm":
-        return DDPMScheduler.from_config(config, clip_sample=clip, timestep_spacing="trailing")
+        return DDPMScheduler.from_config(config, clip_sample=clip, timestep_spacing=spacing)
     if name == "dpmsolver++":
-        return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", timestep_spacing="trailing"
-        )
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", timestep_spacing=spacing)
     if name == "unipc":
-        return UniPCMultistepScheduler.from_config(config, timestep_spacing="trailing")
+        return UniPCMultistepScheduler.from_config(config, timestep_spacing=spacing)
     raise ValueError(f"unknown scheduler {name}")
 
 

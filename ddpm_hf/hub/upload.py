@@ -36,6 +36,8 @@ MODEL_SETTINGS = (
     "dataset",
     "channels",
     "size",
+    "pretrained_model_name_or_path",
+    "model_config_name_or_path",
     "latent",
     "vae",
     "model_channels",
@@ -48,9 +50,36 @@ MODEL_SETTINGS = (
     "use_new_attention_order",
     "dropout",
     "timesteps",
+    "beta_schedule",
     "beta_start",
     "beta_end",
+    "rescale_betas_zero_snr",
+    "prediction_type",
+    "clip_sample",
+    "timestep_spacing",
 )
+UNET_FLAGS = MODEL_SETTINGS[MODEL_SETTINGS.index("model_channels") : MODEL_SETTINGS.index("dropout")]
+# Settings the saved scheduler config records: the card shows its values, which samplers use.
+SCHEDULER_SETTINGS = {
+    "num_train_timesteps": "timesteps",
+    "beta_schedule": "beta_schedule",
+    "beta_start": "beta_start",
+    "beta_end": "beta_end",
+    "rescale_betas_zero_snr": "rescale_betas_zero_snr",
+    "prediction_type": "prediction_type",
+    "clip_sample": "clip_sample",
+    "timestep_spacing": "timestep_spacing",
+}
+SCHEDULES = {
+    "linear": "linear betas",
+    "scaled_linear": "scaled-linear betas",
+    "squaredcos_cap_v2": "the cosine schedule (`squaredcos_cap_v2`) capped at beta 0.999",
+}
+PREDICTIONS = {
+    "epsilon": "the noise (`epsilon`)",
+    "v_prediction": "the velocity v (`v_prediction`)",
+    "sample": "the clean image (`sample`)",
+}
 # Not known for a converted checkpoint of the original (its file records no training settings).
 TRAIN_SETTINGS = (
     "loss_type",
@@ -61,6 +90,9 @@ TRAIN_SETTINGS = (
     "warmup",
     "decay",
     "ema_rate",
+    "ema_warmup",
+    "ema_inv_gamma",
+    "ema_power",
     "mixed_precision",
     "seed",
 )
@@ -78,8 +110,12 @@ An unconditional denoising diffusion probabilistic model (DDPM) {% if converted_
 **{{ dataset }}** by the original [GenerativeZoo](https://github.com/caetas/GenerativeZoo) code and converted
 from its checkpoint `{{ converted_from }}` by ddpm-hf{% else %}trained with ddpm-hf (a re-build of
 the DDPM of [GenerativeZoo](https://github.com/caetas/GenerativeZoo)) on **{{ dataset }}**{% endif %}: {{ shape }} images,
-a diffusers `UNet2DModel` of {{ params }} parameters (EMA weights) and a `DDIMScheduler`
-with T = {{ timesteps }} linear betas ({{ beta_start }} to {{ beta_end }}).
+a diffusers `UNet2DModel` of {{ params }} parameters and a `{{ scheduler_class }}`.
+
+- Noise schedule: {{ schedule }}.
+- The UNet predicts {{ prediction }}.
+- Sampler: {{ sampler }}.
+- Weights: {{ ema }}.
 {% if grid %}
 ## Samples
 
@@ -314,6 +350,10 @@ def _settings_rows(config: dict, converted_from) -> list:
     """(name, value) of the card's settings table: the model's, and the training's for a trained model."""
     names = [k for k in MODEL_SETTINGS + (() if converted_from else TRAIN_SETTINGS) if k in config]
     names = [k for k in names if config[k] is not None and (k != "vae" or config.get("latent"))]
+    if config.get("pretrained_model_name_or_path") or config.get("model_config_name_or_path"):
+        names = [k for k in names if k not in UNET_FLAGS]  # the UNet did not come from the model flags
+    if not config.get("ema_warmup"):  # its shape only matters with the warm-up
+        names = [k for k in names if k not in ("ema_inv_gamma", "ema_power")]
     settings = [(k, json.dumps(config[k]) if isinstance(config[k], (list, bool)) else config[k]) for k in names]
     # What ran, not the flag: --mixed_precision auto (or none: `accelerate config`) resolved at training time.
     used = config.get("mixed_precision_used")
@@ -335,6 +375,63 @@ def _trained_line(config: dict, converted_from) -> Optional[str]:
         f"Trained for {config['trained_steps']:,} optimiser steps"
         + (f" ({epochs} epoch{plural})" if epochs is not None else "")
         + "."
+    )
+
+
+def _schedule_text(scheduler: dict) -> str:
+    """The noise schedule as the saved scheduler config has it, with the signal it keeps at t = T-1."""
+    from ..diffusion.sampling import terminal_signal
+
+    if not scheduler.get("num_train_timesteps"):
+        return "not recorded (no scheduler config)"
+    kind = scheduler.get("beta_schedule", "linear")
+    words = SCHEDULES.get(kind, f"`{kind}` betas")
+    if kind != "squaredcos_cap_v2":
+        words += f" ({scheduler.get('beta_start')} to {scheduler.get('beta_end')})"
+    text = f"T = {scheduler.get('num_train_timesteps')} steps of {words}"
+    if scheduler.get("rescale_betas_zero_snr"):
+        text += ", rescaled to zero terminal SNR (`rescale_betas_zero_snr`)"
+    signal = terminal_signal(scheduler)
+    return text + f"; {100 * signal:.1f} % of the signal is left at t = T-1 (sampling starts from pure noise)"
+
+
+def _sampler_text(scheduler: dict, steps: int, eta: float) -> str:
+    clip = (
+        f"clips its clean-image estimate to [-{scheduler.get('clip_sample_range', 1.0)}, "
+        f"{scheduler.get('clip_sample_range', 1.0)}] at every step"
+        if scheduler.get("clip_sample")
+        else "does not clip its clean-image estimate"
+    )
+    spacing = scheduler.get("timestep_spacing", "leading")
+    return (
+        f"`{scheduler.get('_class_name', 'DDIMScheduler')}` with `{spacing}` timestep spacing; it {clip}; the snippet "
+        f"below samples with {steps} steps at eta {eta}"
+    )
+
+
+def _ema_text(config: dict) -> str:
+    if config.get("converted_from"):
+        return "the EMA weights of the original checkpoint"
+    if "ema_rate" not in config:
+        return "EMA weights"
+    if config.get("ema_warmup"):
+        return (
+            f"EMA, decay warmed up as diffusers' `EMAModel` (1 - (1 + step / {config.get('ema_inv_gamma', 1.0)})"
+            f" ^ -{config.get('ema_power', 0.75)}), capped at {config['ema_rate']}"
+        )
+    return f"EMA, constant decay {config['ema_rate']} after every optimiser step"
+
+
+def _diffusion_words(scheduler: dict, config: dict, steps: int) -> dict:
+    """The template's description of the noise process, the prediction, the sampler and the weights."""
+    eta = config.get("ddpm", 1.0)
+    return dict(
+        scheduler_class=scheduler.get("_class_name", "DDIMScheduler"),
+        schedule=_schedule_text(scheduler),
+        prediction=PREDICTIONS.get(scheduler.get("prediction_type", "epsilon"), scheduler.get("prediction_type")),
+        sampler=_sampler_text(scheduler, steps, eta),
+        ema=_ema_text(config),
+        eta=eta,
     )
 
 
@@ -373,7 +470,8 @@ def build_model_card(out: Path, repo_id: str, license: str = "mit", pipeline_dir
         eval_results=[r["eval"] for r in metrics] or None,
     )
     converted_from = config.get("converted_from")
-    settings, trained = _settings_rows(config, converted_from), _trained_line(config, converted_from)
+    recorded = {**config, **{ours: scheduler[k] for k, ours in SCHEDULER_SETTINGS.items() if k in scheduler}}
+    settings, trained = _settings_rows(recorded, converted_from), _trained_line(config, converted_from)
     card = ModelCard.from_template(
         data,
         template_str=TEMPLATE,
@@ -382,12 +480,9 @@ def build_model_card(out: Path, repo_id: str, license: str = "mit", pipeline_dir
         dataset=dataset,
         shape=shape,
         params=f"{params:,}" if params else "?",
-        timesteps=timesteps,
-        beta_start=scheduler.get("beta_start"),
-        beta_end=scheduler.get("beta_end"),
         repo_id=repo_id,
         steps=sample_steps,
-        eta=config.get("ddpm", 1.0),
+        **_diffusion_words(scheduler, config, sample_steps),
         grid=grids[-1].relative_to(out).as_posix() if grids else None,
         grid_note=f"{len(grids)} grid(s) in `samples/`, the last shown" if grids else "",
         metrics=metrics,
@@ -398,6 +493,18 @@ def build_model_card(out: Path, repo_id: str, license: str = "mit", pipeline_dir
         converted_from=converted_from,
     )
     return populate_model_card(card, tags=TAGS + (["latent-diffusion"] if config.get("latent") else []))
+
+
+def write_model_card(out: Path, repo_id: str, license: str = "mit") -> Path:
+    """The card of `out` written to OUT/README.md (a hand-edited card, without the marker line, is kept)."""
+    out = Path(out)
+    upload_files(out)  # a folder without a pipeline fails here, in one line
+    readme = out / "README.md"
+    if readme.is_file() and CARD_MARKER not in readme.read_text(errors="ignore"):
+        raise UsageError(f"{readme} was edited by hand (no ddpm-hf marker line); move it away to regenerate it")
+    write_text(readme, str(build_model_card(out, repo_id, license)), "the model card")
+    print(f"wrote the model card {readme}")
+    return readme
 
 
 # ---- the upload ----------------------------------------------------------------------------------

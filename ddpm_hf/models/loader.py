@@ -14,7 +14,7 @@ from .convert_gzoo import load_original_checkpoint
 from .pipeline import LoadedModel, _refuse_weight_file, check_pipeline_folder, load_pipeline
 
 
-def require_hub_model(repo_id: str, revision: Optional[str]) -> None:
+def require_hub_model(repo_id: str, revision: Optional[str], flag: str = "--checkpoint") -> None:
     """Fail in one line, in about a second, when a Hub model cannot be had (offline and not cached,
     unknown, or the Hub unreachable), instead of after retries and library warnings."""
     if hub_offline():
@@ -25,21 +25,24 @@ def require_hub_model(repo_id: str, revision: Optional[str]) -> None:
         except Exception:
             raise DDPMError(
                 f"the Hub model {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading "
-                f"it; download it once online, or pass a pipeline folder to --checkpoint"
+                f"it; download it once online, or pass a pipeline folder to {flag}"
             ) from None
         return
     check_hub_repo(
         repo_id,
         f"model {repo_id}",
-        "check --checkpoint (or log in for a private model)",
-        "pass a pipeline folder to --checkpoint",
+        f"check {flag} (or log in for a private model)",
+        f"pass a pipeline folder to {flag}",
         revision=revision,
     )
 
 
-def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = None, device="cpu") -> LoadedModel:
+def load_model(
+    checkpoint: Optional[str], cfg=None, revision: Optional[str] = None, device="cpu", flag: str = "--checkpoint"
+) -> LoadedModel:
     """A pipeline folder, a Hub model id or an original `.pt` file -> LoadedModel. `cfg` (the model,
-    diffusion and data flags) only describes a `.pt` file, which records none of them."""
+    diffusion and data flags) only describes a `.pt` file, which records none of them; `flag` names
+    the option the model came from in error lines."""
     if not checkpoint:
         raise UsageError("--checkpoint is required: a trained pipeline folder, a Hub model id or an original .pt file")
     if checkpoint.endswith(".pt"):
@@ -58,10 +61,10 @@ def load_model(checkpoint: Optional[str], cfg=None, revision: Optional[str] = No
         check_pipeline_folder(checkpoint)
     elif not is_hub_id(checkpoint):
         raise UsageError(
-            f"checkpoint {checkpoint} does not exist; pass a pipeline folder, a Hub model id (user/name) or a .pt file"
+            f"{flag} {checkpoint} does not exist; pass a pipeline folder, a Hub model id (user/name) or a .pt file"
         )
     else:
-        require_hub_model(checkpoint, revision)
+        require_hub_model(checkpoint, revision, flag)
     return load_pipeline(checkpoint, revision, device)
 
 

@@ -38,6 +38,18 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX) :])
 
 
+def resolve_checkpoint(resume: Optional[str], checkpoint_root: Path) -> Optional[str]:
+    """--resume_from_checkpoint as given, or in diffusers' form: a bare `checkpoint-N`, or diffusers' layout
+    OUTPUT_DIR/checkpoint-N, -> checkpoint_root/checkpoint-N (another run's path is never redirected)."""
+    if not resume or resume == "latest" or Path(resume).is_dir():
+        return resume
+    path = Path(resume)
+    numbered = path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    if numbered and (path.name == resume or path.parent.resolve() == checkpoint_root.parent.resolve()):
+        return str(checkpoint_root / path.name)
+    return resume
+
+
 def list_checkpoints(checkpoint_root: Path) -> list:
     """Checkpoints under their final name, oldest first (interrupted saves carry a suffix)."""
     if not checkpoint_root.is_dir():

@@ -24,7 +24,7 @@ from ..util.files import (
     writing,
 )
 from ..util.lock import ensure_not_in_use, lock_output_dir
-from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints
+from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints, resolve_checkpoint
 
 # Flags a resumed run must keep (the data, its order, the noise process, the batches): the checkpoint's
 # optimiser, data position and schedule mean nothing under others. --n_epochs / --max_train_steps may change.
@@ -37,6 +37,8 @@ RESUME_FIXED = (
     "max_train_samples",
     "streaming",
     "shuffle_buffer_size",
+    "pretrained_model_name_or_path",
+    "model_config_name_or_path",
     "latent",
     "vae",
     "latent_mode",
@@ -45,6 +47,7 @@ RESUME_FIXED = (
     "beta_start",
     "beta_end",
     "beta_schedule",
+    "rescale_betas_zero_snr",
     "prediction_type",
     "loss_type",
     "snr_gamma",
@@ -52,6 +55,7 @@ RESUME_FIXED = (
     "gradient_accumulation_steps",
     "seed",
 )
+SCHEDULE_KEYS = ("timesteps", "beta_start", "beta_end", "beta_schedule", "rescale_betas_zero_snr", "prediction_type")
 RESUME_ADVICE = (
     "resume with its flags (only --n_epochs and --max_train_steps may change), or train into another --output_dir"
 )
@@ -76,7 +80,13 @@ def check_output_dir(cfg: DDPMConfig) -> Path:
                 f"{out} holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue it, "
                 f"--overwrite_output_dir to start over, or another --output_dir"
             )
-    resume = cfg.resume_from_checkpoint
+    resume = cfg.resume_from_checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, out / "checkpoints")
+    if resume and resume != "latest" and not Path(resume).is_dir() and Path(resume).parent == out / "checkpoints":
+        saved = ", ".join(p.name for p in list_checkpoints(out / "checkpoints")) or "none"
+        raise UsageError(
+            f"--resume_from_checkpoint {resume} is not a checkpoint folder: no {Path(resume).name} in "
+            f"{out / 'checkpoints'} (saved there: {saved}); pass one of those or 'latest'"
+        )
     if (
         resume
         and resume != "latest"
@@ -105,6 +115,8 @@ def check_resume_flags(cfg: DDPMConfig, out: Path) -> None:
     except FileNotFoundError:
         return
     now = cfg.to_dict()
+    if cfg.pretrained_model_name_or_path:  # the same pretrained model brings the same schedule
+        now.update({k: saved[k] for k in SCHEDULE_KEYS if k in saved})
     changed = [
         f"--{k} {_flag_value(now[k])} (the run used {_flag_value(saved[k])})"
         for k in RESUME_FIXED

@@ -12,12 +12,14 @@ import torch
 from ..diffusion.losses import elementwise_loss, min_snr_weights, per_image_loss, prediction_target
 
 
-def make_optimizer(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(
+    parameters, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8
+) -> torch.optim.AdamW:
     """AdamW, with PyTorch's fused kernel (one pass over all parameters) on CPU and CUDA, else the
     foreach one (benchmarks/run.py, components: fused is several times faster on CPU)."""
     parameters = list(parameters)
     fast = {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in parameters) else {"foreach": True}
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, **fast)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, **fast)
 
 
 def draw_noise(noise_scheduler, x0: torch.Tensor) -> tuple:

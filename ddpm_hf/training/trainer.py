@@ -34,7 +34,17 @@ from tqdm.auto import tqdm
 from ..config.options import DDPMConfig
 from ..data.images import StreamingBatches, batch_loader, load_images, stream_images, to_model_range
 from ..diffusion.latent import encode_dataset, latent_format, load_training_vae, training_latents
-from ..diffusion.sampling import GRID_MAX, generate, make_noise_scheduler, make_sampler, num_inference_steps
+from ..diffusion.sampling import (
+    GRID_MAX,
+    generate,
+    make_noise_scheduler,
+    make_sampler,
+    noise_scheduler_from_config,
+    num_inference_steps,
+    schedule_settings,
+    terminal_snr_notice,
+)
+from ..models.pretrained import check_data_format, describe, load_pretrained, unet_from_config
 from ..hub.upload import TrainingPush
 from ..models.pipeline import public_config, save_pipeline
 from ..models.unet import build_unet, count_parameters, unet_kwargs
@@ -159,6 +169,7 @@ def resolve_micro_batch(requested: Optional[int], batch_size: int, device: torch
 class Trainer:
     def __init__(self, cfg: DDPMConfig):
         self.cfg = cfg
+        self.start = None  # set up by setup(): the pretrained model or UNet config the run starts from
         self.state = TrainerState()
         self.autocast = None  # Accelerate's, set in setup(); benchmarks/run.py may set another
 
@@ -184,6 +195,9 @@ class Trainer:
         self.build(self.unet, self.train_data)
         if self.main:  # after the checks of flags and data: a bad input still gets one line
             warn_if_bf16_emulated(self.accelerator.mixed_precision, self.accelerator.device)
+            notice = terminal_snr_notice(self.noise_scheduler.config)
+            if notice:
+                print(notice, file=sys.stderr)
         if self.host_memory:
             self.accelerator.print(self.host_memory)
         if self.micro_batch:
@@ -208,8 +222,22 @@ class Trainer:
                 f"(sample_ddpm.py writes any number)"
             )
         self.vae = load_training_vae(cfg)  # --latent: the frozen AutoencoderKL; an unreachable one fails in a second
-        if cfg.size:  # --size the UNet cannot downsample fails now, not after loading the data
+        self.start = self._start_model()
+        if cfg.size and self.start is None:  # --size the UNet cannot downsample fails now, not after loading the data
             unet_kwargs(cfg, 1, latent_format(cfg, self.vae, 1, cfg.size)[1] if self.vae else cfg.size)
+
+    def _start_model(self):
+        """--pretrained_model_name_or_path (its UNet and noise schedule; the run's records take its T, betas
+        and prediction type) or --model_config_name_or_path (a new UNet of that config); None: the model flags."""
+        cfg = self.cfg
+        if cfg.pretrained_model_name_or_path:
+            start = load_pretrained(cfg.pretrained_model_name_or_path)
+            check_data_format(start, cfg.size, cfg.channels)
+            self.cfg = dataclasses.replace(cfg, **schedule_settings(start.scheduler_config, cfg.sample_timesteps))
+            return start
+        if cfg.model_config_name_or_path:
+            return unet_from_config(cfg.model_config_name_or_path, cfg.size, cfg.channels)
+        return None
 
     def _make_accelerator(self) -> Accelerator:
         cfg = self.cfg
@@ -229,17 +257,20 @@ class Trainer:
 
     def _load_data(self) -> None:
         """The images (or a stream of them), and the UNet sized for them (or for their latents)."""
-        cfg, accelerator = self.cfg, self.accelerator
+        cfg, accelerator, start = self.cfg, self.accelerator, self.start
+        size, channels = (start.size, start.channels) if start else (None, None)  # a start model sets the format
         data = (
-            stream_images(cfg.dataset, cfg, accelerator.process_index, accelerator.num_processes)
+            stream_images(cfg.dataset, cfg, accelerator.process_index, accelerator.num_processes, size, channels)
             if cfg.streaming
-            else load_images(cfg.dataset, "train", cfg, limit=cfg.max_train_samples, progress=self.main)
+            else load_images(cfg.dataset, "train", cfg, size, channels, limit=cfg.max_train_samples, progress=self.main)
         )
         vae = self.vae
         if vae is not None:
             vae.to(accelerator.device)  # never prepared: no DDP wrapper, no optimiser, no checkpoint
         channels, size = latent_format(cfg, vae, data.channels, data.size) if vae else (data.channels, data.size)
-        self.unet = build_unet(cfg, channels, size)
+        self.unet = start.unet if start else build_unet(cfg, channels, size)
+        if start:
+            accelerator.print(describe(start))
         accelerator.print(
             f"data: {cfg.dataset}, {'streamed' if cfg.streaming else len(data.images)} images of "
             f"{data.channels}x{data.size}x{data.size}; UNet: {count_parameters(self.unet):,} parameters"
@@ -273,11 +304,25 @@ class Trainer:
         """The noise process, EMA, optimiser, loader and LR schedule for `unet` on `data` (a uint8
         image or latent tensor, or a stream under --streaming), prepared by Accelerate."""
         cfg, accelerator = self.cfg, self.accelerator
-        self.noise_scheduler = make_noise_scheduler(
-            cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule, cfg.prediction_type, cfg.clip_sample
+        start = getattr(self, "start", None)
+        self.noise_scheduler = (
+            noise_scheduler_from_config(start.scheduler_config)
+            if start is not None and start.scheduler_config is not None
+            else make_noise_scheduler(
+                cfg.timesteps,
+                cfg.beta_start,
+                cfg.beta_end,
+                cfg.beta_schedule,
+                cfg.prediction_type,
+                cfg.clip_sample,
+                rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
+                timestep_spacing=cfg.timestep_spacing,
+            )
         )
         self.ema = make_ema(unet, cfg.ema_rate, cfg.ema_warmup, cfg.ema_inv_gamma, cfg.ema_power)
-        optimizer = make_optimizer(unet.parameters(), cfg.lr, cfg.decay)
+        optimizer = make_optimizer(
+            unet.parameters(), cfg.lr, cfg.decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon
+        )
         if cfg.streaming:  # epochs are virtual: --max_train_steps in --n_epochs parts (warm-up, sample grids, FID)
             self.loader = StreamingBatches(
                 data,
