@@ -273,8 +273,8 @@ ROWS = [
         "train_ddpm.py",
         [*TRAIN, "--config", "bad.yaml"],
         2,
-        ("unknown key(s) learning_rate", "flag names"),
-        _file("bad.yaml", "learning_rate: 0.1\n"),
+        ("unknown key(s) lr_rate", "flag names"),
+        _file("bad.yaml", "lr_rate: 0.1\n"),
     ),
     Row(
         "yaml_wrong_type",
@@ -297,9 +297,9 @@ ROWS = [
         "unknown_flag",
         "unknown flag",
         "train_ddpm.py",
-        [*TRAIN, "--learning_rate", "0.1"],
+        [*TRAIN, "--lr_rate", "0.1"],
         2,
-        ("unrecognized arguments: --learning_rate", "--help"),
+        ("unrecognized arguments: --lr_rate", "--help"),
     ),
     Row(
         "output_not_writable",

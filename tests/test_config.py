@@ -73,7 +73,7 @@ def test_booleans_are_real():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("learning_rate: 0.1\n", "unknown key(s) learning_rate"),
+        ("lr_rate: 0.1\n", "unknown key(s) lr_rate"),
         ("timesteps: '300'\n", "'timesteps' must be int"),
         ("use_scale_shift_norm: 'False'\n", "'use_scale_shift_norm' must be bool"),
         ("channel_mult: [1, two]\n", "'channel_mult' must be int"),

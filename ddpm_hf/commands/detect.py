@@ -14,7 +14,7 @@ from ..data.images import DataOptions
 from ..data.sets import load_query_images, load_set, load_stats_images
 from ..models.loader import load_model, model_format
 from ..ood.detector import MANIFEST, OODDetector, read_detector
-from ..ood.scoring import Scorer, plan_levels
+from ..ood.scoring import Scorer, plan_levels, require_lpips_weights
 from ..util.errors import UsageError
 from ..util.files import make_output_dir, remove, writing
 from ..util.lock import ensure_not_in_use, lock_output_dir
@@ -60,6 +60,8 @@ def fit_command(cfg, device) -> OODDetector:
         raise UsageError("--fit needs --output_dir DIR: the folder the detector is saved to")
     start = time.perf_counter()
     settings = settings_from_config(cfg)
+    if settings.lpips:
+        require_lpips_weights()
     loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
     out = Path(cfg.output_dir)
     _claim_folder(out, (MANIFEST,), cfg.overwrite_output_dir, "a detector")

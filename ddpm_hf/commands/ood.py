@@ -19,7 +19,7 @@ from ..models.loader import load_model, model_format
 from ..ood.network import ScoreModel
 from ..ood.run import OODRun, evaluate
 from ..ood.scores import NLLScore, ReconScore, build_score
-from ..ood.scoring import ood_metrics, snap_notices
+from ..ood.scoring import ood_metrics, require_lpips_weights, snap_notices
 from ..ood.settings import OODSettings
 from ..util.errors import UsageError
 from ..util.files import make_output_dir, remove, simulate_disk_full, writing
@@ -296,6 +296,8 @@ def _results(cfg, loaded, device, run: OODRun, per_level, timing) -> dict:
 def _prepare(cfg, device) -> tuple:
     """(settings, loaded model, score), failing fast: the settings first, LPIPS and the model's fitness next."""
     settings = settings_from_config(cfg)
+    if settings.lpips:
+        require_lpips_weights()
     loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
     model = ScoreModel(loaded, device, settings.mixed_precision, settings.seed, settings.batch_size)
     return settings, loaded, build_score(settings.score, model, settings)

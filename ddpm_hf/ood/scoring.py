@@ -81,19 +81,30 @@ def lpips_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_WEIGHTS
 
 
-def load_lpips(pnet_rand: bool = False, device="cpu"):
-    """lpips.LPIPS(net="alex"); fails in one line when the AlexNet backbone is neither cached
-    nor downloadable (offline: HF_HUB_OFFLINE=1 means no download is even tried)."""
-    import huggingface_hub
-    import lpips
-
+def _lpips_advice() -> str:
     weights = lpips_weights_path()
-    advice = (
+    return (
         f"--lpips needs torchvision's AlexNet weights: place {LPIPS_WEIGHTS} in {weights.parent} "
         f"($TORCH_HOME/hub/checkpoints/), or run without --lpips"
     )
-    if not pnet_rand and not weights.exists() and huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise DDPMError(f"{advice} (offline, so not downloading it)")
+
+
+def require_lpips_weights() -> None:
+    """Fail in one line, before any model is loaded, when offline and the AlexNet weights are not cached."""
+    import huggingface_hub
+
+    if not lpips_weights_path().exists() and huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise DDPMError(f"{_lpips_advice()} (offline, so not downloading it)")
+
+
+def load_lpips(pnet_rand: bool = False, device="cpu"):
+    """lpips.LPIPS(net="alex"); fails in one line when the AlexNet backbone is neither cached
+    nor downloadable (offline: HF_HUB_OFFLINE=1 means no download is even tried)."""
+    import lpips
+
+    if not pnet_rand:
+        require_lpips_weights()
+    advice = _lpips_advice()
     try:
         with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=`
             warnings.simplefilter("ignore")
