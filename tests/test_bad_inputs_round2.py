@@ -51,7 +51,7 @@ def _dead_pid() -> int:
 def _stale_lock(w, trained):
     (w / "out").mkdir()
     info = dict(pid=_dead_pid(), host="", command="train_ddpm.py", started="2025-01-01T00:00:00")
-    (w / "out" / ".ddpm_hf.util.lock").write_text(json.dumps(info))
+    (w / "out" / ".ddpm_hf.lock").write_text(json.dumps(info))
 
 
 def _earlier_samples(w, trained):
@@ -175,7 +175,7 @@ def _nothing_created(path):
 
 
 def _lock_released(w, result):
-    assert not (w / "out" / ".ddpm_hf.util.lock").exists() and (w / "out" / "model_index.json").exists()
+    assert not (w / "out" / ".ddpm_hf.lock").exists() and (w / "out" / "model_index.json").exists()
 
 
 def _checkpoints_whole(*names, absent=()):

@@ -94,7 +94,7 @@ def test_second_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_pat
     finally:
         first.send_signal(signal.SIGKILL)  # a kill leaves its lock file behind, unlocked
         first.wait()
-    assert json.loads((out / ".ddpm_hf.util.lock").read_text())["pid"] == first.pid
+    assert json.loads((out / ".ddpm_hf.lock").read_text())["pid"] == first.pid
     third = run_script(
         "train_ddpm.py",
         *TRAIN,
@@ -109,7 +109,7 @@ def test_second_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_pat
         env=ENV,
     )
     assert f"notice: taking over the lock of {out} left by process {first.pid} (train_ddpm.py" in third.stderr
-    assert (out / "model_index.json").exists() and not (out / ".ddpm_hf.util.lock").exists()
+    assert (out / "model_index.json").exists() and not (out / ".ddpm_hf.lock").exists()
 
 
 def test_lock_in_process(tmp_path):
@@ -220,7 +220,7 @@ def test_really_full_disk_training(small_disk):
     (line,) = _error_lines(proc.stderr)
     assert "(no space left on device)" in line and f"to {out}" in line
     assert (
-        not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not (out / ".ddpm_hf.util.lock").exists()
+        not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not (out / ".ddpm_hf.lock").exists()
     )
 
 

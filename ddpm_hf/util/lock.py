@@ -1,6 +1,6 @@
 """One run per output folder (README, section reliability).
 
-`lock_output_dir(folder, command)` takes `folder/.ddpm_hf.util.lock`: an advisory `flock` on that file,
+`lock_output_dir(folder, command)` takes `folder/.ddpm_hf.lock`: an advisory `flock` on that file,
 which the kernel releases when the process ends however it ends, plus the holder's pid, host,
 command and start time written in it. A second run into a folder whose lock is held is refused in
 one line naming the holder; a lock file left by a process that died (kill -9, power cut) is not
@@ -20,7 +20,7 @@ from typing import Optional
 
 from .errors import DDPMError, at_command_end
 
-LOCK_NAME = ".ddpm_hf.util.lock"
+LOCK_NAME = ".ddpm_hf.lock"
 _held = []
 
 
