@@ -1,6 +1,6 @@
 # On a fresh machine: `make demo` (train -> sample -> OOD on shipped MNIST, offline), `make test`
 # (the fast suite, under 5 minutes on 2 CPU cores) and `make test-all` (everything, as CI runs it).
-# Each creates .venv on first use, with ddpm-hf installed in it (`pip install -e ".[test]"`).
+# Each creates .venv on first use, with ddpm-hf installed in it (`pip install -e ".[test]" -c requirements.txt`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,8 +19,9 @@ venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# ddpm-hf itself (editable), its pinned dependencies (requirements.txt), pytest and pytest-xdist.
-	$(PY) -m pip install -q -e ".[test]"
+	# ddpm-hf itself (editable) with every extra, pytest and pytest-xdist; requirements.txt as constraints,
+	# so the ranges of pyproject.toml resolve to exactly the tested pins.
+	$(PY) -m pip install -q -e ".[test]" -c requirements.txt
 	# animal-mnist declares tensorflow, which we do not need: install it without dependencies.
 	$(PY) -m pip install -q --no-deps animal-mnist==0.4
 	touch $(STAMP)

@@ -25,7 +25,7 @@ from the layers below it, and that the library never imports commands/):
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> submodule that defines it
 _EXPORTS = {

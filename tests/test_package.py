@@ -43,18 +43,33 @@ def test_unknown_names_raise_attribute_error():
     assert "train" in dir(ddpm_hf)
 
 
-def test_dependencies_come_from_requirements_txt_alone():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+def _pins() -> dict:
+    """{name: exact version or None} of requirements.txt, the tested lock."""
+    lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    return {
+        line.partition("==")[0].lower().replace("_", "-"): line.partition("==")[2] or None for line in lines if line
+    }
 
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert "dependencies" in project["project"]["dynamic"] and "dependencies" not in project["project"]
-    assert project["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["requirements.txt"]}
-    lines = [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
-    pins = dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+
+def test_dependencies_are_ranges_that_the_tested_pins_satisfy():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    declared = [Requirement(r) for r in project["dependencies"] + [r for rs in extras.values() for r in rs]]
+    declared = {r.name.lower().replace("_", "-"): r for r in declared if r.name != "ddpm-hf"}
+    pins = _pins()
     assert pins["torch"] == "2.14.1" and pins["diffusers"] == "0.42.1" and pins["accelerate"] == "1.15.0"
-    # setuptools reads the file as a plain list: no pip options, and animal-mnist stays out (it declares tensorflow).
-    assert not any(line.startswith("-") for line in lines)
-    assert not any(line.lower().startswith("animal") for line in lines)
+    assert not any("==" in r for r in project["dependencies"])  # ranges, not pins
+    # Every lock entry is declared, and its pin lies in the declared range (the lock installs a valid set).
+    assert set(pins) <= set(declared), set(pins) - set(declared)
+    assert [n for n, v in pins.items() if v and not declared[n].specifier.contains(v)] == []
+    assert set(extras) == {"tracking", "lpips", "medmnist", "dinov2", "demo", "all", "test"}
+    assert extras["all"] == ["ddpm-hf[tracking,lpips,medmnist,dinov2,demo]"] and "ddpm-hf[all]" in extras["test"]
+    # animal-mnist stays out (it declares tensorflow); requirements.txt is a plain list, usable as constraints.
+    assert "animal-mnist" not in pins and "animal-mnist" not in declared
+    assert not any(line.startswith("-") for line in (REPO / "requirements.txt").read_text().splitlines())
 
 
 # ---- layers: the import graph (module-level and function-level imports alike) ----------------------
