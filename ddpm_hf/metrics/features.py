@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..util.errors import DDPMError, UsageError
+from ..util.extras import require_extra
 from ..util.hub_access import hub_offline, is_hub_id
 
 DINOV2_INPUT = 224
@@ -75,10 +76,7 @@ def load_dinov2(name: str, device="cpu") -> DinoV2Features:
     local = os.path.isdir(os.path.expanduser(name))
     if not local and not is_hub_id(name):
         raise UsageError(f"--dinov2_model {name} is neither an existing folder nor a Hub id (user/name)")
-    try:
-        from transformers import Dinov2Model
-    except ImportError:
-        raise DDPMError("--fid_feature_extractor dinov2 needs transformers: pip install -r requirements.txt") from None
+    Dinov2Model = require_extra("transformers", "dinov2", "--fid_feature_extractor dinov2").Dinov2Model
     offline = hub_offline()
     try:
         net = Dinov2Model.from_pretrained(

@@ -37,6 +37,7 @@ from ..diffusion.sampling import (
     num_inference_steps,
 )
 from ..util.errors import DDPMError, UsageError
+from ..util.extras import require_extra
 from ..util.precision import inference_autocast
 
 LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet, fetched by `lpips` on first use
@@ -93,6 +94,7 @@ def require_lpips_weights() -> None:
     """Fail in one line, before any model is loaded, when offline and the AlexNet weights are not cached."""
     import huggingface_hub
 
+    require_extra("lpips", "lpips", "--lpips")
     if not lpips_weights_path().exists() and huggingface_hub.constants.HF_HUB_OFFLINE:
         raise DDPMError(f"{_lpips_advice()} (offline, so not downloading it)")
 
@@ -100,8 +102,7 @@ def require_lpips_weights() -> None:
 def load_lpips(pnet_rand: bool = False, device="cpu"):
     """lpips.LPIPS(net="alex"); fails in one line when the AlexNet backbone is neither cached
     nor downloadable (offline: HF_HUB_OFFLINE=1 means no download is even tried)."""
-    import lpips
-
+    lpips = require_extra("lpips", "lpips", "--lpips")
     if not pnet_rand:
         require_lpips_weights()
     advice = _lpips_advice()

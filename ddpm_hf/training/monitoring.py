@@ -12,6 +12,7 @@ from torchvision.utils import make_grid, save_image
 from ..config.options import DDPMConfig
 from ..data.images import to_uint8
 from ..diffusion.sampling import generate
+from ..util.extras import require_extra
 from ..util.files import atomic_write, read_json
 from .ema import ema_weights
 from .output import RESUME_HINT, append_log, save_pipeline_atomically
@@ -22,6 +23,8 @@ PRDC = ("precision", "recall", "density", "coverage")  # k-NN metrics next to FI
 def setup_tracker(cfg: DDPMConfig):
     """The tracker name Accelerate logs to, or None; wandb never prompts for a login."""
     tracker = cfg.tracker()
+    if tracker != "none":  # before the Accelerator: a missing package is one line, not accelerate's ValueError
+        require_extra(tracker, "tracking", f"--report_to {tracker}", instead="pass --report_to none")
     if tracker == "wandb" and "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
         netrc = Path.home() / ".netrc"
         if not (netrc.exists() and "api.wandb.ai" in netrc.read_text()):
@@ -44,8 +47,7 @@ def save_grid(images: torch.Tensor, path: Path, accelerator=None, tracker=None, 
         advice=RESUME_HINT,
     )
     if tracker == "wandb":
-        import wandb
-
+        wandb = require_extra("wandb", "tracking", "--report_to wandb")
         accelerator.get_tracker("wandb").log({"DDPM Samples": wandb.Image(grid)}, step=step)
     elif tracker == "tensorboard":
         accelerator.get_tracker("tensorboard").writer.add_image("DDPM Samples", grid, step)
