@@ -1,91 +1,14 @@
-"""Flag out-of-distribution images with a trained DDPM: evaluate a score (--score) on two test sets, or fit a
-detector once (--fit) and score any images with it (--detector DIR --images PATH).
+"""python ood_ddpm.py ...: the `ddpm-hf ood` command (ddpm_hf/commands/ood_cli.py), kept for existing
+commands and configs."""
 
-python ood_ddpm.py --config configs/quickstart.yaml --checkpoint outputs/quickstart
-python ood_ddpm.py --checkpoint outputs/ddpm_cifar10 --dataset cifar10 --out_dataset svhn --lpips
-python ood_ddpm.py --checkpoint outputs/quickstart --recon_factors 0.1 0.3 0.5 --max_samples 500
-python ood_ddpm.py --checkpoint pretrained/ddpm-mnist5k --dataset mnist5k --fit --score patch --output_dir detectors/mnist5k
-python ood_ddpm.py --detector detectors/mnist5k --images my_images/ --output_dir scored
-"""
-
-import argparse
-
-# torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
-from ddpm_hf.config.options import build_parser, parse_config, script_help
+from ddpm_hf.commands import ood_cli
+from ddpm_hf.commands.ood_cli import EXCLUDE, GROUPS, build  # noqa: F401  (read here by tests and benchmarks)
 from ddpm_hf.util.errors import run_cli
 
-# model flags describe an original .pt checkpoint (converted on the fly); diffusion holds --loss_type.
-GROUPS = (
-    "checkpoint",
-    "data",
-    "ood",
-    "likelihood",
-    "sampler",
-    "diffusion",
-    "batch",
-    "precision",
-    "seed",
-    "output",
-    "model",
-    "latent",
-)
-# Training-only flags, and --scheduler (reconstruction is DDIM with eta --ddpm, as the original's).
-EXCLUDE = (
-    "max_train_samples",
-    "num_workers",
-    "streaming",
-    "shuffle_buffer_size",
-    "scheduler",
-    "cache_latents",
-    "rescale_betas_zero_snr",
-    "timestep_spacing",
-)
-HELPS = {
-    "dataset": "In-distribution dataset, scored on its test split (a registry name, a Hub dataset id or an image folder).",
-    "ddpm": "DDIM eta of the reconstruction: 1.0 is DDPM-like ancestral sampling, 0.0 deterministic DDIM.",
-    "sample_timesteps": "Sampling steps of the whole chain (the original's step rule: T // (T // S)); a reconstruction "
-    "runs the steps below its starting noise level.",
-    "batch_size": "Images scored per batch.",
-    "output_dir": "Folder of the OOD results (default: ood_results/<checkpoint name>).",
-    "mixed_precision": "Autocast of the UNet while scoring (default: full precision); auto: bf16 where the device "
-    "computes it natively, else no.",
-    "loss_type": "Per-image reconstruction error of the score.",
-}
-NOTES = {
-    "sampler": "The reconstruction: DDIM over the sampling steps below each noise level.",
-    "model": "Only for an original .pt --checkpoint (the flags it was trained with); a pipeline records its own.",
-    "diffusion": "--timesteps and the betas only for an original .pt --checkpoint; a pipeline records its own.",
-    "latent": "Only for an original latent (LatDDPM_) .pt --checkpoint; a latent pipeline holds its own VAE.",
-}
 
-
-def _extra(parser):
-    output = next(g for g in parser._action_groups if g.title == "output")
-    output.add_argument(
-        "--overwrite_output_dir",
-        dest="overwrite_output_dir",
-        action=argparse.BooleanOptionalAction,
-        help="Replace OOD results already in --output_dir (default: refuse).",
-    )
-
-
-def build(prog="ood_ddpm.py"):
-    description, epilog = script_help(__doc__)
-    return build_parser(
-        prog, description, GROUPS, extra=_extra, epilog=epilog, exclude=EXCLUDE, helps=HELPS, notes=NOTES
-    )
-
-
-@run_cli
+@run_cli  # one-line errors; main.__wrapped__ raises them instead (the tests call it)
 def main(argv):
-    cfg, _ = parse_config(build(), argv)
-    if cfg.fit or cfg.detector:
-        from ddpm_hf.commands.detect import run_detector_command
-
-        return run_detector_command(cfg)
-    from ddpm_hf.commands.ood import run_ood
-
-    run_ood(cfg)
+    return ood_cli.main.__wrapped__(argv, prog="ood_ddpm.py")
 
 
 if __name__ == "__main__":

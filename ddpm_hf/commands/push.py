@@ -1,8 +1,9 @@
 """Upload an existing output folder to the Hugging Face Hub (or retry a push that failed).
 
-    python -m ddpm_hf.commands.push outputs/quickstart --hub_model_id user/ddpm-mnist
-    python -m ddpm_hf.commands.push outputs/quickstart        # the --hub_model_id the run was trained with
-    python -m ddpm_hf.commands.push pretrained/ddpm-mnist5k --card_only   # write README.md, upload nothing
+    ddpm-hf push outputs/quickstart --hub_model_id user/ddpm-mnist
+    ddpm-hf push outputs/quickstart        # the --hub_model_id the run was trained with
+    ddpm-hf push pretrained/ddpm-mnist5k --card_only   # write README.md, upload nothing
+    python -m ddpm_hf.commands.push ...    # the same
 
 The model card (README.md) is regenerated from the folder, with the metrics that OOD and
 FID runs wrote into it since training.
@@ -13,6 +14,7 @@ from pathlib import Path
 from ..config.options import build_parser, parse_config
 from ..hub.upload import default_repo_id, push_output, write_model_card
 from ..util.errors import run_cli
+from .program import program_name
 
 
 def _extra(parser):
@@ -28,14 +30,9 @@ def _extra(parser):
 
 
 @run_cli
-def main(argv=None):
-    parser = build_parser(
-        "python -m ddpm_hf.commands.push",
-        __doc__.strip().splitlines()[0],
-        ("hub",),
-        _extra,
-        usage="python -m ddpm_hf.commands.push OUTPUT_DIR [options]",
-    )
+def main(argv, prog=None):
+    prog = program_name("push", prog)
+    parser = build_parser(prog, __doc__.strip().splitlines()[0], ("hub",), _extra, usage=f"{prog} OUTPUT_DIR [options]")
     cfg, extra = parse_config(parser, argv)
     out = Path(cfg.output_dir)
     if getattr(extra, "card_only", False):
@@ -52,4 +49,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(prog="python -m ddpm_hf.commands.push")

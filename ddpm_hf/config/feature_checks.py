@@ -11,7 +11,7 @@ MASKS = ("random_box", "left_half", "center")
 def validate_features(cfg) -> None:
     modes = [flag for flag in ("fid", "nll", "inpaint") if getattr(cfg, flag)]
     if len(modes) > 1:
-        raise UsageError(f"--{' and --'.join(modes)} are different runs of sample_ddpm.py; pass only one of them")
+        raise UsageError(f"--{' and --'.join(modes)} are different runs of the sample command; pass only one of them")
     if cfg.nll_timesteps is not None and cfg.nll_timesteps < 3:
         raise UsageError(
             f"--nll_timesteps must be at least 3 (L_0 and two sampled KL terms, for a standard error), got {cfg.nll_timesteps}"

@@ -233,7 +233,7 @@ class DDPMConfig:
     # ---- FID / KID (ddpm_hf/metrics/fid.py) -------------------------------------------------------
     fid_reference: Optional[str] = _opt(
         None,
-        "Compute FID and KID against this dataset (any --dataset form); sample_ddpm.py: of the --fid folder, into fid.json (training default: --dataset).",
+        "Compute FID and KID against this dataset (any --dataset form); sampling: of the --fid folder, into fid.json (training default: --dataset).",
         "fid_metric",
     )
     fid_reference_split: str = _opt("train", "Split of --fid_reference.", "fid_metric")
@@ -274,7 +274,7 @@ class DDPMConfig:
     # ---- likelihood, inpainting, feature metrics (checks: ddpm_hf/config/feature_checks.py) ------------
     nll: bool = _opt(
         False,
-        "sample_ddpm.py: instead of sampling, the variational bound in bits/dim of --dataset's test split (--num_samples N: its first N images) into OUTPUT_DIR/nll.json (ddpm_hf/diffusion/likelihood.py).",
+        "Instead of sampling, the variational bound in bits/dim of --dataset's test split (--num_samples N: its first N images) into OUTPUT_DIR/nll.json (ddpm_hf/diffusion/likelihood.py).",
         "nll",
     )
     nll_timesteps: Optional[int] = _opt(
@@ -306,7 +306,7 @@ class DDPMConfig:
     )
     inpaint: bool = _opt(
         False,
-        "sample_ddpm.py: inpaint --dataset's test images (--num_samples N, default 16) with RePaint into OUTPUT_DIR/inpaint_grid.png (rows: original, masked, inpainted) and per-image PNGs; --sample_timesteps steps, --ddpm eta.",
+        "Instead of sampling, inpaint --dataset's test images (--num_samples N, default 16) with RePaint into OUTPUT_DIR/inpaint_grid.png (rows: original, masked, inpainted) and per-image PNGs; --sample_timesteps steps, --ddpm eta.",
         "inpaint",
     )
     mask: str = _opt(

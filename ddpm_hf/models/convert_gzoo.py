@@ -277,9 +277,10 @@ GROUPS = ("checkpoint", "output", "data", "model", "diffusion", "latent")
 
 
 @run_cli
-def main(argv=None):
+def main(argv, prog="python -m ddpm_hf.models.convert_gzoo"):
+    """`ddpm-hf convert` (ddpm_hf/commands/convert.py passes its name as `prog`)."""
     parser = build_parser(
-        "python -m ddpm_hf.models.convert_gzoo",
+        prog,
         "Convert an original GenerativeZoo DDPM checkpoint (.pt) "
         "into a diffusers pipeline folder; pass the flags it was trained with.",
         GROUPS,

@@ -55,10 +55,10 @@ def run_cli(main):
     """Run a script's `main(argv)`; known failures become one stderr line and an exit code."""
 
     @functools.wraps(main)
-    def wrapper(argv=None):
+    def wrapper(argv=None, **options):  # options: e.g. prog, the name the usage line shows
         argv = sys.argv[1:] if argv is None else argv
         try:
-            return main(argv)
+            return main(argv, **options)
         except DDPMError as err:
             if _debug_requested(argv):
                 raise
