@@ -3,10 +3,12 @@ to push) never make the tools write, delete or upload outside them. Each case is
 a non-zero exit, the planted target unchanged (docs/bad-inputs-round2.md, section "Untrusted folders")."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAIN, run_script, tiny_unet, without_startup_notices
+from conftest import REPO, TINY_TRAIN, run_script, tiny_unet, without_startup_notices
 
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler
 from ddpm_hf.models.pipeline import save_pipeline
@@ -179,4 +181,79 @@ def test_metadata_csv_naming_files_outside_the_folder(tmp_path):
     (images / "metadata.csv").write_text("file_name,label\n0.png,0\n../secret.png,1\n")
     proc = run_script("train_ddpm.py", *TINY_TRAIN, "--dataset", images, "--output_dir", tmp_path / "o", check=False)
     _one_line(proc, "names 1 file(s) outside", "../secret.png", code=2)
+
+
+# ---- 3. python -m ddpm_hf.commands.push: links and the token ------------------------------------------
+
+TOKEN = "hf_dummyTestToken0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def hub():
+    from hub_server import HubServer
+
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+def _push(hub, folder: Path, repo: str, hf_home: Path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_TOKEN=TOKEN)
+    args = [sys.executable, "-m", "ddpm_hf.commands.push", str(folder), "--hub_model_id", repo]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert TOKEN not in proc.stdout + proc.stderr
+    return proc
+
+
+def _token_file(tmp_path) -> Path:
+    hf_home = tmp_path / "hf_home"
+    hf_home.mkdir()
+    (hf_home / "token").write_text(TOKEN)
+    return hf_home
+
+
+def test_push_skips_links_and_says_so(hub, tmp_path, victim):
+    hf_home = _token_file(tmp_path)
+    run = _pipeline(tmp_path / "run", trained_epochs=1)
+    _plant(run, "unet/cache.bin", hf_home / "token")  # the token, linked in under a binary name
+    _plant(run, "train_log.jsonl", victim)
+    proc = _push(hub, run, "tester/links", hf_home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "notice: not uploading 2 symlinks: unet/cache.bin, train_log.jsonl" in proc.stderr.splitlines()
+    uploaded = hub.state.files("tester/links")
+    assert "unet/cache.bin" not in uploaded and "train_log.jsonl" not in uploaded
+    assert "model_index.json" in uploaded and not any(TOKEN.encode() in data for data in uploaded.values())
+
+
+def test_push_refuses_a_token_in_a_binary_file(hub, tmp_path):
+    hf_home = _token_file(tmp_path)
+    run = _pipeline(tmp_path / "run", trained_epochs=1)
+    (run / "unet" / "cache.bin").write_bytes(b"\x00\xff" * 100 + TOKEN.encode() + b"\x00")
+    proc = _push(hub, run, "tester/binary", hf_home)
+    _one_line(proc, "unet/cache.bin contains your Hub token", "nothing was uploaded")
+    assert "tester/binary" not in hub.state.repos
+
+
+def test_token_scan_finds_a_token_across_blocks(tmp_path, monkeypatch):
+    from ddpm_hf.hub import upload
+
+    monkeypatch.setattr(upload, "SCAN_CHUNK", 16)
+    path = tmp_path / "weights.safetensors"
+    for start in range(0, 40):  # every position relative to the 16-byte blocks
+        path.write_bytes(b"x" * start + TOKEN.encode() + b"y" * 7)
+        assert upload._contains(path, TOKEN.encode()), start
+    path.write_bytes(b"x" * 30 + TOKEN.encode()[:-1] + b"y" * 30)
+    assert not upload._contains(path, TOKEN.encode())
+
+
+def test_linked_component_folder_is_not_uploaded(tmp_path):
+    from ddpm_hf.hub.upload import upload_plan
+
+    run = _pipeline(tmp_path / "run", trained_epochs=1)
+    elsewhere = tmp_path / "elsewhere"
+    (run / "scheduler").rename(elsewhere)
+    (run / "scheduler").symlink_to(elsewhere)
+    files, links = upload_plan(run)
+    assert links == ["scheduler/scheduler_config.json"] and not any(k.startswith("scheduler/") for k in files)
 
