@@ -257,3 +257,38 @@ def test_linked_component_folder_is_not_uploaded(tmp_path):
     files, links = upload_plan(run)
     assert links == ["scheduler/scheduler_config.json"] and not any(k.startswith("scheduler/") for k in files)
 
+
+# ---- 4. YAML configs: aliases, and values shown in errors ----------------------------------------------
+
+# 7 levels of 9 aliases each: 9**7 = 4.8 million "lol"s (hundreds of MB once built) from 254 bytes.
+BOMB = "a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n" + "".join(
+    f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdef", "bcdefg")
+)
+
+
+def test_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    config = tmp_path / "bomb.yaml"
+    config.write_text(BOMB)
+    proc = run_script("train_ddpm.py", "--config", config, check=False, timeout=60)
+    line = _one_line(proc, code=2)
+    assert line == f"error: config file {config}: YAML aliases (*a) are not supported; write the values out"
+
+
+def test_yaml_merge_key_alias_is_refused(tmp_path):
+    from ddpm_hf.config.options import load_yaml
+    from ddpm_hf.util.errors import UsageError
+
+    config = tmp_path / "merge.yaml"
+    config.write_text("base: &defaults {lr: 0.001}\n<<: *defaults\n")
+    with pytest.raises(UsageError, match=r"YAML aliases \(\*defaults\) are not supported; write the values out"):
+        load_yaml(config)
+    config.write_text("lr: &x 0.001\n")  # an anchor that no alias uses expands nothing: accepted
+    assert load_yaml(config) == {"lr": 0.001}
+
+
+def test_config_errors_show_at_most_60_characters_of_a_value(tmp_path):
+    config = tmp_path / "long.yaml"
+    config.write_text("dataset: [" + ", ".join(["x" * 5000] * 100) + "]\n")
+    proc = run_script("train_ddpm.py", "--config", config, check=False, timeout=60)
+    line = _one_line(proc, "'dataset' must be str, got ['xxx", "…", code=2)
+    assert len(line) < 200
