@@ -84,6 +84,14 @@ def test_append_refuses_a_link_and_atomic_write_replaces_one(tmp_path, victim):
     assert victim.read_text() == VICTIM_TEXT
 
 
+def test_write_probe_never_opens_a_planted_link(tmp_path, victim):
+    from ddpm_hf.util.files import make_output_dir
+
+    link = _plant(tmp_path / "out", f".write_test_{os.getpid()}", victim)
+    make_output_dir(tmp_path / "out")
+    assert victim.read_text() == VICTIM_TEXT and not link.is_symlink()
+
+
 def test_linked_subfolder_is_refused(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
