@@ -28,7 +28,7 @@ from ..diffusion.sampling import (
 )
 from ..models.loader import load_model
 from ..util.errors import UsageError
-from ..util.files import free_bytes, make_output_dir, read_json, remove, write_text
+from ..util.files import free_bytes, inside, make_output_dir, make_subdir, read_json, remove, safe_name, write_text
 from ..util.lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
 from ..util.precision import inference_autocast, resolve_mixed_precision
 from .common import default_sample_dir, ready_device
@@ -50,18 +50,33 @@ PNG_OVERHEAD = 1024  # bytes per PNG beyond its pixels, a generous bound (sample
 FEATURE_BYTES = 2048 * 20  # per scored image: its Inception features in float32, and float64 twice (FID, KID)
 
 
-def fid_folder(cfg, loaded) -> Path:
-    """The seed's layout: fid_samples/{dataset}/ddpm_{ddpm}_timesteps_{S}_ep{N}/."""
-    train = loaded.train_config
-    dataset = Path(train.get("dataset") or cfg.dataset).name
+FID_ROOT = "fid_samples"
+
+
+def _epochs_name(train: dict, source: str) -> str:
+    """N of the folder name: the model's trained_epochs (or n_epochs), an int; any other value (the
+    config comes with the model, which may be untrusted) is reduced to a plain file-name part."""
     epochs = train.get("trained_epochs", train.get("n_epochs", "unknown"))
-    match = re.search(r"epoch_?(\d+)", Path(loaded.source).name)
+    match = re.search(r"epoch_?(\d+)", Path(source).name)
     if match:  # the original parsed N from "...epochN.pt"
         epochs = int(match.group(1))
-    root = Path(cfg.output_dir or ".")
+    return str(epochs) if isinstance(epochs, int) and not isinstance(epochs, bool) else safe_name(epochs)
+
+
+def fid_parts(cfg, loaded) -> tuple:
+    """The seed's layout below --output_dir: fid_samples/{dataset}/ddpm_{ddpm}_timesteps_{S}_ep{N}; the
+    parts taken from the model's config pass through safe_name (no '/', no '..')."""
+    dataset = safe_name(Path(str(loaded.train_config.get("dataset") or cfg.dataset)).name, "dataset")
+    epochs = _epochs_name(loaded.train_config, loaded.source)
     # Other samplers get their own folder, so a rerun never reuses another sampler's images.
     suffix = "" if cfg.scheduler == "ddim" else f"_{cfg.scheduler}"
-    return root / "fid_samples" / dataset / f"ddpm_{cfg.ddpm}_timesteps_{cfg.sample_timesteps}_ep{epochs}{suffix}"
+    return FID_ROOT, dataset, f"ddpm_{cfg.ddpm}_timesteps_{cfg.sample_timesteps}_ep{epochs}{suffix}"
+
+
+def fid_folder(cfg, loaded) -> Path:
+    """Where --fid writes its images; checked to stay inside --output_dir (links included)."""
+    root = Path(cfg.output_dir or ".")
+    return inside(root, root.joinpath(*fid_parts(cfg, loaded)))
 
 
 def model_digest(loaded) -> str:
@@ -198,6 +213,8 @@ def _sampling_setup(cfg, loaded, device, num_images: int):
     eta = cfg.ddpm if "eta" in _step_kwargs(scheduler, cfg.ddpm, None) else None
     out = fid_folder(cfg, loaded) if cfg.fid else Path(cfg.output_dir or default_sample_dir(cfg.checkpoint))
     _check_capacity(cfg, out, num_images, loaded.unet, loaded.vae)
+    if cfg.fid:  # level by level, so a link planted in --output_dir is refused, not written through
+        make_subdir(make_output_dir(Path(cfg.output_dir or ".")), *fid_parts(cfg, loaded))
     make_output_dir(out)
     lock_output_dir(out)
     if cfg.fid:

@@ -9,7 +9,7 @@ mean nothing here are refused with the reason and what to use instead.
 import argparse
 import textwrap
 
-from ..util.errors import UsageError
+from ..util.errors import UsageError, short
 
 # diffusers' name -> ours (the value is passed on unchanged).
 RENAMED = {
@@ -115,7 +115,7 @@ def _merge(values: dict, given: dict, source: str, shown) -> dict:
         if ours in out and out[ours] != value:
             raise UsageError(
                 f"{source}: {shown(named[ours])} and {shown(alias)} set the same setting ({shown(ours)}) to "
-                f"different values ({out[ours]!r} and {value!r}); pass only one of them"
+                f"different values ({short(repr(out[ours]))} and {short(repr(value))}); pass only one of them"
             )
         out[ours], named[ours] = value, alias
     return out
@@ -137,5 +137,5 @@ def resolve_yaml(data: dict, path) -> dict:
     ours = {k: v for k, v in data.items() if k not in given}
     for alias, value in given.items():
         if alias in SWITCHES and not isinstance(value, bool):
-            raise UsageError(f"config file {path}: '{alias}' must be true or false, got {value!r}")
+            raise UsageError(f"config file {path}: '{alias}' must be true or false, got {short(repr(value))}")
     return _merge(ours, given, f"config file {path}", lambda name: f"'{name}'")

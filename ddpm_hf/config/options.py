@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import yaml
 
-from ..util.errors import UsageError
+from ..util.errors import UsageError, short
 from .aliases import add_aliases, resolve_flags, resolve_yaml
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "unipc")
@@ -391,7 +391,7 @@ def _check_value(name, value, source):
         # one value for a list (`attention_resolutions: 4`, `recon_factors: 0.5`): a list of one, as on the command line
         value = [value] if isinstance(value, (int, float, str)) and not isinstance(value, bool) else value
         if not isinstance(value, list):
-            raise UsageError(f"{source}: '{name}' must be a list of {scalar.__name__}, got {value!r}")
+            raise UsageError(f"{source}: '{name}' must be a list of {scalar.__name__}, got {short(repr(value))}")
         return [_check_scalar(name, v, scalar, source) for v in value]
     return _check_scalar(name, value, scalar, source)
 
@@ -404,22 +404,31 @@ def _check_scalar(name, value, scalar, source):
         str: isinstance(value, str),
     }[scalar]
     if not ok:
-        raise UsageError(f"{source}: '{name}' must be {scalar.__name__}, got {value!r}")
+        raise UsageError(f"{source}: '{name}' must be {scalar.__name__}, got {short(repr(value))}")
     value = float(value) if scalar is float else value
     choices = FIELDS[name].metadata["choices"]
     if choices and value not in choices:
-        raise UsageError(f"{source}: '{name}' must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise UsageError(f"{source}: '{name}' must be one of {', '.join(map(str, choices))}, got {short(repr(value))}")
     return value
 
 
-class _YAMLKeyError(yaml.YAMLError):
+class _YAMLContentError(yaml.YAMLError):
     pass
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with three fixes for config files: `1e-3` is a float (YAML 1.2; PyYAML
+    """PyYAML's safe loader with four fixes for config files: `1e-3` is a float (YAML 1.2; PyYAML
     reads YAML 1.1, where it is a string), a key given twice and a key that is not a string
-    (`1:`, `yes:`) are errors instead of the last value winning or a key no flag can match."""
+    (`1:`, `yes:`) are errors instead of the last value winning or a key no flag can match, and an
+    alias (`*name`) is an error: nested aliases expand a file of a few hundred bytes to gigabytes
+    (a "billion laughs"), and no config needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):  # refused before the alias is resolved, so nothing is expanded
+            raise _YAMLContentError(
+                f"YAML aliases (*{short(self.peek_event().anchor, 40)}) are not supported; write the values out"
+            )
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         self.flatten_mapping(node)
@@ -428,12 +437,13 @@ class _StrictLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
             if not isinstance(key, str):
-                raise _YAMLKeyError(
-                    f"key {key_node.value!r} on line {line} is read as the {type(key).__name__} {key!r}, "
+                raise _YAMLContentError(
+                    f"key {short(repr(key_node.value))} on line {line} is read as the {type(key).__name__} "
+                    f"{short(repr(key))}, "
                     f"not a flag name; keys are the flag names without '--'"
                 )
             if key in seen:
-                raise _YAMLKeyError(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
+                raise _YAMLContentError(f"key '{short(key)}' is given twice (lines {seen[key]} and {line}); keep one")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -455,10 +465,10 @@ def _read_yaml(path: Path):
         raise UsageError(f"config file {path} cannot be read ({err.strerror})") from None
     try:
         return yaml.load(text, Loader=_StrictLoader) or {}
-    except _YAMLKeyError as err:
+    except _YAMLContentError as err:
         raise UsageError(f"config file {path}: {err}") from None
     except yaml.YAMLError as err:
-        raise UsageError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        raise UsageError(f"config file {path} is not valid YAML ({short(str(err).splitlines()[0], 120)})") from None
 
 
 def load_yaml(path) -> dict:
@@ -472,7 +482,8 @@ def load_yaml(path) -> dict:
     unknown = sorted(set(data) - set(FIELDS))
     if unknown:
         raise UsageError(
-            f"config file {path}: unknown key(s) {', '.join(unknown)}; keys are the flag names without '--'"
+            f"config file {path}: unknown key(s) {short(', '.join(short(k, 40) for k in unknown), 120)}; keys are "
+            f"the flag names without '--'"
         )
     return {k: _check_value(k, v, f"config file {path}") for k, v in data.items()}
 
@@ -666,7 +677,7 @@ def _check_finite(cfg: DDPMConfig) -> None:
         value = getattr(cfg, name)
         for v in value if isinstance(value, list) else [value]:
             if v is not None and not math.isfinite(v):
-                raise UsageError(f"--{name} must be a finite number, got {v}")
+                raise UsageError(f"--{name} must be a finite number, got {short(v)}")
 
 
 def validate(cfg: DDPMConfig, timesteps_known: bool = True) -> None:
@@ -707,7 +718,7 @@ def _check_counts(cfg: DDPMConfig) -> None:
     ):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
-            raise UsageError(f"--{name} must be a positive integer, got {value}")
+            raise UsageError(f"--{name} must be a positive integer, got {short(value)}")
     if cfg.num_workers < 0 or cfg.warmup < 0:
         raise UsageError("--num_workers and --warmup must be >= 0")
 
@@ -771,7 +782,7 @@ def _check_ood(cfg: DDPMConfig) -> None:
     if not 0 < cfg.recon_factor <= 1:
         raise UsageError(f"--recon_factor must be in (0, 1], got {cfg.recon_factor}")
     if cfg.recon_factors is not None and not all(0 < f <= 1 for f in cfg.recon_factors):
-        raise UsageError(f"--recon_factors must all be in (0, 1], got {' '.join(map(str, cfg.recon_factors))}")
+        raise UsageError(f"--recon_factors must all be in (0, 1], got {short(' '.join(map(str, cfg.recon_factors)))}")
     if cfg.recon_draws < 1:
         raise UsageError(f"--recon_draws must be a positive integer, got {cfg.recon_draws}")
     if cfg.stats_samples < 2:
@@ -788,7 +799,7 @@ def _check_ood(cfg: DDPMConfig) -> None:
 
 def _check_training(cfg: DDPMConfig) -> None:
     if cfg.hub_model_id is not None and (not cfg.hub_model_id.strip("/") or cfg.hub_model_id.count("/") > 1):
-        raise UsageError(f"--hub_model_id must be 'name' or 'user/name', got {cfg.hub_model_id!r}")
+        raise UsageError(f"--hub_model_id must be 'name' or 'user/name', got {short(repr(cfg.hub_model_id))}")
     if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
         raise UsageError(f"--snr_gamma must be > 0 (5 is the paper's value), got {cfg.snr_gamma}")
     if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:

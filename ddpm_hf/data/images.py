@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..util.errors import DDPMError, UsageError
+from ..util.errors import DDPMError, UsageError, short
 from ..util.extras import require_extra
+from ..util.files import is_inside
 from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
 
 OFFLINE_HINT = "offline, use --dataset mnist5k or animalmnist (shipped in packages) or a local image folder"
@@ -213,6 +214,12 @@ def _check_metadata(folder) -> None:
             ) from None
         if "file_name" not in table.columns:
             raise UsageError(f"{meta} has no file_name column (columns: {', '.join(map(str, table.columns))}); {fix}")
+        outside = [str(f) for f in table["file_name"] if not is_inside(folder, meta.parent / str(f))]
+        if outside:  # "../x" or an absolute path: the data set would read files from elsewhere
+            raise UsageError(
+                f"{meta} names {len(outside)} file(s) outside {folder} ({', '.join(short(f) for f in outside[:3])}"
+                f"{', ...' if len(outside) > 3 else ''}); {fix}"
+            )
         missing = [str(f) for f in table["file_name"] if not (meta.parent / str(f)).is_file()]
         if missing:
             raise UsageError(

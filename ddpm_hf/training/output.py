@@ -19,6 +19,8 @@ from ..util.files import (
     clear_earlier_run,
     make_output_dir,
     read_json,
+    refuse_link,
+    remove,
     simulate_disk_full,
     write_text,
     writing,
@@ -65,10 +67,16 @@ RESUME_HINT = (
 )
 
 
+# What the run writes into (appends, folders) or reads back: a link planted under one of these names is refused.
+LINK_FREE = ("train_log.jsonl", "samples", "checkpoints", "best_fid")
+
+
 def check_output_dir(cfg: DDPMConfig) -> Path:
     """Refuse to clobber an earlier run and check that the folder can be written, creating
     nothing yet: a run that fails on its data or flags leaves the disk as it was."""
     out = Path(cfg.resolved_output_dir())
+    for name in LINK_FREE:  # refused before any step, not when the first log line or grid is written
+        refuse_link(out / name)
     if not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
         if (out / "model_index.json").exists():
             raise UsageError(
@@ -147,6 +155,7 @@ def prepare_output_dir(cfg: DDPMConfig, main: bool = True) -> Path:
 def trim_log(log_path: Path, step: int) -> None:
     """On resume, drop the log lines of steps after the checkpoint (they are trained again), and a
     line a kill cut short."""
+    refuse_link(log_path)  # a linked log would be read, and its target's text copied into ours
     kept = []
     for line in log_path.read_text().splitlines():
         try:
@@ -165,7 +174,7 @@ def save_pipeline_atomically(out: Path, save) -> None:
     """`save(folder)` into a hidden folder, then move its entries in with model_index.json last: the
     file that marks a finished run appears only when everything else is in place."""
     tmp = out / ".pipeline.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove(tmp)  # rmtree leaves a planted link there, and the save would write through it
     kept = " and the earlier pipeline there is unchanged" if (out / "model_index.json").exists() else ""
     with writing(
         out,

@@ -49,7 +49,7 @@ from ..hub.upload import TrainingPush
 from ..models.pipeline import public_config, save_pipeline
 from ..models.unet import build_unet, count_parameters, unet_kwargs
 from ..util.errors import DDPMError, UsageError
-from ..util.files import write_text
+from ..util.files import make_subdir, write_text
 from ..util.host_memory import keep_freed_memory
 from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
 from .checkpoints import CHECKPOINT_PREFIX, kill_hook, list_checkpoints, load_checkpoint, save_checkpoint
@@ -434,7 +434,7 @@ class Trainer:
             if self.main and (self.out / "train_log.jsonl").exists():
                 trim_log(self.out / "train_log.jsonl", step)
         if self.main:
-            (self.out / "samples").mkdir(exist_ok=True)
+            make_subdir(self.out, "samples")  # a link there is refused: the grids would land where it points
             write_text(
                 self.out / "train_config.json", json.dumps(public_config(cfg.to_dict()), indent=2), point="config"
             )

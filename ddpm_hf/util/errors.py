@@ -19,6 +19,13 @@ def at_command_end(cleanup) -> None:
         _AT_COMMAND_END.append(cleanup)
 
 
+def short(value, limit: int = 60) -> str:
+    """`value` as text of at most `limit` characters ('…' marks a cut): an error line quotes what the
+    user (or an untrusted file) gave, and must stay one short line whatever that holds."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class DDPMError(Exception):
     """A failure the user can fix; its message says what is wrong and how to fix it."""
 

@@ -5,6 +5,10 @@ line that names the folder and what was being written, after removing the partia
 given; `atomic_write` writes a file under a temporary name and renames it, so a failure never
 leaves a truncated file under its final name; `append_line` undoes a half-written line.
 Reading: `read_json` and `safetensors_problem` name the damaged file instead of a traceback.
+Untrusted folders: an output folder may hold links planted by whoever shared it. Nothing is written
+through one: appends and the lock open with O_NOFOLLOW (`open_own`), atomic writes rename over a
+link instead of writing into it, sub-folders are made by `make_subdir`, which refuses a linked one,
+and a path built from model or data metadata is checked with `inside` (its name parts with `safe_name`).
 
 Test hook (for the tests only): DDPM_HF_DISK_FULL=POINT[:N] makes the N-th write (default the
 first) at the write point POINT fail with ENOSPC after part of it is on disk, as a full disk would.
@@ -15,7 +19,9 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +42,72 @@ def simulate_disk_full(point: str) -> None:
     _hook_calls[point] = _hook_calls.get(point, 0) + 1
     if _hook_calls[point] == int(nth or 1):
         raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (simulated by {DISK_FULL_HOOK})")
+
+
+def link_error(path) -> DDPMError:
+    return DDPMError(
+        f"{path} is a symbolic link; the tools never write through a link in an output folder: remove the link "
+        f"(or choose another --output_dir)"
+    )
+
+
+def refuse_link(path) -> None:
+    """One line instead of writing through a link planted where a file or folder of ours goes."""
+    if Path(path).is_symlink():
+        raise link_error(path)
+
+
+def open_own(path, flags: int, mode: int = 0o644) -> int:
+    """os.open that never follows a link at `path` (O_NOFOLLOW) and refuses a file that is not only ours:
+    not a regular file, or a hard link that other names share (writing would change the file behind them)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise link_error(path) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        kind = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"a hard link ({info.st_nlink} names)"
+        raise DDPMError(f"{path} is {kind}; the tools only write files of their own there: remove it")
+    return fd
+
+
+def make_subdir(folder, *names) -> Path:
+    """`folder/names...`, each level created if missing; a level that is a link is refused (writing
+    into it would put our files wherever it points)."""
+    path = Path(folder)
+    for name in names:
+        path = path / name
+        refuse_link(path)
+        path.mkdir(exist_ok=True)
+    return path
+
+
+def safe_name(value, fallback: str = "unknown", limit: int = 64) -> str:
+    """A file-name part from metadata (a model's or data set's config): only [A-Za-z0-9._-], no leading
+    dot (so never '..' or a hidden name), at most `limit` characters."""
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).lstrip(".")[:limit]
+    return text or fallback
+
+
+def is_inside(root, path) -> bool:
+    """Whether `path` resolves (links followed) to `root` or below it."""
+    real_root, real = Path(root).resolve(), Path(path).resolve()
+    return real == real_root or real_root in real.parents
+
+
+def inside(root, path) -> Path:
+    """`path` when it resolves inside `root`; one line otherwise. For every path built from model or
+    data metadata, so a crafted value (or a link on the way) never leads out of `root`."""
+    if not is_inside(root, path):
+        real = Path(path).resolve()
+        raise DDPMError(
+            f"{path} leads outside {root} (to {real}); the model's or data's metadata, or a link in {root}, "
+            f"points elsewhere: remove the link, or fix the metadata"
+        )
+    return Path(path)
 
 
 def existing_parent(path) -> Path:
@@ -62,7 +134,8 @@ def make_output_dir(out) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write_test_{os.getpid()}"
-        probe.write_text("")
+        remove(probe)  # a file or link left there: O_EXCL below creates a new file, never opens one
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         probe.unlink()
     except OSError as err:
         raise UsageError(f"output folder {out} is not writable ({err.strerror}); choose another --output_dir") from None
@@ -126,6 +199,7 @@ def atomic_write(path, write, what: Optional[str] = None, point: Optional[str] =
     partial folder that training renames into place whole)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # the pid: shared folders (the FID cache) have no lock
+    remove(tmp)  # a link planted under the temporary name would be written through
     with writing(path.parent, what or path.name, cleanup=[tmp], advice=advice):
         write(tmp)
         if point:
@@ -149,11 +223,14 @@ def _truncate_to(path: Path, size: Optional[int]):
 
 
 def append_line(path, line: str, what: Optional[str] = None, point: Optional[str] = None, advice: str = RETRY) -> None:
-    """Append one line; a failed write is cut back off, so the file keeps only whole lines."""
+    """Append one line; a failed write is cut back off, so the file keeps only whole lines. A link
+    at `path` is refused, not appended through."""
     path = Path(path)
+    refuse_link(path)
     size = path.stat().st_size if path.exists() else None
     with writing(path.parent, what or path.name, cleanup=[_truncate_to(path, size)], advice=advice):
-        with path.open("a", encoding="utf-8") as f:
+        fd = open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
             half = len(line) // 2
             f.write(line[:half])
             f.flush()
@@ -211,6 +288,7 @@ def clear_earlier_run(out) -> list:
     run's or ends up on its model card. Returns the paths removed."""
     out = Path(out)
     doomed = [out / name for name in EARLIER_RUN if (out / name).exists() or (out / name).is_symlink()]
-    doomed += sorted((out / "samples").glob("epoch_*.png")) if (out / "samples").is_dir() else []
+    samples = out / "samples"  # a link there is left alone: globbing it would delete grids elsewhere
+    doomed += sorted(samples.glob("epoch_*.png")) if samples.is_dir() and not samples.is_symlink() else []
     remove(*doomed)
     return doomed

@@ -5,7 +5,9 @@ which the kernel releases when the process ends however it ends, plus the holder
 command and start time written in it. A second run into a folder whose lock is held is refused in
 one line naming the holder; a lock file left by a process that died (kill -9, power cut) is not
 held, so the next run takes it over with a notice. Under `accelerate launch` only the main process
-locks. Locks are released when the command ends (`errors.run_cli`, or at exit).
+locks. Locks are released when the command ends (`errors.run_cli`, or at exit). The lock file is
+opened with O_NOFOLLOW and must be a regular file of one name (`files.open_own`): a link planted as
+`.ddpm_hf.lock` is refused in one line instead of having its target truncated.
 """
 
 import atexit
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import DDPMError, at_command_end
+from .files import open_own
 
 LOCK_NAME = ".ddpm_hf.lock"
 _held = []
@@ -71,7 +74,7 @@ def ensure_not_in_use(folder) -> None:
         return
     path = Path(folder) / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_own(path, os.O_RDONLY)  # a planted link is refused here, before anything is created
     except OSError:
         return  # no lock file (or none readable): nothing to wait for
     try:
@@ -90,7 +93,7 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_own(self.path, os.O_RDWR | os.O_CREAT)  # truncated below: never through a link
             try:
                 held = _flock(fd)
             except OSError as err:  # e.g. a network file system without flock
