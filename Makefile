@@ -10,6 +10,7 @@ SHIPPED := pretrained/ddpm-mnist5k
 # One pytest worker per core, each test file on one worker (its module fixtures are built once);
 # the tests' scripts then run one thread each (tests/conftest.py). `make test XDIST=` runs serially.
 XDIST ?= -n auto --dist loadfile
+DETECTOR := --score hidden --stats_samples 1000
 SHIPPED_OOD := --sample_timesteps 20 --recon_factors 0.1 0.2 0.3 0.4 0.5 --max_samples 200 --stats_samples 128
 
 .PHONY: demo test test-all test-slow venv clean-demo
@@ -31,6 +32,10 @@ demo: $(STAMP)
 	#    its out-of-distribution report against Animal-MNIST (the five-level score).
 	HF_HUB_OFFLINE=1 $(PY) sample_ddpm.py --config configs/mnist5k.yaml --checkpoint $(SHIPPED) --output_dir outputs/pretrained/generated --num_samples 64 --overwrite_output_dir
 	HF_HUB_OFFLINE=1 $(PY) ood_ddpm.py --config configs/mnist5k.yaml --checkpoint $(SHIPPED) --output_dir outputs/pretrained/ood $(SHIPPED_OOD) --overwrite_output_dir
+	#    A detector fitted once on the shipped model (the recommended score, docs/ood.md), then asked about new
+	#    images: a folder of digits, rotated and flipped digits and animals (examples/mixed).
+	HF_HUB_OFFLINE=1 $(PY) ood_ddpm.py --fit --checkpoint $(SHIPPED) --dataset mnist5k $(DETECTOR) --output_dir outputs/pretrained/detector --overwrite_output_dir
+	HF_HUB_OFFLINE=1 $(PY) ood_ddpm.py --detector outputs/pretrained/detector --images examples/mixed --output_dir outputs/pretrained/flagged --overwrite_output_dir
 	# 2. Train the quickstart model yourself (20,000 images seen), sample it and run the same report.
 	HF_HUB_OFFLINE=1 $(PY) train_ddpm.py --config configs/quickstart.yaml --output_dir $(DEMO) --overwrite_output_dir
 	HF_HUB_OFFLINE=1 $(PY) sample_ddpm.py --config configs/quickstart.yaml --checkpoint $(DEMO) --output_dir $(DEMO)/generated --num_samples 64 --overwrite_output_dir

@@ -139,7 +139,10 @@ def test_density_needs_a_few_images():
 # ---- every score on data with a known answer -----------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(SCORES))
+NETWORK_ONLY = {"hidden"}  # reads a UNet's decoder activations: the analytic oracle has none
+
+
+@pytest.mark.parametrize("name", sorted(set(SCORES) - NETWORK_ONLY))
 def test_each_score_ranks_images_by_the_known_distribution(oracle, name):
     """With the exact denoiser of N(template, SIGMA^2), draws of it are in-distribution; draws of the
     template upside down (the same pixel histogram) and uniform noise are not."""
@@ -154,15 +157,32 @@ def test_each_score_ranks_images_by_the_known_distribution(oracle, name):
     assert run.nfe_per_image == expected[name]
 
 
-def test_position_aware_score_sees_a_flip_that_global_moments_keep(pipe):
+@pytest.mark.parametrize("name", ["patch", "hidden"])
+def test_position_aware_score_sees_a_flip_that_global_moments_keep(pipe, name):
     """Flipped half-bright images have the same pixel histogram: only where things are tells them apart."""
     from ddpm_hf.models.loader import load_model
 
     model = ScoreModel(load_model(str(pipe)), batch_size=16)
     sets = {"stats": half_bright(40, 0), "in": half_bright(16, 1), "out": half_bright(16, 2, top=False)}
     assert abs(sets["in"].float().mean() - sets["out"].float().mean()) < 3  # the same brightness, another place
-    patch = evaluate(build_score("patch", model, OODSettings(score="patch", **FAST)), sets)
-    assert patch.metrics["auroc"] >= 0.95
+    run = evaluate(build_score(name, model, OODSettings(score=name, **FAST)), sets)
+    assert run.metrics["auroc"] >= 0.95
+
+
+def test_hidden_score_reads_the_middle_decoder_block_at_its_levels(pipe):
+    """One network evaluation per level; per level, every channel of the middle up block on grid x grid patches."""
+    from ddpm_hf.models.loader import load_model
+    from ddpm_hf.ood.network import hidden_block
+
+    model = ScoreModel(load_model(str(pipe)), batch_size=16)
+    score = build_score("hidden", model, OODSettings(score="hidden", hidden_levels=[0.1, 0.5], hidden_grid=3))
+    channels = hidden_block(model.unet).resnets[-1].out_channels
+    features = score.features(dark(5, 0), "in")
+    assert score.nfe_per_image == 2 and features.shape == (5, 2 * channels * 9) == (5, len(score.columns))
+    np.testing.assert_array_equal(features, score.features(dark(5, 0), "in"))  # seeded: the same noise again
+    assert not np.allclose(features[:, : channels * 9], features[:, channels * 9 :])  # two levels, two maps
+    with pytest.raises(UsageError, match="--hidden_levels must all be in"):
+        OODSettings(score="hidden", hidden_levels=[1.0])
 
 
 # ---- the detector: fit, save, load, score ----------------------------------------------------
@@ -195,7 +215,7 @@ def test_p_values_are_empirical_ranks():
     np.testing.assert_allclose(p, [5 / 5, 4 / 5, 2 / 5, 1 / 5])  # (1 + #{reference >= s}) / (1 + n)
 
 
-@pytest.mark.parametrize("name", ["path", "fused"])
+@pytest.mark.parametrize("name", ["path", "fused", "hidden"])
 def test_density_scores_round_trip(pipe, tmp_path, name):
     det = OODDetector.fit(str(pipe), dark(30, 0), score=name, **FAST)
     probe = torch.cat([dark(4, 3), bright_noise(4, 4)])
@@ -214,6 +234,8 @@ def test_stock_diffusers_ddpm_pipeline(tmp_path):
     probe = torch.cat([dark(4, 5), bright_noise(4, 6)])
     np.testing.assert_allclose(from_folder.score(probe)[0], from_object.score(probe)[0], atol=1e-6)
     assert OODDetector.load(from_folder.save(tmp_path / "det")).manifest["model"]["scheduler"]["_class_name"]
+    hidden = OODDetector.fit(str(tmp_path / "stock"), dark(30, 0), score="hidden", **FAST)  # a stock UNet's decoder
+    assert np.isfinite(hidden.score(probe)[0]).all()
 
 
 # ---- bad inputs: one line, nothing written ----------------------------------------------------

@@ -114,10 +114,15 @@ def score_command(cfg, device) -> dict:
     return {"names": names, "scores": scores, "p_values": p_values, "flags": flags, "seconds": seconds}
 
 
+DISPLAY_STEPS = 20
+
+
 def reconstruct_for_display(detector: OODDetector, images: torch.Tensor) -> tuple:
-    """(images, reconstructions, per-pixel squared error) in [0, 1], from the detector's first noise level."""
+    """(images, reconstructions, per-pixel squared error) in [0, 1], from the detector's first noise level,
+    over at most DISPLAY_STEPS sampling timesteps: a picture to look at, not the score (300 steps took minutes)."""
     settings, model = detector.score_fn.settings, detector.model
-    sampler, levels = plan_levels(settings.recon_factors[:1], model.scheduler_config, settings.sample_timesteps)
+    steps = min(settings.sample_timesteps, DISPLAY_STEPS)
+    sampler, levels = plan_levels(settings.recon_factors[:1], model.scheduler_config, steps)
     scorer = Scorer(model.loaded, levels, sampler, settings, None, model.device)
     from ..diffusion.sampling import batch_generator
 

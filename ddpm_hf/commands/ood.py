@@ -161,7 +161,7 @@ def format_report(results: dict) -> str:
 # OODSettings fields that are DDPMConfig fields of the same name and meaning
 SAME_NAMED = (
     "score", "sample_timesteps", "loss_type", "lpips", "recon_draws", "nll_timesteps", "path_steps",
-    "msma_levels", "patch_grid", "stats_samples", "batch_size", "seed", "mixed_precision",
+    "msma_levels", "patch_grid", "hidden_levels", "hidden_grid", "stats_samples", "batch_size", "seed", "mixed_precision",
 )  # fmt: skip
 
 

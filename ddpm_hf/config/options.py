@@ -284,12 +284,18 @@ class DDPMConfig:
     )
     score: str = _opt(
         "recon",
-        "OOD score (ddpm_hf/ood/scores.py): recon (reconstruction, the original), nll (bits/dim of the variational bound), both (mean z-score of the two), path (DiffPath statistics of a DDIM inversion), msma (noise-prediction norms at several levels), fused (one mixture over recon, path and msma statistics), patch (position-aware: per-patch denoising statistics); the mixtures and z-scores are fitted on --stats_samples in-distribution training images.",
+        "OOD score (ddpm_hf/ood/scores.py): recon (reconstruction, the original), nll (bits/dim of the variational bound), both (mean z-score of the two), path (DiffPath statistics of a DDIM inversion), msma (noise-prediction norms at several levels), fused (one mixture over recon, path and msma statistics), patch (position-aware: per-patch denoising statistics), hidden (position-aware: the decoder's activations on a grid of patches, one network evaluation; the recommended detector score, docs/ood.md); the mixtures and z-scores are fitted on --stats_samples in-distribution training images.",
         "ood",
     )
     path_steps: int = _opt(10, "DDIM-inversion steps (network evaluations) of --score path.", "ood")
     msma_levels: int = _opt(10, "Noise levels (network evaluations) of --score msma.", "ood")
-    patch_grid: int = _opt(4, "The position-aware scores average their maps on a GRID x GRID grid of patches.", "ood")
+    patch_grid: int = _opt(4, "--score patch averages its maps on a GRID x GRID grid of patches.", "ood")
+    hidden_levels: List[float] = _opt(
+        [0.2], "Noise levels of --score hidden, as fractions of T (one network evaluation each).", "ood"
+    )
+    hidden_grid: int = _opt(
+        2, "--score hidden averages each activation channel on a GRID x GRID grid of patches.", "ood"
+    )
     fit: bool = _opt(
         False,
         "Fit a detector: the --score's statistics of --stats_samples --dataset training images, its density, a held-out in-distribution split and the threshold at --tpr, saved to --output_dir.",
@@ -545,6 +551,7 @@ METAVARS = {
     "attention_resolutions": "FACTOR",
     "channel_mult": "MULT",
     "recon_factors": "FACTOR",
+    "hidden_levels": "FRACTION",
 }
 
 

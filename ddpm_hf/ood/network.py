@@ -1,7 +1,8 @@
 """The trained network as the OOD scores see it: its noise prediction at any timestep (whatever it was
 trained to predict), images fed in batches with seeded noise, and the statistics the scores build on:
 the DDIM-inversion path (DiffPath, Heng et al. 2024), the noise predictions at several noise levels
-(multi-scale score norms, Mahmood et al. 2021) and pooling of per-pixel maps onto a grid of patches."""
+(multi-scale score norms, Mahmood et al. 2021), the decoder's hidden activations and pooling of maps
+onto a grid of patches."""
 
 from typing import Callable, List
 
@@ -113,3 +114,23 @@ def noise_predictions(model: ScoreModel, x0: torch.Tensor, timesteps: List[int],
 def pool_map(maps: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, C, H, W) per-pixel values -> (B, grid * grid) means over a grid of patches (channels averaged)."""
     return F.adaptive_avg_pool2d(maps.mean(1, keepdim=True), grid).flatten(1)
+
+
+def hidden_block(unet) -> torch.nn.Module:
+    """The decoder block whose output the hidden score reads: the middle one of the up blocks (for a
+    three-level UNet, the block that upsamples to full resolution: shapes and strokes, not single pixels)."""
+    return unet.up_blocks[len(unet.up_blocks) // 2]
+
+
+def hidden_activations(model: ScoreModel, x0: torch.Tensor, timesteps: List[int], generator, grid: int):
+    """(B, L * C * grid * grid): the output of `hidden_block` when x0 noised to each timestep is denoised,
+    averaged over a grid of patches (channel by channel, so where a feature fires is kept)."""
+    captured = []
+    handle = hidden_block(model.unet).register_forward_hook(lambda module, args, out: captured.append(out.float()))
+    try:
+        for t in timesteps:
+            z = torch.randn(x0.shape, generator=generator).to(x0.device)
+            model.eps(model.noised(x0, t, z), t)
+    finally:
+        handle.remove()
+    return torch.cat([F.adaptive_avg_pool2d(a, grid).flatten(1) for a in captured], 1)

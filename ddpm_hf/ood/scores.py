@@ -11,6 +11,8 @@ msma    noise-prediction norms at several noise levels, under a Gaussian mixture
 fused   one mixture over the recon, path and msma statistics together
 patch   position-aware: the denoising error and the predicted noise per patch at several noise levels,
         under a mixture (flips, rotations and shifts keep every global moment, but move the patches)
+hidden  position-aware: the UNet decoder's own activations, per channel on a coarse grid of patches, at
+        one noise level (one network evaluation), under a mixture: what the network recognises, and where
 """
 
 from typing import Dict, List
@@ -23,6 +25,8 @@ from .density import Density
 from .network import (
     STREAMS,
     ScoreModel,
+    hidden_activations,
+    hidden_block,
     msma_levels,
     noise_predictions,
     path_statistics,
@@ -372,3 +376,41 @@ class PatchScore(DensityScore):
         return (
             f"denoising error and predicted noise on {g}x{g} patches at {levels} noise levels under a Gaussian mixture"
         )
+
+
+@register
+class HiddenScore(DensityScore):
+    """The network's hidden activations at a little noise: a flipped or rotated digit keeps its ink
+    statistics but not the features the decoder has learnt for digits, nor where they fire."""
+
+    name = "hidden"
+
+    @property
+    def timesteps(self):
+        T = self.model.T
+        return sorted({min(T - 1, max(1, int(round(f * T)))) for f in self.settings.hidden_levels})
+
+    @property
+    def columns(self):
+        return [f"hidden@{t}_{i}" for t in self.timesteps for i in range(self._width)]
+
+    @property
+    def _width(self):
+        channels = hidden_block(self.model.unet).resnets[-1].out_channels
+        return channels * self.settings.hidden_grid**2
+
+    @property
+    def nfe_per_image(self):
+        return len(self.timesteps)
+
+    def features(self, images, stream):
+        ts, g = self.timesteps, self.settings.hidden_grid
+
+        def fn(x0, gen):
+            return hidden_activations(self.model, x0, ts, gen, g)
+
+        return self.model.batched(images, fn, stream, f"scoring: hidden activations ({len(ts)} NFE/image)")
+
+    def describe(self):
+        g, levels = self.settings.hidden_grid, " ".join(f"{f:g}" for f in self.settings.hidden_levels)
+        return f"decoder activations on {g}x{g} patches at noise level(s) {levels} of T under a Gaussian mixture"

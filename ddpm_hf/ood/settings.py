@@ -20,7 +20,9 @@ class OODSettings:
     nll_timesteps: Optional[int] = None
     path_steps: int = 10  # DDIM-inversion steps of the path score
     msma_levels: int = 10  # noise levels of the msma score
-    patch_grid: int = 4  # the position-aware scores pool their maps on patch_grid x patch_grid patches
+    patch_grid: int = 4  # the patch score pools its maps on patch_grid x patch_grid patches
+    hidden_levels: List[float] = field(default_factory=lambda: [0.2])  # noise levels of the hidden score, of T
+    hidden_grid: int = 2  # the hidden score pools each channel on hidden_grid x hidden_grid patches
     stats_samples: int = 256  # in-distribution training images that fit the score (never scored)
     batch_size: int = 128
     seed: int = 0
@@ -28,6 +30,7 @@ class OODSettings:
 
     def __post_init__(self):
         self.recon_factors = [float(f) for f in self.recon_factors]
+        self.hidden_levels = [float(f) for f in self.hidden_levels]
         if len(self.recon_factors) > 1:
             self.recon_zscore = True
         self.validate()
@@ -44,12 +47,16 @@ class OODSettings:
             "path_steps": self.path_steps,
             "msma_levels": self.msma_levels,
             "patch_grid": self.patch_grid,
+            "hidden_grid": self.hidden_grid,
             "batch_size": self.batch_size,
             "sample_timesteps": self.sample_timesteps,
         }
         for flag, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"--{flag} must be a positive integer, got {value}")
+        if not self.hidden_levels or not all(0 < f < 1 for f in self.hidden_levels):
+            levels = " ".join(map(str, self.hidden_levels))
+            raise UsageError(f"--hidden_levels must all be in (0, 1) (fractions of T), got {levels}")
         if self.stats_samples < 2:
             raise UsageError(
                 f"--stats_samples must be at least 2 (a standard deviation needs two images), got {self.stats_samples}"
