@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import sys
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -122,12 +123,39 @@ def _medmnist_loader(flag):
                     f"MedMNIST file {path} is missing and could not be downloaded ({type(err).__name__}); "
                     f"place {flag}.npz in {root} or set --medmnist_root"
                 ) from None
-        with np.load(path) as npz:
-            return _array_dataset(
-                npz[f"{split}_images"], npz[f"{split}_labels"].reshape(len(npz[f"{split}_labels"]), -1)[:, 0]
-            )
+        return _array_dataset(*_read_medmnist(path, split))
 
     return load
+
+
+def _read_medmnist(path: Path, split: str) -> tuple:
+    """(uint8 images (N, H, W[, C]), int labels (N,)) of one split of a MedMNIST .npz; a damaged file (not
+    an archive, object arrays, which allow_pickle=False refuses, a missing key, odd shapes) is one line."""
+    fix = f"delete {path} to download it again (or place an intact copy there)"
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and blame "pickled data"
+        raise DDPMError(f"MedMNIST file {path} is not a .npz (zip) archive; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in (f"{split}_images", f"{split}_labels") if k not in npz.files]
+            if missing:
+                raise DDPMError(
+                    f"MedMNIST file {path} has no {' or '.join(missing)} (it holds: {short(', '.join(npz.files))}); {fix}"
+                )
+            images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+    except DDPMError:
+        raise
+    except ValueError as err:  # object arrays: unpickling them could run code, so allow_pickle stays False
+        if "Object arrays" not in str(err):
+            raise DDPMError(f"MedMNIST file {path} is damaged ({short(err, 100)}); {fix}") from None
+        raise DDPMError(f"MedMNIST file {path} holds object (pickled) arrays, which are never loaded; {fix}") from None
+    except Exception as err:  # a truncated or corrupt archive
+        raise DDPMError(f"MedMNIST file {path} is damaged ({type(err).__name__}: {short(err, 100)}); {fix}") from None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(labels) != len(images) or not len(images):
+        raise DDPMError(
+            f"MedMNIST file {path} holds {split}_images of {images.dtype} {images.shape} and {len(labels)} label(s), "
+            f"not uint8 (N, H, W[, C]) images with one label each; {fix}"
+        )
+    return images, labels.reshape(len(labels), -1)[:, 0]
 
 
 REGISTRY = {
@@ -343,6 +371,26 @@ def _first_readable(raw, column, name) -> Image.Image:
     )
 
 
+def size_decided_by(first: Optional[Image.Image]) -> str:
+    """Where --size came from when it was not given: the first image (an error blames it, not the flag)."""
+    if first is None:
+        return ""
+    where = getattr(first, "filename", "") or "the first image"
+    return f"the size follows the first image ({short(Path(where).name)}, {first.size[0]}x{first.size[1]}): pass --size"
+
+
+def _check_decoded_fits(n: int, channels: int, size: int, name: str, decided_by: str) -> None:
+    """The decoded images (each held twice while they are stacked) fit in memory, before decoding any."""
+    from ..util.memory import refuse_if_too_big
+
+    refuse_if_too_big(
+        2 * n * channels * size * size,
+        "cpu",
+        f"decoding {n} images of {name} at {channels}x{size}x{size}",
+        f"{decided_by or 'lower --size'}, or lower --max_train_samples",
+    )
+
+
 @dataclass
 class ImageData:
     images: torch.Tensor  # uint8 (N, C, size, size)
@@ -350,6 +398,7 @@ class ImageData:
     size: int
     name: str
     skipped: int = 0
+    decided_by: str = ""  # where the size came from when no --size was given (size_decided_by)
 
 
 def load_images(
@@ -370,6 +419,7 @@ def load_images(
     size = size or cfg.size or spec.size
     channels = channels or cfg.channels or spec.channels
     if spec.loader is not None:  # array-backed: convert and resize whole batches
+        _check_decoded_fits(len(ds), channels, size, name, "")
         arr = np.asarray(ds.with_format("numpy", columns=[column])[:][column], dtype=np.uint8)
         images = torch.cat(
             [
@@ -381,10 +431,13 @@ def load_images(
     import datasets
 
     raw = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped, not fatal
+    decided_by = ""
     if not channels or not size:  # a folder or an unregistered Hub dataset: follow its first image
         first = _first_readable(raw, column, name)
         channels = channels or (1 if is_gray(first.mode) else 3)
+        decided_by = "" if size else size_decided_by(first)
         size = size or min(first.size)
+    _check_decoded_fits(len(raw), channels, size, name, decided_by)
     out, skipped = [], 0
     crop_seed = getattr(cfg, "seed", 0) if getattr(cfg, "crop", "center") == "random" else None
     for index, item in enumerate(
@@ -408,7 +461,7 @@ def load_images(
         print(f"warning: skipped {skipped} unreadable image(s) of {len(raw)} in {name} ({split})", file=sys.stderr)
     if not out:
         raise DDPMError(f"no readable images in dataset {name} ({split} split)")
-    return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped)
+    return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped, decided_by)
 
 
 class ImageBatches(torch.utils.data.Dataset):
