@@ -326,3 +326,57 @@ def test_too_long_path_elsewhere_is_one_line(capsys):
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), "x" * 5000)
 
     one_line(capsys, lambda: run_cli(main)([]), "is longer than the file system allows; choose a shorter", code=2)
+
+
+# ---- 8. a local folder means exactly the images in it -------------------------------------------------------
+
+
+def _images(folder: Path, *names):
+    from PIL import Image
+
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 128).save(folder / name)
+
+
+class _Cfg:
+    image_column = dataset_config_name = medmnist_root = None
+
+    def __init__(self, output_dir=None):
+        self.output_dir = output_dir
+
+
+@pytest.mark.parametrize(
+    "names, split, count",
+    [
+        (("a.png", "b.png", "train_x.png"), "train", 3),  # was 1: train_x.png alone was the train split
+        (("a.png", "b.png", "test_x.png"), "train", 3),  # was KeyError 'train'
+        (("a.png", "b.png", "test/t.png"), "test", 1),
+        (("a.png", "b.png", "test/t.png"), "train", 2),
+    ],
+)
+def test_folder_splits_ignore_file_names(names, split, count, tmp_path):
+    from ddpm_hf.data.images import load_split
+
+    _images(tmp_path / "data", *names)
+    ds, _, _ = load_split(str(tmp_path / "data"), split, _Cfg())
+    assert len(ds) == count
+
+
+def test_output_dir_inside_the_dataset_is_not_data(tmp_path):
+    from ddpm_hf.data.images import load_split
+
+    _images(tmp_path / "data", "a.png", "b.png", "out/samples/epoch_0001.png")
+    (tmp_path / "data" / "out" / "train_log.jsonl").write_text("{}\n")
+    ds, _, _ = load_split(str(tmp_path / "data"), "train", _Cfg(str(tmp_path / "data" / "out")))
+    assert len(ds) == 2
+
+
+def test_folder_of_no_images_says_so(tmp_path):
+    from ddpm_hf.data.images import load_split
+    from ddpm_hf.util.errors import UsageError
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match=r"holds no images \(1 other file\(s\): \.txt\); image files end in .*\.png"):
+        load_split(str(tmp_path / "data"), "train", _Cfg())

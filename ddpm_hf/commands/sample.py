@@ -29,8 +29,8 @@ from ..diffusion.sampling import (
 from ..models.loader import load_model
 from ..util.errors import UsageError
 from ..util.files import free_bytes, inside, make_output_dir, make_subdir, read_json, remove, safe_name, write_text
-from ..util.memory import available_memory, refuse_if_too_big, unet_batch_bytes
 from ..util.lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
+from ..util.memory import available_memory, refuse_if_too_big, unet_batch_bytes
 from ..util.precision import inference_autocast, resolve_mixed_precision
 from .common import default_sample_dir, ready_device
 

@@ -256,21 +256,63 @@ def _check_metadata(folder) -> None:
             )
 
 
-def _folder_dataset(folder, split, streaming=False):
-    import datasets
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
 
-    files = [p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+def _image_suffixes() -> tuple:
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return tuple(ImageFolder.EXTENSIONS)
+
+
+def _folder_files(folder, exclude=None) -> dict:
+    """{split: files} of a local folder, built here rather than inferred by imagefolder (which takes a file
+    named train_*.png or test_*.png for a split of its own): the images under `test/` are the test split,
+    all the others the train split (all of them when there is no test/); hidden files and the `exclude`
+    folder (the command's own --output_dir) are never data."""
+    folder = Path(folder)
+    skip = Path(exclude).resolve() if exclude else None
+    files = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and not (skip is not None and is_inside(skip, p))
+    ]
     if not files:
         raise UsageError(f"image folder {folder} is empty; put image files (png, jpg, ...) in it")
+    suffixes = _image_suffixes()
+    images = [p for p in files if p.suffix.lower() in suffixes]
+    if not images:
+        others = ", ".join(sorted({p.suffix or p.name for p in files})[:5])
+        raise UsageError(
+            f"image folder {folder} holds no images ({len(files)} other file(s): {short(others)}); image files end in "
+            f"{', '.join(s for s in suffixes if s in ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp'))}"
+            f" (and other suffixes PIL reads)"
+        )
+    in_test = [p for p in images if p.relative_to(folder).parts[0] == "test"]
+    train = [p for p in images if p not in set(in_test)] or images
+    splits = {"train": train, **({"test": in_test} if in_test else {})}
+    meta = [p for p in files if p.name in METADATA_NAMES]
+    for name, members in splits.items():  # a metadata file goes with the images of its own folder
+        roots = {p.parent for p in members}
+        members.extend(m for m in meta if m.parent in roots or any(r.is_relative_to(m.parent) for r in roots))
+    return {name: [str(p) for p in members] for name, members in splits.items()}
+
+
+def _folder_dataset(folder, split, streaming=False, exclude=None):
+    import datasets
+
+    files = _folder_files(folder, exclude)
     _check_metadata(folder)
     try:
-        splits = datasets.load_dataset("imagefolder", data_dir=str(folder), streaming=streaming)
+        splits = datasets.load_dataset("imagefolder", data_files=files, streaming=streaming)
     except Exception as err:
         raise DDPMError(
             f"cannot read image folder {folder} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
         ) from None
     if split not in splits:
-        split = "train"  # a flat folder has one split: use all of it
+        split = "train"  # a folder without test/ has one split: use all of it
     return splits[split]
 
 
@@ -285,7 +327,7 @@ def load_split(name: str, split: str, cfg, streaming: bool = False):
         hub_split = split if split == "train" else spec.test_split
         ds = _hub_dataset(spec.hub_id, spec.config or cfg.dataset_config_name, hub_split, streaming)
     else:
-        ds = _folder_dataset(name, split, streaming)
+        ds = _folder_dataset(name, split, streaming, exclude=getattr(cfg, "output_dir", None))
     column = (cfg.image_column if name not in REGISTRY else None) or spec.image_column
     if ds.column_names is not None and column not in ds.column_names:  # a stream may not know its columns
         import datasets
