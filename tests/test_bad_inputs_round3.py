@@ -231,7 +231,8 @@ def test_sampling_batch_beyond_memory(pipe, tmp_path, capsys, monkeypatch):
     one_line(
         capsys,
         sample(*argv),
-        "error: sampling a batch of 100000 (1x8x8) needs about 4.1 GB of memory but 1.0 GB is available; lower --batch_size",
+        "error: sampling a batch of 100000 (1x8x8) needs about 4.1 GB of memory but 1.0 GB is available; "
+        "lower --batch_size",
         code=2,
     )
     assert not (tmp_path / "s").exists()
@@ -380,3 +381,35 @@ def test_folder_of_no_images_says_so(tmp_path):
     (tmp_path / "data" / "notes.txt").write_text("x")
     with pytest.raises(UsageError, match=r"holds no images \(1 other file\(s\): \.txt\); image files end in .*\.png"):
         load_split(str(tmp_path / "data"), "train", _Cfg())
+
+
+# ---- 9. 32-bit float TIFFs and EXIF orientation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values, expected", [((0.0, 0.5, 1.0), (0, 128, 255)), ((-2.0, 0.0, 2.0), (0, 128, 255))])
+def test_float_tiff_is_scaled_not_black(values, expected, tmp_path):
+    from PIL import Image
+
+    from ddpm_hf.data.images import _pil_to_array
+
+    arr = np.array([list(values) * 2] * 6, np.float32)
+    img = Image.fromarray(arr, "F")
+    img.save(tmp_path / "f.tif")
+    with Image.open(tmp_path / "f.tif") as back:
+        out = _pil_to_array(back, 1, 6)
+    assert tuple(out[0, 0, :3]) == expected
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    from ddpm_hf.data.images import _pil_to_array
+
+    img = Image.new("L", (8, 4), 0)
+    img.paste(255, (0, 0, 4, 4))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    img.save(tmp_path / "r.jpg", exif=exif, quality=100)
+    with Image.open(tmp_path / "r.jpg") as back:
+        out = _pil_to_array(back, 1, 4)
+    assert out[0, 0, -1] > 200 and out[0, -1, 0] < 60  # upright: the white half on top (unrotated: on the left)

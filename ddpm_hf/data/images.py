@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..util.errors import DDPMError, UsageError, short
@@ -136,11 +136,10 @@ def _read_medmnist(path: Path, split: str) -> tuple:
         raise DDPMError(f"MedMNIST file {path} is not a .npz (zip) archive; {fix}")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in (f"{split}_images", f"{split}_labels") if k not in npz.files]
+            missing = " or ".join(k for k in (f"{split}_images", f"{split}_labels") if k not in npz.files)
             if missing:
-                raise DDPMError(
-                    f"MedMNIST file {path} has no {' or '.join(missing)} (it holds: {short(', '.join(npz.files))}); {fix}"
-                )
+                held = short(", ".join(npz.files))
+                raise DDPMError(f"MedMNIST file {path} has no {missing} (it holds: {held}); {fix}")
             images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
     except DDPMError:
         raise
@@ -257,6 +256,7 @@ def _check_metadata(folder) -> None:
 
 
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+COMMON_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # named in the no-images line
 
 
 def _image_suffixes() -> tuple:
@@ -285,16 +285,16 @@ def _folder_files(folder, exclude=None) -> dict:
     images = [p for p in files if p.suffix.lower() in suffixes]
     if not images:
         others = ", ".join(sorted({p.suffix or p.name for p in files})[:5])
+        common = ", ".join(s for s in suffixes if s in COMMON_SUFFIXES)
         raise UsageError(
             f"image folder {folder} holds no images ({len(files)} other file(s): {short(others)}); image files end in "
-            f"{', '.join(s for s in suffixes if s in ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp'))}"
-            f" (and other suffixes PIL reads)"
+            f"{common} (and other suffixes PIL reads)"
         )
     in_test = [p for p in images if p.relative_to(folder).parts[0] == "test"]
     train = [p for p in images if p not in set(in_test)] or images
     splits = {"train": train, **({"test": in_test} if in_test else {})}
     meta = [p for p in files if p.name in METADATA_NAMES]
-    for name, members in splits.items():  # a metadata file goes with the images of its own folder
+    for members in splits.values():  # a metadata file goes with the images of its own folder
         roots = {p.parent for p in members}
         members.extend(m for m in meta if m.parent in roots or any(r.is_relative_to(m.parent) for r in roots))
     return {name: [str(p) for p in members] for name, members in splits.items()}
@@ -368,9 +368,23 @@ def is_gray(mode: str) -> bool:
     return mode in GRAY_MODES or mode.startswith("I;16")
 
 
+def _float_to_8bit(img: Image.Image) -> Image.Image:
+    """32-bit float grayscale (mode "F", e.g. a scientific TIFF) -> 8 bits: values in [0, 1] by that
+    convention, any other range stretched from its min to its max. convert("L") clips them to 0 or 1,
+    an all-black image that trained silently. Not-a-number pixels become 0."""
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8), "L")
+
+
 def to_8bit(img: Image.Image) -> Image.Image:
     """16-bit (and 32-bit integer) grayscale, e.g. 16-bit PNGs, scaled to 8 bits: 65535 -> 255.
     PIL's convert("L") clips such values instead, which turns nearly every pixel white."""
+    if img.mode == "F":
+        return _float_to_8bit(img)
     if not (img.mode == "I" or img.mode.startswith("I;16")):
         return img
     arr = np.asarray(img, dtype=np.float64)
@@ -379,7 +393,8 @@ def to_8bit(img: Image.Image) -> Image.Image:
 
 def _pil_to_array(img: Image.Image, channels: int, size: int, rng: Optional[np.random.Generator] = None) -> np.ndarray:
     """Shorter side resized to `size`, then a size x size window: the centre, or one drawn by `rng` (--crop random)."""
-    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
+    # EXIF orientation applied, as datasets' own decoder does: a phone photo is upright, not on its side
+    img = to_8bit(ImageOps.exif_transpose(img)).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     scale = size / min(w, h)
     if (w, h) != (size, size):

@@ -146,7 +146,8 @@ def check_name_lengths(out, flag: str = "--output_dir") -> None:
     # + 64: the tools' own names below it (checkpoints/checkpoint-N.partial, .NAME.PID.tmp)
     if long_name is not None or len(os.fsencode(str(out.absolute()))) + 64 > path_max:
         what = (
-            f"a name of {len(os.fsencode(long_name))} bytes ({short(long_name, 24)}), over the {name_max} a name may have"
+            f"a name of {len(os.fsencode(long_name))} bytes ({short(long_name, 24)}), "
+            f"over the {name_max} a name may have"
             if long_name is not None
             else f"a path of {len(os.fsencode(str(out.absolute())))} bytes, near the {path_max} a path may have"
         )
