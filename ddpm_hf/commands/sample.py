@@ -30,6 +30,7 @@ from ..models.loader import load_model
 from ..util.errors import UsageError
 from ..util.files import free_bytes, inside, make_output_dir, make_subdir, read_json, remove, safe_name, write_text
 from ..util.lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
+from ..util.memory import available_memory, refuse_if_too_big, unet_batch_bytes
 from ..util.precision import inference_autocast, resolve_mixed_precision
 from .common import default_sample_dir, ready_device
 
@@ -158,14 +159,6 @@ def prepare_sample_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def _available_memory() -> Optional[int]:
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
 def capacity_problem(
     num_images: int, image_bytes: int, folder, free_disk: int, free_memory: Optional[int], scored: bool
 ) -> Optional[str]:
@@ -189,13 +182,19 @@ def _check_capacity(cfg, out: Path, num_images: int, unet, vae) -> None:
     size = unet.config.sample_size * (downsample_factor(vae) if vae is not None else 1)
     missing = num_images - (sum(1 for p in out.glob("*.png") if p.stem.isdigit()) if cfg.fid else 0)
     problem = capacity_problem(
-        max(missing, 0), channels * size * size, out, free_bytes(out), _available_memory(), bool(cfg.fid_reference)
+        max(missing, 0), channels * size * size, out, free_bytes(out), available_memory(), bool(cfg.fid_reference)
     )
     if problem:
         raise UsageError(
             f"--num_samples {num_images} ({channels}x{size}x{size} images) {problem}; lower --num_samples"
             + (" or choose another --output_dir" if "disk" in problem else "")
         )
+    batch = min(cfg.batch_size, max(num_images, 1))
+    # one batch at a time: its noise and images, and the UNet's activations at the model's (latent) side
+    need = batch * channels * size * size * 4 + unet_batch_bytes(unet.config, batch, unet.config.sample_size)
+    refuse_if_too_big(
+        need, unet.device, f"sampling a batch of {batch} ({channels}x{size}x{size})", "lower --batch_size"
+    )
 
 
 def sampling_steps(cfg, loaded) -> int:

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import sys
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..util.errors import DDPMError, UsageError, short
@@ -122,12 +123,38 @@ def _medmnist_loader(flag):
                     f"MedMNIST file {path} is missing and could not be downloaded ({type(err).__name__}); "
                     f"place {flag}.npz in {root} or set --medmnist_root"
                 ) from None
-        with np.load(path) as npz:
-            return _array_dataset(
-                npz[f"{split}_images"], npz[f"{split}_labels"].reshape(len(npz[f"{split}_labels"]), -1)[:, 0]
-            )
+        return _array_dataset(*_read_medmnist(path, split))
 
     return load
+
+
+def _read_medmnist(path: Path, split: str) -> tuple:
+    """(uint8 images (N, H, W[, C]), int labels (N,)) of one split of a MedMNIST .npz; a damaged file (not
+    an archive, object arrays, which allow_pickle=False refuses, a missing key, odd shapes) is one line."""
+    fix = f"delete {path} to download it again (or place an intact copy there)"
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle and blame "pickled data"
+        raise DDPMError(f"MedMNIST file {path} is not a .npz (zip) archive; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = " or ".join(k for k in (f"{split}_images", f"{split}_labels") if k not in npz.files)
+            if missing:
+                held = short(", ".join(npz.files))
+                raise DDPMError(f"MedMNIST file {path} has no {missing} (it holds: {held}); {fix}")
+            images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+    except DDPMError:
+        raise
+    except ValueError as err:  # object arrays: unpickling them could run code, so allow_pickle stays False
+        if "Object arrays" not in str(err):
+            raise DDPMError(f"MedMNIST file {path} is damaged ({short(err, 100)}); {fix}") from None
+        raise DDPMError(f"MedMNIST file {path} holds object (pickled) arrays, which are never loaded; {fix}") from None
+    except Exception as err:  # a truncated or corrupt archive
+        raise DDPMError(f"MedMNIST file {path} is damaged ({type(err).__name__}: {short(err, 100)}); {fix}") from None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(labels) != len(images) or not len(images):
+        raise DDPMError(
+            f"MedMNIST file {path} holds {split}_images of {images.dtype} {images.shape} and {len(labels)} label(s), "
+            f"not uint8 (N, H, W[, C]) images with one label each; {fix}"
+        )
+    return images, labels.reshape(len(labels), -1)[:, 0]
 
 
 REGISTRY = {
@@ -228,21 +255,64 @@ def _check_metadata(folder) -> None:
             )
 
 
-def _folder_dataset(folder, split, streaming=False):
-    import datasets
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+COMMON_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # named in the no-images line
 
-    files = [p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+def _image_suffixes() -> tuple:
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return tuple(ImageFolder.EXTENSIONS)
+
+
+def _folder_files(folder, exclude=None) -> dict:
+    """{split: files} of a local folder, built here rather than inferred by imagefolder (which takes a file
+    named train_*.png or test_*.png for a split of its own): the images under `test/` are the test split,
+    all the others the train split (all of them when there is no test/); hidden files and the `exclude`
+    folder (the command's own --output_dir) are never data."""
+    folder = Path(folder)
+    skip = Path(exclude).resolve() if exclude else None
+    files = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and not (skip is not None and is_inside(skip, p))
+    ]
     if not files:
         raise UsageError(f"image folder {folder} is empty; put image files (png, jpg, ...) in it")
+    suffixes = _image_suffixes()
+    images = [p for p in files if p.suffix.lower() in suffixes]
+    if not images:
+        others = ", ".join(sorted({p.suffix or p.name for p in files})[:5])
+        common = ", ".join(s for s in suffixes if s in COMMON_SUFFIXES)
+        raise UsageError(
+            f"image folder {folder} holds no images ({len(files)} other file(s): {short(others)}); image files end in "
+            f"{common} (and other suffixes PIL reads)"
+        )
+    in_test = [p for p in images if p.relative_to(folder).parts[0] == "test"]
+    train = [p for p in images if p not in set(in_test)] or images
+    splits = {"train": train, **({"test": in_test} if in_test else {})}
+    meta = [p for p in files if p.name in METADATA_NAMES]
+    for members in splits.values():  # a metadata file goes with the images of its own folder
+        roots = {p.parent for p in members}
+        members.extend(m for m in meta if m.parent in roots or any(r.is_relative_to(m.parent) for r in roots))
+    return {name: [str(p) for p in members] for name, members in splits.items()}
+
+
+def _folder_dataset(folder, split, streaming=False, exclude=None):
+    import datasets
+
+    files = _folder_files(folder, exclude)
     _check_metadata(folder)
     try:
-        splits = datasets.load_dataset("imagefolder", data_dir=str(folder), streaming=streaming)
+        splits = datasets.load_dataset("imagefolder", data_files=files, streaming=streaming)
     except Exception as err:
         raise DDPMError(
             f"cannot read image folder {folder} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
         ) from None
     if split not in splits:
-        split = "train"  # a flat folder has one split: use all of it
+        split = "train"  # a folder without test/ has one split: use all of it
     return splits[split]
 
 
@@ -257,7 +327,7 @@ def load_split(name: str, split: str, cfg, streaming: bool = False):
         hub_split = split if split == "train" else spec.test_split
         ds = _hub_dataset(spec.hub_id, spec.config or cfg.dataset_config_name, hub_split, streaming)
     else:
-        ds = _folder_dataset(name, split, streaming)
+        ds = _folder_dataset(name, split, streaming, exclude=getattr(cfg, "output_dir", None))
     column = (cfg.image_column if name not in REGISTRY else None) or spec.image_column
     if ds.column_names is not None and column not in ds.column_names:  # a stream may not know its columns
         import datasets
@@ -298,9 +368,23 @@ def is_gray(mode: str) -> bool:
     return mode in GRAY_MODES or mode.startswith("I;16")
 
 
+def _float_to_8bit(img: Image.Image) -> Image.Image:
+    """32-bit float grayscale (mode "F", e.g. a scientific TIFF) -> 8 bits: values in [0, 1] by that
+    convention, any other range stretched from its min to its max. convert("L") clips them to 0 or 1,
+    an all-black image that trained silently. Not-a-number pixels become 0."""
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8), "L")
+
+
 def to_8bit(img: Image.Image) -> Image.Image:
     """16-bit (and 32-bit integer) grayscale, e.g. 16-bit PNGs, scaled to 8 bits: 65535 -> 255.
     PIL's convert("L") clips such values instead, which turns nearly every pixel white."""
+    if img.mode == "F":
+        return _float_to_8bit(img)
     if not (img.mode == "I" or img.mode.startswith("I;16")):
         return img
     arr = np.asarray(img, dtype=np.float64)
@@ -309,7 +393,8 @@ def to_8bit(img: Image.Image) -> Image.Image:
 
 def _pil_to_array(img: Image.Image, channels: int, size: int, rng: Optional[np.random.Generator] = None) -> np.ndarray:
     """Shorter side resized to `size`, then a size x size window: the centre, or one drawn by `rng` (--crop random)."""
-    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
+    # EXIF orientation applied, as datasets' own decoder does: a phone photo is upright, not on its side
+    img = to_8bit(ImageOps.exif_transpose(img)).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     scale = size / min(w, h)
     if (w, h) != (size, size):
@@ -343,6 +428,26 @@ def _first_readable(raw, column, name) -> Image.Image:
     )
 
 
+def size_decided_by(first: Optional[Image.Image]) -> str:
+    """Where --size came from when it was not given: the first image (an error blames it, not the flag)."""
+    if first is None:
+        return ""
+    where = getattr(first, "filename", "") or "the first image"
+    return f"the size follows the first image ({short(Path(where).name)}, {first.size[0]}x{first.size[1]}): pass --size"
+
+
+def _check_decoded_fits(n: int, channels: int, size: int, name: str, decided_by: str) -> None:
+    """The decoded images (each held twice while they are stacked) fit in memory, before decoding any."""
+    from ..util.memory import refuse_if_too_big
+
+    refuse_if_too_big(
+        2 * n * channels * size * size,
+        "cpu",
+        f"decoding {n} images of {name} at {channels}x{size}x{size}",
+        f"{decided_by or 'lower --size'}, or lower --max_train_samples",
+    )
+
+
 @dataclass
 class ImageData:
     images: torch.Tensor  # uint8 (N, C, size, size)
@@ -350,6 +455,7 @@ class ImageData:
     size: int
     name: str
     skipped: int = 0
+    decided_by: str = ""  # where the size came from when no --size was given (size_decided_by)
 
 
 def load_images(
@@ -370,6 +476,7 @@ def load_images(
     size = size or cfg.size or spec.size
     channels = channels or cfg.channels or spec.channels
     if spec.loader is not None:  # array-backed: convert and resize whole batches
+        _check_decoded_fits(len(ds), channels, size, name, "")
         arr = np.asarray(ds.with_format("numpy", columns=[column])[:][column], dtype=np.uint8)
         images = torch.cat(
             [
@@ -381,10 +488,13 @@ def load_images(
     import datasets
 
     raw = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped, not fatal
+    decided_by = ""
     if not channels or not size:  # a folder or an unregistered Hub dataset: follow its first image
         first = _first_readable(raw, column, name)
         channels = channels or (1 if is_gray(first.mode) else 3)
+        decided_by = "" if size else size_decided_by(first)
         size = size or min(first.size)
+    _check_decoded_fits(len(raw), channels, size, name, decided_by)
     out, skipped = [], 0
     crop_seed = getattr(cfg, "seed", 0) if getattr(cfg, "crop", "center") == "random" else None
     for index, item in enumerate(
@@ -408,7 +518,7 @@ def load_images(
         print(f"warning: skipped {skipped} unreadable image(s) of {len(raw)} in {name} ({split})", file=sys.stderr)
     if not out:
         raise DDPMError(f"no readable images in dataset {name} ({split} split)")
-    return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped)
+    return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped, decided_by)
 
 
 class ImageBatches(torch.utils.data.Dataset):

@@ -21,6 +21,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from ..data.images import to_uint8
+from ..util.errors import DDPMError
 from .prediction import to_epsilon
 
 GRID_COLUMNS = 16
@@ -51,8 +52,13 @@ def make_masks(kind: str, n: int, size: int, seed: int) -> torch.Tensor:
 
 def read_mask(path: str, size: int) -> torch.Tensor:
     """A mask PNG, grayscale, resized (nearest) to the model's size: >= 128 keeps, < 128 inpaints."""
-    with Image.open(path) as img:
-        gray = img.convert("L").resize((size, size), Image.NEAREST)
+    try:  # the header was checked with the flags (feature_checks.check_mask_file); decoding may still fail
+        with Image.open(path) as img:
+            gray = img.convert("L").resize((size, size), Image.NEAREST)
+    except Exception as err:
+        raise DDPMError(
+            f"--mask {path} cannot be decoded ({type(err).__name__}: {str(err)[:80]}); save it again"
+        ) from None
     return (torch.from_numpy(np.asarray(gray).copy()) >= 128).float()[None, None]
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..util.errors import DDPMError, UsageError
+from ..util.errors import DDPMError, UsageError, short
 from ..util.files import read_json, safetensors_problem
 
 CONFIG_NAME = "ddpm_hf_config.json"
@@ -29,6 +29,14 @@ ACCEPTED = (
     "a Hub model id (user/name) or an original GenerativeZoo .pt file"
 )
 WEIGHT_SUFFIXES = (".pth", ".safetensors", ".bin", ".ckpt", ".pkl")
+REPAIR = "re-save the pipeline, or restore the file"
+UNET_CLASS = "UNet2DModel"  # the only denoiser the commands call (unconditional: no text, no class labels)
+MAX_SAMPLE_SIZE = 4096  # the largest model side taken: 100000 would ask for an 80 GB noise tensor at batch 1
+# diffusers' own lines beside the one-line error a failed load becomes (e.g. a pickled .bin refused).
+LOAD_NOISE = {
+    "diffusers.pipelines.pipeline_utils": "Expected types for vqvae",
+    "diffusers.models.modeling_utils": "An error occurred while trying to fetch",
+}
 
 
 @dataclass
@@ -69,7 +77,10 @@ def _read_train_config(source, revision) -> dict:
             path = Path(hf_hub_download(source, CONFIG_NAME, revision=revision))
         except Exception:
             return {}
-    return read_json(path, "re-save the pipeline, or restore the file") if path.exists() else {}
+    config = read_json(path, REPAIR) if path.exists() else {}
+    if not isinstance(config, dict):  # later read with .get(): a list or a number would break --fid deep inside
+        raise DDPMError(f"{path} is damaged (not a JSON object); {REPAIR}")
+    return config
 
 
 def _refuse_weight_file(checkpoint: str) -> None:
@@ -87,17 +98,83 @@ def check_pipeline_folder(folder) -> None:
     """Every config (JSON) and weights file (safetensors header) of a pipeline folder's components is
     readable; a damaged one is one line naming it (instead of a traceback from deep in diffusers)."""
     folder = Path(folder)
-    advice = "re-save the pipeline, or restore the file"
+    advice = REPAIR
     index = read_json(folder / "model_index.json", advice)
     if not isinstance(index, dict):
         raise DDPMError(f"{folder / 'model_index.json'} is damaged (not a JSON object); {advice}")
+    _check_unet_class(index.get("unet"), folder / "model_index.json")
     for component in sorted(k for k, v in index.items() if isinstance(v, list) and (folder / k).is_dir()):
         for config in sorted((folder / component).glob("*.json")):
-            read_json(config, advice)
+            if not isinstance(read_json(config, advice), dict):
+                raise DDPMError(f"{config} is damaged (not a JSON object); {advice}")
         for weights in sorted((folder / component).glob("*.safetensors")):
             problem = safetensors_problem(weights)
             if problem:
                 raise DDPMError(f"{weights} is damaged ({problem}); {advice}")
+        _refuse_pickled_only(folder / component)
+
+
+def _refuse_pickled_only(component: Path) -> None:
+    """Weights only as a pickle (.bin, .pth, .ckpt): never loaded, since unpickling can run code."""
+    pickled = sorted(p.name for p in component.iterdir() if p.suffix in (".bin", ".pth", ".ckpt", ".pkl"))
+    if pickled and not any(component.glob("*.safetensors")):
+        raise DDPMError(
+            f"{component} holds its weights only as a pickle ({', '.join(pickled[:2])}), which is never loaded "
+            f"(unpickling can run code); re-save the model with save_pretrained(..., safe_serialization=True)"
+        )
+
+
+def _check_unet_class(entry, index_path) -> None:
+    """model_index.json's unet must be a UNet2DModel: diffusers would load a conditional UNet (which
+    fails at the first step, wanting text embeddings) or an autoencoder (a meta-tensor error) instead."""
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else entry
+    if name != UNET_CLASS:
+        raise UsageError(
+            f"{index_path} names {short(name)} as the unet; the commands take a pipeline whose unet is an "
+            f"unconditional {UNET_CLASS} (a DDPM/DDIM pipeline, e.g. a train_ddpm.py --output_dir)"
+        )
+
+
+def _positive_int(value, limit: Optional[int] = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= (limit or value)
+
+
+def _unit_interval(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+
+
+def component_problem(unet_config: dict, scheduler_config: dict) -> Optional[tuple]:
+    """(file, what is wrong) for values no command can use (valid JSON, impossible settings), else None;
+    checked right after loading, so a hand-edited folder fails before any work instead of at a division
+    by zero, a negative tensor size or an 80 GB allocation."""
+    unet, sched = "unet/config.json", "scheduler/scheduler_config.json"
+    size = unet_config.get("sample_size")
+    if not _positive_int(size, MAX_SAMPLE_SIZE):
+        return unet, f"sample_size must be an integer from 1 to {MAX_SAMPLE_SIZE} (pixels), got {short(repr(size))}"
+    for key in ("in_channels", "out_channels"):
+        if not _positive_int(unet_config.get(key), 64):
+            return unet, f"{key} must be an integer from 1 to 64, got {short(repr(unet_config.get(key)))}"
+    T = scheduler_config.get("num_train_timesteps")
+    if not _positive_int(T):
+        return sched, f"num_train_timesteps must be a positive integer, got {short(repr(T))}"
+    if scheduler_config.get("trained_betas") is None:
+        for key in ("beta_start", "beta_end"):
+            if not _unit_interval(scheduler_config.get(key)):
+                return sched, f"{key} must be a number between 0 and 1, got {short(repr(scheduler_config.get(key)))}"
+    return None
+
+
+def _check_components(pipe, source: str) -> None:
+    from diffusers import UNet2DModel
+
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, UNet2DModel):  # a Hub model (a local folder's model_index.json is checked before)
+        raise UsageError(
+            f"{source} holds a {type(unet).__name__} as its unet; the commands take an unconditional {UNET_CLASS}"
+        )
+    problem = component_problem(dict(unet.config), dict(pipe.scheduler.config))
+    if problem:
+        raise DDPMError(f"{Path(source, problem[0])}: {problem[1]}; {REPAIR}")
 
 
 class _DropMessages:
@@ -117,9 +194,11 @@ def load_pipeline(source: str, revision: Optional[str] = None, device="cpu") -> 
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
-    # LDMPipeline's type hint names VQModel; the AutoencoderKL it holds is what it decodes with.
-    quiet = _DropMessages("Expected types for vqvae")
-    diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils").addFilter(quiet)
+    # LDMPipeline's type hint names VQModel; the AutoencoderKL it holds is what it decodes with. A refused
+    # pickled .bin is our one error line, without diffusers' own "An error occurred" line before it.
+    quiet = {name: _DropMessages(prefix) for name, prefix in LOAD_NOISE.items()}
+    for name, drop in quiet.items():
+        diffusers_logging.get_logger(name).addFilter(drop)
     # No "Loading pipeline components..." bar in every command's output: loading takes a second.
     bar_was_on = diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
@@ -128,9 +207,11 @@ def load_pipeline(source: str, revision: Optional[str] = None, device="cpu") -> 
     except Exception as err:
         raise _load_error(source, err) from None
     finally:
-        diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils").removeFilter(quiet)
+        for name, drop in quiet.items():
+            diffusers_logging.get_logger(name).removeFilter(drop)
         if bar_was_on:
             diffusers_logging.enable_progress_bar()
+    _check_components(pipe, source)
     unet = pipe.unet.to(device).eval()
     vae = getattr(pipe, "vqvae", None)
     if vae is not None:

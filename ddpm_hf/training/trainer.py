@@ -269,6 +269,7 @@ class Trainer:
             vae.to(accelerator.device)  # never prepared: no DDP wrapper, no optimiser, no checkpoint
         channels, size = latent_format(cfg, vae, data.channels, data.size) if vae else (data.channels, data.size)
         self.unet = start.unet if start else build_unet(cfg, channels, size)
+        self._check_batch_fits(size, getattr(data, "decided_by", ""))
         if start:
             accelerator.print(describe(start))
         accelerator.print(
@@ -289,6 +290,20 @@ class Trainer:
                 if cfg.cache_latents
                 else data.images
             )
+
+    def _check_batch_fits(self, size: int, decided_by: str) -> None:
+        """A training batch (activations kept for the backward pass; weights, gradients and Adam's two
+        moments) fits on the device, before the first step allocates it."""
+        from ..util.memory import refuse_if_too_big, unet_batch_bytes
+
+        batch = self.cfg.batch_size
+        need = unet_batch_bytes(self.unet.config, batch, size, training=True) + 16 * count_parameters(self.unet)
+        refuse_if_too_big(
+            need,
+            self.accelerator.device,
+            f"training a batch of {batch} at {size}x{size}",
+            f"lower --batch_size, or {decided_by}" if decided_by else "lower --batch_size or --size",
+        )
 
     @classmethod
     def for_step(cls, cfg: DDPMConfig, unet, images: torch.Tensor, accelerator: Accelerator) -> "Trainer":

@@ -5,6 +5,7 @@ or `DDPMError` (a runtime failure such as an unreachable dataset: exit 1). The
 scripts wrap their `main` in `run_cli`, which turns these into one line.
 """
 
+import errno
 import functools
 import os
 import sys
@@ -58,6 +59,43 @@ def fail(message: str, exit_code: int) -> None:
     sys.exit(exit_code)
 
 
+def _flag_value(argv, flag: str):
+    """The value of `--flag V` or `--flag=V` in argv (the last one given), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif str(arg).startswith(flag + "="):
+            value = str(arg).split("=", 1)[1]
+    return value
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's CUDA/MPS OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", ())
+    return isinstance(err, (MemoryError, *((oom,) if oom else ()))) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    )
+
+
+def resource_error(err: BaseException, argv) -> "DDPMError | None":
+    """One line for a failure of the machine rather than of the code: memory ran out (naming the batch
+    size to lower), or a path is longer than the file system takes. None for anything else."""
+    if is_out_of_memory(err):
+        batch = _flag_value(argv, "--batch_size")
+        at = f"--batch_size {batch}" if batch else "the default --batch_size"
+        return DDPMError(
+            f"out of memory at {at} ({type(err).__name__}); lower --batch_size (or --size, or the images decoded "
+            f"at once: --max_train_samples / --num_samples / --max_samples)"
+        )
+    if isinstance(err, OSError) and err.errno == errno.ENAMETOOLONG:
+        return UsageError(
+            f"the path {short(err.filename or '', 60)} is longer than the file system allows; choose a shorter "
+            f"--output_dir (or shorten the path given to the flag that names it)"
+        )
+    return None
+
+
 def run_cli(main):
     """Run a script's `main(argv)`; known failures become one stderr line and an exit code."""
 
@@ -72,6 +110,11 @@ def run_cli(main):
             fail(str(err), err.exit_code)
         except KeyboardInterrupt:
             fail("interrupted by the user", 130)
+        except (MemoryError, RuntimeError, OSError) as err:  # torch.OutOfMemoryError is a RuntimeError
+            known = resource_error(err, argv)
+            if known is None or _debug_requested(argv):
+                raise
+            fail(str(known), known.exit_code)
         finally:
             for cleanup in _AT_COMMAND_END:
                 cleanup()  # e.g. lock.release_all: the output folders this command held

@@ -25,7 +25,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from .errors import DDPMError, UsageError
+from .errors import DDPMError, UsageError, short
 
 DISK_FULL_HOOK = "DDPM_HF_DISK_FULL"
 NEARLY_FULL = 64 << 20  # a write that fails with less free space than this failed for want of space
@@ -118,8 +118,45 @@ def existing_parent(path) -> Path:
     return path
 
 
+def _name_limits(folder: Path) -> tuple:
+    """(longest name, longest path) in bytes on the file system of `folder` (POSIX defaults elsewhere)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX"), os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255, 4096
+
+
+def _first_existing(path: Path) -> Path:
+    """The nearest ancestor of `path` that exists, never stat-ing a name too long to stat (ENAMETOOLONG)."""
+    for candidate in (path, *path.parents):
+        try:
+            if candidate.exists():
+                return candidate
+        except OSError:
+            continue
+    return Path(path.anchor or ".")
+
+
+def check_name_lengths(out, flag: str = "--output_dir") -> None:
+    """A path longer than the file system allows fails before anything is created (mkdir -p would make
+    the levels above the long name first), in a line that stays short, naming the flag to change."""
+    out = Path(out)
+    name_max, path_max = _name_limits(_first_existing(out.absolute()))
+    long_name = next((part for part in out.parts if len(os.fsencode(part)) > name_max), None)
+    # + 64: the tools' own names below it (checkpoints/checkpoint-N.partial, .NAME.PID.tmp)
+    if long_name is not None or len(os.fsencode(str(out.absolute()))) + 64 > path_max:
+        what = (
+            f"a name of {len(os.fsencode(long_name))} bytes ({short(long_name, 24)}), "
+            f"over the {name_max} a name may have"
+            if long_name is not None
+            else f"a path of {len(os.fsencode(str(out.absolute())))} bytes, near the {path_max} a path may have"
+        )
+        raise UsageError(f"{flag} {short(out, 60)} has {what} on this file system; choose a shorter {flag}")
+
+
 def check_writable(out) -> None:
     """Refuse an output folder that cannot be created or written, creating nothing."""
+    check_name_lengths(out)
     existing = existing_parent(out)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(
