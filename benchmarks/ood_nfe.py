@@ -221,11 +221,15 @@ def recommend(rows):
         if r["mode"] == "multi" and r["auroc"] > ref["auroc"] and r["report_minutes"] < ref["report_minutes"]
     ]
     cheapest_better = min(better, key=lambda r: (r["nfe_per_image"], r["report_minutes"])) if better else None
-    tag = lambda r: (
-        r and {k: r[k] for k in ("mode", "sample_timesteps", "nfe_per_image", "auroc", "report_minutes", "flags")}
-    )
+
+    def tag(r):
+        return r and {
+            k: r[k] for k in ("mode", "sample_timesteps", "nfe_per_image", "auroc", "report_minutes", "flags")
+        }
+
     return {
-        "rule": f"cheapest setting (NFE/image) whose AUROC is >= the seed default's (single level, S=300) - {TOLERANCE}",
+        "rule": "cheapest setting (NFE/image) whose AUROC is >= the seed default's (single level, S=300) - "
+        f"{TOLERANCE}",
         "reference": tag(ref),
         "recommended": tag(best),
         "multi_level_beating_reference_cheaper": tag(cheapest_better),
@@ -269,7 +273,8 @@ def plot(doc, path):
 def table(doc):
     """docs/ood.md's table: one row per setting, measured or skipped."""
     lines = [
-        "| score | S | NFE / image | AUROC | ΔAUROC (± paired SE) | FPR95 | AUPR-in | AUPR-out | images/s | default report (derived) |",
+        "| score | S | NFE / image | AUROC | ΔAUROC (± paired SE) | FPR95 | AUPR-in | AUPR-out | images/s | "
+        "default report (derived) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["settings"]:
@@ -290,7 +295,8 @@ def table(doc):
             continue
         delta = "reference" if r["reference"] else f"{r['delta_auroc']:+.4f} ± {r['delta_auroc_se']:.4f}"
         lines.append(
-            f"| {name} | {r['sample_timesteps']} | {r['nfe_per_image']} | **{r['auroc']:.4f}** | {delta} | {r['fpr95']:.3f} | "
+            f"| {name} | {r['sample_timesteps']} | {r['nfe_per_image']} | **{r['auroc']:.4f}** | {delta} | "
+            f"{r['fpr95']:.3f} | "
             f"{r['aupr_in']:.3f} | {r['aupr_out']:.3f} | {r['images_per_s']:.2f} | {r['report_minutes']:.0f} min |"
         )
     return "\n".join(lines)
@@ -342,7 +348,8 @@ def main(argv=None):
             if elapsed + estimate > args.budget_minutes * 60:
                 row.update(
                     skipped=f"extrapolated {estimate / 60:.1f} min at the {mode if mode in rate else 'single'}-level "
-                    f"throughput measured so far; {elapsed / 60:.1f} min spent of the {args.budget_minutes:g} min budget",
+                    f"throughput measured so far; {elapsed / 60:.1f} min spent of the {args.budget_minutes:g} "
+                    "min budget",
                     estimated_s=round(estimate, 1),
                 )
                 print(f"== skip {mode} S={S}: {row['skipped']}", flush=True)
@@ -392,7 +399,8 @@ def main(argv=None):
     import torch
 
     doc = {
-        "what": "AUROC against network evaluations per image (NFE) of ood_ddpm.py, paired: the same images and seed in every setting",
+        "what": "AUROC against network evaluations per image (NFE) of ood_ddpm.py, paired: the same images and "
+        "seed in every setting",
         "machine": args.machine or machine_label(),
         "torch_threads": torch.get_num_threads(),
         "checkpoint": args.checkpoint,

@@ -138,7 +138,7 @@ def machine() -> str:
     info = Path("/proc/cpuinfo")
     if info.exists():
         text = info.read_text()
-        names = [l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")]
+        names = [row.split(":", 1)[1].strip() for row in text.splitlines() if row.startswith("model name")]
         cpu = f"{len(names)}-core {names[0] if names else cpu}, {'with' if 'avx512' in text else 'without'} AVX-512"
     return f"{cpu}, torch {torch.__version__} with {torch.get_num_threads()} thread(s), fp32"
 

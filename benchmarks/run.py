@@ -106,7 +106,7 @@ def cpu_flags() -> set:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    line = next((row for row in text.splitlines() if row.startswith("flags")), "")
     return set(line.split(":", 1)[-1].split())
 
 
@@ -121,9 +121,9 @@ def machine(device, threads) -> dict:
     name = (
         next(
             (
-                l.split(":", 1)[1].strip()
-                for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")
+                row.split(":", 1)[1].strip()
+                for row in Path("/proc/cpuinfo").read_text().splitlines()
+                if row.startswith("model name")
             ),
             platform.processor(),
         )
@@ -348,13 +348,13 @@ def bench_sample(cfg, s, device, bf16) -> dict:
     steps, out = s["sample_steps"], {}
     for n in s["sample_batches"]:
 
-        def ours(precision):
+        def ours(precision, n=n):
             sampler = make_sampler("ddim", noise_scheduler.config)
             with inference_autocast(precision, device):
                 return sample_batch(unet, sampler, n, steps, 1.0, torch.Generator().manual_seed(0))
 
         arms = {
-            "stock_ddim_pipeline": lambda: pipe(
+            "stock_ddim_pipeline": lambda n=n: pipe(
                 batch_size=n,
                 num_inference_steps=steps,
                 eta=1.0,
@@ -404,7 +404,7 @@ def bench_ood(cfg, s, device, inputs) -> dict:
             images_per_sec=round(len(images) / elapsed, 4),
             network_evaluations_per_image=sum(rows) / len(images),
             model_calls_per_batch=len(rows),
-            model_calls_if_levels_ran_one_by_one=sum(len(l.timesteps) for l in levels),
+            model_calls_if_levels_ran_one_by_one=sum(len(level.timesteps) for level in levels),
         )
     handle.remove()
     return out
@@ -616,8 +616,8 @@ def bench_fid(s, device) -> dict:
     for shape in s["fid_inputs"]:
         images, last = fid_inputs(shape, n).to(device), {}
         arms = {
-            "old": lambda: last.__setitem__("old", extractor.plain(images)),
-            "ours": lambda: last.__setitem__("ours", extractor(images)),
+            "old": lambda last=last, images=images: last.__setitem__("old", extractor.plain(images)),
+            "ours": lambda last=last, images=images: last.__setitem__("ours", extractor(images)),
             "matmul_fp32": matmul,
         }
         log(f"fid: {n} images {shape}, old and ours")

@@ -133,7 +133,9 @@ def main(argv=None):
                 )
             )
     print(
-        f"\n{len(rows)} rows, {args.num_samples} images each, precision {resolve_mixed_precision(args.mixed_precision, 'cpu')}, reference {args.reference} ({args.reference_split}, "
+        f"\n{len(rows)} rows, {args.num_samples} images each, precision "
+        f"{resolve_mixed_precision(args.mixed_precision, 'cpu')}, reference {args.reference} "
+        f"({args.reference_split}, "
         f"{rows[0]['num_reference']} images), extractor {evaluator.extractor.info['name']}\n"
     )
     print(table(rows))

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
+from conftest import REPO, TINY_MODEL, TINY_TRAIN, run_script, without_startup_notices
 
 PROGRESS = re.compile(r"(it|examples|img|step|batch)/s\]|s/(it|step|batch)\]|\d+%\|")
-
-from conftest import REPO, TINY_MODEL, TINY_TRAIN, run_script, without_startup_notices
 
 TRAIN = [
     "--dataset",
@@ -160,7 +159,8 @@ class Row:
     env: dict = field(default_factory=dict)
     fresh: bool = False  # its env must be seen at import time: run it in a new interpreter, not a fork
     kind: str = "error"  # the one stderr line starts with "{kind}: " (a notice or warning row runs on)
-    may_change: tuple = ()  # globs of files (relative to the row's folder) the command may write; all others stay as they were
+    # globs of files (relative to the row's folder) the command may write; all others stay as they were
+    may_change: tuple = ()
     check: Optional[Callable] = None  # check(folder, result): what else must hold afterwards
 
     def command(self) -> list:

@@ -455,7 +455,8 @@ ROWS = [
         [*OOD_SETS, "--overwrite_output_dir"],
         1,
         (
-            "could not write the OOD results (ood_results.json, scores.csv, histogram.png, roc.png) to ood (no space left on device)",
+            "could not write the OOD results (ood_results.json, scores.csv, histogram.png, roc.png) to ood (no "
+            "space left on device)",
             "the earlier results there are unchanged",
         ),
         _earlier_ood,

@@ -196,7 +196,7 @@ def test_help_reads_well(script):
     # Group titles in words, not internal keys such as fid_metric.
     titles = [line[:-1] for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
     assert titles and all("_" not in title for title in titles), titles
-    for flag, entry in entries.items():
+    for entry in entries.values():
         assert entry.count("(default:") <= 1, entry  # each default shown once
         assert "(default: None)" not in entry and "(default: [" not in entry, entry
     assert "--no-no_" not in text  # plain switches: --no_wandb only

@@ -179,8 +179,9 @@ def test_prediction_types_give_the_same_bound(kind):
 
 def test_seeded():
     images = torch.randint(0, 256, (6, *SHAPE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    run = lambda seed, bs: bits_per_dim(
-        gaussian_model(), config(), images, batch_size=bs, seed=seed, K=10, progress=False
-    )["bpd"]
+
+    def run(seed, bs):
+        return bits_per_dim(gaussian_model(), config(), images, batch_size=bs, seed=seed, K=10, progress=False)["bpd"]
+
     np.testing.assert_array_equal(run(0, 3), run(0, 3))
     assert not np.array_equal(run(0, 3), run(1, 3))

@@ -67,8 +67,8 @@ def test_no_link_that_breaks_on_the_hub(tmp_path):
 
 
 def test_the_shipped_card_is_the_generated_one():
-    """pretrained/ddpm-mnist5k/README.md is what `push --card_only` writes from its configs (regenerate it
-    with: python -m ddpm_hf.commands.push pretrained/ddpm-mnist5k --hub_model_id pretrained/ddpm-mnist5k --card_only)."""
+    """pretrained/ddpm-mnist5k/README.md is what `push --card_only` writes from its configs (regenerate it with:
+    python -m ddpm_hf.commands.push pretrained/ddpm-mnist5k --hub_model_id pretrained/ddpm-mnist5k --card_only)."""
     shipped = (SHIPPED / "README.md").read_text()
     assert shipped == str(build_model_card(SHIPPED, "pretrained/ddpm-mnist5k"))
     assert "cosine schedule (`squaredcos_cap_v2`)" in shipped and "(`v_prediction`)" in shipped

@@ -147,7 +147,10 @@ def test_ood_score_nll_and_both(pipe, tmp_path):
     rows = read_csv(tmp_path / "nll" / "scores.csv")
     assert list(rows[0]) == ["set", "index", "nll_bpd", "nll_se", "score"]
     assert all(float(r["score"]) == float(r["nll_bpd"]) for r in rows)
-    scores = lambda s: [float(r["nll_bpd"]) for r in rows if r["set"] == s]
+
+    def scores(s):
+        return [float(r["nll_bpd"]) for r in rows if r["set"] == s]
+
     assert ood_metrics(scores("in"), scores("out"))["auroc"] == pytest.approx(nll["auroc"])
     # the same images, noise and timesteps give the same bits/dim in both runs
     assert [r["nll_bpd"] for r in read_csv(tmp_path / "both" / "scores.csv")] == [r["nll_bpd"] for r in rows]

@@ -18,7 +18,6 @@ from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler
 from ddpm_hf.models.loader import model_format
 from ddpm_hf.models.pipeline import LoadedModel, save_pipeline
 from ddpm_hf.models.unet import build_unet
-from ddpm_hf.ood.settings import OODSettings
 from ddpm_hf.ood.scoring import (
     Scorer,
     combine,
@@ -29,6 +28,7 @@ from ddpm_hf.ood.scoring import (
     reconstruct,
     snap_notices,
 )
+from ddpm_hf.ood.settings import OODSettings
 from ddpm_hf.util.errors import DDPMError, UsageError
 from ood_ddpm import main as ood_main
 
@@ -366,7 +366,8 @@ def test_multi_level_with_lpips_in_process(trained_pipeline, tmp_path, monkeypat
     assert results["cost"] == {"nfe_per_image": 14, "model_calls_per_batch": 5}  # 2 draws x (2 + 5) steps
     assert (
         results["score"]
-        == "mean z-score of the huber reconstruction error and LPIPS at recon_factors 0.2 0.5, each the mean of 2 noise draws"
+        == "mean z-score of the huber reconstruction error and LPIPS at recon_factors 0.2 0.5, each the mean of "
+        "2 noise draws"
     )
     assert "recon_factor 0.2" in report and "recon_factor 0.5" in report
     rows = read_csv(tmp_path / "scores.csv")

@@ -12,7 +12,8 @@ def test_import_is_lazy():
         "import sys, ddpm_hf\n"
         "cfg = ddpm_hf.DDPMConfig(dataset='mnist5k')\n"
         "ddpm_hf.validate(cfg)\n"
-        "print(ddpm_hf.__version__, sorted(m for m in ('torch', 'diffusers', 'accelerate', 'datasets') if m in sys.modules))\n"
+        "print(ddpm_hf.__version__, sorted(m for m in ('torch', 'diffusers', 'accelerate', 'datasets') if m in "
+        "sys.modules))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -35,7 +36,7 @@ def test_unknown_names_raise_attribute_error():
     import ddpm_hf
 
     try:
-        ddpm_hf.no_such_name
+        _ = ddpm_hf.no_such_name
     except AttributeError as err:
         assert "no_such_name" in str(err)
     else:

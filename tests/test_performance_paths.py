@@ -78,7 +78,7 @@ def test_plain_ema_lerp_is_the_original_rule():
     stock = EMAModel(unet.parameters(), decay=0.9, min_decay=0.9, use_ema_warmup=False)
     stock.get_decay = lambda step: 0.9  # the same rule from step 1
     expected = [p.detach().clone() for p in unet.parameters()]
-    for step in range(3):
+    for _ in range(3):
         with torch.no_grad():
             for p in unet.parameters():
                 p.add_(torch.randn_like(p) * 0.1)

@@ -144,7 +144,8 @@ def format_report(results: dict) -> str:
         lines.append(f"  score {name:<6} AUROC {sm['auroc']:.4f} FPR95 {sm['fpr95']:.4f}")
     for name, sm in m.get("likelihood", {}).get("sets", {}).items():
         lines.append(
-            f"  bits/dim of the {name} set: {sm['bpd_mean']:.4f} ± {sm['bpd_mean_se'] or 0:.4f} ({sm['num_images']} images)"
+            f"  bits/dim of the {name} set: {sm['bpd_mean']:.4f} ± {sm['bpd_mean_se'] or 0:.4f} "
+            f"({sm['num_images']} images)"
         )
     t = m["timing"]
     lines.append(
@@ -161,7 +162,8 @@ def format_report(results: dict) -> str:
 # OODSettings fields that are DDPMConfig fields of the same name and meaning
 SAME_NAMED = (
     "score", "sample_timesteps", "loss_type", "lpips", "recon_draws", "nll_timesteps", "path_steps",
-    "msma_levels", "patch_grid", "hidden_levels", "hidden_grid", "stats_samples", "batch_size", "seed", "mixed_precision",
+    "msma_levels", "patch_grid", "hidden_levels", "hidden_grid", "stats_samples", "batch_size", "seed",
+    "mixed_precision",
 )  # fmt: skip
 
 
@@ -187,7 +189,8 @@ def _notices(cfg, channels: int, size: int, recon) -> None:
     for flag, value, used in (("size", cfg.size, size), ("channels", cfg.channels, channels)):
         if value is not None and value != used:
             print(
-                f"notice: --{flag} {value} ignored: the model scores {used}-{'px' if flag == 'size' else 'channel'} images",
+                f"notice: --{flag} {value} ignored: the model scores "
+                f"{used}-{'px' if flag == 'size' else 'channel'} images",
                 file=sys.stderr,
             )
     if cfg.scheduler != "ddim":
@@ -332,6 +335,7 @@ def run_ood(cfg, device=None) -> dict:
     write_results(out_dir, results, write_others)
     print(format_report(results))
     print(
-        f"results: {out_dir / 'ood_results.json'}, {out_dir / 'scores.csv'}, {out_dir / 'histogram.png'}, {out_dir / 'roc.png'}"
+        f"results: {out_dir / 'ood_results.json'}, {out_dir / 'scores.csv'}, {out_dir / 'histogram.png'}, "
+        f"{out_dir / 'roc.png'}"
     )
     return results

@@ -15,7 +15,8 @@ def validate_features(cfg) -> None:
         raise UsageError(f"--{' and --'.join(modes)} are different runs of the sample command; pass only one of them")
     if cfg.nll_timesteps is not None and cfg.nll_timesteps < 3:
         raise UsageError(
-            f"--nll_timesteps must be at least 3 (L_0 and two sampled KL terms, for a standard error), got {cfg.nll_timesteps}"
+            "--nll_timesteps must be at least 3 (L_0 and two sampled KL terms, for a standard error), got "
+            f"{cfg.nll_timesteps}"
         )
     for name in ("jump_length", "jump_n_sample"):
         if getattr(cfg, name) < 1:

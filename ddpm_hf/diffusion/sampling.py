@@ -1,8 +1,8 @@
 """Noise schedulers and the one sampling loop used by previews, sample_ddpm.py and OOD
 (the sample_ddpm.py command itself: ddpm_hf/commands/sample.py).
 
-Training noise comes from `DDPMScheduler` (linear betas by default, --beta_schedule otherwise). Sampling uses `DDIMScheduler`
-with trailing spacing, where `eta` is the seed's `--ddpm`, or any other diffusers
+Training noise comes from `DDPMScheduler` (linear betas by default, --beta_schedule otherwise). Sampling
+uses `DDIMScheduler` with trailing spacing, where `eta` is the seed's `--ddpm`, or any other diffusers
 scheduler (`--scheduler`): the loop scales the initial noise by `init_noise_sigma`,
 calls `scale_model_input`, and passes `eta`/`generator` only to `step`s that take them.
 """

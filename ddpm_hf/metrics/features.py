@@ -94,7 +94,8 @@ def load_dinov2(name: str, device="cpu") -> DinoV2Features:
         origin=name,
         sha256=_weights_digest(net),
         num_features=net.config.hidden_size,
-        input=f"uint8 RGB (grayscale repeated), bicubic antialiased resize to {DINOV2_INPUT}x{DINOV2_INPUT}, ImageNet mean/std",
+        input=f"uint8 RGB (grayscale repeated), bicubic antialiased resize to {DINOV2_INPUT}x{DINOV2_INPUT}, "
+        "ImageNet mean/std",
     )
     return DinoV2Features(net, info)
 
@@ -120,7 +121,10 @@ def kth_neighbour_distance(x: torch.Tensor, k: int, exact: bool = True) -> torch
 def _equal_counts(real: torch.Tensor, fake: torch.Tensor, seed: int) -> tuple:
     n = min(len(real), len(fake))
     gen = torch.Generator().manual_seed(seed)
-    pick = lambda x: x if len(x) == n else x[torch.randperm(len(x), generator=gen)[:n].sort().values]
+
+    def pick(x):
+        return x if len(x) == n else x[torch.randperm(len(x), generator=gen)[:n].sort().values]
+
     return pick(real), pick(fake)
 
 

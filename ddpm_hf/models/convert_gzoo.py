@@ -166,7 +166,10 @@ def check_keys(state_dict: dict, unet, cfg, source: str) -> None:
     if first is not None and first.dim() == 4:
         hint = f" (its first conv has {first.shape[0]} channels and {first.shape[1]} input channel(s)"
         if first.shape[1] == 4 and not cfg.latent:
-            hint += "; 4 inputs suggest a latent LatDDPM_ checkpoint: add --latent (python -m ddpm_hf.models.convert_gzoo, sample_ddpm.py and ood_ddpm.py take it)"
+            hint += (
+                "; 4 inputs suggest a latent LatDDPM_ checkpoint: add --latent (python -m "
+                "ddpm_hf.models.convert_gzoo, sample_ddpm.py and ood_ddpm.py take it)"
+            )
         hint += ")"
     raise UsageError(
         f"{source} does not match the given model flags ({'; '.join(parts)}); pass the flags it was "
@@ -268,7 +271,8 @@ def convert(cfg) -> Path:
     make_output_dir(out)
     save_pipeline(out, loaded.unet, make_sampler("ddim", loaded.scheduler_config), loaded.train_config, vae=loaded.vae)
     print(
-        f"converted {cfg.checkpoint} to the pipeline folder {out}; sample it with: python sample_ddpm.py --checkpoint {shlex.quote(str(out))}"
+        f"converted {cfg.checkpoint} to the pipeline folder {out}; sample it with: python sample_ddpm.py "
+        f"--checkpoint {shlex.quote(str(out))}"
     )
     return out
 

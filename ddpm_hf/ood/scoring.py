@@ -153,7 +153,8 @@ def plan_levels(factors: List[float], scheduler_config: dict, sample_timesteps: 
             first = int(sampler.timesteps[-1])
             raise UsageError(
                 f"recon factor {f} gives t* = {t_star}, below the first sampling timestep {first} "
-                f"(T={T}, {len(sampler.timesteps)} steps); use a factor >= {(first + 1) / T:g} or more --sample_timesteps"
+                f"(T={T}, {len(sampler.timesteps)} steps); use a factor >= {(first + 1) / T:g} or more "
+                "--sample_timesteps"
             )
         t_start = int(steps[0])
         levels.append(Level(f, t_start, steps, t_star if t_start != t_star else None))
@@ -241,7 +242,10 @@ class Scorer:
         x0, recon = self.reconstructions(images, generator)
         runs = recon.shape[0]
         target = x0.expand(runs, *x0.shape).flatten(0, 1)
-        per_level = lambda v: v.view(len(self.levels), self.draws, -1).mean(1).cpu().double()
+
+        def per_level(v):
+            return v.view(len(self.levels), self.draws, -1).mean(1).cpu().double()
+
         result = {"recon_error": per_level(per_image_loss(recon.flatten(0, 1), target, self.loss_type))}
         if self.lpips_model is not None:
             result["lpips"] = per_level(lpips_distance(self.lpips_model, recon.flatten(0, 1), target))

@@ -65,7 +65,8 @@ def warn_if_bf16_emulated(mixed_precision, device) -> None:
     slower = bf16_slowdown(device)
     where = "this CPU has no AVX512-BF16/AMX" if torch.device(device).type == "cpu" else "this GPU has no native bf16"
     print(
-        f"notice: --mixed_precision bf16 is emulated here ({where}): a bf16 matmul measured {slower:.1f}x slower than fp32 "
+        f"notice: --mixed_precision bf16 is emulated here ({where}): a bf16 matmul measured {slower:.1f}x slower "
+        "than fp32 "
         f"just now; --mixed_precision auto (or no) runs fp32 here",
         file=sys.stderr,
     )
