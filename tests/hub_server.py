@@ -4,7 +4,9 @@ It answers the routes a real `huggingface_hub` client uses to create a repositor
 files (every file "regular": inline base64, no LFS/Xet) and download them back
 (ecosystem-notes.md, "Hugging Face Hub without internet"). Repositories live in memory
 with their commit history; `HubState` records requests and the Authorization headers seen,
-and `fail_commits` (or `fail_after` = N accepted commits) makes commits answer 500.
+and `fail_commits` (or `fail_after` = N accepted commits, or `fail_summaries`, a text of the commit
+message) makes commits answer 500; `commit_delay` (seconds) or `hold_commits_until` (a condition) make
+commits slow.
 
     server = HubServer().start()   # server.url -> HF_ENDPOINT
     ...
@@ -17,6 +19,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
@@ -39,6 +42,12 @@ class HubState:
         self.authorizations = set()  # Authorization header values seen
         self.fail_commits = False
         self.fail_after = None  # a number: commits accepted before every later one fails
+        self.fail_summaries = None  # a string: commits whose message contains it fail
+        self.commit_delay = 0.0  # seconds every commit takes (a slow upload)
+        self.hold_commits_until = None  # a callable: commits wait (up to hold_timeout s) until it returns True
+        self.hold_timeout = 120.0
+        self.hold_timed_out = False
+        self.commit_times = []  # (arrived, answered, message) of every commit request, time.time()
 
     def files(self, repo_id, revision="main") -> dict:
         """The files of a repository at a branch name (its head) or a commit id."""
@@ -203,11 +212,21 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(200, {"files": files, "commitOid": self.state.head(repo_id)})
 
     def _commit(self, repo_id, body):
-        accepted = sum(len(r["commits"]) for r in self.state.repos.values())
-        if self.state.fail_commits or (self.state.fail_after is not None and accepted >= self.state.fail_after):
-            return self._error(500, "InternalError", "Internal Server Error (test)")
+        arrived = time.time()
+        time.sleep(self.state.commit_delay)
+        self._hold()
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
         header = next(item["value"] for item in lines if item["key"] == "header")
+        with self.state.lock:
+            self.state.commit_times.append((arrived, time.time(), header.get("summary")))
+        accepted = sum(len(r["commits"]) for r in self.state.repos.values())
+        refused = self.state.fail_summaries is not None and self.state.fail_summaries in (header.get("summary") or "")
+        if (
+            self.state.fail_commits
+            or refused
+            or (self.state.fail_after is not None and accepted >= self.state.fail_after)
+        ):
+            return self._error(500, "InternalError", "Internal Server Error (test)")
         with self.state.lock:
             files = dict(self.state.files(repo_id))
             for item in lines:
@@ -231,6 +250,15 @@ class Handler(BaseHTTPRequestHandler):
                 "pullRequestUrl": None,
             },
         )
+
+    def _hold(self):
+        """A slow upload that lasts exactly until the test's condition holds (or hold_timeout passes)."""
+        until, deadline = self.state.hold_commits_until, time.time() + self.state.hold_timeout
+        while until is not None and not until():
+            if time.time() > deadline:
+                self.state.hold_timed_out = True
+                return
+            time.sleep(0.1)
 
     def _lookup(self, repo_id, revision):
         if repo_id not in self.state.repos:

@@ -26,6 +26,7 @@ from ..diffusion.sampling import (
     num_inference_steps,
     sample_batch,
 )
+from ..metrics.sharded import SingleProcess, main_first, my_batches, process_state
 from ..models.loader import load_model
 from ..util.errors import UsageError
 from ..util.files import free_bytes, inside, make_output_dir, make_subdir, read_json, remove, safe_name, write_text
@@ -205,12 +206,18 @@ def sampling_steps(cfg, loaded) -> int:
     return num_inference_steps(T, min(cfg.sample_timesteps, T))
 
 
-def _sampling_setup(cfg, loaded, device, num_images: int):
-    """(output folder, sampler, steps, eta) after the folder and capacity checks; the folder is locked."""
+def _sampling_setup(cfg, loaded, device, num_images: int, state=None):
+    """(output folder, sampler, steps, eta) after the folder and capacity checks; the folder is locked.
+    Under several processes (--fid) the main one checks and prepares the folder while the others wait."""
     scheduler = make_sampler(cfg.scheduler, loaded.scheduler_config)
     steps = sampling_steps(cfg, loaded)
     eta = cfg.ddpm if "eta" in _step_kwargs(scheduler, cfg.ddpm, None) else None
     out = fid_folder(cfg, loaded) if cfg.fid else Path(cfg.output_dir or default_sample_dir(cfg.checkpoint))
+    main_first(state or SingleProcess(), lambda: _prepare_folder(cfg, loaded, device, num_images, out, steps, eta))
+    return out, scheduler, steps, eta
+
+
+def _prepare_folder(cfg, loaded, device, num_images: int, out: Path, steps: int, eta) -> None:
     _check_capacity(cfg, out, num_images, loaded.unet, loaded.vae)
     if cfg.fid:  # level by level, so a link planted in --output_dir is refused, not written through
         make_subdir(make_output_dir(Path(cfg.output_dir or ".")), *fid_parts(cfg, loaded))
@@ -221,7 +228,6 @@ def _sampling_setup(cfg, loaded, device, num_images: int):
         check_fid_folder(out, fid_origin(cfg, loaded, steps, eta, precision), cfg.overwrite_output_dir)
     else:
         prepare_sample_dir(out, cfg.overwrite_output_dir)
-    return out, scheduler, steps, eta
 
 
 def _before_loading(cfg, device):
@@ -254,7 +260,7 @@ def pending_batches(out: Path, num_images: int, batch_size: int, resume: bool) -
     return todo
 
 
-def _sample_pngs(cfg, loaded, device, scheduler, steps, todo, advice) -> list:
+def _sample_pngs(cfg, loaded, device, scheduler, steps, todo, advice, main=True) -> list:
     """Sample the pending batches into their PNGs; returns the images of the grid (the first GRID_MAX)."""
     grid_images = []
     # The bar counts sampling steps (one UNet call on a whole batch each), not batches: a single
@@ -264,6 +270,7 @@ def _sample_pngs(cfg, loaded, device, scheduler, steps, todo, advice) -> list:
         total=len(todo) * steps,
         desc=f"sampling {sum(len(p) for _, p in todo)} images ({cfg.scheduler}, {per_batch})",
         unit="step",
+        disable=not main,  # one bar (the main process's share) under several processes
     ) as bar:
         for k, (b, paths) in enumerate(todo):
             if len(todo) > 1:
@@ -297,10 +304,14 @@ def run_sampling(cfg, device=None) -> Path:
         from .nll import run_nll
 
         return (run_nll if cfg.nll else run_inpaint)(cfg, device)
+    # --fid under `accelerate launch`/`torchrun`: every process samples and extracts its share of the batches.
+    state = process_state() if cfg.fid else SingleProcess()
+    if state.num_processes > 1:
+        device = state.device
     evaluator = _before_loading(cfg, device)
     loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
     num_images = cfg.num_samples or (50_000 if cfg.fid else 16)
-    out, scheduler, steps, eta = _sampling_setup(cfg, loaded, device, num_images)
+    out, scheduler, steps, eta = _sampling_setup(cfg, loaded, device, num_images, state)
     ready_device(cfg.mixed_precision, device)  # after the checks: a bad input still gets one line
     advice = (
         "the images already written are kept: free some space and run the same command again to add the rest"
@@ -309,13 +320,18 @@ def run_sampling(cfg, device=None) -> Path:
     )
     todo = pending_batches(out, num_images, cfg.batch_size, resume=cfg.fid)
     start = time.time()
-    grid_images = _sample_pngs(cfg, loaded, device, scheduler, steps, todo, advice)
+    mine = set(my_batches(num_images, cfg.batch_size, state))  # by global batch index: the seeds stay the same
+    grid_images = _sample_pngs(
+        cfg, loaded, device, scheduler, steps, [t for t in todo if t[0] in mine], advice, state.is_main_process
+    )
+    state.wait_for_everyone()  # every PNG is written before any process reads the folder
     done = sum(len(paths) for _, paths in todo)
     if not cfg.fid:
         grid = make_grid(torch.cat(grid_images), nrow=int(math.ceil(math.sqrt(min(num_images, GRID_MAX)))), padding=2)
         _save_png(grid, out / "grid.png", advice)
     elapsed = time.time() - start
-    print(
+    print_main = print if state.is_main_process else lambda *a, **k: None
+    print_main(
         f"wrote {done} new image(s) ({num_images - done} already there) to {out} in {elapsed:.1f} s"
         + ("" if cfg.fid else f"; grid: {out / 'grid.png'}")
     )
@@ -335,5 +351,7 @@ def run_sampling(cfg, device=None) -> Path:
                 checkpoint=str(cfg.checkpoint),
                 sampling_seconds_this_run=round(elapsed, 1),
             ),
+            batch_size=cfg.batch_size,
+            state=state,
         )
     return out

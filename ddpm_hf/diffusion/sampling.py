@@ -180,9 +180,13 @@ def generate(
     batch_size: int = 128,
     vae=None,
     progress=True,
+    batches=None,
 ) -> torch.Tensor:
-    """`num_images` samples in [-1, 1], in batches of `batch_size`."""
-    batches = math.ceil(num_images / batch_size)
+    """`num_images` samples in [-1, 1], in batches of `batch_size`; `batches`: only the batches of these
+    indices (a process's share of an evaluation), each seeded by its global index as in the whole set."""
+    todo = range(math.ceil(num_images / batch_size)) if batches is None else list(batches)
+    if not todo:
+        return torch.zeros(0)
     return torch.cat(
         [
             sample_batch(
@@ -193,9 +197,9 @@ def generate(
                 eta,
                 batch_generator(seed, b),
                 vae,
-                progress=progress and batches == 1,
+                progress=progress and len(todo) == 1,
             )
-            for b in tqdm(range(batches), desc="sampling batches", disable=not progress or batches == 1)
+            for b in tqdm(todo, desc="sampling batches", disable=not progress or len(todo) == 1)
         ]
     )
 

@@ -14,10 +14,14 @@ A failed push leaves the output folder as it was and says how to retry:
 import json
 import math
 import shlex
+import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Optional
+
+from tqdm.auto import tqdm
 
 from ..util.errors import DDPMError, UsageError
 from ..util.files import write_text
@@ -647,10 +651,12 @@ def push_output(
     except DDPMError:
         raise
     except Exception as err:
-        raise DDPMError(
+        failure = DDPMError(
             f"push of {out} to the Hub repository {repo_id} at {_endpoint()} failed ({_describe(err, token)}); "
             f"the local output is intact; retry with: python -m ddpm_hf.commands.push {shlex.quote(str(out))} --hub_model_id {shlex.quote(repo_id)}"
-        ) from None
+        )
+        failure.reason = _describe(err, token)  # what a background snapshot's warning shows
+        raise failure from None
     if pipeline_dir is None and not own_card:  # after success: the folder then mirrors the Hub repository
         write_text(readme, card_text, "the model card")
     print(f"pushed {len(operations)} files to {_endpoint()}/{repo_id} (commit {str(info.oid)[:8]})")
@@ -660,35 +666,109 @@ def push_output(
 class TrainingPush:
     """--push_to_hub during training (main process): the repository is created when training
     starts, so a bad token or no network fails before any step; `snapshot` pushes the EMA
-    pipeline at a checkpoint (--hub_strategy every_save), `final` the finished output."""
+    pipeline at a checkpoint (--hub_strategy every_save), `final` the finished output.
+
+    Snapshots upload in a background thread, so training goes on during the upload. At most one
+    upload is in flight: a snapshot saved while one is uploading waits in a single slot, and a
+    newer one replaces it (the intermediate snapshot is skipped; the latest one always goes up).
+    `final` drops a waiting snapshot (the final push supersedes it), waits for the one in flight,
+    then pushes synchronously. A failed snapshot is one warning line; later snapshots are skipped."""
+
+    background = True  # False: push snapshots synchronously (benchmarks/push_overlap.py measures both)
 
     def __init__(self, cfg, out: Path):
         self.cfg, self.out = cfg, Path(out)
         self.repo_id = create_repo(cfg.hub_model_id or self.out.resolve().name, cfg.hub_token, cfg.hub_private_repo)
         self.snapshots_failed = False
+        self._lock = threading.Lock()
+        self._worker = None  # the thread uploading, or None
+        self._waiting = None  # (step, staged TemporaryDirectory) saved while an upload was in flight
 
     def snapshot(self, step: int, export) -> None:
-        """`export(folder)` writes the pipeline into a temporary folder that is pushed, then deleted.
-        A failure is a warning (training goes on; the final push still has to succeed)."""
+        """`export(folder)` writes the pipeline into a staged folder (with copies of the output folder's
+        extras), which is pushed in the background, then deleted."""
         if self.snapshots_failed:
             return
-        with tempfile.TemporaryDirectory(prefix="ddpm-hf-push-") as tmp:
-            export(Path(tmp))
-            try:
-                push_output(
-                    self.out,
-                    self.repo_id,
-                    self.cfg.hub_token,
-                    license=self.cfg.hub_license,
-                    pipeline_dir=tmp,
-                    commit_message=f"EMA pipeline at step {step}",
-                    create=False,
-                )
-            except DDPMError as err:
-                self.snapshots_failed = True
-                print(f"warning: {err}; no more pushes until the end of training", file=sys.stderr)
+        staged = self._stage(step, export)
+        if not self.background:
+            return self._push_staged(step, staged)
+        with self._lock:
+            if self._worker is not None:  # one upload in flight: this snapshot waits, replacing an older one
+                if self._waiting is not None:
+                    self._waiting[1].cleanup()
+                self._waiting = (step, staged)
+                return None
+            self._start(step, staged)
+        return None
+
+    def _stage(self, step: int, export) -> tempfile.TemporaryDirectory:
+        """A stable copy of what the push reads: the exported pipeline in pipeline/, and the output
+        folder's extras (log, grids, metric files) copied into out/, since training keeps writing them."""
+        staged = tempfile.TemporaryDirectory(prefix="ddpm-hf-push-")
+        root = Path(staged.name)
+        export(root / "pipeline")
+        for repo_path, path in upload_plan(self.out, root / "pipeline")[0].items():
+            if path.is_relative_to(self.out):
+                (root / "out" / repo_path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, root / "out" / repo_path)
+        (root / "out").mkdir(exist_ok=True)
+        return staged
+
+    def _start(self, step: int, staged) -> None:
+        # Not a daemon: an interpreter exiting on an error still lets the upload finish.
+        self._worker = threading.Thread(target=self._run, args=(step, staged), name="ddpm-hf-push")
+        self._worker.start()
+
+    def _run(self, step: int, staged) -> None:
+        """The worker: push this snapshot, then the one that waited meanwhile (if any), then stop."""
+        while True:
+            self._push_staged(step, staged)
+            with self._lock:
+                if self._waiting is not None and self.snapshots_failed:  # no more pushes: drop it
+                    self._waiting[1].cleanup()
+                    self._waiting = None
+                if self._waiting is None:
+                    self._worker = None
+                    return
+                (step, staged), self._waiting = self._waiting, None
+
+    def _push_staged(self, step: int, staged) -> None:
+        root = Path(staged.name)
+        try:
+            push_output(
+                root / "out",
+                self.repo_id,
+                self.cfg.hub_token,
+                license=self.cfg.hub_license,
+                pipeline_dir=root / "pipeline",
+                commit_message=f"EMA pipeline at step {step}",
+                create=False,
+            )
+        except Exception as err:  # a snapshot never stops training: DDPMError or anything unforeseen
+            self.snapshots_failed = True
+            # The reason only: push_output's retry advice would name the staged copy, deleted next.
+            text = getattr(err, "reason", None) or (str(err) if isinstance(err, DDPMError) else "")
+            text = text or _describe(err, self.cfg.hub_token)
+            # tqdm.write: the line starts below the progress bar instead of at its end.
+            tqdm.write(
+                f"warning: background push of step {step} failed: {text}; no more pushes until the end of training",
+                file=sys.stderr,
+            )
+        finally:
+            staged.cleanup()
+
+    def wait(self) -> None:
+        """Drop a waiting snapshot and wait for the upload in flight."""
+        with self._lock:
+            if self._waiting is not None:
+                self._waiting[1].cleanup()
+                self._waiting = None
+            worker = self._worker
+        if worker is not None:
+            worker.join()
 
     def final(self) -> None:
+        self.wait()  # the final push lands after every snapshot, never under one
         push_output(
             self.out,
             self.repo_id,

@@ -478,7 +478,9 @@ def fid_kid(reference: dict, features: torch.Tensor, seed: int = 0) -> dict:
     if len(features) < 2:
         raise UsageError(f"FID needs at least 2 generated images, got {len(features)}")
     dim = features.shape[1]
-    fid = FrechetInceptionDistance(feature=_Precomputed(dim))
+    # sync_on_compute=False: the features are already gathered (sharded.py) and only the main process scores;
+    # torchmetrics' default would wait in a collective for processes that never compute.
+    fid = FrechetInceptionDistance(feature=_Precomputed(dim), sync_on_compute=False)
     # The reference enters as its sufficient statistics (the metric's own states), so a
     # cached split never goes through Inception again.
     fid.real_features_sum = reference["sum"].double()
@@ -488,7 +490,9 @@ def fid_kid(reference: dict, features: torch.Tensor, seed: int = 0) -> dict:
     subset = min(KID_SUBSET_SIZE, len(features), len(reference["kid_features"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "KID keeps all features in memory": intended
-        kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=KID_SUBSETS, subset_size=subset)
+        kid = KernelInceptionDistance(
+            feature=_Precomputed(dim), subsets=KID_SUBSETS, subset_size=subset, sync_on_compute=False
+        )
     kid.update(reference["kid_features"].double(), real=True)
     kid.update(features.double(), real=False)
     with torch.random.fork_rng(devices=[]):  # KID draws subsets from the global RNG: keep training's untouched
@@ -562,36 +566,52 @@ class FIDEvaluator:
 
     def evaluate(self, images: torch.Tensor) -> dict:
         """Metrics of uint8 images (N, C, S, S) and what they were measured with."""
-        ref = self.reference_stats(images.shape[-1], images.shape[1])
         start = time.time()
-        features = extract_features(self.extractor, images, min(self.cfg.batch_size, 64), desc="generated features")
+        features = self.features(images)
+        return self.score(features, images.shape[-1], images.shape[1], time.time() - start)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The (N, D) features of uint8 images: the part of `evaluate` each process runs on its share."""
+        if not len(images):  # a process with no share (more processes than batches)
+            return torch.zeros(0, self.extractor.num_features)
+        return extract_features(self.extractor, images, min(self.cfg.batch_size, 64), desc="generated features")
+
+    def score(self, features: torch.Tensor, size: int, channels: int, seconds: float = 0.0) -> dict:
+        """Metrics of generated features (all of them, in image order: KID's subsets depend on it)."""
+        ref = self.reference_stats(size, channels)
         result = fid_kid(ref, features, seed=self.cfg.seed)
         from .features import prdc  # precision/recall/density/coverage against the reference's KID features
 
         result.update(prdc(ref["kid_features"], features, seed=self.cfg.seed))
         return dict(
             result,
-            num_generated=len(images),
+            num_generated=len(features),
             num_reference=int(ref["num_images"]),
             num_reference_kid=len(ref["kid_features"]),
-            image_size=images.shape[-1],
-            channels=images.shape[1],
+            image_size=size,
+            channels=channels,
             reference=dict(
                 dataset=self.reference, split=self.split, max_images=self.cfg.fid_reference_max, cache=ref["cache"]
             ),
             feature_extractor=self.extractor.info,
-            seconds_features=round(time.time() - start, 1),
+            seconds_features=round(seconds, 1),
         )
 
 
-def read_folder(folder: Path, num_images: int) -> torch.Tensor:
-    """0.png ... {num_images-1}.png of a sample folder as a uint8 (N, C, S, S) tensor."""
+def read_folder(folder: Path, num_images: int, indices=None) -> torch.Tensor:
+    """0.png ... {num_images-1}.png of a sample folder (or the PNGs of `indices`) as a uint8 (N, C, S, S) tensor."""
     arrays = []
-    for i in range(num_images):
+    for i in range(num_images) if indices is None else indices:
         with Image.open(folder / f"{i}.png") as img:
             arr = np.asarray(to_8bit(img).convert("L" if is_gray(img.mode) else "RGB"))
         arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(arrays))
+    return torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, 1, 1, 1, dtype=torch.uint8)
+
+
+def _png_shape(path: Path) -> tuple:
+    """(size, channels) of a sample PNG, as read_folder reads it."""
+    image = read_folder(path.parent, 0, [int(path.stem)])
+    return image.shape[-1], image.shape[1]
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -599,10 +619,27 @@ def write_json(path: Path, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=2, default=str) + "\n", point="fid_json")
 
 
-def evaluate_folder(evaluator: FIDEvaluator, folder: Path, num_images: int, sampler: dict) -> dict:
-    """sample_ddpm.py --fid --fid_reference: FID/KID of the folder's images -> fid.json beside them."""
-    images = read_folder(folder, num_images)
-    result = dict(evaluator.evaluate(images), sampler=sampler, folder=str(folder))
+def evaluate_folder(
+    evaluator: FIDEvaluator, folder: Path, num_images: int, sampler: dict, batch_size: int = 64, state=None
+) -> Optional[dict]:
+    """sample_ddpm.py --fid --fid_reference: FID/KID of the folder's images -> fid.json beside them. Under
+    several processes each reads and extracts the PNGs of its batches; the main one scores (others: None)."""
+    from .sharded import SingleProcess, gather_in_order, image_indices, my_batches
+
+    state = state or SingleProcess()
+    start = time.time()
+    indices = image_indices(my_batches(num_images, batch_size, state), num_images, batch_size)
+    images = read_folder(folder, num_images, indices.tolist())
+    features = gather_in_order(evaluator.features(images), indices, state)
+    if not state.is_main_process:
+        return None
+    size, channels = _png_shape(folder / "0.png")
+    result = dict(
+        evaluator.score(features, size, channels, time.time() - start),
+        sampler=sampler,
+        folder=str(folder),
+        num_processes=state.num_processes,
+    )
     write_json(folder / "fid.json", result)
     print(
         f"FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ± {result['kid_std']:.4f} "

@@ -4,6 +4,7 @@ FID/KID evaluations of the EMA model (--eval_fid_every, --save_best_fid)."""
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,8 +55,10 @@ def save_grid(images: torch.Tensor, path: Path, accelerator=None, tracker=None, 
 
 
 class FidHook:
-    """--eval_fid_every: FID/KID of the EMA model at epoch ends (main process), logged to
-    train_log.jsonl and the tracker; --save_best_fid keeps the best pipeline in best_fid/."""
+    """--eval_fid_every: FID/KID of the EMA model at epoch ends, logged to train_log.jsonl and the
+    tracker; --save_best_fid keeps the best pipeline in best_fid/. Every process samples and extracts
+    its share of the batches (seeded by global batch index: the same images as one process draws); the
+    features are gathered in image order and the main process scores them."""
 
     def __init__(self, cfg: DDPMConfig, out: Path, accelerator, export, vae=None):
         """`export(folder, step, **record)` writes the EMA pipeline (the trainer's export_pipeline)."""
@@ -63,35 +66,42 @@ class FidHook:
 
         self.cfg, self.out, self.accelerator, self.export, self.vae = cfg, out, accelerator, export, vae
         self.best_dir = out / "best_fid"
-        # Loads Inception now: missing weights fail before any training step.
-        self.evaluator = (
-            FIDEvaluator(cfg, cfg.fid_reference or cfg.dataset, cfg.fid_reference_split, device=accelerator.device)
-            if accelerator.is_main_process
-            else None
+        # Loads Inception now (on every process: each extracts its share): missing weights fail before any step.
+        self.evaluator = FIDEvaluator(
+            cfg, cfg.fid_reference or cfg.dataset, cfg.fid_reference_split, device=accelerator.device
         )
         self.best = math.inf
         if cfg.resume_from_checkpoint and (self.best_dir / "fid.json").exists():
             self.best = read_json(self.best_dir / "fid.json", "restore it or delete best_fid/")["fid"]
 
     def __call__(self, model, ema, sampler, steps: int, epoch: int, global_step: int) -> None:
-        if self.evaluator is not None:
-            with ema_weights(ema, model):
-                # The same noise at every evaluation: FID changes come from the model, not the draw.
-                images = generate(
-                    model,
-                    sampler,
-                    self.cfg.fid_num_samples,
-                    steps,
-                    eta=self.cfg.ddpm,
-                    seed=self.cfg.seed,
-                    batch_size=self.cfg.batch_size,
-                    vae=self.vae,
-                    progress=False,
-                )
-                result = self.evaluator.evaluate(to_uint8(images))
-                self._report(result, len(images), epoch, global_step)
-                if self.cfg.save_best_fid and result["fid"] < self.best:
-                    self._save_best(result, epoch, global_step)
+        from ..metrics.sharded import gather_in_order, image_indices, my_batches
+
+        count, batch_size = self.cfg.fid_num_samples, self.cfg.batch_size
+        mine = my_batches(count, batch_size, self.accelerator)
+        with ema_weights(ema, model):
+            # The same noise at every evaluation: FID changes come from the model, not the draw.
+            images = generate(
+                model,
+                sampler,
+                count,
+                steps,
+                eta=self.cfg.ddpm,
+                seed=self.cfg.seed,
+                batch_size=batch_size,
+                vae=self.vae,
+                progress=False,
+                batches=mine,
+            )
+        start = time.time()
+        features = self.evaluator.features(to_uint8(images) if len(images) else images)
+        features = gather_in_order(features, image_indices(mine, count, batch_size), self.accelerator)
+        if self.accelerator.is_main_process:
+            size, channels = images.shape[-1], images.shape[1]  # the main process always has batch 0
+            result = self.evaluator.score(features, size, channels, time.time() - start)
+            self._report(result, len(features), epoch, global_step)
+            if self.cfg.save_best_fid and result["fid"] < self.best:
+                self._save_best(result, epoch, global_step)
         self.accelerator.wait_for_everyone()
 
     def _report(self, result: dict, count: int, epoch: int, global_step: int) -> None:
