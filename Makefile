@@ -13,7 +13,7 @@ XDIST ?= -n auto --dist loadfile
 DETECTOR := --score hidden --stats_samples 1000
 SHIPPED_OOD := --sample_timesteps 20 --recon_factors 0.1 0.2 0.3 0.4 0.5 --max_samples 200 --stats_samples 128
 
-.PHONY: demo test test-all test-slow venv clean-demo
+.PHONY: demo test test-all test-slow lint venv clean-demo
 
 venv: $(STAMP)
 
@@ -48,6 +48,11 @@ test: $(STAMP)
 # Only the slow end-to-end tests (@pytest.mark.slow).
 test-slow: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) -m slow tests
+
+# ruff: lint and format check (settings in pyproject.toml); CI runs it before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Everything: what CI (.ci/run) runs.
 test-all: $(STAMP)

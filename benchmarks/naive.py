@@ -99,7 +99,7 @@ class NaiveStep:
 
 
 class OriginalStep(NaiveStep):
-    """One optimiser step as GenerativeZoo's DDPM trains (../shared/reference/seed-semantics.md): the
+    """One optimiser step as GenerativeZoo's DDPM trains (docs/original.md): the
     same per-item transforms, smooth-L1 loss on the noise, `torch.optim.AdamW` with its defaults besides
     lr and weight decay, the one-cycle LR stepped every batch, and the EMA updated parameter by parameter
     (`ema = rate * ema + (1 - rate) * p`). The UNet is the diffusers model that an original checkpoint

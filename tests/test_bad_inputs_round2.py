@@ -1,4 +1,4 @@
-"""The second round of bad inputs (project issue 16): silent data loss, a full disk at every write point,
+"""The second round of bad inputs : silent data loss, a full disk at every write point,
 damaged files, input sanity. Each row of docs/bad-inputs-round2.md is a row here, run by the harness of
 test_bad_inputs.py: one `error:` (or `notice:` / `warning:`) line on stderr, its exit code, no traceback,
 every file that was on disk before unchanged (checksums) except those the row may write, no partial

@@ -1,4 +1,4 @@
-"""Issue 12, items 2 and 5 and its defects list: one helper per question (Hub id, Hub reachable,
+"""The layering: one helper per question (Hub id, Hub reachable,
 writable folder, atomic write), the command layer's unpacking of DDPMConfig, and the defects'
 regression tests. Fast: no model is trained here."""
 

@@ -140,7 +140,7 @@ def test_report_prints_metrics_to_four_decimals():
 def test_levels_follow_the_original_timestep_rule():
     config = make_noise_scheduler(100, 1e-4, 0.02).config
     _, levels = plan_levels([0.5, 0.35, 0.2], config, 10)  # stride 10: 99, 89, ..., 9
-    # 0.35 gives t* = 34, off the grid: the images are noised to 29, where the reverse pass starts (issue 12),
+    # 0.35 gives t* = 34, off the grid: the images are noised to 29, where the reverse pass starts,
     # not to 34 with the first step at 29; the snap is recorded and said.
     assert [lv.t_start for lv in levels] == [49, 29, 19]
     assert [lv.t_requested for lv in levels] == [None, 34, None]

@@ -1,6 +1,6 @@
 """Every setting of ddpm-hf, defined once.
 
-`DDPMConfig` holds the defaults of the seed document (`seed-DDPM.md`) plus the flags
+`DDPMConfig` holds the defaults of the seed document (docs/original.md) plus the flags
 that users of diffusers' training examples expect. The scripts turn the fields of the
 groups they use into command-line flags, so a default lives in exactly one place.
 Precedence: dataclass default < `--config FILE.yaml` < flags given on the command line.

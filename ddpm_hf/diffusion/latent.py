@@ -1,6 +1,6 @@
 """Latent diffusion (`--latent`): the UNet works on the latents of a frozen, pretrained AutoencoderKL.
 
-As the original (seed-semantics.md): images in [-1, 1], grayscale repeated to the VAE's
+As the original (docs/original.md): images in [-1, 1], grayscale repeated to the VAE's
 3 input channels, latents = `latent_dist.sample()` (or its mean with `--latent_mode mean`)
 times the VAE's configured `scaling_factor` (0.18215 for stabilityai/sd-vae-ft-mse);
 decoding divides by the same factor. The UNet runs on `latent_channels` at

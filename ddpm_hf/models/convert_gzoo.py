@@ -4,7 +4,7 @@ An original checkpoint is a plain state dict of the EMA weights of the openai-st
 (`torch.save(ema.state_dict(), "DDPM_mnist_epoch100.pt")`). It records no flags: the
 model and diffusion flags it was trained with rebuild the architecture, the image
 channels and size follow `--dataset` / `--channels` / `--size` as in the original (no data
-is loaded). The renaming (seed-semantics.md, "Converting an original checkpoint") is
+is loaded). The renaming (docs/original.md, "The model") is
 derived from those flags block by block, so a wrong flag shows up as keys or shapes that
 do not match, reported in one line.
 

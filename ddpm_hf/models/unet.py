@@ -1,6 +1,6 @@
 """The original's openai-style UNet expressed as a diffusers `UNet2DModel`.
 
-The mapping (seed-semantics.md, "Model"): widths are `model_channels * mult`,
+The mapping (docs/original.md, "The model"): widths are `model_channels * mult`,
 `attention_resolutions` are downsample factors (level i has attention when 2**i is
 listed), the middle block always has attention, `num_head_channels` wins over
 `num_heads`, and GroupNorm uses 32 groups everywhere, attention included.

@@ -80,7 +80,7 @@ class OODDetector:
         cls,
         pipeline_or_path,
         images: torch.Tensor,
-        score: str = "recon",
+        score: str = "hidden",  # the recommended score (docs/ood.md: every score on every pair)
         heldout: Optional[torch.Tensor] = None,
         tpr: float = 0.95,
         device: str = "cpu",
