@@ -1,4 +1,5 @@
-"""The third round of bad inputs ("Tracebacks and wrong messages", "Silent wrong or lost data" of docs/bad-inputs-round2.md):
+"""The third round of bad inputs ("Tracebacks and wrong messages", "Silent wrong or lost data"; the
+"Round 3" table of docs/bad-inputs-round2.md):
 what someone else's model or dataset folder may hold. Each case is one line on stderr (no traceback), its
 exit code, nothing written; the rows are listed in docs/bad-inputs-round2.md, section "Round 3". The
 commands run in this process (their `main`, wrapped by run_cli) where they fail before any work."""

@@ -177,7 +177,8 @@ def test_from_pretrained_through_the_endpoint_gives_identical_weights(hub, pushe
     snapshot = hub.state.repos["tester/ddpm-tiny"]["commits"][0]["oid"]
     check = (
         "import sys, torch\nfrom diffusers import DiffusionPipeline\nimport sample_ddpm\n"
-        "hub = DiffusionPipeline.from_pretrained('tester/ddpm-tiny')\nlocal = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
+        "hub = DiffusionPipeline.from_pretrained('tester/ddpm-tiny')\n"
+        "local = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
         "a, b = hub.unet.state_dict(), local.unet.state_dict()\n"
         "print(type(hub).__name__, len(a), a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),"
         " hub.scheduler.config == local.scheduler.config)\n"

@@ -219,9 +219,7 @@ def test_really_full_disk_training(small_disk):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (line,) = _error_lines(proc.stderr)
     assert "(no space left on device)" in line and f"to {out}" in line
-    assert (
-        not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not (out / ".ddpm_hf.lock").exists()
-    )
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp")) and not (out / ".ddpm_hf.lock").exists()
 
 
 # ---- SIGTERM during the final save; the printed hint ----------------------------------------------------

@@ -1,4 +1,5 @@
-"""The training options beyond the original (schedules, prediction types, clipping, EMA warm-up): each changes what it should, and the saved pipeline carries it."""
+"""The training options beyond the original (schedules, prediction types, clipping, EMA warm-up): each
+changes what it should, and the saved pipeline carries it."""
 
 import json
 

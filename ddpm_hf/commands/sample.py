@@ -152,7 +152,8 @@ def prepare_sample_dir(out: Path, overwrite: bool) -> None:
     if entries and not overwrite:
         raise UsageError(
             f"output folder {out} is not empty ({len(entries)} entries: {', '.join(entries[:3])}"
-            f"{', ...' if len(entries) > 3 else ''}); pass --overwrite_output_dir to replace its samples, or choose another --output_dir"
+            f"{', ...' if len(entries) > 3 else ''}); "
+            "pass --overwrite_output_dir to replace its samples, or choose another --output_dir"
         )
     if entries:
         remove(
@@ -170,7 +171,10 @@ def capacity_problem(
         return f"needs about {_gb(disk)} of disk for the PNGs but {folder} has {_gb(free_disk)} free"
     memory = num_images * (image_bytes + FEATURE_BYTES)
     if scored and free_memory is not None and memory > free_memory:
-        return f"needs about {_gb(memory)} of memory to score them (images and Inception features) but {_gb(free_memory)} is available"
+        return (
+            f"needs about {_gb(memory)} of memory to score them (images and Inception features) "
+            f"but {_gb(free_memory)} is available"
+        )
     return None
 
 

@@ -113,8 +113,8 @@ TEMPLATE = """---
 An unconditional denoising diffusion probabilistic model (DDPM) {% if converted_from %}trained on
 **{{ dataset }}** by the original [GenerativeZoo](https://github.com/caetas/GenerativeZoo) code and converted
 from its checkpoint `{{ converted_from }}` by ddpm-hf{% else %}trained with ddpm-hf (a re-build of
-the DDPM of [GenerativeZoo](https://github.com/caetas/GenerativeZoo)) on **{{ dataset }}**{% endif %}: {{ shape }} images,
-a diffusers `UNet2DModel` of {{ params }} parameters and a `{{ scheduler_class }}`.
+the DDPM of [GenerativeZoo](https://github.com/caetas/GenerativeZoo)) on **{{ dataset }}**{% endif %}: {{ shape }}
+images, a diffusers `UNet2DModel` of {{ params }} parameters and a `{{ scheduler_class }}`.
 
 - Noise schedule: {{ schedule }}.
 - The UNet predicts {{ prediction }}.
@@ -510,7 +510,8 @@ def build_model_card(out: Path, repo_id: str, license: str = "mit", pipeline_dir
     channels, size = unet.get("in_channels", "?"), unet.get("sample_size", "?")
     shape = f"{channels}x{size}x{size}"
     if (source / "vqvae").is_dir() or config.get("latent"):
-        shape = f"{config.get('channels') or '?'}-channel {config.get('size') or '?'} px (diffused as {shape} latents of `{config.get('vae')}`)"
+        pixels = f"{config.get('channels') or '?'}-channel {config.get('size') or '?'} px"
+        shape = f"{pixels} (diffused as {shape} latents of `{config.get('vae')}`)"
 
     data = ModelCardData(
         license=license,
@@ -653,7 +654,8 @@ def push_output(
     except Exception as err:
         failure = DDPMError(
             f"push of {out} to the Hub repository {repo_id} at {_endpoint()} failed ({_describe(err, token)}); "
-            f"the local output is intact; retry with: python -m ddpm_hf.commands.push {shlex.quote(str(out))} --hub_model_id {shlex.quote(repo_id)}"
+            "the local output is intact; retry with: python -m ddpm_hf.commands.push "
+            f"{shlex.quote(str(out))} --hub_model_id {shlex.quote(repo_id)}"
         )
         failure.reason = _describe(err, token)  # what a background snapshot's warning shows
         raise failure from None

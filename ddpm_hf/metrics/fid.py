@@ -310,7 +310,8 @@ def load_feature_extractor(weights: Optional[str] = None, device="cpu") -> Incep
             f"cannot use {path} as the FID feature extractor ({type(err).__name__}: {message}); {HOW_TO_GET_WEIGHTS}"
         ) from None
     if num_features == 2048:
-        name = f"InceptionV3 pt_inception-2015-12-05 pool3 ({'TorchScript' if torchscript else 'torch-fidelity state dict'})"
+        form = "TorchScript" if torchscript else "torch-fidelity state dict"
+        name = f"InceptionV3 pt_inception-2015-12-05 pool3 ({form})"
     else:
         name = f"custom {num_features}-d extractor"
         print(
@@ -648,7 +649,8 @@ def evaluate_folder(
     )
     if result["precision"] is not None:
         print(
-            f"precision {result['precision']:.4f}, recall {result['recall']:.4f}, density {result['density']:.4f}, coverage "
-            f"{result['coverage']:.4f} (k={result['prdc_k']}, {result['prdc_num_real']} vs {result['prdc_num_generated']} images)"
+            f"precision {result['precision']:.4f}, recall {result['recall']:.4f}, "
+            f"density {result['density']:.4f}, coverage {result['coverage']:.4f} "
+            f"(k={result['prdc_k']}, {result['prdc_num_real']} vs {result['prdc_num_generated']} images)"
         )
     return result
