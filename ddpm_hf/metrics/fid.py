@@ -596,7 +596,7 @@ def read_folder(folder: Path, num_images: int) -> torch.Tensor:
 
 def write_json(path: Path, payload: dict) -> None:
     """Under a temporary name, renamed; a full disk is one line (files.py)."""
-    write_text(path, json.dumps(payload, indent=2, default=str) + "\n", point="fid_json")
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def evaluate_folder(evaluator: FIDEvaluator, folder: Path, num_images: int, sampler: dict) -> dict:

@@ -43,7 +43,6 @@ def save_grid(images: torch.Tensor, path: Path, accelerator=None, tracker=None, 
         path,
         lambda tmp: save_image(grid, tmp, format="PNG"),
         f"the sample grid {path.name}",
-        point="grid",
         advice=RESUME_HINT,
     )
     if tracker == "wandb":

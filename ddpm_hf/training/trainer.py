@@ -52,7 +52,7 @@ from ..util.errors import DDPMError, UsageError
 from ..util.files import make_subdir, write_text
 from ..util.host_memory import keep_freed_memory
 from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
-from .checkpoints import CHECKPOINT_PREFIX, kill_hook, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import ema_weights, make_ema
 from .monitoring import FidHook, save_grid, setup_tracker
 from .output import append_log, check_output_dir, prepare_output_dir, save_pipeline_atomically, trim_log
@@ -435,9 +435,7 @@ class Trainer:
                 trim_log(self.out / "train_log.jsonl", step)
         if self.main:
             make_subdir(self.out, "samples")  # a link there is refused: the grids would land where it points
-            write_text(
-                self.out / "train_config.json", json.dumps(public_config(cfg.to_dict()), indent=2), point="config"
-            )
+            write_text(self.out / "train_config.json", json.dumps(public_config(cfg.to_dict()), indent=2))
         if self.tracker:
             flat = {
                 k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in public_config(cfg.to_dict()).items()
@@ -542,9 +540,6 @@ class Trainer:
     def _collective_flags(self, loss: torch.Tensor, stop) -> torch.Tensor:
         """One collective per batch: every process learns whether any loss is non-finite and whether
         any process was asked to stop."""
-        if os.environ.get("DDPM_HF_NAN_AT_STEP") == str(self.state.global_step + 1):
-            del os.environ["DDPM_HF_NAN_AT_STEP"]  # test hook (docs/reliability.md): one non-finite loss
-            loss = loss * float("nan")
         local = torch.stack(
             [
                 (~torch.isfinite(loss.detach())).float(),
@@ -581,7 +576,6 @@ class Trainer:
         if self.flags[1] > 0:
             self.stop_now()
             return True
-        kill_hook("DDPM_HF_KILL_AT_STEP", step)
         return False
 
     def after_update(self) -> None:
@@ -683,8 +677,6 @@ class Trainer:
         """The last checkpoint and the pipeline (a signal now lets the save finish), then the Hub push."""
         step, checkpoint_root = self.state.global_step, self.out / "checkpoints"
         with StopRequest(final=True) as late:
-            if os.environ.get("DDPM_HF_SIGTERM_AT_FINAL_SAVE") == "1":
-                os.kill(os.getpid(), signal.SIGTERM)  # test hook: a SIGTERM that lands during the final save
             if not (checkpoint_root / f"{CHECKPOINT_PREFIX}{step}").exists():
                 self.save_checkpoint()
             if self.main:
