@@ -48,9 +48,9 @@ from ..models.pretrained import check_data_format, describe, load_pretrained, un
 from ..hub.upload import TrainingPush
 from ..models.pipeline import public_config, save_pipeline
 from ..models.unet import build_unet, count_parameters, unet_kwargs
+from ..util import host_memory
 from ..util.errors import DDPMError, UsageError
 from ..util.files import make_subdir, write_text
-from ..util.host_memory import keep_freed_memory
 from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
 from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import ema_weights, make_ema
@@ -179,7 +179,7 @@ class Trainer:
         run that fails on its flags or data leaves the disk as it was."""
         self.out = check_output_dir(self.cfg)
         self._check_flags()
-        self.tracker = setup_tracker(self.cfg)
+        self.tracker, self.tracker_options = setup_tracker(self.cfg)
         self.accelerator = self._make_accelerator()
         self.main = self.accelerator.is_main_process
         self._load_data()
@@ -198,8 +198,8 @@ class Trainer:
             notice = terminal_snr_notice(self.noise_scheduler.config)
             if notice:
                 print(notice, file=sys.stderr)
-        if self.host_memory:
-            self.accelerator.print(self.host_memory)
+        if host_memory.applied():  # set by the train command at its start (commands/common.py)
+            self.accelerator.print(host_memory.applied())
         if self.micro_batch:
             how = (
                 ""
@@ -351,7 +351,6 @@ class Trainer:
         )
         self.state.loss_sum = torch.zeros((), device=accelerator.device)
         self.micro_batch = resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size, accelerator.device)
-        self.host_memory = keep_freed_memory(accelerator.device)
         self.sampler = make_sampler(cfg.scheduler, self.noise_scheduler.config)
         self.sample_steps = num_inference_steps(cfg.timesteps, cfg.sample_timesteps)
 
@@ -441,7 +440,9 @@ class Trainer:
                 k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in public_config(cfg.to_dict()).items()
             }
             self.accelerator.init_trackers(
-                "DDPM", config=flat, init_kwargs={"wandb": {"name": f"DDPM_{Path(cfg.dataset).name}"}}
+                "DDPM",
+                config=flat,
+                init_kwargs={"wandb": {"name": f"DDPM_{Path(cfg.dataset).name}", **self.tracker_options}},
             )
 
     # ---- the loop -------------------------------------------------------------------------
