@@ -61,6 +61,7 @@ from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sampl
 from ddpm_hf.models.unet import build_unet, count_parameters, unet_kwargs  # noqa: E402
 from ddpm_hf.training.ema import PlainEMA  # noqa: E402
 from ddpm_hf.training.trainer import CPU_MICRO_BATCH, Trainer  # noqa: E402
+from ddpm_hf.util import host_memory  # noqa: E402
 from ddpm_hf.util.precision import inference_autocast, native_bf16  # noqa: E402
 
 QUICK = dict(
@@ -262,8 +263,8 @@ def train_arm(
     inputs, base = Inputs(cfg, written=True), seed_model(cfg)
     if kind in ("original", "naive"):
         return (OriginalStep if kind == "original" else NaiveStep)(base, inputs.png_dataset(), 32, batch, device=device)
-    if not keep_freed_memory:
-        os.environ["DDPM_HF_KEEP_FREED_MEMORY"] = "0"
+    if keep_freed_memory:  # as train_ddpm.py sets it at its start (commands/common.py start_command)
+        host_memory.keep_freed_memory(device)
     step = OurStep(
         base,
         inputs.decoded(),

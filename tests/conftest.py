@@ -97,11 +97,13 @@ def without_startup_notices(lines):
     return [line for line in lines if not line.startswith(STARTUP_NOTICES)]
 
 
-def run_script(script, *args, check=True, env=None, timeout=600, cwd=None):
-    """Run one of the top-level scripts in a fresh interpreter (Accelerate state is per process)."""
+def run_script(script, *args, check=True, env=None, timeout=600, cwd=None, faults=()):
+    """Run one of the top-level scripts in a fresh interpreter (Accelerate state is per process);
+    `faults`: tests/faults.py's flags (e.g. ["--kill_at_step", 5]), injected from outside the library."""
     full_env = {**os.environ, **(env or {})}
+    injector = [str(REPO / "tests" / "faults.py"), *map(str, faults), "--"] if faults else []
     proc = subprocess.run(
-        [sys.executable, str(REPO / script), *map(str, args)],
+        [sys.executable, *injector, str(REPO / script), *map(str, args)],
         capture_output=True,
         text=True,
         env=full_env,

@@ -158,6 +158,7 @@ class Row:
     setup: Optional[Callable] = None
     env: dict = field(default_factory=dict)
     fresh: bool = False  # its env must be seen at import time: run it in a new interpreter, not a fork
+    faults: tuple = ()  # tests/faults.py's flags: the faults injected into the row's process
     kind: str = "error"  # the one stderr line starts with "{kind}: " (a notice or warning row runs on)
     # globs of files (relative to the row's folder) the command may write; all others stay as they were
     may_change: tuple = ()
@@ -165,7 +166,8 @@ class Row:
 
     def command(self) -> list:
         target = self.script.split() if self.script.startswith("-m ") else [str(REPO / self.script)]
-        return [sys.executable, *target, *self.argv]
+        injector = [str(REPO / "tests" / "faults.py"), *self.faults, "--"] if self.faults else []
+        return [sys.executable, *injector, *target, *self.argv]
 
 
 ROWS = [
@@ -478,6 +480,8 @@ def _harness() -> None:
     import importlib.util
     import traceback
 
+    import faults
+
     rows = json.load(sys.stdin)
     mains = {}
     for script in sorted({r["script"] for r in rows}):
@@ -507,6 +511,7 @@ def _harness() -> None:
             try:
                 os.chdir(row["cwd"])
                 os.environ.update(row["env"])
+                faults.install(faults.parse(row["faults"]))
                 for fd, name in ((1, "stdout"), (2, "stderr")):
                     os.dup2(
                         os.open(
@@ -560,7 +565,10 @@ def run_rows(rows, root: Path, trained) -> dict:
         before[row.id] = snapshot(w)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     forked = [row for row in rows if not row.fresh]
-    jobs = [dict(script=row.script, argv=row.argv, cwd=str(root / row.id), env=row.env) for row in forked]
+    jobs = [
+        dict(script=row.script, argv=row.argv, cwd=str(root / row.id), env=row.env, faults=list(row.faults))
+        for row in forked
+    ]
     proc = subprocess.run(
         [sys.executable, __file__],
         input=json.dumps(jobs),

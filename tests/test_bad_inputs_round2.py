@@ -4,7 +4,7 @@ test_bad_inputs.py: one `error:` (or `notice:` / `warning:`) line on stderr, its
 every file that was on disk before unchanged (checksums) except those the row may write, no partial
 file or lock left behind, plus the row's own checks.
 
-A full disk is simulated with the DDPM_HF_DISK_FULL=POINT[:N] test hook (ddpm_hf/util/files.py): the N-th
+A full disk is simulated from outside the library by tests/faults.py --disk_full POINT[:N]: the N-th
 write at POINT fails with ENOSPC after part of it is on disk. tests/test_reliability_round2.py also
 fills a real (tmpfs) disk where the machine allows it.
 """
@@ -199,7 +199,7 @@ def _pngs_kept(*names):
 
 
 def _disk_full(point):
-    return {"DDPM_HF_DISK_FULL": point}
+    return ("--disk_full", point)
 
 
 TRAIN_OUT = ("out/*",)  # a training row may write anything inside its output folder (checked otherwise)
@@ -344,7 +344,7 @@ ROWS = [
             "could not write a line of the training log to out (no space left on device)",
             "--resume_from_checkpoint latest",
         ),
-        env=_disk_full("log"),
+        faults=_disk_full("log"),
         may_change=TRAIN_OUT,
         check=_nothing_created("out/train_log.jsonl"),
     ),
@@ -355,7 +355,7 @@ ROWS = [
         TRAIN,
         1,
         ("could not write train_config.json to out (no space left on device)",),
-        env=_disk_full("config"),
+        faults=_disk_full("config"),
         may_change=TRAIN_OUT,
         check=_nothing_created("out/train_config.json"),
     ),
@@ -370,7 +370,7 @@ ROWS = [
             "the earlier checkpoints are intact (latest: checkpoint-1)",
             "--resume_from_checkpoint latest",
         ),
-        env=_disk_full("checkpoint:2"),
+        faults=_disk_full("checkpoint:2"),
         may_change=TRAIN_OUT,
         check=_checkpoints_whole("checkpoint-1", absent=["model_index.json"]),
     ),
@@ -386,7 +386,7 @@ ROWS = [
             "--resume_from_checkpoint latest",
         ),
         _finished_run,
-        env=_disk_full("pipeline"),
+        faults=_disk_full("pipeline"),
         may_change=("out/checkpoints/checkpoint-9/*", "out/train_log.jsonl", "out/train_config.json", "out/samples/*"),
         check=_checkpoints_whole("checkpoint-4", "checkpoint-8", "checkpoint-9"),
     ),
@@ -397,7 +397,7 @@ ROWS = [
         TRAIN,
         1,
         ("could not write the sample grid epoch_0001.png to out/samples (no space left on device)",),
-        env=_disk_full("grid"),
+        faults=_disk_full("grid"),
         may_change=TRAIN_OUT,
         check=_nothing_created("out/samples/epoch_0001.png"),
     ),
@@ -409,7 +409,7 @@ ROWS = [
         1,
         ("could not write the image 1.png to samples (no space left on device)", "--overwrite_output_dir"),
         _pipeline,
-        env=_disk_full("png:2"),
+        faults=_disk_full("png:2"),
         may_change=("samples/0.png",),
         check=_nothing_created("samples/1.png"),
     ),
@@ -421,7 +421,7 @@ ROWS = [
         1,
         ("could not write the image grid.png to samples (no space left on device)",),
         _pipeline,
-        env=_disk_full("grid"),
+        faults=_disk_full("grid"),
         may_change=("samples/*.png",),
         check=_nothing_created("samples/grid.png"),
     ),
@@ -433,7 +433,7 @@ ROWS = [
         1,
         ("could not write the image 2.png to samples/fid_samples/", "the images already written are kept"),
         _pipeline,
-        env=_disk_full("png:3"),
+        faults=_disk_full("png:3"),
         may_change=("samples/fid_samples/*",),
         check=_pngs_kept("0.png", "1.png"),
     ),
@@ -445,7 +445,7 @@ ROWS = [
         1,
         ("could not write the FID folder's origin record to samples/fid_samples/",),
         _pipeline,
-        env=_disk_full("fid_origin"),
+        faults=_disk_full("fid_origin"),
         check=_pngs_kept(),
     ),
     Row(
@@ -460,7 +460,7 @@ ROWS = [
             "the earlier results there are unchanged",
         ),
         _earlier_ood,
-        env=_disk_full("ood_results"),
+        faults=_disk_full("ood_results"),
     ),
     # ---- damaged files --------------------------------------------------------------------------------
     Row(

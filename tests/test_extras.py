@@ -50,7 +50,7 @@ def test_tracker_sites(monkeypatch, tracker):
     hide(monkeypatch, tracker)
     with pytest.raises(DDPMError, match=rf'^--report_to {tracker} needs the {tracker} package: .*\[tracking\]"'):
         setup_tracker(DDPMConfig(report_to=tracker))
-    assert setup_tracker(DDPMConfig(report_to="none")) is None  # no tracker, no package needed
+    assert setup_tracker(DDPMConfig(report_to="none")) == (None, {})  # no tracker, no package needed
 
 
 def test_dinov2_site(monkeypatch):

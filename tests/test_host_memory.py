@@ -1,6 +1,6 @@
 """ddpm_hf/util/host_memory.py: on glibc, freed large blocks stay in the process for reuse (no page
 faults per training step), unless the user chose otherwise. Each case runs in a fresh process:
-the policy is process-wide."""
+the policy is process-wide (the commands set it at their start: tests/test_process_settings.py)."""
 
 import json
 import os
@@ -80,30 +80,6 @@ def test_kept_blocks_are_reused_without_page_faults():
 
 def test_the_users_own_malloc_settings_win():
     assert churn(MALLOC_MMAP_THRESHOLD_="131072")["chosen"] is None
-
-
-def test_the_trainer_keeps_freed_memory_on_a_cpu():
-    script = """
-import torch
-from accelerate import Accelerator
-from diffusers import UNet2DModel
-from ddpm_hf.config.options import DDPMConfig
-from ddpm_hf.training.trainer import Trainer
-unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,
-                   down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
-trainer = Trainer.for_step(DDPMConfig(batch_size=4), unet, torch.zeros(8, 1, 8, 8, dtype=torch.uint8), Accelerator(cpu=True))
-print(trainer.host_memory)
-"""
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=without_allocator_settings(),
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1].startswith("host memory: freed blocks up to 1024 MiB are kept")
 
 
 def test_nothing_is_set_for_a_gpu_run():

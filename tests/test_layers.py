@@ -2,8 +2,10 @@
 writable folder, atomic write), the command layer's unpacking of DDPMConfig, and the defects'
 regression tests. Fast: no model is trained here."""
 
+import os
 import re
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,14 +144,42 @@ def test_one_atomic_write():
 
 
 def test_the_atomic_write_keeps_the_old_file_on_a_failure(tmp_path, monkeypatch):
+    import faults
+
     from ddpm_hf.util import files
 
     path = tmp_path / "card.md"
     files.write_text(path, "old")
-    monkeypatch.setenv(files.DISK_FULL_HOOK, "layers_test")
+    rename = os.replace
+
+    def full_disk_rename(src, dst, *args, **kwargs):  # the new text is on disk under the temporary name
+        if Path(dst) == path:
+            raise faults.full_disk()
+        return rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk_rename)
     with pytest.raises(DDPMError, match="could not write the model card .*no space left"):
-        files.write_text(path, "new", "the model card", point="layers_test")
+        files.write_text(path, "new", "the model card")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["card.md"]
+
+
+# Environment variables the library may read: user settings, each documented. Test-only behaviour
+# (faults, kills, a full disk) is injected from outside by tests/faults.py, never through a variable
+# that, left in a user's shell, would change a real run.
+USER_VARIABLES = {
+    "DDPM_HF_DEBUG",  # =1: tracebacks instead of one-line errors, as --debug (docs/reliability.md)
+    "DDPM_HF_KEEP_FREED_MEMORY",  # =0: the user turns the host allocator policy off (docs/performance.md)
+}
+
+
+def test_the_library_reads_no_test_variable():
+    found = {
+        (name, str(p.relative_to(REPO)))
+        for p in LIBRARY.rglob("*.py")
+        for name in re.findall(r"DDPM_HF_[A-Z0-9_]+", p.read_text())
+        if name not in USER_VARIABLES
+    }
+    assert not found, f"test hooks in the library (move them to tests/faults.py): {sorted(found)}"
 
 
 # ---- defects ----------------------------------------------------------------------------------

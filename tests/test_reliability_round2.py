@@ -149,7 +149,7 @@ def test_lock_in_process(tmp_path):
 def test_full_disk_during_the_pipeline_save_then_resume_writes_it(tmp_path):
     out = tmp_path / "run"
     args = [*TRAIN, "--max_train_steps", "3", "--checkpointing_steps", "2", "--output_dir", out]
-    failed = run_script("train_ddpm.py", *args, check=False, env={**ENV, "DDPM_HF_DISK_FULL": "pipeline"})
+    failed = run_script("train_ddpm.py", *args, check=False, env=ENV, faults=["--disk_full", "pipeline"])
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert _error_lines(failed.stderr)[-1].startswith(
         f"error: could not write the pipeline to {out} (no space left on device)"
@@ -234,7 +234,8 @@ def test_sigterm_during_the_final_save_finishes_it(tmp_path):
         "2",
         "--output_dir",
         out,
-        env={**ENV, "DDPM_HF_SIGTERM_AT_FINAL_SAVE": "1"},
+        env=ENV,
+        faults=["--sigterm_at_final_save"],
     )
     assert "SIGTERM: finishing the final save first" in proc.stderr
     assert f"sample it with: python sample_ddpm.py --checkpoint '{out}'" in proc.stdout

@@ -1,9 +1,9 @@
 """Crash and resume: a run killed at any moment and resumed with `--resume_from_checkpoint latest`
 ends with the EMA weights of the same run never interrupted (CPU, fp32, max |diff| <= 1e-6).
 
-Kills land where the test chooses through the trainer's documented test hooks
-(docs/reliability.md): DDPM_HF_KILL_AT_STEP=N and DDPM_HF_KILL_DURING_SAVE=N make the
-process SIGKILL itself; DDPM_HF_NAN_AT_STEP=N makes one loss NaN. SIGTERM/SIGINT come from outside.
+Kills land where the test chooses through tests/faults.py, which patches the library from outside:
+--kill_at_step N and --kill_during_save N make the process SIGKILL itself; --nan_at_step N makes
+one loss NaN. SIGTERM/SIGINT come from outside.
 """
 
 import json
@@ -51,8 +51,8 @@ RUN = [
 RESUME = ["--resume_from_checkpoint", "latest"]
 
 
-def train(out, *extra, env=None, check=True):
-    return run_script("train_ddpm.py", *RUN, "--output_dir", out, *extra, env={**ENV, **(env or {})}, check=check)
+def train(out, *extra, faults=(), check=True):
+    return run_script("train_ddpm.py", *RUN, "--output_dir", out, *extra, env=ENV, check=check, faults=faults)
 
 
 def ema_weights(out):
@@ -98,7 +98,7 @@ def reference(tmp_path_factory):
 
 def test_kill_mid_epoch_then_resume_is_exact(reference, tmp_path):
     out = tmp_path / "run"
-    killed = train(out, env={"DDPM_HF_KILL_AT_STEP": "5"}, check=False)
+    killed = train(out, faults=["--kill_at_step", 5], check=False)
     assert killed.returncode == -signal.SIGKILL
     assert checkpoints(out) == ["checkpoint-3"]  # step 3 of the 6 of epoch 0: a mid-epoch resume
     assert [r["step"] for r in log_records(out)] == [1, 2, 3, 4, 5]
@@ -109,7 +109,7 @@ def test_kill_mid_epoch_then_resume_is_exact(reference, tmp_path):
 
 def test_kill_during_save_and_damaged_checkpoint_fall_back(reference, tmp_path):
     out = tmp_path / "run"
-    killed = train(out, env={"DDPM_HF_KILL_DURING_SAVE": "9"}, check=False)
+    killed = train(out, faults=["--kill_during_save", 9], check=False)
     assert killed.returncode == -signal.SIGKILL
     # The interrupted save never got its final name (nor its manifest).
     assert checkpoints(out) == ["checkpoint-3", "checkpoint-6", "checkpoint-9.partial"]
@@ -173,7 +173,7 @@ def test_signal_finishes_step_saves_and_resumes_exactly(sig, reference, tmp_path
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     out = tmp_path / "run"
-    proc = train(out, env={"DDPM_HF_NAN_AT_STEP": "5"}, check=False)
+    proc = train(out, faults=["--nan_at_step", 5], check=False)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert error_lines(proc.stderr) == [
@@ -186,16 +186,16 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
 
 
 def test_skip_nonfinite_steps_counts_and_resumes_exactly(tmp_path):
-    nan, short = {"DDPM_HF_NAN_AT_STEP": "2"}, ("--skip_nonfinite_steps", "--max_train_steps", "8")
+    nan, short = ["--nan_at_step", 2], ("--skip_nonfinite_steps", "--max_train_steps", "8")
     a, b = tmp_path / "a", tmp_path / "b"
-    train(a, *short, env=nan)
+    train(a, *short, faults=nan)
     records = log_records(a)
     # 9 batches for 8 steps: the run goes on into epoch 1 until it has trained --max_train_steps.
     assert [r["step"] for r in records] == list(range(1, 9))
     assert [r["skipped_nonfinite"] for r in records] == [0] + [1] * 7
     assert all(r["loss"] == r["loss"] for r in records)  # finite: the NaN update was never applied
     # The skipped batch consumed data without a step: a resume must still land on the right batch.
-    killed = train(b, *short, env={**nan, "DDPM_HF_KILL_AT_STEP": "5"}, check=False)
+    killed = train(b, *short, faults=[*nan, "--kill_at_step", 5], check=False)
     assert killed.returncode == -signal.SIGKILL
     train(b, *short, *RESUME)
     assert_same_run(a, b)

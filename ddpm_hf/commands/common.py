@@ -1,8 +1,10 @@
-"""What the commands share: where their output goes by default, and how the device is readied."""
+"""What the commands share: the process-wide settings of their start, where their output goes by
+default, and how the device is readied."""
 
+import os
 from pathlib import Path
 
-from ..util.host_memory import keep_freed_memory
+from ..util import host_memory
 from ..util.precision import warn_if_bf16_emulated
 
 
@@ -11,11 +13,25 @@ def default_sample_dir(checkpoint) -> Path:
     return Path(f"samples/{Path(str(checkpoint).rstrip('/')).stem}")
 
 
+def command_device() -> str:
+    """Where a command will compute: a GPU if there is one (and Accelerate is not told to use the CPU)."""
+    import torch
+
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
+
+
+def start_command() -> None:
+    """What a command sets for its whole process, once its flags are parsed; never a library call, so a
+    program that imports the package keeps its own settings. On a CPU: glibc keeps freed blocks for reuse
+    (util/host_memory.py: at batch 128 the sampler's page faults cost ~1/5 of its time, training's more)."""
+    host_memory.keep_freed_memory(command_device())
+
+
 def ready_device(mixed_precision, device) -> None:
     """Once a command's inputs are checked (a bad input still gets its one line first): the notice of
-    an emulated bf16, and on a CPU the host memory policy (ddpm_hf/util/host_memory.py: at batch 128 the
-    sampler's page faults cost ~1/5 of its time)."""
+    an emulated bf16, and the host memory policy that start_command set, if any."""
     warn_if_bf16_emulated(mixed_precision, device)
-    chosen = keep_freed_memory(device)
+    chosen = host_memory.applied()
     if chosen:
         print(chosen)

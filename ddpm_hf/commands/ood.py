@@ -22,7 +22,7 @@ from ..ood.scores import NLLScore, ReconScore, build_score
 from ..ood.scoring import ood_metrics, require_lpips_weights, snap_notices
 from ..ood.settings import OODSettings
 from ..util.errors import UsageError
-from ..util.files import make_output_dir, remove, simulate_disk_full, writing
+from ..util.files import make_output_dir, remove, writing
 from ..util.lock import ensure_not_in_use, lock_output_dir
 from ..util.precision import resolve_mixed_precision
 from .common import ready_device
@@ -63,7 +63,6 @@ def write_results(out: Path, results: dict, write_others) -> None:
         staging.mkdir()
         write_others(staging)
         (staging / "ood_results.json").write_text(json.dumps(results, indent=2))
-        simulate_disk_full("ood_results")
         for name in RESULT_FILES:
             os.replace(staging / name, out / name)
         staging.rmdir()

@@ -86,8 +86,10 @@ def main(argv, prog=None):
 
         run_detector_command(cfg)  # nothing returned: a console script passes main()'s result to sys.exit
         return
+    from .common import start_command
     from .ood import run_ood
 
+    start_command()  # the process-wide settings, once the flags are parsed
     run_ood(cfg)
 
 

@@ -143,7 +143,7 @@ def check_fid_folder(folder: Path, origin: dict, overwrite: bool) -> None:
                 f"--overwrite_output_dir to replace them, or choose another --output_dir"
             )
         remove(*pngs, folder / "fid.json", record)
-    write_text(record, json.dumps(origin, indent=2) + "\n", "the FID folder's origin record", point="fid_origin")
+    write_text(record, json.dumps(origin, indent=2) + "\n", "the FID folder's origin record")
 
 
 def prepare_sample_dir(out: Path, overwrite: bool) -> None:

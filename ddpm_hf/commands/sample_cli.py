@@ -145,7 +145,10 @@ def build(prog=None, mode=None):
 @run_cli
 def main(argv, prog=None, mode=None):
     cfg, _ = parse_config(build(prog, mode), argv)
+    from .common import start_command
     from .sample import run_sampling
+
+    start_command()  # the process-wide settings, once the flags are parsed
 
     run_sampling(cfg)
 

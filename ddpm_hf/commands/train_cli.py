@@ -58,6 +58,9 @@ def build(prog=None):
 def main(argv, prog=None):
     cfg, _ = parse_config(build(prog), argv)
     from ..training.trainer import train
+    from .common import start_command
+
+    start_command()  # the process-wide settings, once the flags are parsed
 
     train(cfg)
 

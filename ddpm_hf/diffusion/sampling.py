@@ -212,6 +212,5 @@ def _save_png(image_uint8: torch.Tensor, path: Path, advice: str = RETRY) -> Non
         path,
         lambda tmp: Image.fromarray(array).save(tmp, format="PNG"),
         f"the image {path.name}",
-        point="grid" if path.name == "grid.png" else "png",
         advice=advice,
     )

@@ -617,7 +617,7 @@ def _png_shape(path: Path) -> tuple:
 
 def write_json(path: Path, payload: dict) -> None:
     """Under a temporary name, renamed; a full disk is one line (files.py)."""
-    write_text(path, json.dumps(payload, indent=2, default=str) + "\n", point="fid_json")
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def evaluate_folder(

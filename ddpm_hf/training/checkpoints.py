@@ -10,7 +10,6 @@ they are deleted, for the same reason.
 import json
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,20 +17,12 @@ from typing import Optional
 import torch
 
 from ..util.errors import DDPMError, UsageError
-from ..util.files import read_json, remove, safetensors_problem, simulate_disk_full, writing
+from ..util.files import read_json, remove, safetensors_problem, writing
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"
 DISCARD_SUFFIX = ".discard"
 MANIFEST = "ddpm_hf_checkpoint.json"  # written last; lists every file with its size
-
-
-def kill_hook(variable: str, step: int) -> None:
-    """Test hook (README, section reliability): DDPM_HF_KILL_AT_STEP=N and DDPM_HF_KILL_DURING_SAVE=N
-    SIGKILL this process after optimiser step N or halfway through saving checkpoint N, so a test
-    can prove that a kill at a moment it chooses loses nothing."""
-    if os.environ.get(variable) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -127,8 +118,6 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, limit=None, w
         accelerator.save_state(str(partial))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            kill_hook("DDPM_HF_KILL_DURING_SAVE", step)
-            simulate_disk_full("checkpoint")
             if write_extra:
                 write_extra(partial)
             _write_manifest(partial, step)

@@ -22,19 +22,21 @@ PRDC = ("precision", "recall", "density", "coverage")  # k-NN metrics next to FI
 
 
 def setup_tracker(cfg: DDPMConfig):
-    """The tracker name Accelerate logs to, or None; wandb never prompts for a login."""
+    """The tracker name Accelerate logs to (or None), and its wandb.init options: wandb never prompts for
+    a login. Offline goes through wandb.init's `mode`, not WANDB_MODE: a library call sets nothing
+    process-wide."""
     tracker = cfg.tracker()
     if tracker != "none":  # before the Accelerator: a missing package is one line, not accelerate's ValueError
         require_extra(tracker, "tracking", f"--report_to {tracker}", instead="pass --report_to none")
     if tracker == "wandb" and "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
         netrc = Path.home() / ".netrc"
         if not (netrc.exists() and "api.wandb.ai" in netrc.read_text()):
-            os.environ["WANDB_MODE"] = "offline"
             print(
                 "notice: wandb is not logged in; logging offline (sync later with `wandb sync`, or pass --no_wandb)",
                 file=sys.stderr,
             )
-    return None if tracker == "none" else tracker
+            return tracker, {"mode": "offline"}
+    return (None if tracker == "none" else tracker), {}
 
 
 def save_grid(images: torch.Tensor, path: Path, accelerator=None, tracker=None, step: int = 0) -> None:
@@ -44,7 +46,6 @@ def save_grid(images: torch.Tensor, path: Path, accelerator=None, tracker=None, 
         path,
         lambda tmp: save_image(grid, tmp, format="PNG"),
         f"the sample grid {path.name}",
-        point="grid",
         advice=RESUME_HINT,
     )
     if tracker == "wandb":

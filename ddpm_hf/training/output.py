@@ -21,7 +21,6 @@ from ..util.files import (
     read_json,
     refuse_link,
     remove,
-    simulate_disk_full,
     write_text,
     writing,
 )
@@ -167,7 +166,7 @@ def trim_log(log_path: Path, step: int) -> None:
 
 
 def append_log(log_path: Path, record: dict) -> None:
-    append_line(log_path, json.dumps(record) + "\n", "a line of the training log", point="log", advice=RESUME_HINT)
+    append_line(log_path, json.dumps(record) + "\n", "a line of the training log", advice=RESUME_HINT)
 
 
 def save_pipeline_atomically(out: Path, save) -> None:
@@ -184,7 +183,6 @@ def save_pipeline_atomically(out: Path, save) -> None:
         f"the pipeline with the same command plus --resume_from_checkpoint latest",
     ):
         save(tmp)
-        simulate_disk_full("pipeline")
     for entry in sorted(tmp.iterdir(), key=lambda e: e.name == "model_index.json"):
         target = out / entry.name
         if target.is_dir() and not target.is_symlink():

@@ -48,11 +48,11 @@ from ..models.pretrained import check_data_format, describe, load_pretrained, un
 from ..hub.upload import TrainingPush
 from ..models.pipeline import public_config, save_pipeline
 from ..models.unet import build_unet, count_parameters, unet_kwargs
+from ..util import host_memory
 from ..util.errors import DDPMError, UsageError
 from ..util.files import make_subdir, write_text
-from ..util.host_memory import keep_freed_memory
 from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
-from .checkpoints import CHECKPOINT_PREFIX, kill_hook, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import ema_weights, make_ema
 from .monitoring import FidHook, save_grid, setup_tracker
 from .output import append_log, check_output_dir, prepare_output_dir, save_pipeline_atomically, trim_log
@@ -179,7 +179,7 @@ class Trainer:
         run that fails on its flags or data leaves the disk as it was."""
         self.out = check_output_dir(self.cfg)
         self._check_flags()
-        self.tracker = setup_tracker(self.cfg)
+        self.tracker, self.tracker_options = setup_tracker(self.cfg)
         self.accelerator = self._make_accelerator()
         self.main = self.accelerator.is_main_process
         self._load_data()
@@ -198,8 +198,8 @@ class Trainer:
             notice = terminal_snr_notice(self.noise_scheduler.config)
             if notice:
                 print(notice, file=sys.stderr)
-        if self.host_memory:
-            self.accelerator.print(self.host_memory)
+        if host_memory.applied():  # set by the train command at its start (commands/common.py)
+            self.accelerator.print(host_memory.applied())
         if self.micro_batch:
             how = (
                 ""
@@ -366,7 +366,6 @@ class Trainer:
         )
         self.state.loss_sum = torch.zeros((), device=accelerator.device)
         self.micro_batch = resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size, accelerator.device)
-        self.host_memory = keep_freed_memory(accelerator.device)
         self.sampler = make_sampler(cfg.scheduler, self.noise_scheduler.config)
         self.sample_steps = num_inference_steps(cfg.timesteps, cfg.sample_timesteps)
 
@@ -450,15 +449,15 @@ class Trainer:
                 trim_log(self.out / "train_log.jsonl", step)
         if self.main:
             make_subdir(self.out, "samples")  # a link there is refused: the grids would land where it points
-            write_text(
-                self.out / "train_config.json", json.dumps(public_config(cfg.to_dict()), indent=2), point="config"
-            )
+            write_text(self.out / "train_config.json", json.dumps(public_config(cfg.to_dict()), indent=2))
         if self.tracker:
             flat = {
                 k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in public_config(cfg.to_dict()).items()
             }
             self.accelerator.init_trackers(
-                "DDPM", config=flat, init_kwargs={"wandb": {"name": f"DDPM_{Path(cfg.dataset).name}"}}
+                "DDPM",
+                config=flat,
+                init_kwargs={"wandb": {"name": f"DDPM_{Path(cfg.dataset).name}", **self.tracker_options}},
             )
 
     # ---- the loop -------------------------------------------------------------------------
@@ -557,9 +556,6 @@ class Trainer:
     def _collective_flags(self, loss: torch.Tensor, stop) -> torch.Tensor:
         """One collective per batch: every process learns whether any loss is non-finite and whether
         any process was asked to stop."""
-        if os.environ.get("DDPM_HF_NAN_AT_STEP") == str(self.state.global_step + 1):
-            del os.environ["DDPM_HF_NAN_AT_STEP"]  # test hook (docs/reliability.md): one non-finite loss
-            loss = loss * float("nan")
         local = torch.stack(
             [
                 (~torch.isfinite(loss.detach())).float(),
@@ -596,7 +592,6 @@ class Trainer:
         if self.flags[1] > 0:
             self.stop_now()
             return True
-        kill_hook("DDPM_HF_KILL_AT_STEP", step)
         return False
 
     def after_update(self) -> None:
@@ -698,8 +693,6 @@ class Trainer:
         """The last checkpoint and the pipeline (a signal now lets the save finish), then the Hub push."""
         step, checkpoint_root = self.state.global_step, self.out / "checkpoints"
         with StopRequest(final=True) as late:
-            if os.environ.get("DDPM_HF_SIGTERM_AT_FINAL_SAVE") == "1":
-                os.kill(os.getpid(), signal.SIGTERM)  # test hook: a SIGTERM that lands during the final save
             if not (checkpoint_root / f"{CHECKPOINT_PREFIX}{step}").exists():
                 self.save_checkpoint()
             if self.main:

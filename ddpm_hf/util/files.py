@@ -10,9 +10,7 @@ through one: appends and the lock open with O_NOFOLLOW (`open_own`), atomic writ
 link instead of writing into it, sub-folders are made by `make_subdir`, which refuses a linked one,
 and a path built from model or data metadata is checked with `inside` (its name parts with `safe_name`).
 
-Test hook (for the tests only): DDPM_HF_DISK_FULL=POINT[:N] makes the N-th write (default the
-first) at the write point POINT fail with ENOSPC after part of it is on disk, as a full disk would.
-Points: log, config, checkpoint, pipeline, grid, png, fid_origin, fid_json, ood_results.
+The tests simulate a full disk from outside (tests/faults.py): nothing here reads a test variable.
 """
 
 import contextlib
@@ -27,21 +25,9 @@ from typing import Optional
 
 from .errors import DDPMError, UsageError, short
 
-DISK_FULL_HOOK = "DDPM_HF_DISK_FULL"
 NEARLY_FULL = 64 << 20  # a write that fails with less free space than this failed for want of space
 _DISK_FULL_TEXT = ("No space left", "os error 28", "code: 28", "StorageFull", "Disk quota exceeded")
 RETRY = "free some space (or choose another --output_dir) and run the command again"
-_hook_calls = {}
-
-
-def simulate_disk_full(point: str) -> None:
-    """The DDPM_HF_DISK_FULL test hook: raise ENOSPC at the chosen call of write point `point`."""
-    name, _, nth = os.environ.get(DISK_FULL_HOOK, "").partition(":")
-    if name != point:
-        return
-    _hook_calls[point] = _hook_calls.get(point, 0) + 1
-    if _hook_calls[point] == int(nth or 1):
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (simulated by {DISK_FULL_HOOK})")
 
 
 def link_error(path) -> DDPMError:
@@ -229,7 +215,7 @@ def writing(folder, what: str, cleanup=(), advice: str = RETRY):
         raise DDPMError(f"could not write {what} to {folder} ({reason}); {advice}") from err
 
 
-def atomic_write(path, write, what: Optional[str] = None, point: Optional[str] = None, advice: str = RETRY) -> None:
+def atomic_write(path, write, what: Optional[str] = None, advice: str = RETRY) -> None:
     """`write(tmp_path)`, then rename to `path`: a kill or a full disk never leaves a truncated file
     under the final name (the temporary file is removed on failure). The one atomic write of the
     package: PNGs, JSON records, the FID cache and model cards go through it (a pipeline is saved into a
@@ -239,13 +225,11 @@ def atomic_write(path, write, what: Optional[str] = None, point: Optional[str] =
     remove(tmp)  # a link planted under the temporary name would be written through
     with writing(path.parent, what or path.name, cleanup=[tmp], advice=advice):
         write(tmp)
-        if point:
-            simulate_disk_full(point)
         os.replace(tmp, path)
 
 
-def write_text(path, text: str, what: Optional[str] = None, point: Optional[str] = None, advice: str = RETRY) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what, point, advice)
+def write_text(path, text: str, what: Optional[str] = None, advice: str = RETRY) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what, advice)
 
 
 def _truncate_to(path: Path, size: Optional[int]):
@@ -259,7 +243,7 @@ def _truncate_to(path: Path, size: Optional[int]):
     return undo
 
 
-def append_line(path, line: str, what: Optional[str] = None, point: Optional[str] = None, advice: str = RETRY) -> None:
+def append_line(path, line: str, what: Optional[str] = None, advice: str = RETRY) -> None:
     """Append one line; a failed write is cut back off, so the file keeps only whole lines. A link
     at `path` is refused, not appended through."""
     path = Path(path)
@@ -268,12 +252,7 @@ def append_line(path, line: str, what: Optional[str] = None, point: Optional[str
     with writing(path.parent, what or path.name, cleanup=[_truncate_to(path, size)], advice=advice):
         fd = open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         with os.fdopen(fd, "a", encoding="utf-8") as f:
-            half = len(line) // 2
-            f.write(line[:half])
-            f.flush()
-            if point:
-                simulate_disk_full(point)
-            f.write(line[half:])
+            f.write(line)
 
 
 def read_json(path, advice: str = ""):

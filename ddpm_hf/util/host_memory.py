@@ -5,7 +5,10 @@ a fresh mmap and unmaps it when freed, so each step that allocates larger tensor
 them in again. Measured on a 2-core AMD EPYC (fp32, one process each): three training steps of
 the seed's model in one pass of 128 images took 5.4 M page faults and 15 s of kernel time
 (11.1 images/s); with the thresholds raised, none (15.4 images/s). DDIM sampling at batch 128:
-12.4 -> 15.8 image-steps/s. Memory freed after a peak stays with the process; the peak is unchanged."""
+12.4 -> 15.8 image-steps/s. Memory freed after a peak stays with the process; the peak is unchanged.
+
+The policy is process-wide: the commands set it at their start (commands/common.py start_command),
+never a library call (a program that imports the package keeps its own allocator settings)."""
 
 import ctypes
 import ctypes.util
@@ -41,6 +44,11 @@ def user_chose_allocator() -> bool:
         or "malloc" in os.environ.get("LD_PRELOAD", "")
         or os.environ.get("DDPM_HF_KEEP_FREED_MEMORY") == "0"
     )
+
+
+def applied() -> Optional[str]:
+    """What keep_freed_memory set in this process, for the log; None where nothing was."""
+    return _done
 
 
 def keep_freed_memory(device="cpu") -> Optional[str]:

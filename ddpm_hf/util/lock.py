@@ -5,12 +5,12 @@ which the kernel releases when the process ends however it ends, plus the holder
 command and start time written in it. A second run into a folder whose lock is held is refused in
 one line naming the holder; a lock file left by a process that died (kill -9, power cut) is not
 held, so the next run takes it over with a notice. Under `accelerate launch` only the main process
-locks. Locks are released when the command ends (`errors.run_cli`, or at exit). The lock file is
+locks. Locks are released when the command ends (`errors.run_cli`; no atexit hook: importing the package
+registers nothing process-wide); a library caller's at `release_all()`, or by the kernel at exit. The lock file is
 opened with O_NOFOLLOW and must be a regular file of one name (`files.open_own`): a link planted as
 `.ddpm_hf.lock` is refused in one line instead of having its target truncated.
 """
 
-import atexit
 import datetime
 import errno
 import json
@@ -159,5 +159,4 @@ def release_all() -> None:
         held.release()
 
 
-atexit.register(release_all)
 at_command_end(release_all)  # run_cli releases them as the command ends (errors.py)
