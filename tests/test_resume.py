@@ -160,7 +160,8 @@ def test_signal_finishes_step_saves_and_resumes_exactly(sig, reference, tmp_path
     step = log_records(out)[-1]["step"]  # the step in progress was finished, then saved
     assert 2 <= step < 12
     assert (
-        f"stopped at step {step}; checkpoint saved to {out / 'checkpoints' / f'checkpoint-{step}'}. Resume with the same "
+        f"stopped at step {step}; checkpoint saved to {out / 'checkpoints' / f'checkpoint-{step}'}. Resume "
+        "with the same "
         f"command plus --resume_from_checkpoint latest" in stdout
     )
     assert f"{sig.name}: stopping after this step and saving a checkpoint" in stderr

@@ -46,10 +46,10 @@ def test_saved_unet_holds_the_ema_weights(trained_pipeline):
 
 
 def test_log_grid_and_checkpoints(trained_pipeline):
-    lines = [json.loads(l) for l in (trained_pipeline / "train_log.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [2, 4, 6, 8]
-    assert all({"step", "epoch", "loss", "lr", "images_per_sec"} <= set(l) for l in lines)
-    assert all(l["loss"] > 0 and l["images_per_sec"] > 0 for l in lines)
+    lines = [json.loads(row) for row in (trained_pipeline / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines] == [2, 4, 6, 8]
+    assert all({"step", "epoch", "loss", "lr", "images_per_sec"} <= set(row) for row in lines)
+    assert all(row["loss"] > 0 and row["images_per_sec"] > 0 for row in lines)
     # One-cycle LR: warm-up from 1e-6 towards --lr (warm-up of 10 epochs is longer than these 8 steps).
     assert lines[0]["lr"] < lines[-1]["lr"] <= 1e-3
     grid = Image.open(trained_pipeline / "samples" / "epoch_0001.png")
@@ -74,7 +74,7 @@ def test_resume_continues_from_the_saved_step(trained_pipeline, tmp_path):
         "latest",
     )
     assert "resumed from" in proc.stdout + proc.stderr and "checkpoint-8" in proc.stdout + proc.stderr
-    steps = [json.loads(l)["step"] for l in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [json.loads(row)["step"] for row in (out / "train_log.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8, 10, 12]  # continued at 9: nothing replayed
     assert json.loads((out / "ddpm_hf_config.json").read_text())["trained_steps"] == 12
 
@@ -118,10 +118,10 @@ def test_two_processes_with_accelerate_launch(tmp_path):
         env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [2, 4]  # written once, by the main process
+    lines = [json.loads(row) for row in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines] == [2, 4]  # written once, by the main process
     # 256 images, batch 32 per process: 4 batches per process per epoch, 64 images per step.
-    assert all(l["epoch"] == 0 for l in lines)
+    assert all(row["epoch"] == 0 for row in lines)
     ckpt = out / "checkpoints" / "checkpoint-4"
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
     assert isinstance(DiffusionPipeline.from_pretrained(out), DDIMPipeline)

@@ -108,7 +108,8 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, limit=None, w
     kept = list_checkpoints(checkpoint_root)
     advice = (
         (
-            f"its partial files were removed and the earlier checkpoints are intact (latest: {kept[-1].name}); free some space, "
+            "its partial files were removed and the earlier checkpoints are intact (latest: "
+            f"{kept[-1].name}); free some space, "
             f"then continue with the same command plus --resume_from_checkpoint latest"
         )
         if kept
@@ -158,7 +159,8 @@ def load_checkpoint(accelerator, checkpoint_root: Path, resume: str, read_extra=
             raise DDPMError(f"{message}; resume from another checkpoint or 'latest'")
         print(f"warning: {message}; falling back to an older one", file=sys.stderr)
     raise DDPMError(
-        f"no loadable checkpoint in {checkpoint_root}; remove the damaged ones or start without --resume_from_checkpoint"
+        f"no loadable checkpoint in {checkpoint_root}; remove the damaged ones or start without "
+        "--resume_from_checkpoint"
     )
 
 
@@ -202,7 +204,8 @@ def _warn_rng_state(folder: Path, process_index: int) -> None:
         torch.Generator().set_state(states["torch_manual_seed"])
     except Exception as err:
         print(
-            f"warning: cannot restore the random states from {path} ({type(err).__name__}); training goes on, but the resume is no "
+            f"warning: cannot restore the random states from {path} ({type(err).__name__}); training goes on, "
+            "but the resume is no "
             f"longer bit-exact (other noise and timesteps than an uninterrupted run)",
             file=sys.stderr,
         )

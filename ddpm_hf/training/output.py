@@ -100,7 +100,8 @@ def check_output_dir(cfg: DDPMConfig) -> Path:
         and not (Path(resume).is_dir() and Path(resume).name.startswith(CHECKPOINT_PREFIX))
     ):
         raise UsageError(
-            f"--resume_from_checkpoint {resume} is not a checkpoint folder (OUTPUT_DIR/checkpoints/checkpoint-N) or 'latest'"
+            f"--resume_from_checkpoint {resume} is not a checkpoint folder "
+            "(OUTPUT_DIR/checkpoints/checkpoint-N) or 'latest'"
         )
     check_writable(out)
     if int(os.environ.get("RANK", "0")) == 0:  # the main process (the one that locks the folder)

@@ -44,9 +44,9 @@ from ..diffusion.sampling import (
     schedule_settings,
     terminal_snr_notice,
 )
-from ..models.pretrained import check_data_format, describe, load_pretrained, unet_from_config
 from ..hub.upload import TrainingPush
 from ..models.pipeline import public_config, save_pipeline
+from ..models.pretrained import check_data_format, describe, load_pretrained, unet_from_config
 from ..models.unet import build_unet, count_parameters, unet_kwargs
 from ..util import host_memory
 from ..util.errors import DDPMError, UsageError
@@ -129,7 +129,8 @@ def _check_launch(accelerator) -> None:
     if accelerator.distributed_type == DistributedType.FSDP:
         raise UsageError(
             "FSDP shards the UNet's parameters, but the every-step EMA and the saved pipeline need them whole; "
-            "use DDP (configs/accelerate/multi_node_gpu.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)"
+            "use DDP (configs/accelerate/multi_node_gpu.yaml) or DeepSpeed ZeRO-2 "
+            "(configs/accelerate/deepspeed_zero2.yaml)"
         )
     if (
         accelerator.num_processes == 1
@@ -440,7 +441,8 @@ class Trainer:
             self.state.global_step = step
             if self.planned_steps != self.max_steps and step < self.max_steps:
                 self.lr_scheduler.last_epoch -= 1
-                self.lr_scheduler.step()  # the learning rate of this step on the new schedule (the optimiser kept the old one)
+                # the learning rate of this step on the new schedule (the optimiser kept the old one)
+                self.lr_scheduler.step()
                 self.accelerator.print(
                     f"notice: the run was planned for {self.planned_steps} steps and now has {self.max_steps}; "
                     f"the LR schedule continues from step {step} on the new length"
@@ -698,7 +700,8 @@ class Trainer:
             if self.main:
                 save_pipeline_atomically(self.out, lambda folder: self.export_pipeline(folder, step))
                 print(
-                    f"saved the pipeline (EMA weights) to {self.out}; sample it with: python sample_ddpm.py --checkpoint "
+                    f"saved the pipeline (EMA weights) to {self.out}; sample it with: python sample_ddpm.py "
+                    "--checkpoint "
                     f"{shlex.quote(str(self.out))}"
                 )
         if late.requested:

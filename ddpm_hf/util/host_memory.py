@@ -30,7 +30,7 @@ def _glibc() -> Optional[ctypes.CDLL]:
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # absent from musl and other C libraries
+        _ = libc.gnu_get_libc_version  # absent from musl and other C libraries: AttributeError
     except (OSError, AttributeError):
         return None
     return libc
