@@ -1,6 +1,6 @@
 """A Gradio Space for a ddpm-hf model: sample it, and ask it whether an image is out of distribution.
 
-    python app.py --checkpoint pretrained/ddpm-mnist5k [--detector DIR] [--host 127.0.0.1] [--port 7860]
+    python app.py [--checkpoint pretrained/ddpm-mnist5k] [--detector DIR] [--host 127.0.0.1] [--port 7860]
 
 --checkpoint: a pipeline folder or a Hub model id. --detector: a folder saved by `ood_ddpm.py --fit` (or
 OODDetector.save) for the same model; it gives the score a threshold and p-values. Without one, the score
@@ -9,7 +9,6 @@ is the reconstruction error, which has neither.
 
 import argparse
 import math
-import os
 
 import gradio as gr
 import numpy as np
@@ -28,15 +27,18 @@ from ddpm_hf.ood.scoring import Scorer, plan_levels
 # The displayed reconstruction: noised to RECON_FACTOR * T, then RECON_STEPS DDIM steps back (a picture in a
 # second on a CPU; the detector's own score uses its fitted settings).
 RECON_FACTOR, RECON_STEPS = 0.5, 20
+SHIPPED = "pretrained/ddpm-mnist5k"
 ZOOM = 8  # 28-pixel digits are too small to see at their own size
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a pipeline folder or a Hub model id")
+    # A Space runs `python app.py` with no arguments: the defaults serve the shipped model.
+    parser.add_argument("--checkpoint", default=SHIPPED, help=f"a pipeline folder or a Hub model id ({SHIPPED})")
     parser.add_argument("--detector", help="a fitted detector folder (ood_ddpm.py --fit) for this model")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
+    # None: Gradio's own defaults (GRADIO_SERVER_NAME / _PORT, which a Space sets; else 127.0.0.1:7860).
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
     return parser.parse_args(argv)
 
 
