@@ -11,7 +11,6 @@ import argparse
 import math
 
 import gradio as gr
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
@@ -113,7 +112,6 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = ddpm_hf.load_model(args.checkpoint, device=device)
     detector = ddpm_hf.OODDetector.load(args.detector, model, device) if args.detector else None
-    np.seterr(all="ignore")  # p-values of an empty reference would warn; the detector checks its own
     build_app(model, detector, args.checkpoint).launch(server_name=args.host, server_port=args.port)
 
 
