@@ -6,6 +6,7 @@ commands run in this process (their `main`, wrapped by run_cli) where they fail 
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -414,3 +415,28 @@ def test_exif_orientation_is_applied(tmp_path):
     with Image.open(tmp_path / "r.jpg") as back:
         out = _pil_to_array(back, 1, 4)
     assert out[0, 0, -1] > 200 and out[0, -1, 0] < 60  # upright: the white half on top (unrotated: on the left)
+
+
+def test_config_that_is_a_folder_says_so(tmp_path, capsys):
+    from ddpm_hf.commands import train_cli
+
+    (tmp_path / "cfg").mkdir()
+    call = partial(train_cli.main, ["--config", str(tmp_path / "cfg"), "--no_wandb"])
+    one_line(capsys, call, f"config file {tmp_path / 'cfg'} is a folder; pass a YAML file to --config", code=2)
+
+
+def test_resume_from_a_checkpoint_folder_without_a_step(tmp_path, capsys):
+    """A copy of a valid checkpoint named checkpoint-best: the step is not in its name, so it is refused."""
+    from ddpm_hf.commands import train_cli
+
+    best = tmp_path / "out" / "checkpoints" / "checkpoint-best"
+    best.mkdir(parents=True)
+    (best / "model.safetensors").write_bytes(b"")
+    argv = ["--dataset", "mnist5k", "--no_wandb", "--max_train_steps", "1", "--output_dir", str(tmp_path / "out")]
+    call = partial(train_cli.main, [*argv, "--resume_from_checkpoint", str(best)])
+    one_line(capsys, call, "a checkpoint folder is named checkpoint-N after its step N; rename it", code=2)
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == [
+        "checkpoint-best",
+        "checkpoints",
+        "model.safetensors",
+    ]

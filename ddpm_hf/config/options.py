@@ -505,6 +505,8 @@ def _read_yaml(path: Path):
 
 def load_yaml(path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"config file {path} is a folder; pass a YAML file to --config (see configs/)")
     if not path.is_file():
         raise UsageError(f"config file {path} not found; pass an existing YAML file to --config (see configs/)")
     data = _read_yaml(path)

@@ -103,6 +103,12 @@ def check_output_dir(cfg: DDPMConfig) -> Path:
             f"--resume_from_checkpoint {resume} is not a checkpoint folder "
             "(OUTPUT_DIR/checkpoints/checkpoint-N) or 'latest'"
         )
+    if resume and resume != "latest" and not Path(resume).name[len(CHECKPOINT_PREFIX) :].isdigit():
+        # the step a run resumes at is read from the folder's name, as Accelerate and diffusers name them
+        raise UsageError(
+            f"--resume_from_checkpoint {resume}: a checkpoint folder is named {CHECKPOINT_PREFIX}N after its step N; "
+            f"rename it (e.g. to {CHECKPOINT_PREFIX}500) or pass 'latest'"
+        )
     check_writable(out)
     if int(os.environ.get("RANK", "0")) == 0:  # the main process (the one that locks the folder)
         ensure_not_in_use(out)
