@@ -228,7 +228,7 @@ def test_bad_mask_file(case, tmp_path, capsys, monkeypatch):
 
 
 def test_sampling_batch_beyond_memory(pipe, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("DDPM_HF_TEST_AVAILABLE_MEMORY", str(10**9))
+    monkeypatch.setattr("ddpm_hf.util.memory.available_memory", lambda device="cpu": 10**9)
     argv = ["--checkpoint", pipe, "--num_samples", "100000", "--batch_size", "100000", "--output_dir", tmp_path / "s"]
     one_line(
         capsys,
@@ -244,7 +244,7 @@ def test_decoding_beyond_memory_names_the_size(tmp_path, monkeypatch):
     from ddpm_hf.data.images import DataOptions, load_images
     from ddpm_hf.util.errors import UsageError
 
-    monkeypatch.setenv("DDPM_HF_TEST_AVAILABLE_MEMORY", str(10**6))
+    monkeypatch.setattr("ddpm_hf.util.memory.available_memory", lambda device="cpu": 10**6)
     with pytest.raises(
         UsageError, match=r"decoding 50 images of mnist5k at 1x4096x4096 needs about 1\.7 GB of memory but 1\.0 MB"
     ):

@@ -6,18 +6,13 @@ turns that into one line too): images are counted at their stored size, UNet act
 float32 tensors per resolution level (more when training keeps them for the backward pass).
 """
 
-import os
 from typing import Optional
 
 from .errors import UsageError
 
-TEST_AVAILABLE = "DDPM_HF_TEST_AVAILABLE_MEMORY"  # test hook: pretend this many bytes are available
-
 
 def available_memory(device="cpu") -> Optional[int]:
     """Bytes free for tensors on `device`: the GPU's free memory, or the host's available RAM (None: unknown)."""
-    if os.environ.get(TEST_AVAILABLE):
-        return int(os.environ[TEST_AVAILABLE])
     if str(device).startswith("cuda"):
         import torch
 
