@@ -335,6 +335,7 @@ def test_multi_level_with_lpips_in_process(trained_pipeline, tmp_path, monkeypat
     import ddpm_hf.ood.scoring as ood
 
     monkeypatch.setattr(ood, "load_lpips", lambda device="cpu": load_lpips(pnet_rand=True))
+    monkeypatch.setattr("ddpm_hf.commands.ood.require_lpips_weights", lambda: None)  # random AlexNet: no weights
     ood_main(
         [
             "--checkpoint",
