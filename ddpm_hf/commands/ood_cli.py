@@ -10,7 +10,7 @@ ddpm-hf ood --detector detectors/mnist5k --images my_images/ --output_dir scored
 import argparse
 
 # torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
-from ..config.options import build_parser, parse_config
+from ..config.options import TRAINING_ONLY, build_parser, parse_config
 from ..util.errors import run_cli
 from .program import command_help, program_name
 
@@ -30,16 +30,7 @@ GROUPS = (
     "latent",
 )
 # Training-only flags, and --scheduler (reconstruction is DDIM with eta --ddpm, as the original's).
-EXCLUDE = (
-    "max_train_samples",
-    "num_workers",
-    "streaming",
-    "shuffle_buffer_size",
-    "scheduler",
-    "cache_latents",
-    "rescale_betas_zero_snr",
-    "timestep_spacing",
-)
+EXCLUDE = (*TRAINING_ONLY, "scheduler")
 HELPS = {
     "dataset": "In-distribution dataset, scored on its test split (a registry name, a Hub dataset id or an image "
     "folder).",

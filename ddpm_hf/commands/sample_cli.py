@@ -8,7 +8,7 @@ ddpm-hf sample --checkpoint DDPM_mnist_epoch100.pt --dataset mnist --timesteps 1
 """
 
 # torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
-from ..config.options import build_parser, overwrite_flag, parse_config
+from ..config.options import TRAINING_ONLY, build_parser, overwrite_flag, parse_config
 from ..util.errors import run_cli
 from .program import command_help, program_name
 
@@ -32,15 +32,7 @@ GROUPS = (
     "latent",
 )
 # Training-only flags: they do nothing here.
-EXCLUDE = (
-    "max_train_samples",
-    "num_workers",
-    "streaming",
-    "shuffle_buffer_size",
-    "cache_latents",
-    "rescale_betas_zero_snr",
-    "timestep_spacing",
-)
+EXCLUDE = TRAINING_ONLY
 HELPS = {
     "output_dir": "Output folder (default: samples/<checkpoint name>; with --fid, the folder that holds fid_samples/, "
     "default: the current folder).",

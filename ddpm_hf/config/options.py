@@ -44,6 +44,18 @@ def _opt(default, help, group, choices=None, **extra):
     return field(**kind, metadata=dict(help=help, group=group, choices=choices, **extra))
 
 
+# Flags that only training reads: the sampling and OOD commands leave them out of their --help.
+TRAINING_ONLY = (
+    "max_train_samples",
+    "num_workers",
+    "streaming",
+    "shuffle_buffer_size",
+    "cache_latents",
+    "rescale_betas_zero_snr",
+    "timestep_spacing",
+)
+
+
 @dataclass
 class DDPMConfig:
     # ---- data -------------------------------------------------------------------------
