@@ -191,26 +191,29 @@ def machine() -> str:
     return f"{cpu} ({flags}), torch {torch.__version__}, {torch.get_num_threads()} threads, fp32"
 
 
-def table(results: dict) -> str:
-    """One markdown table per model: a row per score, a column per pair (AUROC), the ceiling last."""
+def table(results: dict, metric: str = "auroc") -> str:
+    """One markdown table per model: a row per score, a column per pair (`metric`: auroc or fpr95, the
+    fraction of OOD images accepted at 95 % in-distribution acceptance), the ceiling (AUROC) last."""
     lines = []
     for model, res in results.get("models", {}).items():
         measured = set(res.get("ceiling", {})).union(*(s["pairs"] for s in res["scores"].values()))
         pairs = [p for p in (*FAR, *NEAR) if p in measured]
+        what = "AUROC" if metric == "auroc" else "FPR95 (lower is better)"
         lines += [
-            f"**{model}** ({res['n']} in vs {res['n']} out per pair, fitted on {res['fit_n']} training digits)",
+            f"**{model}**, {what} ({res['n']} in vs {res['n']} out per pair, fitted on {res['fit_n']} training digits)",
             "",
         ]
         lines.append("| score | NFE/img | img/s | " + " | ".join(pairs) + " |")
         lines.append("|---|---:|---:|" + "---:|" * len(pairs))
         for name, s in res["scores"].items():
-            cells = [f"{s['pairs'][p]['auroc']:.3f}" if p in s["pairs"] else "" for p in pairs]
+            cells = [f"{s['pairs'][p][metric]:.3f}" if p in s["pairs"] else "" for p in pairs]
             lines.append(f"| {name} | {s['nfe_per_image']} | {s['images_per_s']:.0f} | " + " | ".join(cells) + " |")
-        lines.append(
-            "| *ceiling (supervised CNN)* | | | "
-            + " | ".join(f"{res['ceiling'][p]:.3f}" if p in res.get("ceiling", {}) else "" for p in pairs)
-            + " |"
-        )
+        if metric == "auroc" and res.get("ceiling"):
+            lines.append(
+                "| *ceiling (supervised CNN)* | | | "
+                + " | ".join(f"{res['ceiling'][p]:.3f}" if p in res["ceiling"] else "" for p in pairs)
+                + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -256,6 +259,7 @@ def main(argv=None):
             print(name, json.dumps(entry["scores"][name]["pairs"]), flush=True)
             save()  # after every score: a stopped run keeps its results
     print(table(results))
+    print(table(results, "fpr95"))
 
 
 if __name__ == "__main__":
