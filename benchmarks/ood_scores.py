@@ -221,7 +221,7 @@ def table(results: dict, metric: str = "auroc") -> str:
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--checkpoint", default=str(REPO / "pretrained" / "ddpm-mnist5k"))
-    p.add_argument("--scores", nargs="+", choices=SCORES, default=list(SCORES))
+    p.add_argument("--scores", nargs="*", choices=SCORES, default=list(SCORES), help="none: the ceiling only")
     p.add_argument("--pairs", nargs="+", choices=(*FAR, *NEAR), default=[*FAR, *NEAR])
     p.add_argument("--n", type=int, default=500, help="in-distribution and OOD test images per pair")
     p.add_argument("--fit_n", type=int, default=1000, help="mnist5k training digits each score is fitted on")
@@ -246,7 +246,10 @@ def main(argv=None):
         fit, test_in, outs, ceiling_train = load_sets(args.n, args.fit_n, args.pairs)
         model = ScoreModel(load_model(args.checkpoint), "cpu", None, 0, args.batch_size)
         entry = results.setdefault("models", {}).setdefault(Path(args.checkpoint).name, {"scores": {}, "ceiling": {}})
-        entry.update(n=args.n, fit_n=args.fit_n, machine=machine(), command="python " + " ".join(sys.argv))
+        entry.update(n=args.n, fit_n=args.fit_n, machine=machine())
+        commands = entry.setdefault("commands", [entry.pop("command")] if "command" in entry else [])
+        if (command := "python " + " ".join(sys.argv)) not in commands:
+            commands.append(command)  # every run that wrote into this entry, in order
         save = lambda: args.output.write_text(json.dumps(results, indent=2) + "\n")  # noqa: E731
         args.output.parent.mkdir(parents=True, exist_ok=True)
         for pair in [] if args.no_ceiling else args.pairs:
