@@ -35,6 +35,7 @@ from timing import log, sync  # noqa: E402
 from ddpm_hf.config.options import DDPMConfig  # noqa: E402
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
 from ddpm_hf.models.unet import build_unet, count_parameters  # noqa: E402
+from ddpm_hf.util.errors import first_line  # noqa: E402
 from ddpm_hf.util.precision import inference_autocast  # noqa: E402
 
 CIFAR_DDPM = dict(
@@ -285,7 +286,7 @@ def main(argv=None):
         try:
             result[name] = arm()
         except Exception as err:  # one broken arm must not lose the others' figures
-            result[name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            result[name] = f"failed: {type(err).__name__}: {first_line(err)}"
         log(f"gpu_check: {name}: {result[name]}")
         if args.device == "cuda":
             torch.cuda.empty_cache()

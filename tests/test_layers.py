@@ -163,6 +163,27 @@ def test_the_atomic_write_keeps_the_old_file_on_a_failure(tmp_path, monkeypatch)
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["card.md"]
 
 
+# ---- "the first line of an error": one helper ------------------------------------------------
+
+
+def test_first_line_of_an_error():
+    from ddpm_hf.util.errors import first_line
+
+    assert first_line(ValueError("bad value\n  at line 3\n  at line 9")) == "bad value"
+    assert first_line(ValueError("x" * 300)) == "x" * 200 and first_line("abcdef", 3) == "abc"
+    assert first_line(ValueError()) == "" and first_line("  \n ") == ""  # says nothing: the caller names the type
+    assert first_line("\n  yaml: mapping values\nmore") == "yaml: mapping values"
+
+
+def test_no_other_first_line_is_written_out():
+    found = [
+        str(p.relative_to(REPO))
+        for p in LIBRARY.rglob("*.py")
+        if "splitlines()[0]" in p.read_text() and p.name != "errors.py"
+    ]
+    assert not found
+
+
 # Environment variables the library may read: user settings, each documented. Test-only behaviour
 # (faults, kills, a full disk) is injected from outside by tests/faults.py, never through a variable
 # that, left in a user's shell, would change a real run.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config.options import build_parser, parse_config
 from ..hub.upload import default_repo_id, push_output, write_model_card
-from ..util.errors import run_cli
+from ..util.errors import first_line, run_cli
 from .program import program_name
 
 
@@ -32,7 +32,7 @@ def _extra(parser):
 @run_cli
 def main(argv, prog=None):
     prog = program_name("push", prog)
-    parser = build_parser(prog, __doc__.strip().splitlines()[0], ("hub",), _extra, usage=f"{prog} OUTPUT_DIR [options]")
+    parser = build_parser(prog, first_line(__doc__), ("hub",), _extra, usage=f"{prog} OUTPUT_DIR [options]")
     cfg, extra = parse_config(parser, argv)
     out = Path(cfg.output_dir)
     if getattr(extra, "card_only", False):

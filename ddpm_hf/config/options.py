@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import yaml
 
-from ..util.errors import UsageError, short
+from ..util.errors import UsageError, first_line, short
 from .aliases import add_aliases, resolve_flags, resolve_yaml
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "unipc")
@@ -512,7 +512,7 @@ def _read_yaml(path: Path):
     except _YAMLContentError as err:
         raise UsageError(f"config file {path}: {err}") from None
     except yaml.YAMLError as err:
-        raise UsageError(f"config file {path} is not valid YAML ({short(str(err).splitlines()[0], 120)})") from None
+        raise UsageError(f"config file {path} is not valid YAML ({short(first_line(err), 120)})") from None
 
 
 def load_yaml(path) -> dict:

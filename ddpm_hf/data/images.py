@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from ..util.errors import DDPMError, UsageError, short
+from ..util.errors import DDPMError, UsageError, first_line, short
 from ..util.extras import require_extra
 from ..util.files import is_inside
 from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
@@ -219,11 +219,10 @@ def _hub_dataset(hub_id, config, split, streaming=False):
     except ValueError as err:
         if "split" in str(err).lower():
             raise DDPMError(f"dataset '{hub_id}' has no split '{split}'") from None
-        raise DDPMError(f"cannot load dataset '{hub_id}' ({str(err).splitlines()[0][:200]}); {OFFLINE_HINT}") from None
+        raise DDPMError(f"cannot load dataset '{hub_id}' ({first_line(err)}); {OFFLINE_HINT}") from None
     except Exception as err:
         raise DDPMError(
-            f"cannot load dataset '{hub_id}' ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200] if str(err) else ''}); {OFFLINE_HINT}"
+            f"cannot load dataset '{hub_id}' ({type(err).__name__}: {first_line(err)}); {OFFLINE_HINT}"
         ) from None
 
 
@@ -237,9 +236,7 @@ def _check_metadata(folder) -> None:
         try:
             table = pd.read_csv(meta) if meta.suffix == ".csv" else pd.read_json(meta, lines=True)
         except Exception as err:
-            raise UsageError(
-                f"{meta} is malformed ({type(err).__name__}: {str(err).strip().splitlines()[0][:120]}); {fix}"
-            ) from None
+            raise UsageError(f"{meta} is malformed ({type(err).__name__}: {first_line(err, 120)}); {fix}") from None
         if "file_name" not in table.columns:
             raise UsageError(f"{meta} has no file_name column (columns: {', '.join(map(str, table.columns))}); {fix}")
         outside = [str(f) for f in table["file_name"] if not is_inside(folder, meta.parent / str(f))]
@@ -309,10 +306,7 @@ def _folder_dataset(folder, split, streaming=False, exclude=None):
     try:
         splits = datasets.load_dataset("imagefolder", data_files=files, streaming=streaming)
     except Exception as err:
-        raise DDPMError(
-            f"cannot read image folder {folder} ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200] if str(err) else ''})"
-        ) from None
+        raise DDPMError(f"cannot read image folder {folder} ({type(err).__name__}: {first_line(err)})") from None
     if split not in splits:
         split = "train"  # a folder without test/ has one split: use all of it
     return splits[split]

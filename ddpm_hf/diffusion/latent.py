@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.images import to_model_range
-from ..util.errors import DDPMError, UsageError
+from ..util.errors import DDPMError, UsageError, first_line
 from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
 
 VAE_SUBFOLDERS = ("", "vae", "vqvae")  # a VAE folder, a Stable Diffusion pipeline, a ddpm-hf latent pipeline
@@ -53,9 +53,7 @@ def _load_hub_vae(name: str):
     try:
         return _from_pretrained(name)
     except Exception as err:
-        raise DDPMError(
-            f"cannot load the VAE {name} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
-        ) from None
+        raise DDPMError(f"cannot load the VAE {name} ({type(err).__name__}: {first_line(err)})") from None
 
 
 def load_vae(name: str, device="cpu"):
@@ -72,10 +70,7 @@ def load_vae(name: str, device="cpu"):
         try:
             vae = _from_pretrained(str(path), subfolder=sub or None)
         except Exception as err:
-            raise DDPMError(
-                f"cannot load the VAE folder {name} ({type(err).__name__}: "
-                f"{str(err).splitlines()[0][:200] if str(err) else ''})"
-            ) from None
+            raise DDPMError(f"cannot load the VAE folder {name} ({type(err).__name__}: {first_line(err)})") from None
     elif not is_hub_id(name):
         raise UsageError(f"--vae {name} is neither an existing folder nor a Hub id (user/name)")
     else:

@@ -23,7 +23,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from ..util.errors import DDPMError, UsageError
+from ..util.errors import DDPMError, UsageError, first_line
 from ..util.files import write_text
 from ..util.hub_access import is_hub_id
 
@@ -575,7 +575,7 @@ def _token(token: Optional[str]) -> str:
 
 
 def _describe(err: Exception, token: Optional[str]) -> str:
-    text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+    text = first_line(err)
     if token:
         text = text.replace(token, "***")
     status = getattr(getattr(err, "response", None), "status_code", None)

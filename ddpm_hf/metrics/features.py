@@ -23,7 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..util.errors import DDPMError, UsageError
+from ..util.errors import DDPMError, UsageError, first_line
 from ..util.extras import require_extra
 from ..util.hub_access import hub_offline, is_hub_id
 
@@ -86,7 +86,7 @@ def load_dinov2(name: str, device="cpu") -> DinoV2Features:
         reason = (
             "offline and not in the Hugging Face cache"
             if offline and not local
-            else f"{type(err).__name__}: {str(err).strip().splitlines()[0][:150] if str(err).strip() else ''}"
+            else f"{type(err).__name__}: {first_line(err, 150)}"
         )
         raise _missing_dinov2(name, reason) from None
     info = dict(

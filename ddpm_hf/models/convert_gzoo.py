@@ -21,7 +21,7 @@ import torch
 from ..config.options import build_parser, parse_config
 from ..diffusion.latent import latent_format, load_vae
 from ..diffusion.sampling import make_noise_scheduler, make_sampler
-from ..util.errors import DDPMError, UsageError, run_cli
+from ..util.errors import DDPMError, UsageError, first_line, run_cli
 from ..util.files import make_output_dir
 from .pipeline import LoadedModel, public_config, save_pipeline
 from .unet import build_unet
@@ -217,7 +217,7 @@ def read_state_dict(path) -> dict:
             f"torch.save file, or it holds objects other than tensors)"
         ) from None
     except Exception as err:
-        message = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        message = first_line(err)
         raise DDPMError(f"cannot read {path} as a PyTorch state dict ({type(err).__name__}: {message})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ..util.errors import DDPMError, UsageError, short
+from ..util.errors import DDPMError, UsageError, first_line, short
 from ..util.files import read_json, safetensors_problem
 
 CONFIG_NAME = "ddpm_hf_config.json"
@@ -220,7 +220,7 @@ def load_pipeline(source: str, revision: Optional[str] = None, device="cpu") -> 
 
 
 def _load_error(source: str, err: Exception) -> DDPMError:
-    message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    message = first_line(err) or type(err).__name__
     where = "folder" if os.path.isdir(source) else "Hub model"
     shape = re.search(
         r"(\S+) expected shape (torch\.Size\(\[[\d, ]*\]\)), but got (torch\.Size\(\[[\d, ]*\]\))", message

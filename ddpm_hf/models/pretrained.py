@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..util.errors import DDPMError, UsageError
+from ..util.errors import DDPMError, UsageError, first_line
 from ..util.hub_access import is_hub_id
 from .loader import load_model, require_hub_model
 
@@ -74,9 +74,7 @@ def _read_unet_config(source: str, revision: Optional[str]) -> dict:
         except OSError:
             return dict(UNet2DModel.load_config(source, revision=revision))
     except (OSError, ValueError) as err:
-        raise DDPMError(
-            f"cannot read a UNet config from {CONFIG_FLAG} {source} ({str(err).splitlines()[0][:200]})"
-        ) from None
+        raise DDPMError(f"cannot read a UNet config from {CONFIG_FLAG} {source} ({first_line(err)})") from None
 
 
 def unet_from_config(

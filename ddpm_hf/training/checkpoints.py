@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..util.errors import DDPMError, UsageError
+from ..util.errors import DDPMError, UsageError, first_line
 from ..util.files import read_json, remove, safetensors_problem, writing
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -184,7 +184,7 @@ def _load(accelerator, path: Path, read_extra) -> Optional[str]:
     except UsageError:
         raise
     except Exception as err:
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'cannot be loaded'}"
+        return f"{type(err).__name__}: {first_line(err, 120) or 'cannot be loaded'}"
     return None
 
 

@@ -27,6 +27,13 @@ def short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def first_line(value, limit: int = 200) -> str:
+    """The first line of an exception's (or any value's) text, cut at `limit` characters; "" when it says
+    nothing. Library errors (datasets, diffusers, YAML) often run to pages, and an error line quotes one."""
+    text = str(value).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 class DDPMError(Exception):
     """A failure the user can fix; its message says what is wrong and how to fix it."""
 

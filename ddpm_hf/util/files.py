@@ -23,7 +23,7 @@ import stat
 from pathlib import Path
 from typing import Optional
 
-from .errors import DDPMError, UsageError, short
+from .errors import DDPMError, UsageError, first_line, short
 
 NEARLY_FULL = 64 << 20  # a write that fails with less free space than this failed for want of space
 _DISK_FULL_TEXT = ("No space left", "os error 28", "code: 28", "StorageFull", "Disk quota exceeded")
@@ -185,7 +185,7 @@ def _reason(err: BaseException, folder) -> str:
         return "no space left on device"
     if isinstance(err, OSError):
         return err.strerror or type(err).__name__
-    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    first = first_line(err, 160)
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
@@ -265,7 +265,7 @@ def read_json(path, advice: str = ""):
         raise
     except (ValueError, UnicodeDecodeError) as err:
         raise DDPMError(
-            f"{path} is damaged (not valid JSON: {str(err).splitlines()[0][:120]})" + (f"; {advice}" if advice else "")
+            f"{path} is damaged (not valid JSON: {first_line(err, 120)})" + (f"; {advice}" if advice else "")
         ) from None
     except OSError as err:
         raise DDPMError(f"cannot read {path} ({err.strerror})" + (f"; {advice}" if advice else "")) from None
@@ -280,7 +280,7 @@ def safetensors_problem(path) -> Optional[str]:
         with safe_open(str(path), "pt") as f:
             f.keys()
     except Exception as err:
-        text = str(err).strip().splitlines()[0][:120] if str(err).strip() else ""
+        text = first_line(err, 120)
         return f"{type(err).__name__}: {text}" if text else type(err).__name__
     return None
 
