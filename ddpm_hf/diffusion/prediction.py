@@ -7,7 +7,7 @@ x_t = sqrt(a) x0 + sqrt(1-a) eps, v = sqrt(a) eps - sqrt(1-a) x0.
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+from ..config.options import PREDICTION_TYPES
 
 
 def prediction_type(scheduler_config: dict) -> str:
