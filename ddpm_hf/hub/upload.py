@@ -24,7 +24,7 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 from ..util.errors import DDPMError, UsageError, first_line
-from ..util.files import write_text
+from ..util.files import read_json, write_text
 from ..util.hub_access import is_hub_id
 
 CARD_MARKER = "<!-- ddpm-hf model card: regenerated at every push; delete this line to keep your edits -->"
@@ -169,9 +169,11 @@ The full configuration is in `ddpm_hf_config.json`{% if log %}, the training los
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object the card reads if it can: {} for a missing, damaged or non-object file (a card is
+    written from what a folder holds, and a run leaves some of these files out)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_json(path)
+    except (OSError, DDPMError):
         return {}
     return data if isinstance(data, dict) else {}
 
