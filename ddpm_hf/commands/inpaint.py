@@ -13,9 +13,8 @@ from ..diffusion.inpaint import hole_mse, make_masks, make_repaint_scheduler, mo
 from ..diffusion.likelihood import refuse_latent
 from ..diffusion.prediction import prediction_type
 from ..diffusion.sampling import _save_png, batch_generator
-from ..metrics.fid import write_json
 from ..models.loader import load_model, model_format
-from ..util.files import make_output_dir
+from ..util.files import make_output_dir, write_json
 from ..util.precision import inference_autocast
 from .common import default_sample_dir, ready_device
 

@@ -6,9 +6,8 @@ from ..data.images import DataOptions
 from ..data.sets import load_set
 from ..diffusion.likelihood import bits_per_dim, check_nll_timesteps, refuse_latent, summarise, unet_model_fn
 from ..diffusion.prediction import prediction_type
-from ..metrics.fid import write_json
 from ..models.loader import load_model, model_format
-from ..util.files import make_output_dir
+from ..util.files import make_output_dir, write_json
 from .common import default_sample_dir, ready_device
 
 

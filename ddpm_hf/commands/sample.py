@@ -4,7 +4,6 @@ this module holds the folder rules (what a rerun may add to, what it refuses), t
 check, the progress bar and the report."""
 
 import hashlib
-import json
 import math
 import re
 import time
@@ -29,7 +28,7 @@ from ..diffusion.sampling import (
 from ..metrics.sharded import SingleProcess, main_first, my_batches, process_state
 from ..models.loader import load_model
 from ..util.errors import UsageError
-from ..util.files import free_bytes, inside, make_output_dir, make_subdir, read_json, remove, safe_name, write_text
+from ..util.files import free_bytes, inside, make_output_dir, make_subdir, read_json, remove, safe_name, write_json
 from ..util.lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
 from ..util.memory import available_memory, refuse_if_too_big, unet_batch_bytes
 from ..util.precision import inference_autocast, resolve_mixed_precision
@@ -143,7 +142,7 @@ def check_fid_folder(folder: Path, origin: dict, overwrite: bool) -> None:
                 f"--overwrite_output_dir to replace them, or choose another --output_dir"
             )
         remove(*pngs, folder / "fid.json", record)
-    write_text(record, json.dumps(origin, indent=2) + "\n", "the FID folder's origin record")
+    write_json(record, origin, "the FID folder's origin record")
 
 
 def prepare_sample_dir(out: Path, overwrite: bool) -> None:

