@@ -392,20 +392,20 @@ def test_folder_of_no_images_says_so(tmp_path):
 def test_float_tiff_is_scaled_not_black(values, expected, tmp_path):
     from PIL import Image
 
-    from ddpm_hf.data.images import _pil_to_array
+    from ddpm_hf.data.images import pil_to_array
 
     arr = np.array([list(values) * 2] * 6, np.float32)
     img = Image.fromarray(arr, "F")
     img.save(tmp_path / "f.tif")
     with Image.open(tmp_path / "f.tif") as back:
-        out = _pil_to_array(back, 1, 6)
+        out = pil_to_array(back, 1, 6)
     assert tuple(out[0, 0, :3]) == expected
 
 
 def test_exif_orientation_is_applied(tmp_path):
     from PIL import Image
 
-    from ddpm_hf.data.images import _pil_to_array
+    from ddpm_hf.data.images import pil_to_array
 
     img = Image.new("L", (8, 4), 0)
     img.paste(255, (0, 0, 4, 4))  # left half white
@@ -413,7 +413,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90 clockwise to display"
     img.save(tmp_path / "r.jpg", exif=exif, quality=100)
     with Image.open(tmp_path / "r.jpg") as back:
-        out = _pil_to_array(back, 1, 4)
+        out = pil_to_array(back, 1, 4)
     assert out[0, 0, -1] > 200 and out[0, -1, 0] < 60  # upright: the white half on top (unrotated: on the left)
 
 

@@ -10,7 +10,7 @@ from conftest import run_script
 
 from ddpm_hf.config.options import DDPMConfig
 from ddpm_hf.data.images import load_images
-from ddpm_hf.diffusion.sampling import _save_png
+from ddpm_hf.diffusion.sampling import save_png
 from ddpm_hf.metrics import fid
 from ddpm_hf.metrics.features import DinoV2Features, prdc
 from ddpm_hf.metrics.fid import load_extractor
@@ -123,7 +123,7 @@ def test_fid_json_in_dinov2_space_with_prdc(tiny_dinov2, tmp_path):
     folder = tmp_path / "samples"
     folder.mkdir()
     for i, image in enumerate(_mnist(40)):  # the reference's own images: a perfect "model"
-        _save_png(image, folder / f"{i}.png")
+        save_png(image, folder / f"{i}.png")
     result = fid.evaluate_folder(evaluator, folder, 40, sampler={})
     saved = json.loads((folder / "fid.json").read_text())
     assert saved["fid"] == pytest.approx(0, abs=1e-3)

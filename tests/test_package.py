@@ -196,6 +196,19 @@ def test_library_never_imports_the_command_layer():
     assert not {m: t for m, t in offenders.items() if t}
 
 
+def test_no_private_name_is_imported_across_modules():
+    """A name another module needs is public where it is defined; `_name` stays inside its module."""
+    import ast
+
+    found = []
+    for path in (REPO / "ddpm_hf").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("ddpm_hf")):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                found += [f"{path.relative_to(REPO)}: {name}" for name in private]
+    assert found == []
+
+
 def test_functions_stay_short():
     """No function of ddpm_hf/ over 60 lines (the Trainer's longest method is ~30)."""
     import ast

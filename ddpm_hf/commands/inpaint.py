@@ -12,7 +12,7 @@ from ..data.sets import load_set
 from ..diffusion.inpaint import hole_mse, make_masks, make_repaint_scheduler, model_calls, repaint, save_grid
 from ..diffusion.likelihood import refuse_latent
 from ..diffusion.prediction import prediction_type
-from ..diffusion.sampling import _save_png, batch_generator
+from ..diffusion.sampling import batch_generator, save_png
 from ..models.loader import load_model, model_format
 from ..util.files import make_output_dir, write_json
 from ..util.precision import inference_autocast
@@ -49,8 +49,8 @@ def run_inpaint(cfg, device="cpu") -> Path:
             )
     inpainted, masked = torch.cat(results), images * masks  # masked: the hole shown mid-grey (0)
     for i in range(len(images)):
-        _save_png(to_uint8(inpainted[i]), out / f"inpainted_{i}.png")
-        _save_png(to_uint8(masks[i] * 2 - 1), out / f"mask_{i}.png")
+        save_png(to_uint8(inpainted[i]), out / f"inpainted_{i}.png")
+        save_png(to_uint8(masks[i] * 2 - 1), out / f"mask_{i}.png")
     save_grid([images, masked, inpainted], out / "inpaint_grid.png")
     mse = hole_mse(inpainted, images, masks)
     write_json(

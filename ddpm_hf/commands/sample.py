@@ -18,12 +18,12 @@ from ..data.images import to_uint8
 from ..diffusion.latent import downsample_factor
 from ..diffusion.sampling import (
     GRID_MAX,
-    _save_png,
-    _step_kwargs,
     batch_generator,
     make_sampler,
     num_inference_steps,
     sample_batch,
+    save_png,
+    step_kwargs,
 )
 from ..metrics.sharded import SingleProcess, main_first, my_batches, process_state
 from ..models.loader import load_model
@@ -214,7 +214,7 @@ def _sampling_setup(cfg, loaded, device, num_images: int, state=None):
     Under several processes (--fid) the main one checks and prepares the folder while the others wait."""
     scheduler = make_sampler(cfg.scheduler, loaded.scheduler_config)
     steps = sampling_steps(cfg, loaded)
-    eta = cfg.ddpm if "eta" in _step_kwargs(scheduler, cfg.ddpm, None) else None
+    eta = cfg.ddpm if "eta" in step_kwargs(scheduler, cfg.ddpm, None) else None
     out = fid_folder(cfg, loaded) if cfg.fid else Path(cfg.output_dir or default_sample_dir(cfg.checkpoint))
     main_first(state or SingleProcess(), lambda: _prepare_folder(cfg, loaded, device, num_images, out, steps, eta))
     return out, scheduler, steps, eta
@@ -292,7 +292,7 @@ def _sample_pngs(cfg, loaded, device, scheduler, steps, todo, advice, main=True)
                     )
                 )
             for image, path in zip(images, paths):
-                _save_png(image, path, advice)
+                save_png(image, path, advice)
             first = b * cfg.batch_size
             if not cfg.fid and first < GRID_MAX:  # the grid shows the first GRID_MAX images; the rest are not kept
                 grid_images.append(images[: GRID_MAX - first])
@@ -331,7 +331,7 @@ def run_sampling(cfg, device=None) -> Path:
     done = sum(len(paths) for _, paths in todo)
     if not cfg.fid:
         grid = make_grid(torch.cat(grid_images), nrow=int(math.ceil(math.sqrt(min(num_images, GRID_MAX)))), padding=2)
-        _save_png(grid, out / "grid.png", advice)
+        save_png(grid, out / "grid.png", advice)
     elapsed = time.time() - start
     print_main = print if state.is_main_process else lambda *a, **k: None
     print_main(

@@ -388,7 +388,7 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
 
 
-def _pil_to_array(img: Image.Image, channels: int, size: int, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+def pil_to_array(img: Image.Image, channels: int, size: int, rng: Optional[np.random.Generator] = None) -> np.ndarray:
     """Shorter side resized to `size`, then a size x size window: the centre, or one drawn by `rng` (--crop random)."""
     # EXIF orientation applied, as datasets' own decoder does: a phone photo is upright, not on its side
     img = to_8bit(ImageOps.exif_transpose(img)).convert("L" if channels == 1 else "RGB")
@@ -502,7 +502,7 @@ def load_images(
         rng = None if crop_seed is None else np.random.default_rng([crop_seed, index])
         try:
             with _open(ref) as img:
-                out.append(_pil_to_array(img, channels, size, rng))
+                out.append(pil_to_array(img, channels, size, rng))
         except Exception as err:  # unreadable or truncated file: skip it and count it
             skipped += 1
             if skipped <= 3:
@@ -577,7 +577,7 @@ def _stream_pixels(value, channels: int, size: int, rng=None) -> Optional[np.nda
     if isinstance(value, (dict, Image.Image)):  # datasets.Image(decode=False) gives {"bytes", "path"}
         try:
             with _open(value) if isinstance(value, dict) else value as img:
-                return _pil_to_array(img, channels, size, rng)
+                return pil_to_array(img, channels, size, rng)
         except Exception as err:
             where = value.get("path") if isinstance(value, dict) else None
             print(f"warning: skipping unreadable image {where or ''} ({type(err).__name__})", file=sys.stderr)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..util.errors import DDPMError, UsageError
 from ..util.hub_access import is_hub_id
-from .images import DataOptions, _pil_to_array, is_gray, load_images, resolve_spec
+from .images import DataOptions, is_gray, load_images, pil_to_array, resolve_spec
 
 
 def native_format(name: str, split: str, data: DataOptions):
@@ -96,7 +96,7 @@ def load_query_images(spec: str, channels: int, size: int, data: DataOptions = D
         try:
             with Image.open(f) as img:
                 formats.add((1 if is_gray(img.mode) else 3, min(img.size)))
-                arrays.append(_pil_to_array(img, channels, size))
+                arrays.append(pil_to_array(img, channels, size))
         except Exception as err:
             raise DDPMError(f"cannot read image {f} ({type(err).__name__}); remove it or replace it") from None
     for native in sorted(formats):

@@ -104,13 +104,13 @@ def model_calls(scheduler) -> int:
 
 def save_grid(rows: list, path: Path) -> None:
     """Rows of GRID_COLUMNS images: original | masked | inpainted, repeated for every 16 images."""
-    from .sampling import _save_png
+    from .sampling import save_png
 
     n = len(rows[0])
     columns = min(n, GRID_COLUMNS)
     padded = [torch.cat([r, r.new_zeros(-n % columns, *r.shape[1:])]) for r in rows]  # grey filler tiles
     tiles = [p[i : i + columns] for i in range(0, len(padded[0]), columns) for p in padded]
-    _save_png(to_uint8(make_grid(torch.cat(tiles), nrow=columns, padding=2, pad_value=1.0)), path)
+    save_png(to_uint8(make_grid(torch.cat(tiles), nrow=columns, padding=2, pad_value=1.0)), path)
 
 
 def hole_mse(inpainted: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

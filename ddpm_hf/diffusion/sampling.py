@@ -122,7 +122,7 @@ def num_inference_steps(timesteps: int, sample_timesteps: int) -> int:
     return timesteps // (timesteps // sample_timesteps)
 
 
-def _step_kwargs(scheduler, eta, generator) -> dict:
+def step_kwargs(scheduler, eta, generator) -> dict:
     accepted = inspect.signature(scheduler.step).parameters
     kwargs = {}
     if "eta" in accepted:
@@ -138,7 +138,7 @@ def denoise(
 ) -> torch.Tensor:
     """Run `scheduler.step` over `timesteps` (descending) from `x`: one model call per step.
     `on_step()`, if given, is called after every step (a caller's progress bar)."""
-    kwargs = _step_kwargs(scheduler, eta, generator)
+    kwargs = step_kwargs(scheduler, eta, generator)
     dtype = next(unet.parameters()).dtype
     for t in tqdm(timesteps, desc="sampling", leave=False, disable=not progress):
         model_input = scheduler.scale_model_input(x, t).to(dtype)
@@ -204,7 +204,7 @@ def generate(
     )
 
 
-def _save_png(image_uint8: torch.Tensor, path: Path, advice: str = RETRY) -> None:
+def save_png(image_uint8: torch.Tensor, path: Path, advice: str = RETRY) -> None:
     """Write to a temporary name, then rename: an interrupted run or a full disk never leaves a
     truncated PNG under a final name that a rerun would count as done."""
     array = image_uint8.permute(1, 2, 0).squeeze(-1).numpy()

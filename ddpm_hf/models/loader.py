@@ -11,7 +11,7 @@ import torch
 from ..util.errors import DDPMError, UsageError
 from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
 from .convert_gzoo import load_original_checkpoint
-from .pipeline import LoadedModel, _refuse_weight_file, check_pipeline_folder, load_pipeline
+from .pipeline import LoadedModel, check_pipeline_folder, load_pipeline, refuse_weight_file
 
 
 def require_hub_model(repo_id: str, revision: Optional[str], flag: str = "--checkpoint") -> None:
@@ -49,7 +49,7 @@ def load_model(
         if not os.path.isfile(checkpoint):
             raise UsageError(f"checkpoint file {checkpoint} does not exist")
         return load_original_checkpoint(checkpoint, cfg, device=device)
-    _refuse_weight_file(checkpoint)
+    refuse_weight_file(checkpoint)
     if os.path.isdir(checkpoint):
         if not Path(checkpoint, "model_index.json").exists():
             hint = (

@@ -83,7 +83,7 @@ def _read_train_config(source, revision) -> dict:
     return config
 
 
-def _refuse_weight_file(checkpoint: str) -> None:
+def refuse_weight_file(checkpoint: str) -> None:
     """A weights file other than an original .pt: say what --checkpoint takes (and which folder to pass)."""
     path = Path(checkpoint)
     if not (path.suffix in WEIGHT_SUFFIXES or path.is_file()):
