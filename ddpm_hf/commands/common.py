@@ -8,9 +8,14 @@ from ..util import host_memory
 from ..util.precision import warn_if_bf16_emulated
 
 
+def default_output_dir(root: str, checkpoint) -> Path:
+    """ROOT/<checkpoint name>: where a command writes without --output_dir."""
+    return Path(root) / Path(str(checkpoint).rstrip("/")).stem
+
+
 def default_sample_dir(checkpoint) -> Path:
     """samples/<checkpoint name>: where sample_ddpm.py (and --nll, --inpaint) write without --output_dir."""
-    return Path(f"samples/{Path(str(checkpoint).rstrip('/')).stem}")
+    return default_output_dir("samples", checkpoint)
 
 
 def command_device() -> str:
@@ -19,6 +24,14 @@ def command_device() -> str:
 
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
+
+
+def compute_device(device=None) -> str:
+    """`device` when the caller gives one, else a GPU if there is one: where sample_ddpm.py and ood_ddpm.py
+    run (unlike command_device, ACCELERATE_USE_CPU is not read here)."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def start_command() -> None:

@@ -18,6 +18,7 @@ from ..ood.scoring import Scorer, plan_levels, require_lpips_weights
 from ..util.errors import UsageError
 from ..util.files import make_output_dir, remove, writing
 from ..util.lock import ensure_not_in_use, lock_output_dir
+from .common import compute_device
 from .ood import settings_from_config
 
 HELD_OUT_DEFAULT = 500  # held-out in-distribution test images of --fit without --max_samples
@@ -25,7 +26,7 @@ ANOMALIES_SHOWN = 8
 
 
 def run_detector_command(cfg, device=None):
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device(device)
     return fit_command(cfg, device) if cfg.fit else score_command(cfg, device)
 
 

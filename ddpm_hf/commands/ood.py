@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..data.images import DataOptions, same_dataset
 from ..data.sets import load_set, load_stats_images
@@ -25,17 +24,13 @@ from ..util.errors import UsageError
 from ..util.files import make_output_dir, remove, writing
 from ..util.lock import ensure_not_in_use, lock_output_dir
 from ..util.precision import resolve_mixed_precision
-from .common import ready_device
+from .common import compute_device, default_output_dir, ready_device
 
 RESULT_FILES = ("ood_results.json", "scores.csv", "histogram.png", "roc.png")
 
 
-def default_output_dir(checkpoint: str) -> Path:
-    return Path("ood_results") / Path(checkpoint.rstrip("/")).stem
-
-
 def prepare_output_dir(cfg) -> Path:
-    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg.checkpoint)
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir("ood_results", cfg.checkpoint)
     ensure_not_in_use(out)
     existing = [f for f in RESULT_FILES if (out / f).exists()]
     if existing and not cfg.overwrite_output_dir:
@@ -309,7 +304,7 @@ def run_ood(cfg, device=None) -> dict:
     """ood_ddpm.py: score both test sets, print the report, write the four result files
     (--fit and --detector: ddpm_hf/commands/detect.py)."""
     start = time.perf_counter()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device(device)
     settings, loaded, score = _prepare(cfg, device)
     out_dir = prepare_output_dir(cfg)
     channels, size = model_format(loaded)

@@ -32,7 +32,7 @@ from ..util.files import free_bytes, inside, make_output_dir, make_subdir, read_
 from ..util.lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
 from ..util.memory import available_memory, refuse_if_too_big, unet_batch_bytes
 from ..util.precision import inference_autocast, resolve_mixed_precision
-from .common import default_sample_dir, ready_device
+from .common import compute_device, default_sample_dir, ready_device
 
 FID_ORIGIN = "fid_origin.json"  # what made the images of a --fid folder
 ORIGIN_INFO = ("checkpoint", "revision")  # recorded, not compared: the weights' hash says whether it is the same model
@@ -301,7 +301,7 @@ def _sample_pngs(cfg, loaded, device, scheduler, steps, todo, advice, main=True)
 
 def run_sampling(cfg, device=None) -> Path:
     """sample_ddpm.py: a grid plus one PNG per image, or (--fid) a resumable folder of PNGs."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device(device)
     if cfg.nll or cfg.inpaint:  # the other two runs of sample_ddpm.py
         from .inpaint import run_inpaint
         from .nll import run_nll
