@@ -184,6 +184,16 @@ def test_no_other_first_line_is_written_out():
     assert not found
 
 
+def test_one_rule_for_checkpoint_and_epoch_names():
+    from ddpm_hf.models.convert_gzoo import epoch_in_name
+    from ddpm_hf.training.checkpoints import is_checkpoint_name
+
+    assert epoch_in_name("cifar10_epoch50") == 50 and epoch_in_name("ddpm_epoch_7.pt") == 7
+    assert epoch_in_name("model.pt") is None
+    assert is_checkpoint_name("checkpoint-12") and not is_checkpoint_name("checkpoint-12.partial")
+    assert not is_checkpoint_name("checkpoint-") and not is_checkpoint_name("step-12")
+
+
 # Environment variables the library may read: user settings, each documented. Test-only behaviour
 # (faults, kills, a full disk) is injected from outside by tests/faults.py, never through a variable
 # that, left in a user's shell, would change a real run.

@@ -5,7 +5,6 @@ check, the progress bar and the report."""
 
 import hashlib
 import math
-import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,6 +25,7 @@ from ..diffusion.sampling import (
     step_kwargs,
 )
 from ..metrics.sharded import SingleProcess, main_first, my_batches, process_state
+from ..models.convert_gzoo import epoch_in_name
 from ..models.loader import load_model
 from ..util.errors import UsageError
 from ..util.files import free_bytes, inside, make_output_dir, make_subdir, read_json, remove, safe_name, write_json
@@ -58,9 +58,9 @@ def _epochs_name(train: dict, source: str) -> str:
     """N of the folder name: the model's trained_epochs (or n_epochs), an int; any other value (the
     config comes with the model, which may be untrusted) is reduced to a plain file-name part."""
     epochs = train.get("trained_epochs", train.get("n_epochs", "unknown"))
-    match = re.search(r"epoch_?(\d+)", Path(source).name)
-    if match:  # the original parsed N from "...epochN.pt"
-        epochs = int(match.group(1))
+    named = epoch_in_name(Path(source).name)
+    if named is not None:  # the original parsed N from "...epochN.pt"
+        epochs = named
     return str(epochs) if isinstance(epochs, int) and not isinstance(epochs, bool) else safe_name(epochs)
 
 

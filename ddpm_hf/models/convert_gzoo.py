@@ -15,6 +15,7 @@ import pickle
 import re
 import shlex
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -229,6 +230,12 @@ def read_state_dict(path) -> dict:
     return {k: v.float() for k, v in state.items()}
 
 
+def epoch_in_name(name: str) -> Optional[int]:
+    """N of the original's checkpoint names (..._epoch{N}.pt, ..._epoch_N), or None."""
+    match = re.search(r"epoch_?(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
 def load_original_checkpoint(path, cfg=None, device="cpu") -> LoadedModel:
     """An original `.pt` file -> LoadedModel (UNet2DModel, noise schedule, training flags)."""
     from ..config.options import DDPMConfig
@@ -252,9 +259,9 @@ def load_original_checkpoint(path, cfg=None, device="cpu") -> LoadedModel:
         "size": size,
         "converted_from": Path(path).name,
     }
-    match = re.search(r"epoch_?(\d+)", Path(path).stem)
-    if match:  # the original named checkpoints ..._epoch{N}.pt
-        train_config["trained_epochs"] = int(match.group(1))
+    epochs = epoch_in_name(Path(path).stem)
+    if epochs is not None:
+        train_config["trained_epochs"] = epochs
     return LoadedModel(unet.to(device).eval(), dict(scheduler.config), vae, train_config, str(path))
 
 

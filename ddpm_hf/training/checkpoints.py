@@ -25,6 +25,11 @@ DISCARD_SUFFIX = ".discard"
 MANIFEST = "ddpm_hf_checkpoint.json"  # written last; lists every file with its size
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """checkpoint-N, N the step (Accelerate's and diffusers' names; an interrupted save carries a suffix)."""
+    return name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit()
+
+
 def checkpoint_step(path: Path) -> int:
     return int(path.name[len(CHECKPOINT_PREFIX) :])
 
@@ -35,7 +40,7 @@ def resolve_checkpoint(resume: Optional[str], checkpoint_root: Path) -> Optional
     if not resume or resume == "latest" or Path(resume).is_dir():
         return resume
     path = Path(resume)
-    numbered = path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    numbered = is_checkpoint_name(path.name)
     if numbered and (path.name == resume or path.parent.resolve() == checkpoint_root.parent.resolve()):
         return str(checkpoint_root / path.name)
     return resume
@@ -45,11 +50,7 @@ def list_checkpoints(checkpoint_root: Path) -> list:
     """Checkpoints under their final name, oldest first (interrupted saves carry a suffix)."""
     if not checkpoint_root.is_dir():
         return []
-    found = [
-        p
-        for p in checkpoint_root.iterdir()
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
+    found = [p for p in checkpoint_root.iterdir() if p.is_dir() and is_checkpoint_name(p.name)]
     return sorted(found, key=checkpoint_step)
 
 

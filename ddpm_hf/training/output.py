@@ -25,7 +25,7 @@ from ..util.files import (
     writing,
 )
 from ..util.lock import ensure_not_in_use, lock_output_dir
-from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints, resolve_checkpoint
+from .checkpoints import CHECKPOINT_PREFIX, is_checkpoint_name, list_checkpoints, resolve_checkpoint
 
 # Flags a resumed run must keep (the data, its order, the noise process, the batches): the checkpoint's
 # optimiser, data position and schedule mean nothing under others. --n_epochs / --max_train_steps may change.
@@ -103,7 +103,7 @@ def check_output_dir(cfg: DDPMConfig) -> Path:
             f"--resume_from_checkpoint {resume} is not a checkpoint folder "
             "(OUTPUT_DIR/checkpoints/checkpoint-N) or 'latest'"
         )
-    if resume and resume != "latest" and not Path(resume).name[len(CHECKPOINT_PREFIX) :].isdigit():
+    if resume and resume != "latest" and not is_checkpoint_name(Path(resume).name):
         # the step a run resumes at is read from the folder's name, as Accelerate and diffusers name them
         raise UsageError(
             f"--resume_from_checkpoint {resume}: a checkpoint folder is named {CHECKPOINT_PREFIX}N after its step N; "
