@@ -194,6 +194,30 @@ def test_one_rule_for_checkpoint_and_epoch_names():
     assert not is_checkpoint_name("checkpoint-") and not is_checkpoint_name("step-12")
 
 
+def test_the_format_follows_the_first_readable_image():
+    """A folder's (decoded whole) and a stream's format: damaged files before the first image are passed over."""
+    import io
+
+    from ddpm_hf.data import images
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(png, format="PNG")
+    damaged, good = {"bytes": b"not an image", "path": None}, {"bytes": png.getvalue(), "path": None}
+    raw = [{"image": damaged}, {"image": good}]
+    assert images._first_image(raw, "image", "d").size == (8, 6)
+    with pytest.raises(DDPMError, match="none of the first 1 images of d can be read"):
+        images._first_image(raw[:1], "image", "d")
+
+    class Stream(list):
+        def take(self, n):
+            return self[:n]
+
+    assert images._stream_format(Stream(raw), "image", "s") == (3, 6)
+    assert images._stream_format(Stream([{"image": np.zeros((5, 7), np.uint8)}]), "image", "s") == (1, 5)
+    with pytest.raises(DDPMError, match="none of the first 50 images of s can be read"):
+        images._stream_format(Stream(raw[:1] * 60), "image", "s")
+
+
 # Environment variables the library may read: user settings, each documented. Test-only behaviour
 # (faults, kills, a full disk) is injected from outside by tests/faults.py, never through a variable
 # that, left in a user's shell, would change a real run.

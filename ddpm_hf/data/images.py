@@ -413,16 +413,28 @@ def _open(ref) -> Image.Image:
     return img
 
 
-def _first_readable(raw, column, name) -> Image.Image:
-    for i in range(min(len(raw), 50)):
+FORMAT_PROBE = 50  # images tried for a dataset's format before it counts as unreadable
+
+
+def _first_readable(values, read):
+    """`read(value)` of the first of `values` it does not fail on (a damaged file or not an image is passed
+    over), else None."""
+    for value in values:
         try:
-            return _open(raw[i][column])
+            return read(value)
         except Exception:
             continue
-    raise DDPMError(
-        f"none of the first {min(len(raw), 50)} images of {name} can be read (damaged or not images); "
-        f"check the files, or remove the unreadable ones"
-    )
+    return None
+
+
+def _first_image(raw, column, name) -> Image.Image:
+    first = _first_readable((raw[i][column] for i in range(min(len(raw), FORMAT_PROBE))), _open)
+    if first is None:
+        raise DDPMError(
+            f"none of the first {min(len(raw), FORMAT_PROBE)} images of {name} can be read (damaged or not images); "
+            f"check the files, or remove the unreadable ones"
+        )
+    return first
 
 
 def size_decided_by(first: Optional[Image.Image]) -> str:
@@ -487,7 +499,7 @@ def load_images(
     raw = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped, not fatal
     decided_by = ""
     if not channels or not size:  # a folder or an unregistered Hub dataset: follow its first image
-        first = _first_readable(raw, column, name)
+        first = _first_image(raw, column, name)
         channels = channels or (1 if is_gray(first.mode) else 3)
         decided_by = "" if size else size_decided_by(first)
         size = size or min(first.size)
@@ -586,19 +598,21 @@ def _stream_pixels(value, channels: int, size: int, rng=None) -> Optional[np.nda
     return _resize_batch(torch.from_numpy(arr), size)[0].numpy()
 
 
+def _value_format(value) -> tuple:
+    """(channels, size) of one streamed value: an array, a PIL image or a non-decoded image."""
+    if not isinstance(value, (dict, Image.Image)):
+        arr = np.asarray(value)
+        return (1 if arr.ndim == 2 else arr.shape[-1]), min(arr.shape[:2])
+    img = _open(value) if isinstance(value, dict) else value
+    return (1 if is_gray(img.mode) else 3), min(img.size)
+
+
 def _stream_format(ds, column: str, name: str):
     """(channels, size) of the first readable image of a stream (a folder or an unregistered Hub dataset)."""
-    for example in ds.take(50):
-        value = example[column]
-        if not isinstance(value, (dict, Image.Image)):
-            arr = np.asarray(value)
-            return (1 if arr.ndim == 2 else arr.shape[-1]), min(arr.shape[:2])
-        try:
-            img = _open(value) if isinstance(value, dict) else value
-        except Exception:
-            continue
-        return (1 if is_gray(img.mode) else 3), min(img.size)
-    raise DDPMError(f"none of the first 50 images of {name} can be read (damaged or not images)")
+    found = _first_readable((example[column] for example in ds.take(FORMAT_PROBE)), _value_format)
+    if found is None:
+        raise DDPMError(f"none of the first {FORMAT_PROBE} images of {name} can be read (damaged or not images)")
+    return found
 
 
 def stream_images(
