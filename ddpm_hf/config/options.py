@@ -421,6 +421,7 @@ class DDPMConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(DDPMConfig)}
+LOG_LEVEL_HELP = f"{FIELDS['log_level'].metadata['help']} (default: {FIELDS['log_level'].default})"
 _HINTS = typing.get_type_hints(DDPMConfig)
 
 
@@ -653,8 +654,7 @@ def build_parser(
         help="YAML file of settings (flag names without '--'); flags given on the command line override it.",
     )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
-    log_help = FIELDS["log_level"].metadata["help"]
-    parser.add_argument("--log_level", choices=LOG_LEVELS, help=f"{log_help} (default: {FIELDS['log_level'].default})")
+    parser.add_argument("--log_level", choices=LOG_LEVELS, help=LOG_LEVEL_HELP)  # every command's (util/logs.py)
     for group in groups:
         arg_group = parser.add_argument_group(GROUP_TITLES.get(group, group), notes.get(group))
         for name, f in FIELDS.items():
