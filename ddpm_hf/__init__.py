@@ -37,6 +37,7 @@ _EXPORTS = {
     "validate": "config.options",
     "DDPMError": "util.errors",
     "UsageError": "util.errors",
+    "setup_logging": "util.logs",
     # training
     "train": "training.trainer",
     "Trainer": "training.trainer",

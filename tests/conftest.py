@@ -4,6 +4,7 @@ The environment is set before any library is imported: huggingface_hub reads
 HF_HUB_OFFLINE at import time.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -125,3 +126,31 @@ def trained_pipeline(tmp_path_factory):
         "train_ddpm.py", *TINY_TRAIN, "--max_train_steps", "8", "--checkpointing_steps", "4", "--output_dir", out
     )
     return out
+
+
+@pytest.fixture(autouse=True)
+def unconfigured_logging():
+    """Each test starts with logging as a program that never configured it has it: a command run in-process
+    (setup_logging) leaves neither its handler and level nor the Hugging Face libraries' verbosity behind."""
+    import logging
+
+    from ddpm_hf.util.logs import FOLLOWERS, LIBRARY_LOGGER
+
+    logger = logging.getLogger(LIBRARY_LOGGER)
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    variables = {variable: os.environ.get(variable) for variable in FOLLOWERS.values()}
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)  # setLevel, not .level =: it also clears the loggers' cached levels
+    logger.propagate = propagate
+    for package, variable in FOLLOWERS.items():
+        value = variables[variable]
+        if os.environ.get(variable) == value:
+            continue
+        if value is None:
+            del os.environ[variable]
+        else:
+            os.environ[variable] = value
+        if package in sys.modules:
+            library_logging = importlib.import_module(f"{package}.utils.logging")
+            library_logging.set_verbosity(getattr(logging, (value or "warning").upper()))

@@ -71,7 +71,7 @@ def test_final_drops_a_waiting_snapshot(monkeypatch, tmp_path):
     assert pushed == ["EMA pipeline at step 1", "Upload the trained DDPM pipeline (ddpm-hf)"]
 
 
-def test_a_failed_snapshot_is_one_warning_and_stops_later_snapshots(monkeypatch, tmp_path, capsys):
+def test_a_failed_snapshot_is_one_warning_and_stops_later_snapshots(monkeypatch, tmp_path, caplog):
     calls = []
 
     def failing_push(out, repo_id, token, license, commit_message, create, pipeline_dir=None):
@@ -87,7 +87,7 @@ def test_a_failed_snapshot_is_one_warning_and_stops_later_snapshots(monkeypatch,
     push.wait()
     push.snapshot(4, _export)
     push.final()
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    lines = [line for line in caplog.messages if line.startswith("warning:")]
     assert lines == [
         "warning: background push of step 2 failed: push failed (HfHubHTTPError: 500); no more pushes until the end "
         "of training"

@@ -277,9 +277,9 @@ def test_images_of_another_format_are_refused_by_the_api(fitted):
         det.score(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
 
 
-def test_precision_other_than_the_fit_gets_a_notice(pipe_detector, capsys):
+def test_precision_other_than_the_fit_gets_a_notice(pipe_detector, caplog):
     OODDetector.load(pipe_detector, mixed_precision="bf16")
-    assert "the detector was fitted in no" in capsys.readouterr().err
+    assert "notice: scoring in precision bf16, the detector was fitted in no" in caplog.text
 
 
 # ---- the command: --fit, --detector ------------------------------------------------------------

@@ -250,23 +250,24 @@ def test_mixed_precision_auto_follows_native_bf16(monkeypatch):
         assert torch.is_autocast_enabled("cpu") == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def test_explicit_bf16_on_a_device_without_it_prints_one_notice_with_the_measured_slowdown(monkeypatch, capsys):
+def test_explicit_bf16_on_a_device_without_it_gives_one_notice_with_the_measured_slowdown(monkeypatch, caplog):
     from ddpm_hf.util import precision
 
     monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     monkeypatch.setattr(precision, "bf16_slowdown", lambda device: 6.42)
     precision.warn_if_bf16_emulated("bf16", "cpu")
-    err = capsys.readouterr().err.strip().splitlines()
+    notices = caplog.messages
     assert (
-        len(err) == 1
-        and err[0].startswith("notice: --mixed_precision bf16 is emulated here")
-        and "6.4x slower than fp32" in err[0]
+        len(notices) == 1
+        and notices[0].startswith("notice: --mixed_precision bf16 is emulated here")
+        and "6.4x slower than fp32" in notices[0]
     )
+    caplog.clear()
     for quiet in ("auto", "no", None):
         precision.warn_if_bf16_emulated(quiet, "cpu")
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     precision.warn_if_bf16_emulated("bf16", "cpu")
-    assert capsys.readouterr().err == ""
+    assert caplog.messages == []
     monkeypatch.undo()
     assert precision.bf16_slowdown("cpu") > 0  # the real measurement: a positive ratio
 

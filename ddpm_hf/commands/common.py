@@ -5,7 +5,10 @@ import os
 from pathlib import Path
 
 from ..util import host_memory
+from ..util.logs import get_logger
 from ..util.precision import warn_if_bf16_emulated
+
+logger = get_logger(__name__)
 
 
 def default_output_dir(root: str, checkpoint) -> Path:
@@ -47,4 +50,4 @@ def ready_device(mixed_precision, device) -> None:
     warn_if_bf16_emulated(mixed_precision, device)
     chosen = host_memory.applied()
     if chosen:
-        print(chosen)
+        logger.info(chosen)

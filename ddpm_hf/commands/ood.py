@@ -6,7 +6,6 @@ are ddpm_hf/commands/detect.py."""
 import csv
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +22,11 @@ from ..ood.settings import OODSettings
 from ..util.errors import UsageError
 from ..util.files import make_output_dir, remove, writing
 from ..util.lock import ensure_not_in_use, lock_output_dir
+from ..util.logs import get_logger
 from ..util.precision import resolve_mixed_precision
 from .common import compute_device, default_output_dir, ready_device
+
+logger = get_logger(__name__)
 
 RESULT_FILES = ("ood_results.json", "scores.csv", "histogram.png", "roc.png")
 
@@ -182,24 +184,21 @@ def _notices(cfg, channels: int, size: int, recon) -> None:
     """Flags that the run does not follow, said once on stderr."""
     for flag, value, used in (("size", cfg.size, size), ("channels", cfg.channels, channels)):
         if value is not None and value != used:
-            print(
+            logger.warning(
                 f"notice: --{flag} {value} ignored: the model scores "
-                f"{used}-{'px' if flag == 'size' else 'channel'} images",
-                file=sys.stderr,
+                f"{used}-{'px' if flag == 'size' else 'channel'} images"
             )
     if cfg.scheduler != "ddim":
-        print(
-            f"notice: --scheduler {cfg.scheduler} ignored: reconstruction uses DDIM with eta = --ddpm, as the original",
-            file=sys.stderr,
+        logger.warning(
+            f"notice: --scheduler {cfg.scheduler} ignored: reconstruction uses DDIM with eta = --ddpm, as the original"
         )
     if same_dataset(cfg.dataset, cfg.out_dataset):
-        print(
+        logger.warning(
             f"notice: --out_dataset {cfg.out_dataset} is the in-distribution --dataset: both sets are its test split, "
-            f"so the scores cannot separate them (AUROC near 0.5); pass another --out_dataset",
-            file=sys.stderr,
+            f"so the scores cannot separate them (AUROC near 0.5); pass another --out_dataset"
         )
     for line in snap_notices(recon.levels) if recon is not None else ():
-        print(line, file=sys.stderr)
+        logger.warning(line)
 
 
 def _load_sets(cfg, channels: int, size: int, with_stats: bool) -> dict:

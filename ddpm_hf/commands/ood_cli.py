@@ -12,6 +12,7 @@ import argparse
 # torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
 from ..config.options import TRAINING_ONLY, build_parser, parse_config
 from ..util.errors import run_cli
+from ..util.logs import setup_logging
 from .program import command_help, program_name
 
 # model flags describe an original .pt checkpoint (converted on the fly); diffusion holds --loss_type.
@@ -72,6 +73,7 @@ def build(prog=None):
 @run_cli
 def main(argv, prog=None):
     cfg, _ = parse_config(build(prog), argv)
+    setup_logging(cfg.log_level)
     if cfg.fit or cfg.detector:
         from .detect import run_detector_command
 

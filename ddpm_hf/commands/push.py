@@ -14,6 +14,7 @@ from pathlib import Path
 from ..config.options import build_parser, parse_config
 from ..hub.upload import default_repo_id, push_output, write_model_card
 from ..util.errors import first_line, run_cli
+from ..util.logs import setup_logging
 from .program import program_name
 
 
@@ -34,6 +35,7 @@ def main(argv, prog=None):
     prog = program_name("push", prog)
     parser = build_parser(prog, first_line(__doc__), ("hub",), _extra, usage=f"{prog} OUTPUT_DIR [options]")
     cfg, extra = parse_config(parser, argv)
+    setup_logging(cfg.log_level)
     out = Path(cfg.output_dir)
     if getattr(extra, "card_only", False):
         write_model_card(out, cfg.hub_model_id or default_repo_id(out), cfg.hub_license)

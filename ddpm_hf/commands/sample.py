@@ -30,9 +30,12 @@ from ..models.loader import load_model
 from ..util.errors import UsageError
 from ..util.files import free_bytes, inside, make_output_dir, make_subdir, read_json, remove, safe_name, write_json
 from ..util.lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
+from ..util.logs import get_logger
 from ..util.memory import available_memory, refuse_if_too_big, unet_batch_bytes
 from ..util.precision import inference_autocast, resolve_mixed_precision
 from .common import compute_device, default_sample_dir, ready_device
+
+logger = get_logger(__name__)
 
 FID_ORIGIN = "fid_origin.json"  # what made the images of a --fid folder
 ORIGIN_INFO = ("checkpoint", "revision")  # recorded, not compared: the weights' hash says whether it is the same model
@@ -217,6 +220,7 @@ def _sampling_setup(cfg, loaded, device, num_images: int, state=None):
     eta = cfg.ddpm if "eta" in step_kwargs(scheduler, cfg.ddpm, None) else None
     out = fid_folder(cfg, loaded) if cfg.fid else Path(cfg.output_dir or default_sample_dir(cfg.checkpoint))
     main_first(state or SingleProcess(), lambda: _prepare_folder(cfg, loaded, device, num_images, out, steps, eta))
+    logger.debug(f"sampler: {type(scheduler).__name__}, {steps} steps, eta {eta}, batches of {cfg.batch_size}")
     return out, scheduler, steps, eta
 
 
@@ -333,8 +337,7 @@ def run_sampling(cfg, device=None) -> Path:
         grid = make_grid(torch.cat(grid_images), nrow=int(math.ceil(math.sqrt(min(num_images, GRID_MAX)))), padding=2)
         save_png(grid, out / "grid.png", advice)
     elapsed = time.time() - start
-    print_main = print if state.is_main_process else lambda *a, **k: None
-    print_main(
+    logger.info(
         f"wrote {done} new image(s) ({num_images - done} already there) to {out} in {elapsed:.1f} s"
         + ("" if cfg.fid else f"; grid: {out / 'grid.png'}")
     )

@@ -10,6 +10,7 @@ ddpm-hf sample --checkpoint DDPM_mnist_epoch100.pt --dataset mnist --timesteps 1
 # torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
 from ..config.options import TRAINING_ONLY, build_parser, overwrite_flag, parse_config
 from ..util.errors import run_cli
+from ..util.logs import setup_logging
 from .program import command_help, program_name
 
 # model/diffusion/data flags describe an original .pt checkpoint (converted on the fly).
@@ -137,6 +138,7 @@ def build(prog=None, mode=None):
 @run_cli
 def main(argv, prog=None, mode=None):
     cfg, _ = parse_config(build(prog, mode), argv)
+    setup_logging(cfg.log_level)
     from .common import start_command
     from .sample import run_sampling
 

@@ -11,6 +11,7 @@ ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m ddpm_hf 
 # answer at once.
 from ..config.options import build_parser, parse_config
 from ..util.errors import run_cli
+from ..util.logs import setup_logging
 from .program import command_help, program_name
 
 GROUPS = (
@@ -57,6 +58,7 @@ def build(prog=None):
 @run_cli
 def main(argv, prog=None):
     cfg, _ = parse_config(build(prog), argv)
+    setup_logging(cfg.log_level)
     from ..training.trainer import train
     from .common import start_command
 

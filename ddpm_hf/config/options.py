@@ -19,6 +19,7 @@ from typing import List, Optional
 import yaml
 
 from ..util.errors import UsageError, first_line, short
+from ..util.logs import LOG_LEVELS
 from .aliases import add_aliases, resolve_flags, resolve_yaml
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "unipc")
@@ -393,6 +394,14 @@ class DDPMConfig:
     )
     hub_private_repo: bool = _opt(False, "Create the Hub repository as private.", "hub")
     hub_license: str = _opt("mit", "License in the model card's metadata (a Hub license id).", "hub")
+    # ---- every command (build_parser adds the flag) ----------------------------------------------
+    log_level: str = _opt(
+        "info",
+        "Lines shown: debug (also the details), info (also the progress), warning (warnings and notices) or "
+        "error; diffusers, transformers, datasets and huggingface_hub follow it (at info: their own level).",
+        "logging",
+        choices=LOG_LEVELS,
+    )
 
     def resolved_output_dir(self) -> str:
         return self.output_dir or f"outputs/ddpm_{Path(self.dataset).name}"
@@ -412,6 +421,7 @@ class DDPMConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(DDPMConfig)}
+LOG_LEVEL_HELP = f"{FIELDS['log_level'].metadata['help']} (default: {FIELDS['log_level'].default})"
 _HINTS = typing.get_type_hints(DDPMConfig)
 
 
@@ -644,6 +654,7 @@ def build_parser(
         help="YAML file of settings (flag names without '--'); flags given on the command line override it.",
     )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
+    parser.add_argument("--log_level", choices=LOG_LEVELS, help=LOG_LEVEL_HELP)  # every command's (util/logs.py)
     for group in groups:
         arg_group = parser.add_argument_group(GROUP_TITLES.get(group, group), notes.get(group))
         for name, f in FIELDS.items():

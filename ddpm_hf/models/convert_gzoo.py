@@ -24,8 +24,11 @@ from ..diffusion.latent import latent_format, load_vae
 from ..diffusion.sampling import make_noise_scheduler, make_sampler
 from ..util.errors import DDPMError, UsageError, first_line, run_cli
 from ..util.files import make_output_dir
+from ..util.logs import get_logger, setup_logging
 from .pipeline import LoadedModel, public_config, save_pipeline
 from .unet import build_unet
+
+logger = get_logger(__name__)
 
 # ResBlock sub-modules: original name -> diffusers ResnetBlock2D name.
 RESBLOCK = {
@@ -277,7 +280,7 @@ def convert(cfg) -> Path:
     loaded = load_original_checkpoint(cfg.checkpoint, cfg)
     make_output_dir(out)
     save_pipeline(out, loaded.unet, make_sampler("ddim", loaded.scheduler_config), loaded.train_config, vae=loaded.vae)
-    print(
+    logger.info(
         f"converted {cfg.checkpoint} to the pipeline folder {out}; sample it with: python sample_ddpm.py "
         f"--checkpoint {shlex.quote(str(out))}"
     )
@@ -297,6 +300,7 @@ def main(argv, prog="python -m ddpm_hf.models.convert_gzoo"):
         GROUPS,
     )
     cfg, _ = parse_config(parser, argv)
+    setup_logging(cfg.log_level)
     convert(cfg)
 
 

@@ -6,7 +6,6 @@ held-out scores, the format version) and the fitted parameters as safetensors; `
 refuses a damaged folder, another version, or a model whose weights differ from the fitted one's."""
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -16,10 +15,13 @@ import torch
 from ..models.loader import load_model, model_format, weights_hash
 from ..models.pipeline import LoadedModel
 from ..util.errors import DDPMError, UsageError
+from ..util.logs import get_logger
 from ..util.precision import resolve_mixed_precision
 from .network import ScoreModel
 from .scores import build_score
 from .settings import OODSettings
+
+logger = get_logger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "detector.json"
@@ -157,10 +159,9 @@ class OODDetector:
         if mixed_precision is not None:
             used = resolve_mixed_precision(mixed_precision, device) or "no"
             if used != manifest["precision"]:
-                print(
+                logger.warning(
                     f"notice: scoring in precision {used}, the detector was fitted in {manifest['precision']}: "
-                    f"scores shift a little against its threshold",
-                    file=sys.stderr,
+                    f"scores shift a little against its threshold"
                 )
             settings.mixed_precision = mixed_precision
         model = ScoreModel(loaded, device, settings.mixed_precision, settings.seed, settings.batch_size)

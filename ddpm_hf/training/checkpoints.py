@@ -10,7 +10,6 @@ they are deleted, for the same reason.
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +17,9 @@ import torch
 
 from ..util.errors import DDPMError, UsageError, first_line
 from ..util.files import read_json, remove, safetensors_problem, writing
+from ..util.logs import get_logger
+
+logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"
@@ -129,7 +131,9 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, limit=None, w
         os.replace(partial, final)
         if limit:
             for old in list_checkpoints(checkpoint_root)[:-limit]:
+                logger.debug(f"removing {old}: --checkpoints_total_limit {limit}")
                 _discard(old)
+        logger.debug(f"saved the checkpoint {final}")
     accelerator.wait_for_everyone()
     return final
 
@@ -145,7 +149,7 @@ def load_checkpoint(accelerator, checkpoint_root: Path, resume: str, read_extra=
         accelerator.wait_for_everyone()
         candidates = list_checkpoints(checkpoint_root)[::-1]
         if not candidates:
-            accelerator.print(f"no checkpoint in {checkpoint_root}; starting a new run")
+            logger.info(f"no checkpoint in {checkpoint_root}; starting a new run")
             return 0
     else:
         candidates = [Path(resume)]
@@ -153,12 +157,12 @@ def load_checkpoint(accelerator, checkpoint_root: Path, resume: str, read_extra=
         problem = checkpoint_problem(path) or _load(accelerator, path, read_extra)
         if problem is None:
             _warn_rng_state(path, accelerator.process_index)
-            accelerator.print(f"resumed from {path}")
+            logger.info(f"resumed from {path}")
             return checkpoint_step(path)
         message = f"checkpoint {path} is damaged or incomplete ({problem})"
         if resume != "latest":
             raise DDPMError(f"{message}; resume from another checkpoint or 'latest'")
-        print(f"warning: {message}; falling back to an older one", file=sys.stderr)
+        logger.warning(f"warning: {message}; falling back to an older one")
     raise DDPMError(
         f"no loadable checkpoint in {checkpoint_root}; remove the damaged ones or start without "
         "--resume_from_checkpoint"
@@ -170,7 +174,7 @@ def _remove_interrupted(checkpoint_root: Path) -> None:
     if not checkpoint_root.is_dir():
         return
     for stale in sorted(checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*{PARTIAL_SUFFIX}")):
-        print(f"notice: removing {stale}, a checkpoint whose save was interrupted", file=sys.stderr)
+        logger.warning(f"notice: removing {stale}, a checkpoint whose save was interrupted")
         shutil.rmtree(stale, ignore_errors=True)
     for stale in checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*{DISCARD_SUFFIX}"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -204,9 +208,9 @@ def _warn_rng_state(folder: Path, process_index: int) -> None:
         np.random.RandomState().set_state(states["numpy_random_seed"])
         torch.Generator().set_state(states["torch_manual_seed"])
     except Exception as err:
-        print(
+        logger.warning(  # each process restores its own random states: each one says so
             f"warning: cannot restore the random states from {path} ({type(err).__name__}); training goes on, "
             "but the resume is no "
             f"longer bit-exact (other noise and timesteps than an uninterrupted run)",
-            file=sys.stderr,
+            main_process_only=False,
         )

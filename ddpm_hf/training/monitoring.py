@@ -3,7 +3,6 @@ FID/KID evaluations of the EMA model (--eval_fid_every, --save_best_fid)."""
 
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -15,8 +14,11 @@ from ..data.images import to_uint8
 from ..diffusion.sampling import generate
 from ..util.extras import require_extra
 from ..util.files import atomic_write, make_subdir, read_json, write_json
+from ..util.logs import get_logger
 from .ema import ema_weights
 from .output import RESUME_HINT, append_log, save_pipeline_atomically
+
+logger = get_logger(__name__)
 
 PRDC = ("precision", "recall", "density", "coverage")  # k-NN metrics next to FID/KID (features.prdc)
 
@@ -31,9 +33,8 @@ def setup_tracker(cfg: DDPMConfig):
     if tracker == "wandb" and "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
         netrc = Path.home() / ".netrc"
         if not (netrc.exists() and "api.wandb.ai" in netrc.read_text()):
-            print(
-                "notice: wandb is not logged in; logging offline (sync later with `wandb sync`, or pass --no_wandb)",
-                file=sys.stderr,
+            logger.warning(
+                "notice: wandb is not logged in; logging offline (sync later with `wandb sync`, or pass --no_wandb)"
             )
             return tracker, {"mode": "offline"}
     return (None if tracker == "none" else tracker), {}
@@ -127,7 +128,7 @@ class FidHook:
             },
             step=global_step,
         )
-        print(f"epoch {epoch + 1}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({count} EMA samples)")
+        logger.info(f"epoch {epoch + 1}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({count} EMA samples)")
 
     def _save_best(self, result: dict, epoch: int, global_step: int) -> None:
         self.best = result["fid"]

@@ -51,12 +51,15 @@ from ..models.unet import build_unet, count_parameters, unet_kwargs
 from ..util import host_memory
 from ..util.errors import DDPMError, UsageError
 from ..util.files import make_subdir, write_json
+from ..util.logs import get_logger
 from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
 from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import ema_weights, make_ema
 from .monitoring import FidHook, save_grid, setup_tracker
 from .output import append_log, check_output_dir, prepare_output_dir, save_pipeline_atomically, trim_log
 from .steps import diffusion_loss, draw_noise, make_lr_scheduler, make_optimizer, random_hflip
+
+logger = get_logger(__name__)
 
 EMA_FILE = "ema.safetensors"
 TRAINER_STATE = "trainer_state.json"  # data position, counters, EMA and LR-schedule state
@@ -108,6 +111,8 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C quits at once (checkpoints on disk stay whole)
         self.requested = True
         what = "finishing the final save first" if self.final else "stopping after this step and saving a checkpoint"
+        # print, not the logger: a signal can arrive while a log handler holds its lock mid-line, and the user
+        # who pressed Ctrl-C is answered whatever --log_level says, like an error line.
         print(
             f"\n{signal.Signals(signum).name}: {what}"
             + (" (Ctrl-C again quits at once)" if signum == signal.SIGINT else ""),
@@ -139,10 +144,9 @@ def _check_launch(accelerator) -> None:
         and "WORLD_SIZE" not in os.environ
     ):
         # accelerate 1.x runs `launch --cpu --num_processes N` as ONE process unless it is given an MPI hostfile.
-        print(
+        logger.warning(
             "notice: accelerate started one CPU process; for several use "
-            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train_ddpm.py ...`",
-            file=sys.stderr,
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train_ddpm.py ...`"
         )
     if accelerator.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # torchrun started several processes, but without a GPU each one sees only itself unless
@@ -198,16 +202,16 @@ class Trainer:
             warn_if_bf16_emulated(self.accelerator.mixed_precision, self.accelerator.device)
             notice = terminal_snr_notice(self.noise_scheduler.config)
             if notice:
-                print(notice, file=sys.stderr)
+                logger.warning(notice)
         if host_memory.applied():  # set by the train command at its start (commands/common.py)
-            self.accelerator.print(host_memory.applied())
+            logger.info(host_memory.applied())
         if self.micro_batch:
             how = (
                 ""
                 if self.cfg.micro_batch_size
                 else f" (auto on a {self.accelerator.device.type.upper()}; --micro_batch_size 0: one pass)"
             )
-            self.accelerator.print(
+            logger.info(
                 f"micro-batches: each batch of {self.cfg.batch_size} in passes of {self.micro_batch} images{how}"
             )
 
@@ -252,6 +256,10 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
         set_seed(cfg.seed)
+        logger.debug(
+            f"accelerate: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, on "
+            f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
+        )
         _check_launch(accelerator)
         self.autocast = accelerator.autocast
         return accelerator
@@ -272,13 +280,13 @@ class Trainer:
         self.unet = start.unet if start else build_unet(cfg, channels, size)
         self._check_batch_fits(size, getattr(data, "decided_by", ""))
         if start:
-            accelerator.print(describe(start))
-        accelerator.print(
+            logger.info(describe(start))
+        logger.info(
             f"data: {cfg.dataset}, {'streamed' if cfg.streaming else len(data.images)} images of "
             f"{data.channels}x{data.size}x{data.size}; UNet: {count_parameters(self.unet):,} parameters"
         )
         if vae is not None:
-            accelerator.print(
+            logger.info(
                 f"latent: the UNet diffuses {channels}x{size}x{size} latents of the VAE {cfg.vae} "
                 f"(latent_dist.{cfg.latent_mode} x {vae.config.scaling_factor}"
                 f"{', cached once' if cfg.cache_latents else ', encoded every batch'})"
@@ -443,7 +451,7 @@ class Trainer:
                 self.lr_scheduler.last_epoch -= 1
                 # the learning rate of this step on the new schedule (the optimiser kept the old one)
                 self.lr_scheduler.step()
-                self.accelerator.print(
+                logger.info(
                     f"notice: the run was planned for {self.planned_steps} steps and now has {self.max_steps}; "
                     f"the LR schedule continues from step {step} on the new length"
                 )
@@ -634,7 +642,7 @@ class Trainer:
             else self.save_checkpoint()
         )
         self.progress.close()
-        self.accelerator.print(
+        logger.info(
             f"stopped at step {step}; checkpoint saved to {path}. Resume with the same "
             f"command plus --resume_from_checkpoint latest"
         )
@@ -699,13 +707,13 @@ class Trainer:
                 self.save_checkpoint()
             if self.main:
                 save_pipeline_atomically(self.out, lambda folder: self.export_pipeline(folder, step))
-                print(
+                logger.info(
                     f"saved the pipeline (EMA weights) to {self.out}; sample it with: python sample_ddpm.py "
                     "--checkpoint "
                     f"{shlex.quote(str(self.out))}"
                 )
         if late.requested:
-            self.accelerator.print(
+            logger.info(
                 f"stopped at step {step}; checkpoint saved to {checkpoint_root / f'{CHECKPOINT_PREFIX}{step}'}. "
                 f"The run had finished: its pipeline is saved too"
             )

@@ -22,6 +22,9 @@ from typing import Optional
 
 from .errors import DDPMError, at_command_end
 from .files import open_own
+from .logs import get_logger
+
+logger = get_logger(__name__)
 
 LOCK_NAME = ".ddpm_hf.lock"
 _held = []
@@ -98,9 +101,8 @@ class OutputLock:
                 held = _flock(fd)
             except OSError as err:  # e.g. a network file system without flock
                 os.close(fd)
-                print(
-                    f"notice: cannot lock {self.folder} ({err.strerror}); make sure no other run writes into it",
-                    file=sys.stderr,
+                logger.warning(
+                    f"notice: cannot lock {self.folder} ({err.strerror}); make sure no other run writes into it"
                 )
                 return self
             if not held:
@@ -115,9 +117,8 @@ class OutputLock:
             os.close(fd)
         stale = _read(fd)
         if stale:
-            print(
-                f"notice: taking over the lock of {self.folder} left by {_describe(stale)}, which is no longer running",
-                file=sys.stderr,
+            logger.warning(
+                f"notice: taking over the lock of {self.folder} left by {_describe(stale)}, which is no longer running"
             )
         info = dict(
             pid=os.getpid(),

@@ -2,10 +2,13 @@
 sampling and scoring, and the notice when an explicit bf16 will be slower than fp32."""
 
 import contextlib
-import sys
 import time
 
 import torch
+
+from .logs import get_logger
+
+logger = get_logger(__name__)
 
 
 def native_bf16(device) -> bool:
@@ -64,9 +67,8 @@ def warn_if_bf16_emulated(mixed_precision, device) -> None:
         return
     slower = bf16_slowdown(device)
     where = "this CPU has no AVX512-BF16/AMX" if torch.device(device).type == "cpu" else "this GPU has no native bf16"
-    print(
+    logger.warning(
         f"notice: --mixed_precision bf16 is emulated here ({where}): a bf16 matmul measured {slower:.1f}x slower "
         "than fp32 "
-        f"just now; --mixed_precision auto (or no) runs fp32 here",
-        file=sys.stderr,
+        f"just now; --mixed_precision auto (or no) runs fp32 here"
     )
