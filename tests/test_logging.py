@@ -58,6 +58,8 @@ def test_lines_keep_their_text_and_stream(capsys):
     captured = capsys.readouterr()
     assert captured.out == "wrote 2 new image(s)\n"
     assert captured.err == "reference statistics computed\nnotice: a notice\nwarning: a warning\n"
+    get_logger("__main__").info("converted ...")  # a module run as python -m ddpm_hf.models.convert_gzoo
+    assert capsys.readouterr().out == "converted ...\n"
 
 
 def test_error_level_hides_notices_and_debug_shows_details(capsys):

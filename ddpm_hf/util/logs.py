@@ -80,8 +80,10 @@ def _set_followers(level: str) -> None:
 
 
 def get_logger(name: str) -> "LazyLogger":
-    """A module's logger: `logger.info(...)`, `logger.warning(..., main_process_only=False)`."""
-    return LazyLogger(name)
+    """A module's logger: `logger.info(...)`, `logger.warning(..., main_process_only=False)`. A module run as
+    `python -m ddpm_hf...` is named __main__: its logger is put under ddpm_hf's all the same."""
+    in_library = name == LIBRARY_LOGGER or name.startswith(LIBRARY_LOGGER + ".")
+    return LazyLogger(name if in_library else f"{LIBRARY_LOGGER}.{name}")
 
 
 class LazyLogger:
