@@ -1,6 +1,6 @@
 """Security: folders that others prepared (a shared output folder, a downloaded model, a folder
 to push) never make the tools write, delete or upload outside them. Each case is one line on stderr and
-a non-zero exit, the planted target unchanged (docs/bad-inputs-round2.md, section "Untrusted folders")."""
+a non-zero exit, the planted target unchanged (docs/bad-inputs.md, section "Untrusted folders")."""
 
 import os
 import subprocess

@@ -1,8 +1,7 @@
-"""The third round of bad inputs ("Tracebacks and wrong messages", "Silent wrong or lost data"; the
-"Round 3" table of docs/bad-inputs-round2.md):
-what someone else's model or dataset folder may hold. Each case is one line on stderr (no traceback), its
-exit code, nothing written; the rows are listed in docs/bad-inputs-round2.md, section "Round 3". The
-commands run in this process (their `main`, wrapped by run_cli) where they fail before any work."""
+"""What a model or dataset folder handed over by someone else may hold. Each case is one line on stderr
+(no traceback), its exit code, nothing written; the rows are listed in docs/bad-inputs.md, section
+"Untrusted models and data". The commands run in this process (their `main`, wrapped by run_cli) where
+they fail before any work."""
 
 import json
 import shutil
@@ -15,7 +14,7 @@ from conftest import REPO, tiny_unet
 
 from ddpm_hf.util.errors import DDPMError
 
-DOC = REPO / "docs" / "bad-inputs-round2.md"
+DOC = REPO / "docs" / "bad-inputs.md"
 
 
 def one_line(capsys, call, *parts, code=1) -> str:
@@ -43,7 +42,7 @@ def pipe(tmp_path_factory) -> Path:
     from ddpm_hf.diffusion.sampling import make_noise_scheduler
     from ddpm_hf.models.pipeline import save_pipeline
 
-    folder = tmp_path_factory.mktemp("round3") / "pipe"
+    folder = tmp_path_factory.mktemp("untrusted_models") / "pipe"
     save_pipeline(folder, tiny_unet(), make_noise_scheduler(100, 1e-4, 0.02), {"dataset": "mnist5k"})
     return folder
 
