@@ -431,12 +431,17 @@ def _first_readable(raw, column, name) -> Image.Image:
     )
 
 
+def describe_image(img: Image.Image) -> str:
+    """`name.png, WxH`: how an error names the image that decided something."""
+    where = getattr(img, "filename", "") or "the first image"
+    return f"{short(Path(where).name)}, {img.size[0]}x{img.size[1]}"
+
+
 def size_decided_by(first: Optional[Image.Image]) -> str:
     """Where --size came from when it was not given: the first image (an error blames it, not the flag)."""
     if first is None:
         return ""
-    where = getattr(first, "filename", "") or "the first image"
-    return f"the size follows the first image ({short(Path(where).name)}, {first.size[0]}x{first.size[1]}): pass --size"
+    return f"the size follows the first image ({describe_image(first)}): pass --size"
 
 
 def _check_decoded_fits(n: int, channels: int, size: int, name: str, decided_by: str) -> None:
@@ -459,6 +464,7 @@ class ImageData:
     name: str
     skipped: int = 0
     decided_by: str = ""  # where the size came from when no --size was given (size_decided_by)
+    first_image: str = ""  # that image, `name.png, WxH` (describe_image), when it decided the size
 
 
 def load_images(
@@ -491,11 +497,11 @@ def load_images(
     import datasets
 
     raw = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped, not fatal
-    decided_by = ""
+    decided_by = first_image = ""
     if not channels or not size:  # a folder or an unregistered Hub dataset: follow its first image
         first = _first_readable(raw, column, name)
         channels = channels or (1 if is_gray(first.mode) else 3)
-        decided_by = "" if size else size_decided_by(first)
+        decided_by, first_image = ("", "") if size else (size_decided_by(first), describe_image(first))
         size = size or min(first.size)
     _check_decoded_fits(len(raw), channels, size, name, decided_by)
     out, skipped = [], 0
@@ -519,7 +525,7 @@ def load_images(
         print(f"warning: skipped {skipped} unreadable image(s) of {len(raw)} in {name} ({split})", file=sys.stderr)
     if not out:
         raise DDPMError(f"no readable images in dataset {name} ({split} split)")
-    return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped, decided_by)
+    return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped, decided_by, first_image)
 
 
 class ImageBatches(torch.utils.data.Dataset):
@@ -576,6 +582,7 @@ class StreamData:
     size: int
     name: str
     images: None = None  # nothing is decoded up front
+    first_image: str = ""  # `name.png, WxH` of the image that decided the size (no --size given)
 
 
 def _stream_pixels(value, channels: int, size: int, rng=None) -> Optional[np.ndarray]:
@@ -593,17 +600,18 @@ def _stream_pixels(value, channels: int, size: int, rng=None) -> Optional[np.nda
 
 
 def _stream_format(ds, column: str, name: str):
-    """(channels, size) of the first readable image of a stream (a folder or an unregistered Hub dataset)."""
+    """(channels, size, `name.png, WxH`) of the first readable image of a stream (a folder or an
+    unregistered Hub dataset)."""
     for example in ds.take(50):
         value = example[column]
         if not isinstance(value, (dict, Image.Image)):
             arr = np.asarray(value)
-            return (1 if arr.ndim == 2 else arr.shape[-1]), min(arr.shape[:2])
+            return (1 if arr.ndim == 2 else arr.shape[-1]), min(arr.shape[:2]), f"an array of {arr.shape}"
         try:
             img = _open(value) if isinstance(value, dict) else value
         except Exception:
             continue
-        return (1 if is_gray(img.mode) else 3), min(img.size)
+        return (1 if is_gray(img.mode) else 3), min(img.size), describe_image(img)
     raise DDPMError(f"none of the first 50 images of {name} can be read (damaged or not images)")
 
 
@@ -622,8 +630,10 @@ def stream_images(
     if ds.features is not None and isinstance(ds.features.get(column), datasets.Image):
         ds = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped
     size, channels = size or cfg.size or spec.size, channels or cfg.channels or spec.channels
+    first_image = ""
     if not size or not channels:
-        first_channels, first_size = _stream_format(ds, column, name)
+        first_channels, first_size, label = _stream_format(ds, column, name)
+        first_image = "" if size else label
         size, channels = size or first_size, channels or first_channels
     if cfg.max_train_samples:
         ds = ds.take(cfg.max_train_samples)
@@ -631,7 +641,7 @@ def stream_images(
     ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     rng = np.random.default_rng([cfg.seed, rank]) if getattr(cfg, "crop", "center") == "random" else None
     ds = ds.map(lambda ex: {"pixels": _stream_pixels(ex[column], channels, size, rng)}, remove_columns=ds.column_names)
-    return StreamData(ds.filter(lambda ex: ex["pixels"] is not None), channels, size, name)
+    return StreamData(ds.filter(lambda ex: ex["pixels"] is not None), channels, size, name, first_image=first_image)
 
 
 def _collate_pixels(examples) -> torch.Tensor:

@@ -47,7 +47,7 @@ from ..diffusion.sampling import (
 from ..hub.upload import TrainingPush
 from ..models.pipeline import public_config, save_pipeline
 from ..models.pretrained import check_data_format, describe, load_pretrained, unet_from_config
-from ..models.unet import build_unet, count_parameters, unet_kwargs
+from ..models.unet import build_unet, check_size_from_first_image, count_parameters, unet_kwargs
 from ..util import host_memory
 from ..util.errors import DDPMError, UsageError
 from ..util.files import make_subdir, write_text
@@ -265,6 +265,8 @@ class Trainer:
             if cfg.streaming
             else load_images(cfg.dataset, "train", cfg, size, channels, limit=cfg.max_train_samples, progress=self.main)
         )
+        if getattr(data, "first_image", ""):
+            check_size_from_first_image(cfg, data.size, data.first_image, cfg.dataset)
         vae = self.vae
         if vae is not None:
             vae.to(accelerator.device)  # never prepared: no DDP wrapper, no optimiser, no checkpoint
