@@ -12,7 +12,6 @@ from diffusers import UNet2DModel
 from ..config.options import DDPMConfig
 from ..util.errors import UsageError
 
-
 MIN_DECIDED_SIZE = 8  # an image folder's first image smaller than this is no size to train at
 
 
