@@ -266,6 +266,23 @@ def _image_suffixes() -> tuple:
     return tuple(ImageFolder.EXTENSIONS)
 
 
+def _without_links_out(folder: Path, files: list) -> list:
+    """The files that are the folder's own: a link leading outside it (to /etc/passwd, to a private photo)
+    is skipped with one line, so that a folder handed over never has other files read as its images."""
+    own = [p for p in files if is_inside(folder, p)]
+    if len(own) == len(files):
+        return own
+    out = short(", ".join(str(p.relative_to(folder)) for p in files if p not in set(own)))
+    if not own:
+        raise UsageError(f"image folder {folder} holds only links leading outside it ({out}); copy the images into it")
+    print(
+        f"warning: skipping {len(files) - len(own)} file(s) of {folder} that link outside it ({out}); copy them "
+        f"into the folder to use them",
+        file=sys.stderr,
+    )
+    return own
+
+
 def _folder_files(folder, exclude=None) -> dict:
     """{split: files} of a local folder, built here rather than inferred by imagefolder (which takes a file
     named train_*.png or test_*.png for a split of its own): the images under `test/` are the test split,
@@ -280,6 +297,7 @@ def _folder_files(folder, exclude=None) -> dict:
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         and not (skip is not None and is_inside(skip, p))
     ]
+    files = _without_links_out(folder, files)
     if not files:
         raise UsageError(f"image folder {folder} is empty; put image files (png, jpg, ...) in it")
     suffixes = _image_suffixes()

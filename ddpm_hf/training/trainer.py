@@ -55,7 +55,14 @@ from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
 from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import ema_weights, make_ema
 from .monitoring import FidHook, save_grid, setup_tracker
-from .output import append_log, check_output_dir, prepare_output_dir, save_pipeline_atomically, trim_log
+from .output import (
+    TRACKER_PROJECT,
+    append_log,
+    check_output_dir,
+    prepare_output_dir,
+    save_pipeline_atomically,
+    trim_log,
+)
 from .steps import diffusion_loss, draw_noise, make_lr_scheduler, make_optimizer, random_hflip
 
 EMA_FILE = "ema.safetensors"
@@ -454,12 +461,14 @@ class Trainer:
         if self.main:
             make_subdir(self.out, "samples")  # a link there is refused: the grids would land where it points
             write_text(self.out / "train_config.json", json.dumps(public_config(cfg.to_dict()), indent=2))
+        if self.tracker == "tensorboard" and self.main:  # its event files go to OUTPUT_DIR/logs/TRACKER_PROJECT
+            make_subdir(self.out, "logs", TRACKER_PROJECT)  # a link on the way is refused, not logged through
         if self.tracker:
             flat = {
                 k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in public_config(cfg.to_dict()).items()
             }
             self.accelerator.init_trackers(
-                "DDPM",
+                TRACKER_PROJECT,
                 config=flat,
                 init_kwargs={"wandb": {"name": f"DDPM_{Path(cfg.dataset).name}", **self.tracker_options}},
             )
