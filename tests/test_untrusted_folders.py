@@ -1,6 +1,6 @@
 """Security: folders that others prepared (a shared output folder, a downloaded model, a folder
 to push) never make the tools write, delete or upload outside them. Each case is one line on stderr and
-a non-zero exit, the planted target unchanged (docs/bad-inputs-round2.md, section "Untrusted folders")."""
+a non-zero exit, the planted target unchanged (docs/bad-inputs.md, section "Untrusted folders")."""
 
 import os
 import subprocess
@@ -300,3 +300,178 @@ def test_config_errors_show_at_most_60_characters_of_a_value(tmp_path):
     proc = run_script("train_ddpm.py", "--config", config, check=False, timeout=60)
     line = _one_line(proc, "'dataset' must be str, got ['xxx", "…", code=2)
     assert len(line) < 200
+
+
+# ---- 5. more planted links: convert, the tracker, checkpoints, the final pipeline, data, detectors, caches -----
+
+
+def test_convert_replaces_links_planted_in_its_output_folder(tmp_path, victim, capsys):
+    from test_convert import FIXTURE, cli_flags, fixture_config
+
+    from ddpm_hf.models import convert_gzoo
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    _plant(out, "unet", elsewhere)
+    _plant(out, "ddpm_hf_config.json", victim)
+    convert_gzoo.main(
+        ["--checkpoint", str(FIXTURE.with_suffix(".pt")), "--output_dir", str(out), *cli_flags(fixture_config())]
+    )
+    assert capsys.readouterr().err == ""
+    assert list(elsewhere.iterdir()) == [] and victim.read_text() == VICTIM_TEXT
+    assert not (out / "unet").is_symlink() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (out / "ddpm_hf_config.json").is_symlink() and not (out / ".pipeline.partial").exists()
+
+
+@pytest.mark.parametrize("name", ["logs", "logs/DDPM"])
+def test_training_refuses_a_linked_tracker_folder(tmp_path, name):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    _plant(out, name, elsewhere)
+    args = [*TINY_TRAIN, "--max_train_steps", "1", "--report_to", "tensorboard", "--output_dir", out]
+    args.remove("--no_wandb")
+    proc = run_script("train_ddpm.py", *args, check=False, env=ENV)
+    _one_line(proc, f"error: {out / name} is a symbolic link; the tools never write through a link")
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_resume_skips_linked_checkpoints_and_replaces_links_at_final_names(trained_pipeline, tmp_path):
+    """checkpoint-99 links to a checkpoint elsewhere (latest would have resumed from it), checkpoint-12 is a
+    dangling link where the run saves its next checkpoint, and unet/ links to a folder elsewhere where the
+    final pipeline goes: the run resumes from its own checkpoint-8 and writes only inside its folder."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(trained_pipeline, out, symlinks=True)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(out / "checkpoints" / "checkpoint-8", elsewhere / "checkpoint-99")
+    (out / "unet").rename(elsewhere / "unet")
+    _plant(out, "unet", elsewhere / "unet")
+    _plant(out, "checkpoints/checkpoint-99", elsewhere / "checkpoint-99")
+    _plant(out, "checkpoints/checkpoint-12", tmp_path / "nowhere")
+    before = {p: p.stat().st_mtime_ns for p in elsewhere.rglob("*")}
+    args = [*TINY_TRAIN, "--checkpointing_steps", "4", "--max_train_steps", "12", "--output_dir", out]
+    proc = run_script("train_ddpm.py", *args, "--resume_from_checkpoint", "latest", check=False, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith(("warning", "error"))]
+    assert warnings == [
+        f"warning: ignoring {out / 'checkpoints' / name}, a symbolic link (to {target}); a run resumes only from "
+        f"checkpoint folders of its own"
+        for name, target in (("checkpoint-12", tmp_path / "nowhere"), ("checkpoint-99", elsewhere / "checkpoint-99"))
+    ]
+    assert f"resumed from {out / 'checkpoints' / 'checkpoint-8'}" in proc.stdout
+    assert not (out / "checkpoints" / "checkpoint-12").is_symlink() and not (out / "unet").is_symlink()
+    assert (out / "checkpoints" / "checkpoint-12" / "ema.safetensors").is_file() and not (tmp_path / "nowhere").exists()
+    assert {p: p.stat().st_mtime_ns for p in elsewhere.rglob("*")} == before
+
+
+def test_resume_through_a_linked_checkpoint_is_refused(tmp_path, capsys):
+    from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.training.output import check_output_dir
+    from ddpm_hf.util.errors import UsageError
+
+    elsewhere = tmp_path / "elsewhere" / "checkpoint-5"
+    elsewhere.mkdir(parents=True)
+    link = _plant(tmp_path / "out", "checkpoints/checkpoint-5", elsewhere)
+    cfg = DDPMConfig(output_dir=str(tmp_path / "out"), resume_from_checkpoint=str(link))
+    with pytest.raises(UsageError) as err:
+        check_output_dir(cfg)
+    assert err.value.exit_code == 2 and str(err.value) == (
+        f"--resume_from_checkpoint {link} is a symbolic link (to {elsewhere}); a run never resumes through a link: "
+        f"pass the folder itself"
+    )
+
+
+def _image_folder_with_links(tmp_path, victim) -> Path:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("L", (16, 16), 60 * i).save(images / f"{i}.png")
+    Image.new("L", (16, 16), 255).save(tmp_path / "private.png")
+    (images / "passwd.png").symlink_to("/etc/passwd")
+    (images / "x_private.png").symlink_to(tmp_path / "private.png")
+    return images
+
+
+def test_image_folder_links_outside_are_skipped_in_one_line(tmp_path, victim):
+    images = _image_folder_with_links(tmp_path, victim)
+    args = [*TINY_TRAIN, "--dataset", images, "--max_train_steps", "1", "--output_dir", tmp_path / "out"]
+    proc = run_script("train_ddpm.py", *args, check=False, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith(("warning", "error"))]
+    assert warnings == [
+        f"warning: skipping 2 file(s) of {images} that link outside it (passwd.png, x_private.png); copy them into "
+        "the folder to use them"
+    ]
+    assert f"data: {images}, 3 images" in proc.stdout
+
+
+def test_image_folder_of_only_links_outside_is_refused(tmp_path, victim):
+    from ddpm_hf.data.images import load_split
+    from ddpm_hf.util.errors import UsageError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "passwd.png").symlink_to("/etc/passwd")
+
+    class Options:
+        image_column = dataset_config_name = medmnist_root = output_dir = None
+
+    with pytest.raises(UsageError) as err:
+        load_split(str(images), "train", Options())
+    assert err.value.exit_code == 2
+    assert (
+        str(err.value)
+        == f"image folder {images} holds only links leading outside it (passwd.png); copy the images into it"
+    )
+
+
+@pytest.mark.parametrize("name", ["detector.json", "params.safetensors"])
+def test_detector_files_linking_outside_are_refused(tmp_path, capsys, name):
+    from ddpm_hf.commands.ood_cli import main as ood_main
+
+    det = tmp_path / "det"
+    det.mkdir()
+    (det / "detector.json").write_text("{}")
+    (det / name).unlink(missing_ok=True)
+    (det / name).symlink_to("/etc/passwd")
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        ood_main(["--detector", str(det), "--images", str(tmp_path / "imgs"), "--output_dir", str(tmp_path / "o")])
+    lines = _error_lines(capsys.readouterr().err)
+    assert exc.value.code == 2 and lines == [
+        f"error: {det / name} is a link leading outside {det} (to /etc/passwd); a detector folder holds its own files: "
+        "copy the file in, or fit the detector again with ood_ddpm.py --fit"
+    ]
+    assert not (tmp_path / "o").exists()
+
+
+def test_linked_fid_cache_entry_is_not_read_and_is_replaced(tmp_path, victim, capsys):
+    from ddpm_hf.metrics import fid
+
+    entry = _plant(tmp_path / "cache", "mnist5k_test_16px_1ch_0123.safetensors", victim)
+    assert fid._read_reference_cache(entry, {"any": "key"}) is None
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: ignoring the FID cache entry {entry}, a symbolic link; recomputing it"]
+    import torch
+
+    fid._write_reference_cache(entry, {"sum": torch.zeros(2)}, {"ddpm_hf": "{}"})
+    assert not entry.is_symlink() and victim.read_text() == VICTIM_TEXT
+
+
+def test_sample_replaces_linked_outputs_and_never_deletes_through_them(tmp_path, victim, capsys):
+    from ddpm_hf.commands import sample_cli
+
+    pipe = _pipeline(tmp_path / "pipe", trained_epochs=1)
+    out = tmp_path / "samples"
+    _plant(out, "grid.png", victim)
+    _plant(out, "0.png", victim)
+    argv = ["--checkpoint", str(pipe), "--num_samples", "2", "--batch_size", "2", "--sample_timesteps", "2"]
+    sample_cli.main([*argv, "--output_dir", str(out), "--overwrite_output_dir"])
+    assert "error" not in capsys.readouterr().err
+    assert victim.read_text() == VICTIM_TEXT
+    assert not (out / "grid.png").is_symlink() and not (out / "0.png").is_symlink() and (out / "1.png").is_file()

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from ..util import host_memory
+from ..util.hub_access import check_cache_folders
 from ..util.logs import get_logger
 from ..util.precision import warn_if_bf16_emulated
 
@@ -40,7 +41,9 @@ def compute_device(device=None) -> str:
 def start_command() -> None:
     """What a command sets for its whole process, once its flags are parsed; never a library call, so a
     program that imports the package keeps its own settings. On a CPU: glibc keeps freed blocks for reuse
-    (util/host_memory.py: at batch 128 the sampler's page faults cost ~1/5 of its time, training's more)."""
+    (util/host_memory.py: at batch 128 the sampler's page faults cost ~1/5 of its time, training's more).
+    A cache folder that is a file is refused first, naming its variable."""
+    check_cache_folders()
     host_memory.keep_freed_memory(command_device())
 
 

@@ -265,6 +265,23 @@ def _image_suffixes() -> tuple:
     return tuple(ImageFolder.EXTENSIONS)
 
 
+def _without_links_out(folder: Path, files: list) -> list:
+    """The files that are the folder's own: a link leading outside it (to /etc/passwd, to a private photo)
+    is skipped with one line, so that a folder handed over never has other files read as its images."""
+    own = [p for p in files if is_inside(folder, p)]
+    if len(own) == len(files):
+        return own
+    out = short(", ".join(str(p.relative_to(folder)) for p in files if p not in set(own)))
+    if not own:
+        raise UsageError(f"image folder {folder} holds only links leading outside it ({out}); copy the images into it")
+    print(
+        f"warning: skipping {len(files) - len(own)} file(s) of {folder} that link outside it ({out}); copy them "
+        f"into the folder to use them",
+        file=sys.stderr,
+    )
+    return own
+
+
 def _folder_files(folder, exclude=None) -> dict:
     """{split: files} of a local folder, built here rather than inferred by imagefolder (which takes a file
     named train_*.png or test_*.png for a split of its own): the images under `test/` are the test split,
@@ -279,6 +296,7 @@ def _folder_files(folder, exclude=None) -> dict:
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         and not (skip is not None and is_inside(skip, p))
     ]
+    files = _without_links_out(folder, files)
     if not files:
         raise UsageError(f"image folder {folder} is empty; put image files (png, jpg, ...) in it")
     suffixes = _image_suffixes()
@@ -439,12 +457,17 @@ def _first_image(raw, column, name) -> Image.Image:
     return first
 
 
+def describe_image(img: Image.Image) -> str:
+    """`name.png, WxH`: how an error names the image that decided something."""
+    where = getattr(img, "filename", "") or "the first image"
+    return f"{short(Path(where).name)}, {img.size[0]}x{img.size[1]}"
+
+
 def size_decided_by(first: Optional[Image.Image]) -> str:
     """Where --size came from when it was not given: the first image (an error blames it, not the flag)."""
     if first is None:
         return ""
-    where = getattr(first, "filename", "") or "the first image"
-    return f"the size follows the first image ({short(Path(where).name)}, {first.size[0]}x{first.size[1]}): pass --size"
+    return f"the size follows the first image ({describe_image(first)}): pass --size"
 
 
 def _check_decoded_fits(n: int, channels: int, size: int, name: str, decided_by: str) -> None:
@@ -467,6 +490,7 @@ class ImageData:
     name: str
     skipped: int = 0
     decided_by: str = ""  # where the size came from when no --size was given (size_decided_by)
+    first_image: str = ""  # that image, `name.png, WxH` (describe_image), when it decided the size
 
 
 def load_images(
@@ -499,11 +523,11 @@ def load_images(
     import datasets
 
     raw = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped, not fatal
-    decided_by = ""
+    decided_by = first_image = ""
     if not channels or not size:  # a folder or an unregistered Hub dataset: follow its first image
         first = _first_image(raw, column, name)
         channels = channels or (1 if is_gray(first.mode) else 3)
-        decided_by = "" if size else size_decided_by(first)
+        decided_by, first_image = ("", "") if size else (size_decided_by(first), describe_image(first))
         size = size or min(first.size)
     _check_decoded_fits(len(raw), channels, size, name, decided_by)
     out, skipped = [], 0
@@ -526,7 +550,7 @@ def load_images(
         logger.warning(f"warning: skipped {skipped} unreadable image(s) of {len(raw)} in {name} ({split})")
     if not out:
         raise DDPMError(f"no readable images in dataset {name} ({split} split)")
-    return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped, decided_by)
+    return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped, decided_by, first_image)
 
 
 class ImageBatches(torch.utils.data.Dataset):
@@ -583,6 +607,7 @@ class StreamData:
     size: int
     name: str
     images: None = None  # nothing is decoded up front
+    first_image: str = ""  # `name.png, WxH` of the image that decided the size (no --size given)
 
 
 def _stream_pixels(value, channels: int, size: int, rng=None) -> Optional[np.ndarray]:
@@ -600,16 +625,17 @@ def _stream_pixels(value, channels: int, size: int, rng=None) -> Optional[np.nda
 
 
 def _value_format(value) -> tuple:
-    """(channels, size) of one streamed value: an array, a PIL image or a non-decoded image."""
+    """(channels, size, description) of one streamed value: an array, a PIL image or a non-decoded image."""
     if not isinstance(value, (dict, Image.Image)):
         arr = np.asarray(value)
-        return (1 if arr.ndim == 2 else arr.shape[-1]), min(arr.shape[:2])
+        return (1 if arr.ndim == 2 else arr.shape[-1]), min(arr.shape[:2]), f"an array of {arr.shape}"
     img = _open(value) if isinstance(value, dict) else value
-    return (1 if is_gray(img.mode) else 3), min(img.size)
+    return (1 if is_gray(img.mode) else 3), min(img.size), describe_image(img)
 
 
 def _stream_format(ds, column: str, name: str):
-    """(channels, size) of the first readable image of a stream (a folder or an unregistered Hub dataset)."""
+    """(channels, size, `name.png, WxH`) of the first readable image of a stream (a folder or an
+    unregistered Hub dataset)."""
     found = _first_readable((example[column] for example in ds.take(FORMAT_PROBE)), _value_format)
     if found is None:
         raise DDPMError(f"none of the first {FORMAT_PROBE} images of {name} can be read (damaged or not images)")
@@ -631,8 +657,10 @@ def stream_images(
     if ds.features is not None and isinstance(ds.features.get(column), datasets.Image):
         ds = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped
     size, channels = size or cfg.size or spec.size, channels or cfg.channels or spec.channels
+    first_image = ""
     if not size or not channels:
-        first_channels, first_size = _stream_format(ds, column, name)
+        first_channels, first_size, label = _stream_format(ds, column, name)
+        first_image = "" if size else label
         size, channels = size or first_size, channels or first_channels
     if cfg.max_train_samples:
         ds = ds.take(cfg.max_train_samples)
@@ -640,7 +668,7 @@ def stream_images(
     ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     rng = np.random.default_rng([cfg.seed, rank]) if getattr(cfg, "crop", "center") == "random" else None
     ds = ds.map(lambda ex: {"pixels": _stream_pixels(ex[column], channels, size, rng)}, remove_columns=ds.column_names)
-    return StreamData(ds.filter(lambda ex: ex["pixels"] is not None), channels, size, name)
+    return StreamData(ds.filter(lambda ex: ex["pixels"] is not None), channels, size, name, first_image=first_image)
 
 
 def _collate_pixels(examples) -> torch.Tensor:

@@ -23,7 +23,7 @@ from ..config.options import build_parser, parse_config
 from ..diffusion.latent import latent_format, load_vae
 from ..diffusion.sampling import make_noise_scheduler, make_sampler
 from ..util.errors import DDPMError, UsageError, first_line, run_cli
-from ..util.files import make_output_dir
+from ..util.files import make_output_dir, move_in, remove, writing
 from ..util.logs import get_logger, setup_logging
 from .pipeline import LoadedModel, public_config, save_pipeline
 from .unet import build_unet
@@ -279,7 +279,14 @@ def convert(cfg) -> Path:
         raise UsageError(f"{out} already holds a pipeline; remove it or choose another --output_dir")
     loaded = load_original_checkpoint(cfg.checkpoint, cfg)
     make_output_dir(out)
-    save_pipeline(out, loaded.unet, make_sampler("ddim", loaded.scheduler_config), loaded.train_config, vae=loaded.vae)
+    # Saved aside and moved in whole: a link planted in `out` (unet/, ddpm_hf_config.json) is replaced, not
+    # written through, and a failed save leaves `out` as it was.
+    staging = out / ".pipeline.partial"
+    remove(staging)
+    with writing(out, "the pipeline", cleanup=[staging]):
+        scheduler = make_sampler("ddim", loaded.scheduler_config)
+        save_pipeline(staging, loaded.unet, scheduler, loaded.train_config, vae=loaded.vae)
+    move_in(staging, out, last="model_index.json")
     logger.info(
         f"converted {cfg.checkpoint} to the pipeline folder {out}; sample it with: python sample_ddpm.py "
         f"--checkpoint {shlex.quote(str(out))}"

@@ -12,10 +12,38 @@ from diffusers import UNet2DModel
 from ..config.options import DDPMConfig
 from ..util.errors import UsageError
 
+MIN_DECIDED_SIZE = 8  # an image folder's first image smaller than this is no size to train at
+
+
+def _downsampling(cfg: DDPMConfig) -> tuple:
+    """(levels, total downsampling factor) of the UNet that --channel_mult describes."""
+    levels = len(cfg.channel_mult)
+    return levels, 2 ** (levels - 1)
+
+
+def check_size_from_first_image(cfg: DDPMConfig, size: int, first_image: str, dataset) -> None:
+    """Without --size the first image of a folder decides the size: one that no UNet can train at
+    (too small, or not divisible by its downsampling) blames that image and says which flag to give,
+    instead of naming a --size that was never given."""
+    levels, factor = _downsampling(cfg)
+    smallest = max(MIN_DECIDED_SIZE, factor)
+    if size < smallest:
+        problem, suggestion = f"{size} px is too small to train at (at least {smallest})", max(32, factor)
+    elif size % factor:
+        problem = (
+            f"{size} is not divisible by {factor}, the UNet's total downsampling with {levels} levels (--channel_mult)"
+        )
+        suggestion = -(-size // factor) * factor  # the next multiple
+    else:
+        return
+    raise UsageError(
+        f"the first image of {dataset} ({first_image}) decides the training size when --size is not given, and "
+        f"{problem}; pass --size (e.g. --size {suggestion}; every image is resized to it), or remove that image"
+    )
+
 
 def unet_kwargs(cfg: DDPMConfig, in_channels: int, sample_size: int) -> dict:
-    levels = len(cfg.channel_mult)
-    factor = 2 ** (levels - 1)
+    levels, factor = _downsampling(cfg)
     if sample_size % factor:
         raise UsageError(
             f"--size {sample_size} is not divisible by {factor}, the UNet's total downsampling with "

@@ -6,6 +6,7 @@ held-out scores, the format version) and the fitted parameters as safetensors; `
 refuses a damaged folder, another version, or a model whose weights differ from the fitted one's."""
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,7 @@ import torch
 from ..models.loader import load_model, model_format, weights_hash
 from ..models.pipeline import LoadedModel
 from ..util.errors import DDPMError, UsageError
+from ..util.files import is_inside
 from ..util.logs import get_logger
 from ..util.precision import resolve_mixed_precision
 from .network import ScoreModel
@@ -186,6 +188,12 @@ def read_detector(folder) -> tuple:
     advice = "fit the detector again with ood_ddpm.py --fit"
     if not (folder / MANIFEST).is_file():
         raise UsageError(f"{folder} is not a detector folder (no {MANIFEST}); {advice}")
+    for name in (MANIFEST, PARAMS):  # a link out would have any file (a device, someone's secrets) read as ours
+        if not is_inside(folder, folder / name):
+            raise UsageError(
+                f"{folder / name} is a link leading outside {folder} (to {os.path.realpath(folder / name)}); "
+                f"a detector folder holds its own files: copy the file in, or {advice}"
+            )
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (ValueError, UnicodeDecodeError) as err:

@@ -9,7 +9,7 @@ they are deleted, for the same reason.
 
 import json
 import os
-import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -48,12 +48,27 @@ def resolve_checkpoint(resume: Optional[str], checkpoint_root: Path) -> Optional
     return resume
 
 
-def list_checkpoints(checkpoint_root: Path) -> list:
-    """Checkpoints under their final name, oldest first (interrupted saves carry a suffix)."""
+def _numbered(checkpoint_root: Path) -> list:
+    """Entries named checkpoint-N (N digits): the run's checkpoints, or links planted under their names."""
     if not checkpoint_root.is_dir():
         return []
-    found = [p for p in checkpoint_root.iterdir() if p.is_dir() and is_checkpoint_name(p.name)]
+    return [p for p in checkpoint_root.iterdir() if is_checkpoint_name(p.name)]
+
+
+def list_checkpoints(checkpoint_root: Path) -> list:
+    """Checkpoints under their final name, oldest first (interrupted saves carry a suffix). A link under
+    such a name is none: `latest` would resume from wherever it points."""
+    found = [p for p in _numbered(checkpoint_root) if p.is_dir() and not p.is_symlink()]
     return sorted(found, key=checkpoint_step)
+
+
+def _warn_linked(checkpoint_root: Path) -> None:
+    for link in sorted((p for p in _numbered(checkpoint_root) if p.is_symlink()), key=checkpoint_step):
+        print(
+            f"warning: ignoring {link}, a symbolic link (to {os.path.realpath(link)}); a run resumes only from "
+            f"checkpoint folders of its own",
+            file=sys.stderr,
+        )
 
 
 def _discard(path: Path) -> None:
@@ -126,7 +141,7 @@ def save_checkpoint(accelerator, checkpoint_root: Path, step: int, limit=None, w
                 write_extra(partial)
             _write_manifest(partial, step)
     if accelerator.is_main_process:
-        if final.exists():
+        if final.exists() or final.is_symlink():  # a link there (dangling too) is renamed away, never followed
             _discard(final)
         os.replace(partial, final)
         if limit:
@@ -146,6 +161,7 @@ def load_checkpoint(accelerator, checkpoint_root: Path, resume: str, read_extra=
     if resume == "latest":
         if accelerator.is_main_process:
             _remove_interrupted(checkpoint_root)
+            _warn_linked(checkpoint_root)
         accelerator.wait_for_everyone()
         candidates = list_checkpoints(checkpoint_root)[::-1]
         if not candidates:
@@ -175,9 +191,9 @@ def _remove_interrupted(checkpoint_root: Path) -> None:
         return
     for stale in sorted(checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*{PARTIAL_SUFFIX}")):
         logger.warning(f"notice: removing {stale}, a checkpoint whose save was interrupted")
-        shutil.rmtree(stale, ignore_errors=True)
+        remove(stale)  # a link is unlinked, never followed
     for stale in checkpoint_root.glob(f"{CHECKPOINT_PREFIX}*{DISCARD_SUFFIX}"):
-        shutil.rmtree(stale, ignore_errors=True)
+        remove(stale)
 
 
 def _load(accelerator, path: Path, read_extra) -> Optional[str]:

@@ -7,7 +7,6 @@ give its checkpoint a meaning (RESUME_FIXED).
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from ..config.options import DDPMConfig
@@ -18,6 +17,7 @@ from ..util.files import (
     check_writable,
     clear_earlier_run,
     make_output_dir,
+    move_in,
     read_json,
     refuse_link,
     remove,
@@ -67,7 +67,8 @@ RESUME_HINT = (
 
 
 # What the run writes into (appends, folders) or reads back: a link planted under one of these names is refused.
-LINK_FREE = ("train_log.jsonl", "samples", "checkpoints", "best_fid")
+TRACKER_PROJECT = "DDPM"  # the tracker's project name: tensorboard writes into OUTPUT_DIR/logs/DDPM
+LINK_FREE = ("train_log.jsonl", "samples", "checkpoints", "best_fid", "logs", f"logs/{TRACKER_PROJECT}")
 
 
 def check_output_dir(cfg: DDPMConfig) -> Path:
@@ -88,6 +89,11 @@ def check_output_dir(cfg: DDPMConfig) -> Path:
                 f"--overwrite_output_dir to start over, or another --output_dir"
             )
     resume = cfg.resume_from_checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, out / "checkpoints")
+    if resume and resume != "latest" and Path(resume).is_symlink():
+        raise UsageError(
+            f"--resume_from_checkpoint {resume} is a symbolic link (to {os.path.realpath(resume)}); a run never "
+            f"resumes through a link: pass the folder itself"
+        )
     if resume and resume != "latest" and not Path(resume).is_dir() and Path(resume).parent == out / "checkpoints":
         saved = ", ".join(p.name for p in list_checkpoints(out / "checkpoints")) or "none"
         raise UsageError(
@@ -190,9 +196,4 @@ def save_pipeline_atomically(out: Path, save) -> None:
         f"the pipeline with the same command plus --resume_from_checkpoint latest",
     ):
         save(tmp)
-    for entry in sorted(tmp.iterdir(), key=lambda e: e.name == "model_index.json"):
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    tmp.rmdir()
+    move_in(tmp, out, last="model_index.json")

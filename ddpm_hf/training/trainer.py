@@ -47,7 +47,7 @@ from ..diffusion.sampling import (
 from ..hub.upload import TrainingPush
 from ..models.pipeline import public_config, save_pipeline
 from ..models.pretrained import check_data_format, describe, load_pretrained, unet_from_config
-from ..models.unet import build_unet, count_parameters, unet_kwargs
+from ..models.unet import build_unet, check_size_from_first_image, count_parameters, unet_kwargs
 from ..util import host_memory
 from ..util.errors import DDPMError, UsageError
 from ..util.files import make_subdir, write_json
@@ -56,7 +56,14 @@ from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
 from .checkpoints import CHECKPOINT_PREFIX, list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import ema_weights, make_ema
 from .monitoring import FidHook, save_grid, setup_tracker
-from .output import append_log, check_output_dir, prepare_output_dir, save_pipeline_atomically, trim_log
+from .output import (
+    TRACKER_PROJECT,
+    append_log,
+    check_output_dir,
+    prepare_output_dir,
+    save_pipeline_atomically,
+    trim_log,
+)
 from .steps import diffusion_loss, draw_noise, make_lr_scheduler, make_optimizer, random_hflip
 
 logger = get_logger(__name__)
@@ -273,6 +280,8 @@ class Trainer:
             if cfg.streaming
             else load_images(cfg.dataset, "train", cfg, size, channels, limit=cfg.max_train_samples, progress=self.main)
         )
+        if getattr(data, "first_image", ""):
+            check_size_from_first_image(cfg, data.size, data.first_image, cfg.dataset)
         vae = self.vae
         if vae is not None:
             vae.to(accelerator.device)  # never prepared: no DDP wrapper, no optimiser, no checkpoint
@@ -460,12 +469,14 @@ class Trainer:
         if self.main:
             make_subdir(self.out, "samples")  # a link there is refused: the grids would land where it points
             write_json(self.out / "train_config.json", public_config(cfg.to_dict()))
+        if self.tracker == "tensorboard" and self.main:  # its event files go to OUTPUT_DIR/logs/TRACKER_PROJECT
+            make_subdir(self.out, "logs", TRACKER_PROJECT)  # a link on the way is refused, not logged through
         if self.tracker:
             flat = {
                 k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in public_config(cfg.to_dict()).items()
             }
             self.accelerator.init_trackers(
-                "DDPM",
+                TRACKER_PROJECT,
                 config=flat,
                 init_kwargs={"wandb": {"name": f"DDPM_{Path(cfg.dataset).name}", **self.tracker_options}},
             )

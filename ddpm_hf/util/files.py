@@ -200,6 +200,21 @@ def remove(*paths) -> None:
                 path.unlink()
 
 
+def move_in(staging, out, last: str = "") -> None:
+    """Move every entry of the folder `staging` into `out` (the entry named `last` after the others), then
+    remove `staging`. What is there under the same name is replaced: a folder of ours is deleted, a link is
+    removed (never followed: a planted `out/unet` link would have the new files written wherever it points)."""
+    staging, out = Path(staging), Path(out)
+    for entry in sorted(staging.iterdir(), key=lambda e: e.name == last):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.is_symlink():
+            target.unlink()
+        os.replace(entry, target)
+    staging.rmdir()
+
+
 @contextlib.contextmanager
 def writing(folder, what: str, cleanup=(), advice: str = RETRY):
     """A failed write inside the block becomes one line naming `folder` and `what`; the partial

@@ -1,4 +1,4 @@
-"""Reliability beyond the one-line rows of test_bad_inputs_round2.py: two live runs into one folder, a
+"""Reliability beyond the one-line rows of test_bad_files.py: two live runs into one folder, a
 lock left by a killed run, a full disk followed by a resume, a real full (tmpfs) disk where the
 machine allows mounting one, SIGTERM during the final save, 16-bit images, YAML floats, the
 --sample_timesteps rule of scripts that load a model, the --fid origin record and the sample grid cap."""

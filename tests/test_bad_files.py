@@ -1,11 +1,11 @@
-"""The second round of bad inputs : silent data loss, a full disk at every write point,
-damaged files, input sanity. Each row of docs/bad-inputs-round2.md is a row here, run by the harness of
+"""Bad files and output folders: locks, silent data loss, a full disk at every write point,
+damaged files, input sanity. Each row of docs/bad-inputs.md is a row here, run by the harness of
 test_bad_inputs.py: one `error:` (or `notice:` / `warning:`) line on stderr, its exit code, no traceback,
 every file that was on disk before unchanged (checksums) except those the row may write, no partial
 file or lock left behind, plus the row's own checks.
 
 A full disk is simulated from outside the library by tests/faults.py --disk_full POINT[:N]: the N-th
-write at POINT fails with ENOSPC after part of it is on disk. tests/test_reliability_round2.py also
+write at POINT fails with ENOSPC after part of it is on disk. tests/test_reliability_cases.py also
 fills a real (tmpfs) disk where the machine allows it.
 """
 
@@ -19,7 +19,7 @@ import pytest
 from conftest import REPO, run_script
 from test_bad_inputs import OOD, RESUME, SAMPLE, TRAIN, Row, _file, _finished_run, _pipeline, check_row, run_rows
 
-DOC = REPO / "docs" / "bad-inputs-round2.md"
+DOC = REPO / "docs" / "bad-inputs.md"
 RESUME_LATEST = [*RESUME, "--resume_from_checkpoint", "latest"]
 _held_locks = []  # locks this (pytest) process holds for the rows that meet a live run
 _fid_cache = {}
@@ -694,19 +694,19 @@ assert len(set(ROW_IDS)) == len(ROWS)
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, trained_pipeline):
     try:
-        yield run_rows(ROWS, tmp_path_factory.mktemp("bad_inputs_round2"), trained_pipeline)
+        yield run_rows(ROWS, tmp_path_factory.mktemp("bad_files"), trained_pipeline)
     finally:
         for held in _held_locks:
             held.release()
 
 
 @pytest.mark.parametrize("row", ROWS, ids=ROW_IDS)
-def test_bad_input_round2(row, results):
+def test_bad_file_row(row, results):
     check_row(row, results[row.id])
 
 
 def test_docs_table_lists_every_row():
-    """Each row is in docs/bad-inputs-round2.md (the rows the README's table gains)."""
+    """Each row is in docs/bad-inputs.md (the rows the README's table gains)."""
     table = DOC.read_text()
     for row in ROWS:
         assert f"| {row.label} |" in table, f"{DOC.name} lacks the row {row.label!r}"

@@ -1,8 +1,7 @@
-"""The third round of bad inputs ("Tracebacks and wrong messages", "Silent wrong or lost data"; the
-"Round 3" table of docs/bad-inputs-round2.md):
-what someone else's model or dataset folder may hold. Each case is one line on stderr (no traceback), its
-exit code, nothing written; the rows are listed in docs/bad-inputs-round2.md, section "Round 3". The
-commands run in this process (their `main`, wrapped by run_cli) where they fail before any work."""
+"""What a model or dataset folder handed over by someone else may hold. Each case is one line on stderr
+(no traceback), its exit code, nothing written; the rows are listed in docs/bad-inputs.md, section
+"Untrusted models and data". The commands run in this process (their `main`, wrapped by run_cli) where
+they fail before any work."""
 
 import json
 import shutil
@@ -15,7 +14,7 @@ from conftest import REPO, tiny_unet
 
 from ddpm_hf.util.errors import DDPMError
 
-DOC = REPO / "docs" / "bad-inputs-round2.md"
+DOC = REPO / "docs" / "bad-inputs.md"
 
 
 def one_line(capsys, call, *parts, code=1) -> str:
@@ -43,7 +42,7 @@ def pipe(tmp_path_factory) -> Path:
     from ddpm_hf.diffusion.sampling import make_noise_scheduler
     from ddpm_hf.models.pipeline import save_pipeline
 
-    folder = tmp_path_factory.mktemp("round3") / "pipe"
+    folder = tmp_path_factory.mktemp("untrusted_models") / "pipe"
     save_pipeline(folder, tiny_unet(), make_noise_scheduler(100, 1e-4, 0.02), {"dataset": "mnist5k"})
     return folder
 
@@ -440,3 +439,105 @@ def test_resume_from_a_checkpoint_folder_without_a_step(tmp_path, capsys):
         "checkpoints",
         "model.safetensors",
     ]
+
+
+# ---- 10. messages that name what is wrong: a tiny first image, a cache variable that is a file -------------
+
+
+def _folder_with_first(tmp_path, first_size) -> Path:
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("L", first_size, 7).save(data / "a.png")  # sorted first: it decides the size
+    for i in range(3):
+        Image.new("L", (16, 16), 50 * i).save(data / f"b{i}.png")
+    return data
+
+
+def test_tiny_first_image_is_named_not_size(tmp_path):
+    from conftest import TINY_MODEL, run_script
+
+    data = _folder_with_first(tmp_path, (1, 1))
+    model = [a for a in TINY_MODEL if a not in ("--size", "16")]
+    argv = ["--dataset", data, *model, "--no_wandb", "--max_train_steps", "1", "--output_dir", tmp_path / "out"]
+    proc = run_script("train_ddpm.py", *argv, check=False, env={"OMP_NUM_THREADS": "1"})
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(("error", "Traceback"))]
+    assert proc.returncode == 2 and lines == [
+        f"error: the first image of {data} (a.png, 1x1) decides the training size when --size is not given, and 1 px "
+        "is too small to train at (at least 8); pass --size (e.g. --size 32; every image is resized to it), or "
+        "remove that image"
+    ], proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "size, channel_mult, expected",
+    [
+        (
+            15,
+            (1, 2),
+            "15 is not divisible by 2, the UNet's total downsampling with 2 levels (--channel_mult); "
+            "pass --size (e.g. --size 16;",
+        ),
+        (4, (1, 2), "4 px is too small to train at (at least 8); pass --size (e.g. --size 32;"),
+        (16, (1, 2, 2, 2, 2, 2), "16 px is too small to train at (at least 32); pass --size (e.g. --size 32;"),
+    ],
+)
+def test_size_from_the_first_image_blames_the_image(size, channel_mult, expected):
+    from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.models.unet import check_size_from_first_image
+    from ddpm_hf.util.errors import UsageError
+
+    cfg = DDPMConfig(channel_mult=list(channel_mult))
+    with pytest.raises(UsageError) as err:
+        check_size_from_first_image(cfg, size, f"a.png, {size}x{size}", "data")
+    assert str(err.value).startswith(f"the first image of data (a.png, {size}x{size}) decides the training size")
+    assert expected in str(err.value)
+    check_size_from_first_image(cfg, 32 if len(channel_mult) == 6 else 16, "a.png, 16x16", "data")  # a usable size
+
+
+@pytest.mark.parametrize(
+    "script, variable, plant",
+    [
+        ("train", "HF_HOME", "HF_HOME"),
+        ("sample", "HF_HOME", "HF_HOME"),
+        ("ood", "HF_HOME", "HF_HOME"),
+        ("train", "HF_DATASETS_CACHE", "HF_DATASETS_CACHE"),
+        ("train", "HF_HUB_CACHE", "HF_HOME/hub"),
+    ],
+)
+def test_cache_variable_that_is_a_file_is_named(script, variable, plant, pipe, tmp_path, capsys, monkeypatch):
+    from ddpm_hf.commands import ood_cli, sample_cli, train_cli
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    if plant == "HF_HOME/hub":
+        blocker = home / "hub"
+    else:
+        blocker = tmp_path / "a_file"
+        monkeypatch.setenv(plant, str(blocker))
+    blocker.write_text("not a folder")
+    out = ["--output_dir", str(tmp_path / "out")]
+    mains = {
+        "train": partial(train_cli.main, ["--dataset", str(tmp_path), "--no_wandb", *out]),
+        "sample": partial(sample_cli.main, ["--checkpoint", str(pipe), *out]),
+        "ood": partial(
+            ood_cli.main, ["--checkpoint", str(pipe), "--dataset", "mnist5k", "--out_dataset", "fashionmnist", *out]
+        ),
+    }
+    line = one_line(capsys, mains[script], code=2)
+    if plant == "HF_HOME/hub":
+        assert line == (
+            f"error: {blocker} (the default of HF_HUB_CACHE, which is not set) is a file, not a folder; the Hugging "
+            "Face caches are kept there: move that file away, or set HF_HUB_CACHE to a folder"
+        )
+    else:
+        assert line == (
+            f"error: {variable} {blocker} is a file, not a folder; the Hugging Face caches are kept there: point "
+            f"{variable} at a folder, or unset it"
+        )
+    assert blocker.read_text() == "not a folder" and not (tmp_path / "out").exists()
