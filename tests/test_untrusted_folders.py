@@ -450,13 +450,13 @@ def test_detector_files_linking_outside_are_refused(tmp_path, capsys, name):
     assert not (tmp_path / "o").exists()
 
 
-def test_linked_fid_cache_entry_is_not_read_and_is_replaced(tmp_path, victim, capsys):
+def test_linked_fid_cache_entry_is_not_read_and_is_replaced(tmp_path, victim, caplog):
     from ddpm_hf.metrics import fid
 
     entry = _plant(tmp_path / "cache", "mnist5k_test_16px_1ch_0123.safetensors", victim)
     assert fid._read_reference_cache(entry, {"any": "key"}) is None
-    err = capsys.readouterr().err.splitlines()
-    assert err == [f"warning: ignoring the FID cache entry {entry}, a symbolic link; recomputing it"]
+    warnings = [line for line in caplog.messages if line.startswith("warning:")]
+    assert warnings == [f"warning: ignoring the FID cache entry {entry}, a symbolic link; recomputing it"]
     import torch
 
     fid._write_reference_cache(entry, {"sum": torch.zeros(2)}, {"ddpm_hf": "{}"})

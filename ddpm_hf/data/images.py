@@ -274,10 +274,9 @@ def _without_links_out(folder: Path, files: list) -> list:
     out = short(", ".join(str(p.relative_to(folder)) for p in files if p not in set(own)))
     if not own:
         raise UsageError(f"image folder {folder} holds only links leading outside it ({out}); copy the images into it")
-    print(
+    logger.warning(
         f"warning: skipping {len(files) - len(own)} file(s) of {folder} that link outside it ({out}); copy them "
-        f"into the folder to use them",
-        file=sys.stderr,
+        f"into the folder to use them"
     )
     return own
 

@@ -374,7 +374,7 @@ def _read_reference_cache(path: Path, key: dict) -> Optional[dict]:
     """The cached statistics of `key`, or None (absent, another key, or damaged: recomputed then). An entry
     that is a link is not read (it could put any file's statistics under the key); writing replaces it."""
     if path.is_symlink():
-        print(f"warning: ignoring the FID cache entry {path}, a symbolic link; recomputing it", file=sys.stderr)
+        logger.warning(f"warning: ignoring the FID cache entry {path}, a symbolic link; recomputing it")
         return None
     if not path.is_file():
         return None
