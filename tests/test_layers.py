@@ -208,8 +208,9 @@ def test_the_format_follows_the_first_readable_image():
         def take(self, n):
             return self[:n]
 
-    assert images._stream_format(Stream(raw), "image", "s") == (3, 6)
-    assert images._stream_format(Stream([{"image": np.zeros((5, 7), np.uint8)}]), "image", "s") == (1, 5)
+    assert images._stream_format(Stream(raw), "image", "s") == (3, 6, "the first image, 8x6")
+    arrays = Stream([{"image": np.zeros((5, 7), np.uint8)}])
+    assert images._stream_format(arrays, "image", "s") == (1, 5, "an array of (5, 7)")
     with pytest.raises(DDPMError, match="none of the first 50 images of s can be read"):
         images._stream_format(Stream(raw[:1] * 60), "image", "s")
 
