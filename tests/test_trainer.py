@@ -9,8 +9,8 @@ from diffusers import UNet2DModel
 
 from ddpm_hf.config.options import DDPMConfig
 from ddpm_hf.training.ema import ema_weights, make_ema
-from ddpm_hf.training.output import prepare_output_dir
-from ddpm_hf.training.trainer import Trainer, TrainerState
+from ddpm_hf.training.checkpoints import TrainerState
+from ddpm_hf.training.output import check_output_dir, prepare_output_dir
 
 
 def _tiny_unet():
@@ -32,7 +32,8 @@ def test_overwrite_output_dir_removes_what_an_earlier_run_left(tmp_path):
         (out / name).mkdir(parents=True)
     for name in ("samples/epoch_0001.png", "train_log.jsonl", "fid.json", "ood_results.json", "notes.txt"):
         (out / name).write_text("x")
-    prepare_output_dir(DDPMConfig(output_dir=str(out), overwrite_output_dir=True))
+    cfg = DDPMConfig(output_dir=str(out), overwrite_output_dir=True)
+    prepare_output_dir(check_output_dir(cfg), cfg)
     # The old grids, best_fid/, fid.json and the OOD results are gone; what is not a run's stays.
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["notes.txt", "samples"]
     assert list((out / "samples").iterdir()) == []
@@ -44,7 +45,8 @@ def test_without_overwrite_an_earlier_run_is_refused_and_kept(tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints" / "checkpoint-4").mkdir(parents=True)
     with pytest.raises(UsageError, match="holds checkpoints of an earlier run"):
-        prepare_output_dir(DDPMConfig(output_dir=str(out)))
+        cfg = DDPMConfig(output_dir=str(out))
+        prepare_output_dir(check_output_dir(cfg), cfg)
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
 
 
@@ -81,7 +83,6 @@ def test_trainer_step_updates_the_weights_the_ema_and_the_schedule():
     """train_step + after_update on build_parts, the step a run makes and benchmarks/run.py times."""
     from accelerate import Accelerator
 
-    from ddpm_hf.training.checkpoints import TrainerState
     from ddpm_hf.training.parts import build_parts
     from ddpm_hf.training.train_step import after_update, model_input, train_step
 

@@ -50,7 +50,7 @@ from .output import (
     save_pipeline_atomically,
     trim_log,
 )
-from .parts import TrainingParts, build_parts, load_training_data
+from .parts import build_parts, load_training_data
 from .train_step import after_update, model_input, train_step
 
 
@@ -250,9 +250,8 @@ class Trainer:
             )
 
     def _init_tracker(self) -> None:
-        flat = {
-            k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in public_config(self.cfg.to_dict()).items()
-        }
+        record = public_config(self.cfg.to_dict())
+        flat = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in record.items()}
         self.accelerator.init_trackers(
             "DDPM",
             config=flat,
