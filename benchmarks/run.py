@@ -59,8 +59,8 @@ from ddpm_hf.config.options import DDPMConfig  # noqa: E402
 from ddpm_hf.data.images import batch_loader, load_images, to_model_range  # noqa: E402
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
 from ddpm_hf.models.unet import build_unet, count_parameters, unet_kwargs  # noqa: E402
-from ddpm_hf.training.ema import PlainEMA  # noqa: E402
 from ddpm_hf.training.checkpoints import TrainerState  # noqa: E402
+from ddpm_hf.training.ema import PlainEMA  # noqa: E402
 from ddpm_hf.training.parts import CPU_MICRO_BATCH, build_parts  # noqa: E402
 from ddpm_hf.training.train_step import after_update, model_input, train_step  # noqa: E402
 from ddpm_hf.util import host_memory  # noqa: E402

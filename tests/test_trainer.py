@@ -8,8 +8,8 @@ import torch
 from diffusers import UNet2DModel
 
 from ddpm_hf.config.options import DDPMConfig
-from ddpm_hf.training.ema import ema_weights, make_ema
 from ddpm_hf.training.checkpoints import TrainerState
+from ddpm_hf.training.ema import ema_weights, make_ema
 from ddpm_hf.training.output import check_output_dir, prepare_output_dir
 
 

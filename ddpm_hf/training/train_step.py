@@ -1,8 +1,8 @@
 """One training step through the parts (parts.py), as a run makes it and benchmarks/run.py times it:
 
-    x0 = model_input(parts, cfg, batch)          uint8 images -> pixels in [-1, 1] or VAE latents
-    flags = train_step(parts, cfg, state, x0)    forward/backward, collective flags, optimiser update
-    after_update(parts, state)                   LR schedule, EMA, step counter (after an update)
+x0 = model_input(parts, cfg, batch)          uint8 images -> pixels in [-1, 1] or VAE latents
+flags = train_step(parts, cfg, state, x0)    forward/backward, collective flags, optimiser update
+after_update(parts, state)                   LR schedule, EMA, step counter (after an update)
 """
 
 import contextlib

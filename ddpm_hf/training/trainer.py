@@ -114,7 +114,6 @@ def _check_launch(accelerator) -> None:
         )
 
 
-
 class Trainer:
     def __init__(self, cfg: DDPMConfig):
         self.cfg = cfg
