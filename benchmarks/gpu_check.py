@@ -3,7 +3,7 @@
     bash benchmarks/gpu_check.sh                       # on a GPU machine: under 8 minutes, no downloads
     bash benchmarks/gpu_check.sh --tiny                # any machine (the test suite runs this on the CPU)
 
-Synthetic uint8 data, the trainer's own step (benchmarks/run.py's OurStep: the Trainer's run_step, fused AdamW,
+Synthetic uint8 data, the trainer's own step (benchmarks/run.py's OurStep: train_step.py on build_parts, fused AdamW,
 one-cycle LR, foreach EMA) for the seed's default UNet (1x32x32, 6.47 M parameters) and the DDPM paper's
 CIFAR-10 UNet (3x32x32, 128 channels, mults 1,2,2,2, 2 res blocks, attention at 16x16, dropout 0.1;
 35.7 M parameters), batch 128, in bf16 autocast and fp32 with TF32, eager and torch.compile'd; DDIM

@@ -6,7 +6,7 @@
 
 The targets printed (`targets`) are those of the machine: bf16 ones where bf16 is native, fp32 ones
 elsewhere. Sections (all on the seed's default model, 1x32x32, 6,469,889 parameters):
-  train     ddpm-hf's training step (the Trainer's own run_step: uint8 batches, micro-batches of 32 on
+  train     ddpm-hf's training step (train_step.py on build_parts: uint8 batches, micro-batches of 32 on
             a CPU, fused AdamW, foreach EMA, host_memory.py's allocator policy) in fp32 (and bf16 where
             native), at batch 32 and the seed's 128, against the original GenerativeZoo step and a naive
             step written as diffusers' train_unconditional.py does it (benchmarks/naive.py); each arm in
@@ -59,8 +59,10 @@ from ddpm_hf.config.options import DDPMConfig  # noqa: E402
 from ddpm_hf.data.images import batch_loader, load_images, to_model_range  # noqa: E402
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
 from ddpm_hf.models.unet import build_unet, count_parameters, unet_kwargs  # noqa: E402
+from ddpm_hf.training.checkpoints import TrainerState  # noqa: E402
 from ddpm_hf.training.ema import PlainEMA  # noqa: E402
-from ddpm_hf.training.trainer import CPU_MICRO_BATCH, Trainer  # noqa: E402
+from ddpm_hf.training.parts import CPU_MICRO_BATCH, build_parts  # noqa: E402
+from ddpm_hf.training.train_step import after_update, model_input, train_step  # noqa: E402
 from ddpm_hf.util import host_memory  # noqa: E402
 from ddpm_hf.util.precision import inference_autocast, native_bf16  # noqa: E402
 
@@ -197,44 +199,42 @@ class Inputs:
 
 
 class OurStep:
-    """ddpm-hf's training step, the Trainer's own: `Trainer.run_step` (uint8 batch -> `to_model_range`,
-    `diffusion_loss` under the autocast of `precision`, backward, fused AdamW) and `after_update` (the
-    one-cycle LR, the foreach EMA), on a Trainer built for `images` (one Accelerator per process, so the
-    bf16 arms enter their own autocast, as Accelerate's does under --mixed_precision bf16)."""
+    """ddpm-hf's training step, the Trainer's own: the parts `build_parts` makes for `images` and the
+    step of train_step.py (uint8 batch -> `to_model_range`, `diffusion_loss` under the autocast of
+    `precision`, backward, fused AdamW, then `after_update`: the one-cycle LR, the foreach EMA). One
+    Accelerator per process, so the bf16 arms enter their own autocast, as Accelerate's does under
+    --mixed_precision bf16."""
 
     def __init__(self, unet, images: torch.Tensor, cfg: DDPMConfig, precision: str, device, channels_last=False):
         device = torch.device(device)
         if channels_last:
             unet.to(memory_format=torch.channels_last)
-        trainer = Trainer.for_step(
-            dataclasses.replace(cfg, max_train_steps=10**6),  # the LR schedule never runs out
-            unet,
-            images,
-            Accelerator(cpu=device.type == "cpu", mixed_precision="no"),
-        )
-        if channels_last:
-            trainer.model_input = lambda batch: Trainer.model_input(trainer, batch).contiguous(
-                memory_format=torch.channels_last
-            )
+        self.cfg = dataclasses.replace(cfg, max_train_steps=10**6)  # the LR schedule never runs out
+        self.parts = build_parts(self.cfg, Accelerator(cpu=device.type == "cpu", mixed_precision="no"), unet, images)
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        trainer.autocast = (
+        self.parts.autocast = (
             (lambda: torch.autocast(device.type, dtype=dtype)) if precision != "no" else contextlib.nullcontext
         )
-        trainer.unet.train()
-        self.trainer, self.batches = trainer, self._endless()
+        self.parts.unet.train()
+        self.channels_last, self.state = channels_last, TrainerState.on(device)
+        self.batches = self._endless()
 
     def _endless(self):
         while True:
-            for (batch,) in self.trainer.loader:
+            for (batch,) in self.parts.loader:
                 yield batch
 
     def compile(self, mode=None) -> None:
         """torch.compile the UNet (`mode`: torch.compile's, e.g. "max-autotune" or "reduce-overhead")."""
-        self.trainer.unet = torch.compile(self.trainer.unet, mode=mode)
+        self.parts.unet = torch.compile(self.parts.unet, mode=mode)
 
     def __call__(self):
-        if self.trainer.run_step(next(self.batches)):
-            self.trainer.after_update()
+        x0 = model_input(self.parts, self.cfg, next(self.batches))
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        flags = train_step(self.parts, self.cfg, self.state, x0)
+        if flags[0] == 0 and self.parts.accelerator.sync_gradients:
+            after_update(self.parts, self.state)
 
 
 # ---- sections ------------------------------------------------------------------------------

@@ -57,22 +57,32 @@ def nth_call(nth: int):
 
 
 def nan_at_step(step: int) -> None:
-    """Trainer._collective_flags sees the loss of the batch for step global_step + 1: make it NaN once
-    (with --skip_nonfinite_steps the same step number comes again, this time finite)."""
+    """train_step.collective_flags sees the loss of the batch for step global_step + 1 (Trainer.run_step
+    notes which step that is): make it NaN once (with --skip_nonfinite_steps the same step number comes
+    again, this time finite)."""
+    from ddpm_hf.training import train_step
     from ddpm_hf.training.trainer import Trainer
 
-    fired = []
+    fired, current = [], {}
 
-    def make(original):
-        def flags(self, loss, stop):
-            if not fired and self.state.global_step + 1 == step:
+    def make_run_step(original):
+        def run_step(self, batch, stop=None):
+            current["step"] = self.state.global_step + 1
+            return original(self, batch, stop)
+
+        return run_step
+
+    def make_flags(original):
+        def flags(accelerator, loss, stop_requested):
+            if not fired and current.get("step") == step:
                 fired.append(step)
                 loss = loss * float("nan")
-            return original(self, loss, stop)
+            return original(accelerator, loss, stop_requested)
 
         return flags
 
-    wrap(Trainer, "_collective_flags", make)
+    wrap(Trainer, "run_step", make_run_step)
+    wrap(train_step, "collective_flags", make_flags)
 
 
 def kill_at_step(step: int) -> None:

@@ -62,11 +62,10 @@ class FidHook:
     its share of the batches (seeded by global batch index: the same images as one process draws); the
     features are gathered in image order and the main process scores them."""
 
-    def __init__(self, cfg: DDPMConfig, out: Path, accelerator, export, vae=None):
-        """`export(folder, step, **record)` writes the EMA pipeline (the trainer's export_pipeline)."""
+    def __init__(self, cfg: DDPMConfig, out: Path, accelerator):
         from ..metrics.fid import FIDEvaluator
 
-        self.cfg, self.out, self.accelerator, self.export, self.vae = cfg, out, accelerator, export, vae
+        self.cfg, self.out, self.accelerator = cfg, out, accelerator
         self.best_dir = out / "best_fid"
         # Loads Inception now (on every process: each extracts its share): missing weights fail before any step.
         self.evaluator = FIDEvaluator(
@@ -76,22 +75,23 @@ class FidHook:
         if cfg.resume_from_checkpoint and (self.best_dir / "fid.json").exists():
             self.best = read_json(self.best_dir / "fid.json", "restore it or delete best_fid/")["fid"]
 
-    def __call__(self, model, ema, sampler, steps: int, epoch: int, global_step: int) -> None:
+    def __call__(self, parts, epoch: int, global_step: int) -> None:
+        """Evaluate the EMA model of the training parts (parts.py) after `global_step` updates."""
         from ..metrics.sharded import gather_in_order, image_indices, my_batches
 
         count, batch_size = self.cfg.fid_num_samples, self.cfg.batch_size
         mine = my_batches(count, batch_size, self.accelerator)
-        with ema_weights(ema, model):
+        with ema_weights(parts.ema, parts.model):
             # The same noise at every evaluation: FID changes come from the model, not the draw.
             images = generate(
-                model,
-                sampler,
+                parts.model,
+                parts.sampler,
                 count,
-                steps,
+                parts.sample_steps,
                 eta=self.cfg.ddpm,
                 seed=self.cfg.seed,
                 batch_size=batch_size,
-                vae=self.vae,
+                vae=parts.vae,
                 progress=False,
                 batches=mine,
             )
@@ -103,7 +103,7 @@ class FidHook:
             result = self.evaluator.score(features, size, channels, time.time() - start)
             self._report(result, len(features), epoch, global_step)
             if self.cfg.save_best_fid and result["fid"] < self.best:
-                self._save_best(result, epoch, global_step)
+                self._save_best(parts, result, epoch, global_step)
         self.accelerator.wait_for_everyone()
 
     def _report(self, result: dict, count: int, epoch: int, global_step: int) -> None:
@@ -130,8 +130,8 @@ class FidHook:
         )
         logger.info(f"epoch {epoch + 1}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({count} EMA samples)")
 
-    def _save_best(self, result: dict, epoch: int, global_step: int) -> None:
+    def _save_best(self, parts, result: dict, epoch: int, global_step: int) -> None:
         self.best = result["fid"]
         make_subdir(self.out, self.best_dir.name)  # a link there is refused, not saved into
-        save_pipeline_atomically(self.best_dir, lambda folder: self.export(folder, global_step, fid=result["fid"]))
+        save_pipeline_atomically(self.best_dir, parts, self.cfg, global_step, fid=result["fid"])
         write_json(self.best_dir / "fid.json", dict(result, step=global_step, epoch=epoch))

@@ -6,11 +6,16 @@ give its checkpoint a meaning (RESUME_FIXED).
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
+from diffusers import UNet2DModel
+
 from ..config.options import DDPMConfig
 from ..data.images import same_dataset
+from ..diffusion.sampling import make_sampler
+from ..models.pipeline import save_pipeline
 from ..util.errors import UsageError
 from ..util.files import (
     append_line,
@@ -153,10 +158,11 @@ def _flag_value(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def prepare_output_dir(cfg: DDPMConfig, main: bool = True) -> Path:
-    """Create the output folder; in the main process hold it for this run (lock.py) and, with
-    --overwrite_output_dir, remove what an earlier run left there (files.clear_earlier_run)."""
-    out = make_output_dir(check_output_dir(cfg))
+def prepare_output_dir(out: Path, cfg: DDPMConfig, main: bool = True) -> Path:
+    """Create the output folder `out` (as check_output_dir checked it); in the main process hold it for
+    this run (lock.py) and, with --overwrite_output_dir, remove what an earlier run left there
+    (files.clear_earlier_run)."""
+    out = make_output_dir(out)
     if main:
         lock_output_dir(out, "train_ddpm.py")
     if main and cfg.overwrite_output_dir:
@@ -182,9 +188,30 @@ def append_log(log_path: Path, record: dict) -> None:
     append_line(log_path, json.dumps(record) + "\n", "a line of the training log", advice=RESUME_HINT)
 
 
-def save_pipeline_atomically(out: Path, save) -> None:
-    """`save(folder)` into a hidden folder, then move its entries in with model_index.json last: the
-    file that marks a finished run appears only when everything else is in place."""
+def export_pipeline(parts, cfg: DDPMConfig, folder: Path, step: int, **record) -> None:
+    """The training parts' EMA weights as a standard pipeline folder, its record saying what ran
+    (`step`, the resolved mixed precision, and `record`: e.g. the FID of best_fid/)."""
+    final = UNet2DModel.from_config(parts.model.config)
+    parts.ema.copy_to(final.parameters())
+    trained = dict(
+        trained_steps=step,
+        trained_epochs=math.ceil(step / parts.steps_per_epoch),
+        mixed_precision_used=parts.accelerator.mixed_precision,
+        **record,
+    )  # what ran: `auto` resolved
+    save_pipeline(
+        folder,
+        final,
+        make_sampler("ddim", parts.noise_scheduler.config),
+        {**cfg.to_dict(), **trained},
+        vae=parts.vae,
+    )
+
+
+def save_pipeline_atomically(out: Path, parts, cfg: DDPMConfig, step: int, **record) -> None:
+    """export_pipeline into a hidden folder, then move its entries in with model_index.json last: the
+    file that marks a finished run appears only when everything else is in place (the final output,
+    best_fid/)."""
     tmp = out / ".pipeline.partial"
     remove(tmp)  # rmtree leaves a planted link there, and the save would write through it
     kept = " and the earlier pipeline there is unchanged" if (out / "model_index.json").exists() else ""
@@ -195,5 +222,5 @@ def save_pipeline_atomically(out: Path, save) -> None:
         advice=f"its partial files were removed{kept}; the last checkpoint is saved: free some space, then write "
         f"the pipeline with the same command plus --resume_from_checkpoint latest",
     ):
-        save(tmp)
+        export_pipeline(parts, cfg, tmp, step, **record)
     move_in(tmp, out, last="model_index.json")
