@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..util.errors import DDPMError, short
+from ..util.errors import DDPMError, UsageError, short
 from ..util.files import atomic_write, free_bytes, open_own, remove
 from ..util.lock import waiting_lock
 from .images import ImageData, SplitSource, folder_fingerprint, load_images, prepare_split
@@ -170,12 +170,17 @@ def cached_images(
     file (decoded into it first when it is missing or stale): indexing it reads only those images."""
     source = prepare_split(name, split, cfg, size, channels, limit)
     key = cache_key(source, cfg, limit)
-    folder = Path(cache_dir or getattr(cfg, "cache_dir", None) or default_cache_dir()).expanduser()
+    chosen = cache_dir or getattr(cfg, "cache_dir", None)
+    folder = Path(chosen or default_cache_dir()).expanduser()
     try:
         images, header = _open_or_build(cache_path(folder, key), source, key, progress)
     except (OSError, CacheUnavailable) as err:
         reason = getattr(err, "strerror", None) or short(err, 160)
-        print(
+        if chosen:
+            raise UsageError(
+                f"cannot keep the decoded images in --cache_dir {folder} ({reason}); choose a writable folder with room"
+            ) from None
+        print(  # the default folder only saves memory: without it, training decodes as it always could
             f"warning: cannot keep the decoded images in {folder} ({reason}); decoding them into memory instead "
             f"(set --cache_dir to a writable folder with space)",
             file=sys.stderr,

@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..config.options import DDPMConfig
-from ..data.images import StreamingBatches, batch_loader, load_images, stream_images, to_model_range
+from ..data.cache import cached_images
+from ..data.images import StreamingBatches, batch_loader, stream_images, to_model_range
 from ..diffusion.latent import encode_dataset, latent_format, load_training_vae, training_latents
 from ..diffusion.sampling import (
     GRID_MAX,
@@ -263,7 +264,7 @@ class Trainer:
         data = (
             stream_images(cfg.dataset, cfg, accelerator.process_index, accelerator.num_processes, size, channels)
             if cfg.streaming
-            else load_images(cfg.dataset, "train", cfg, size, channels, limit=cfg.max_train_samples, progress=self.main)
+            else cached_images(cfg.dataset, "train", cfg, size, channels, cfg.max_train_samples, self.main)
         )
         vae = self.vae
         if vae is not None:
