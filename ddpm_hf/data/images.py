@@ -1,4 +1,4 @@
-"""Image data, all through `datasets`, decoded once into uint8 tensors.
+"""Image data, all through `datasets`, decoded once to uint8 (training keeps it on disk: cache.py).
 
 `--dataset` is a registry name (the seed's datasets plus the offline `mnist5k` and
 `animalmnist`), a Hub dataset id (`user/name`) or a local image folder. Every source
