@@ -41,7 +41,6 @@ IGNORED = {"local_rank": int}
 UNSUPPORTED = {
     "save_model_epochs": "the pipeline is saved at the end and resumable checkpoints every --checkpointing_steps "
     "optimiser steps; use --checkpointing_steps",
-    "cache_dir": "set HF_HOME (or HF_DATASETS_CACHE and HF_HUB_CACHE) for the download caches",
     "logging_dir": "tracker logs always go to OUTPUT_DIR/logs",
     "enable_xformers_memory_efficient_attention": "the UNet already uses PyTorch's scaled_dot_product_attention; "
     "drop the flag",

@@ -84,6 +84,12 @@ class DDPMConfig:
         "data",
     )
     shuffle_buffer_size: int = _opt(10000, "Images in the shuffle buffer of --streaming.", "data")
+    cache_dir: Optional[str] = _opt(
+        None,
+        "Folder of the decoded training images, memory-mapped and shared by the processes and later runs of the "
+        "same data (default: $HF_HOME/ddpm_hf/images).",
+        "data",
+    )
     crop: str = _opt(
         "center",
         "How an image that is not square is cut to --size after its shorter side is resized: its centre, "

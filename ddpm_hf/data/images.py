@@ -1,4 +1,4 @@
-"""Image data, all through `datasets`, decoded once into uint8 tensors.
+"""Image data, all through `datasets`, decoded once to uint8 (training keeps it on disk: cache.py).
 
 `--dataset` is a registry name (the seed's datasets plus the offline `mnist5k` and
 `animalmnist`), a Hub dataset id (`user/name`) or a local image folder. Every source
@@ -7,6 +7,7 @@ shape (N, C, size, size) that the trainer normalises to [-1, 1] on whole batches
 """
 
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -492,16 +493,85 @@ class ImageData:
     first_image: str = ""  # that image, `name.png, WxH` (describe_image), when it decided the size
 
 
-def load_images(
-    name: str,
-    split: str,
-    cfg,
-    size: Optional[int] = None,
-    channels: Optional[int] = None,
-    limit: Optional[int] = None,
-    progress: bool = True,
-) -> ImageData:
-    """Decode a split once into a uint8 tensor at the requested (or the dataset's) size and channels."""
+DECODE_CHUNK = 1024  # images decoded before they are handed on together (the disk cache writes each chunk)
+ARRAY_CHUNK = 4096  # images of an array-backed dataset converted and resized together
+
+
+@dataclass
+class SplitSource:
+    """A split ready to decode (nothing decoded yet): its rows, the format they are decoded to, and
+    where that format came from. `chunks()` decodes it in order; `skipped` counts unreadable images."""
+
+    name: str
+    split: str
+    rows: object  # datasets.Dataset: an array column, or datasets.Image(decode=False) values
+    column: str
+    channels: int
+    size: int
+    arrays: bool  # an array-backed registry dataset (converted in whole batches)
+    decided_by: str = ""
+    crop_seed: Optional[int] = None  # --crop random: a window per image from (seed, index)
+    fingerprint: str = ""  # datasets' fingerprint of the rows (a folder's files are fingerprinted separately)
+    skipped: int = 0
+    first_image: str = ""  # the image that decided the size, `name.png, WxH` (describe_image)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def files_digest(self) -> str:
+        """A digest of the image files a folder's split serves, in order (names, sizes, modification
+        times): any edit changes it. Read from the rows, so the folder is not walked a second time."""
+        digest = hashlib.sha256()
+        for ref in self.rows[self.column]:
+            info = os.stat(ref["path"])
+            digest.update(f"{os.path.relpath(ref['path'], self.name)}:{info.st_size}:{info.st_mtime_ns};".encode())
+        return digest.hexdigest()[:16]
+
+    def chunks(self, progress: bool = True):
+        """uint8 (k, C, size, size) arrays, the images in order, at most DECODE_CHUNK (ARRAY_CHUNK) at a time."""
+        yield from (self._array_chunks() if self.arrays else self._decoded_chunks(progress))
+
+    def _array_chunks(self):
+        table = self.rows.with_format("numpy", columns=[self.column])
+        for start in range(0, len(table), ARRAY_CHUNK):
+            arr = np.asarray(table[start : start + ARRAY_CHUNK][self.column], dtype=np.uint8)
+            yield _resize_batch(torch.from_numpy(_to_channels(arr, self.channels)), self.size).numpy()
+
+    def _decoded_chunks(self, progress: bool):
+        out = []
+        desc = f"decoding {self.name} ({self.split})"
+        for index, item in enumerate(tqdm(self.rows, desc=desc, disable=not progress, unit="img", mininterval=2)):
+            pixels = self._decode(item[self.column], index)
+            if pixels is not None:
+                out.append(pixels)
+            if len(out) == DECODE_CHUNK:
+                yield np.stack(out)
+                out = []
+        if out:
+            yield np.stack(out)
+        if self.skipped:
+            where = f"{self.name} ({self.split})"
+            logger.warning(f"warning: skipped {self.skipped} unreadable image(s) of {len(self.rows)} in {where}")
+
+    def _decode(self, ref, index: int) -> Optional[np.ndarray]:
+        # a window per image from (seed, index): every process of a multi-process run cuts the same one
+        rng = None if self.crop_seed is None else np.random.default_rng([self.crop_seed, index])
+        try:
+            with _open(ref) as img:
+                return pil_to_array(img, self.channels, self.size, rng)
+        except Exception as err:  # unreadable or truncated file: skip it and count it
+            self.skipped += 1
+            if self.skipped <= 3:
+                where = ref.get("path") or "#" + str(index)
+                logger.warning(f"warning: skipping unreadable image {where} ({type(err).__name__})")
+            return None
+
+
+def prepare_split(
+    name: str, split: str, cfg, size: Optional[int] = None, channels: Optional[int] = None, limit: Optional[int] = None
+) -> SplitSource:
+    """A split of `name` to decode at the requested (or the dataset's) size and channels; only the
+    first image is read, when the format follows it."""
     ds, column, spec = load_split(name, split, cfg)
     if len(ds) == 0:
         raise UsageError(f"dataset {name} ({split} split) holds no images")
@@ -509,16 +579,9 @@ def load_images(
         ds = ds.select(range(min(limit, len(ds))))
     size = size or cfg.size or spec.size
     channels = channels or cfg.channels or spec.channels
-    if spec.loader is not None:  # array-backed: convert and resize whole batches
-        _check_decoded_fits(len(ds), channels, size, name, "")
-        arr = np.asarray(ds.with_format("numpy", columns=[column])[:][column], dtype=np.uint8)
-        images = torch.cat(
-            [
-                _resize_batch(torch.from_numpy(_to_channels(arr[i : i + 4096], channels)), size)
-                for i in range(0, len(arr), 4096)
-            ]
-        )
-        return ImageData(images, channels, size, name)
+    fingerprint = getattr(ds, "_fingerprint", "") or ""
+    if spec.loader is not None:
+        return SplitSource(name, split, ds, column, channels, size, arrays=True, fingerprint=fingerprint)
     import datasets
 
     raw = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped, not fatal
@@ -528,28 +591,30 @@ def load_images(
         channels = channels or (1 if is_gray(first.mode) else 3)
         decided_by, first_image = ("", "") if size else (size_decided_by(first), describe_image(first))
         size = size or min(first.size)
-    _check_decoded_fits(len(raw), channels, size, name, decided_by)
-    out, skipped = [], 0
     crop_seed = getattr(cfg, "seed", 0) if getattr(cfg, "crop", "center") == "random" else None
-    for index, item in enumerate(
-        tqdm(raw, desc=f"decoding {name} ({split})", disable=not progress, unit="img", mininterval=2)
-    ):
-        ref = item[column]
-        # a window per image from (seed, index): every process of a multi-process run cuts the same one
-        rng = None if crop_seed is None else np.random.default_rng([crop_seed, index])
-        try:
-            with _open(ref) as img:
-                out.append(pil_to_array(img, channels, size, rng))
-        except Exception as err:  # unreadable or truncated file: skip it and count it
-            skipped += 1
-            if skipped <= 3:
-                where = ref.get("path") or "#" + str(len(out) + skipped - 1)
-                logger.warning(f"warning: skipping unreadable image {where} ({type(err).__name__})")
-    if skipped:
-        logger.warning(f"warning: skipped {skipped} unreadable image(s) of {len(raw)} in {name} ({split})")
-    if not out:
+    return SplitSource(
+        name, split, raw, column, channels, size, False, decided_by, crop_seed, fingerprint, first_image=first_image
+    )
+
+
+def load_images(
+    name: str,
+    split: str,
+    cfg,
+    size: Optional[int] = None,
+    channels: Optional[int] = None,
+    limit: Optional[int] = None,
+    progress: bool = True,
+) -> ImageData:
+    """Decode a split once into a uint8 tensor in memory at the requested (or the dataset's) size and
+    channels (training keeps its images on disk instead: data/cache.py)."""
+    source = prepare_split(name, split, cfg, size, channels, limit)
+    _check_decoded_fits(len(source), source.channels, source.size, name, source.decided_by)
+    chunks = list(source.chunks(progress))
+    if not chunks:
         raise DDPMError(f"no readable images in dataset {name} ({split} split)")
-    return ImageData(torch.from_numpy(np.stack(out)), channels, size, name, skipped, decided_by, first_image)
+    images = torch.from_numpy(np.concatenate(chunks))
+    return ImageData(images, source.channels, source.size, name, source.skipped, source.decided_by, source.first_image)
 
 
 class ImageBatches(torch.utils.data.Dataset):

@@ -15,7 +15,8 @@ import torch
 from accelerate import Accelerator
 
 from ..config.options import DDPMConfig
-from ..data.images import StreamingBatches, batch_loader, load_images, stream_images
+from ..data.cache import cached_images
+from ..data.images import StreamingBatches, batch_loader, stream_images
 from ..diffusion.latent import encode_dataset, latent_format, load_training_vae
 from ..diffusion.sampling import make_noise_scheduler, make_sampler, noise_scheduler_from_config, num_inference_steps
 from ..models.pretrained import describe
@@ -147,7 +148,7 @@ def load_training_data(cfg: DDPMConfig, accelerator: Accelerator, start=None) ->
     data = (
         stream_images(cfg.dataset, cfg, accelerator.process_index, accelerator.num_processes, size, channels)
         if cfg.streaming
-        else load_images(cfg.dataset, "train", cfg, size, channels, limit=cfg.max_train_samples, progress=main)
+        else cached_images(cfg.dataset, "train", cfg, size, channels, cfg.max_train_samples, main)
     )
     if getattr(data, "first_image", ""):
         check_size_from_first_image(cfg, data.size, data.first_image, cfg.dataset)

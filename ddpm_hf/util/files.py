@@ -243,6 +243,13 @@ def atomic_write(path, write, what: Optional[str] = None, advice: str = RETRY) -
         os.replace(tmp, path)
 
 
+def remove_stale_temporaries(path) -> None:
+    """Remove the temporary files that atomic writes of `path` killed midway left beside it; only for a
+    caller that holds the file's lock (another process's write in progress would lose its file)."""
+    path = Path(path)
+    remove(*path.parent.glob(f".{path.name}.*.tmp"))
+
+
 def write_text(path, text: str, what: Optional[str] = None, advice: str = RETRY) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), what, advice)
 

@@ -9,8 +9,12 @@ locks. Locks are released when the command ends (`errors.run_cli`; no atexit hoo
 registers nothing process-wide); a library caller's at `release_all()`, or by the kernel at exit. The lock file is
 opened with O_NOFOLLOW and must be a regular file of one name (`files.open_own`): a link planted as
 `.ddpm_hf.lock` is refused in one line instead of having its target truncated.
+
+`waiting_lock(path)` is the other kind: processes that share a cache file (data/cache.py) wait for
+each other instead of being refused.
 """
 
+import contextlib
 import datetime
 import errno
 import json
@@ -153,6 +157,25 @@ def lock_output_dir(folder, command: Optional[str] = None) -> OutputLock:
         return held
     command = command or Path(sys.argv[0]).name or "python"
     return OutputLock(folder, command).acquire()
+
+
+@contextlib.contextmanager
+def waiting_lock(path):
+    """Hold the `flock` of the file `path` (created if missing, never through a link) for the block,
+    waiting while another process holds it: the processes building one shared cache file take turns."""
+    import fcntl
+
+    fd = open_own(path, os.O_RDWR | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:  # a file system without flock: each process builds on its own (renames stay atomic)
+            logger.warning(
+                f"cannot lock {path} ({err.strerror}); processes may build it twice", main_process_only=False
+            )
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 def release_all() -> None:
