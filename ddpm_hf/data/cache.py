@@ -149,9 +149,7 @@ def _build(path: Path, source: SplitSource, key: dict, progress: bool) -> None:
         raise CacheUnavailable(f"{need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free")
     remove_stale_temporaries(path)  # left by a killed build (the lock is ours now)
     # whichever process holds the lock builds the file: it says so, main process or not
-    logger.warning(
-        f"notice: decoding {len(source)} images of {source.name} into the image cache {path}", main_process_only=False
-    )
+    logger.info(f"decoding {len(source)} images of {source.name} into the image cache {path}", main_process_only=False)
     try:
         atomic_write(path, lambda tmp: _write(Path(tmp), source, key, progress), "the decoded images", ADVICE)
     except DDPMError as err:
