@@ -130,7 +130,9 @@ def speed_section(folder: Path, scratch: Path, steps: int) -> dict:
     from ddpm_hf.data.cache import cached_images
     from ddpm_hf.data.images import batch_loader, load_images, to_model_range
     from ddpm_hf.models.unet import build_unet
-    from ddpm_hf.training.trainer import Trainer
+    from ddpm_hf.training.checkpoints import TrainerState
+    from ddpm_hf.training.parts import build_parts
+    from ddpm_hf.training.train_step import after_update, model_input, train_step
 
     cfg = DDPMConfig(
         dataset=str(folder),
@@ -159,18 +161,20 @@ def speed_section(folder: Path, scratch: Path, steps: int) -> dict:
                 to_model_range(batch)
             loader_seconds[name].append(time.perf_counter() - start)
     loader_seconds = {name: statistics.median(t) for name, t in loader_seconds.items()}
-    trainers, batches, times = {}, {}, {name: [] for name in arms}
+    parts, states, batches, times = {}, {}, {}, {name: [] for name in arms}
     for name, images in arms.items():
         torch.manual_seed(0)
-        trainers[name] = Trainer.for_step(cfg, build_unet(cfg, 3, SIZE), images, Accelerator(cpu=True))
-        trainers[name].unet.train()
-        batches[name] = iter(trainers[name].loader)
-    for step in range(steps + 2):  # interleaved one step at a time; the first two are warm-up
-        for name, trainer in trainers.items():
+        parts[name] = build_parts(cfg, Accelerator(cpu=True), build_unet(cfg, 3, SIZE), images)
+        parts[name].unet.train()
+        states[name] = TrainerState.on(parts[name].accelerator.device)
+        batches[name] = iter(parts[name].loader)
+    for step in range(steps + 2):  # interleaved one step at a time (the Trainer's step); two warm-up steps
+        for name, part in parts.items():
             (batch,) = next(batches[name])
             start = time.perf_counter()
-            if trainer.run_step(batch):
-                trainer.after_update()
+            flags = train_step(part, cfg, states[name], model_input(part, cfg, batch))
+            if flags[0] == 0 and part.accelerator.sync_gradients:
+                after_update(part, states[name])
             if step >= 2:
                 times[name].append(time.perf_counter() - start)
     rate = {name: round(32 / statistics.median(t), 1) for name, t in times.items()}
