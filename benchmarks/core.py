@@ -19,6 +19,7 @@ try:
 except ImportError:  # a checkout without the install, run as python benchmarks/core.py from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ddpm_hf.config.options import DDPMConfig  # noqa: E402
+from ddpm_hf.config.sections import Sections  # noqa: E402
 from ddpm_hf.diffusion.losses import elementwise_loss  # noqa: E402
 from ddpm_hf.diffusion.sampling import denoise, make_noise_scheduler, make_sampler  # noqa: E402
 from ddpm_hf.models.unet import build_unet, count_parameters  # noqa: E402
@@ -43,7 +44,7 @@ def main():
 
     cfg = DDPMConfig()
     torch.manual_seed(0)
-    unet = build_unet(cfg, 1, 32)
+    unet = build_unet(Sections.of(cfg).model, 1, 32)
     noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.decay, foreach=True)
     x0 = torch.rand(args.batch_size, 1, 32, 32) * 2 - 1

@@ -96,7 +96,7 @@ IN_MEMORY = """
 import sys
 from ddpm_hf.config.options import DDPMConfig
 from ddpm_hf.data.images import load_images
-images = load_images(sys.argv[1], "train", DDPMConfig(dataset=sys.argv[1]), 64, 3, progress=False).images
+images = load_images(sys.argv[1], "train", DataSettings(dataset=sys.argv[1]), 64, 3, progress=False).images
 print(images.shape)
 """
 
@@ -127,11 +127,12 @@ def speed_section(folder: Path, scratch: Path, steps: int) -> dict:
     from accelerate import Accelerator
 
     from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.config.sections import validate
     from ddpm_hf.data.cache import cached_images
     from ddpm_hf.data.images import batch_loader, load_images, to_model_range
     from ddpm_hf.models.unet import build_unet
     from ddpm_hf.training.checkpoints import TrainerState
-    from ddpm_hf.training.parts import build_parts
+    from ddpm_hf.training.parts import PART_SECTIONS, build_parts
     from ddpm_hf.training.train_step import after_update, model_input, train_step
 
     cfg = DDPMConfig(
@@ -148,9 +149,10 @@ def speed_section(folder: Path, scratch: Path, steps: int) -> dict:
         max_train_steps=10**6,
         cache_dir=str(scratch / "image_cache"),
     )
+    sections = validate(cfg)
     arms = {
-        "cache": cached_images(str(folder), "train", cfg, progress=False).images,
-        "in_memory": load_images(str(folder), "train", cfg, progress=False).images,
+        "cache": cached_images(str(folder), "train", sections.data, progress=False).images,
+        "in_memory": load_images(str(folder), "train", sections.data, progress=False).images,
     }
     assert torch.equal(arms["cache"], arms["in_memory"])
     loader_seconds = {name: [] for name in arms}
@@ -164,7 +166,8 @@ def speed_section(folder: Path, scratch: Path, steps: int) -> dict:
     parts, states, batches, times = {}, {}, {}, {name: [] for name in arms}
     for name, images in arms.items():
         torch.manual_seed(0)
-        parts[name] = build_parts(cfg, Accelerator(cpu=True), build_unet(cfg, 3, SIZE), images)
+        unet = build_unet(sections.model, 3, SIZE)
+        parts[name] = build_parts(Accelerator(cpu=True), unet, images, **sections.pick(*PART_SECTIONS))
         parts[name].unet.train()
         states[name] = TrainerState.on(parts[name].accelerator.device)
         batches[name] = iter(parts[name].loader)
@@ -172,7 +175,7 @@ def speed_section(folder: Path, scratch: Path, steps: int) -> dict:
         for name, part in parts.items():
             (batch,) = next(batches[name])
             start = time.perf_counter()
-            flags = train_step(part, cfg, states[name], model_input(part, cfg, batch))
+            flags = train_step(part, states[name], model_input(part, batch))
             if flags[0] == 0 and part.accelerator.sync_gradients:
                 after_update(part, states[name])
             if step >= 2:

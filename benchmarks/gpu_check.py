@@ -33,6 +33,7 @@ from run import OurStep, matmul_gflops  # noqa: E402  (the trainer's step, share
 from timing import log, sync  # noqa: E402
 
 from ddpm_hf.config.options import DDPMConfig  # noqa: E402
+from ddpm_hf.config.sections import Sections  # noqa: E402
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
 from ddpm_hf.models.unet import build_unet, count_parameters  # noqa: E402
 from ddpm_hf.util.errors import first_line  # noqa: E402
@@ -131,7 +132,7 @@ def train_arm(cfg, channels, precision, args, peaks, compile_mode=False, channel
     compilation). `compile_mode`: False (eager), None (torch.compile's default) or a torch.compile mode."""
     torch.manual_seed(0)
     batch = batch or args.batch
-    unet = build_unet(cfg, channels, args.size)
+    unet = build_unet(Sections.of(cfg).model, channels, args.size)
     flops = train_flops_per_image(unet.to(args.device), channels, args.size, args.device)
     images = torch.randint(0, 256, (batch * 4, channels, args.size, args.size), dtype=torch.uint8)
     step_cfg = DDPMConfig(**{**cfg.to_dict(), "batch_size": batch})
@@ -163,7 +164,7 @@ def train_arm(cfg, channels, precision, args, peaks, compile_mode=False, channel
 
 def sample_arm(cfg, channels, precision, args) -> dict:
     torch.manual_seed(0)
-    unet = build_unet(cfg, channels, args.size).to(args.device).eval()
+    unet = build_unet(Sections.of(cfg).model, channels, args.size).to(args.device).eval()
     sampler = make_sampler("ddim", make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end).config)
     n, steps = (4, 2) if args.tiny else (256, 20)
     with inference_autocast(precision, args.device):

@@ -162,7 +162,7 @@ def run_setting(args, mode, S, factors, out_dir):
     seconds (all threads) and the 1-minute load average at the end, to show how much of the shared CPU it had."""
     import ood_ddpm
     from ddpm_hf.commands.ood import run_ood
-    from ddpm_hf.config.options import parse_config
+    from ddpm_hf.config.parsing import parse_config
 
     cfg, _ = parse_config(ood_ddpm.build(), flags_of(args, mode, S, factors, out_dir))
     assert (cfg.ddpm, cfg.batch_size, cfg.loss_type, cfg.recon_draws) == (1.0, 128, "huber", 1), "seed defaults changed"
@@ -202,11 +202,13 @@ def paired_bootstrap(ref, other, n, seed=0):
 
 def full_counts(args):
     """Images the default report scores: every test image of both sets (--max_samples unset)."""
-    from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.config.sections import DataSettings
     from ddpm_hf.data.images import load_split
 
-    cfg = DDPMConfig()
-    return {name: len(load_split(ds, "test", cfg)[0]) for name, ds in (("in", args.dataset), ("out", args.out_dataset))}
+    data = DataSettings()
+    return {
+        name: len(load_split(ds, "test", data)[0]) for name, ds in (("in", args.dataset), ("out", args.out_dataset))
+    }
 
 
 def recommend(rows):

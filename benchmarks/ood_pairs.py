@@ -56,7 +56,7 @@ def build_folder(name: str, n: int, root: Path) -> Path:
     """A folder of n PNGs: mnist5k test digits OUT_OFFSET.. transformed by `name`."""
     from PIL import Image
 
-    from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.config.sections import DataSettings
     from ddpm_hf.data.images import load_images
 
     folder = root / f"mnist5k_{name}"
@@ -65,7 +65,7 @@ def build_folder(name: str, n: int, root: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.png"):
         old.unlink()
-    test = load_images("mnist5k", "test", DDPMConfig(), progress=False).images  # (1000, 1, 28, 28) uint8
+    test = load_images("mnist5k", "test", DataSettings(), progress=False).images  # (1000, 1, 28, 28) uint8
     if OUT_OFFSET + n > len(test):
         raise SystemExit(
             f"error: --max_samples {n} too large: only {len(test) - OUT_OFFSET} test digits from {OUT_OFFSET}"

@@ -64,10 +64,10 @@ def transformed(name: str, images: torch.Tensor) -> torch.Tensor:
 
 def load_sets(n: int, fit_n: int, pairs) -> tuple:
     """(fit images, in-distribution test images, {pair: OOD test images}, {pair: (train in, train out)})."""
-    from ddpm_hf.data.images import DataOptions, load_images
+    from ddpm_hf.data.images import DataSettings, load_images
 
     def split(name, part):
-        return load_images(name, part, DataOptions(size=28, channels=1), progress=False).images
+        return load_images(name, part, DataSettings(size=28, channels=1), progress=False).images
 
     test, train = split("mnist5k", "test"), split("mnist5k", "train")
     if OUT_OFFSET + n > len(test):

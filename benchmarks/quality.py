@@ -156,6 +156,7 @@ def floor(args) -> dict:
     """FID/KID of 1,000 held-out test digits against the training split: what a perfect model scores."""
     sys.path.insert(0, str(REPO))
     from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.config.sections import Sections
     from ddpm_hf.data.images import load_images
     from ddpm_hf.metrics.fid import FIDEvaluator
 
@@ -168,8 +169,9 @@ def floor(args) -> dict:
         fid_reference_max=int(max_ref) if max_ref else None,
     )
     device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
-    evaluator = FIDEvaluator(cfg, "mnist5k", "train", device=device)
-    test = load_images("mnist5k", "test", cfg, size=28, channels=1)
+    sections = Sections.of(cfg)
+    evaluator = FIDEvaluator(sections.fid, sections.data, "mnist5k", "train", device=device, batch_size=cfg.batch_size)
+    test = load_images("mnist5k", "test", sections.data, size=28, channels=1)
     result = evaluator.evaluate(test.images[: args.fid_num_samples])
     return dict(fid=result["fid"], kid=result["kid_mean"], images=len(test.images[: args.fid_num_samples]))
 

@@ -56,12 +56,17 @@ from naive import NaiveStep, OriginalStep, per_item_loader  # noqa: E402
 from timing import ProcessArm, interleave, log, rate, speedup, sync  # noqa: E402
 
 from ddpm_hf.config.options import DDPMConfig  # noqa: E402
+from ddpm_hf.config.sections import (  # noqa: E402
+    DataSettings,  # noqa: E402
+    Sections,
+    validate,
+)
 from ddpm_hf.data.images import batch_loader, load_images, to_model_range  # noqa: E402
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch  # noqa: E402
 from ddpm_hf.models.unet import build_unet, count_parameters, unet_kwargs  # noqa: E402
 from ddpm_hf.training.checkpoints import TrainerState  # noqa: E402
 from ddpm_hf.training.ema import PlainEMA  # noqa: E402
-from ddpm_hf.training.parts import CPU_MICRO_BATCH, build_parts  # noqa: E402
+from ddpm_hf.training.parts import CPU_MICRO_BATCH, PART_SECTIONS, build_parts  # noqa: E402
 from ddpm_hf.training.train_step import after_update, model_input, train_step  # noqa: E402
 from ddpm_hf.util import host_memory  # noqa: E402
 from ddpm_hf.util.precision import inference_autocast, native_bf16  # noqa: E402
@@ -154,7 +159,8 @@ def machine(device, threads) -> dict:
 def seed_model(cfg, init="original") -> UNet2DModel:
     """The seed's default UNet; `init="random"` skips the original's zero init (non-trivial outputs for sampling)."""
     torch.manual_seed(0)
-    return build_unet(cfg, 1, 32) if init == "original" else UNet2DModel(**unet_kwargs(cfg, 1, 32))
+    model = Sections.of(cfg).model
+    return build_unet(model, 1, 32) if init == "original" else UNet2DModel(**unet_kwargs(model, 1, 32))
 
 
 class Inputs:
@@ -178,7 +184,7 @@ class Inputs:
         self.folder.mkdir(exist_ok=True)
         raw = torch.cat(
             [
-                load_images("mnist5k", split, self.cfg, size=28, channels=1, progress=False).images
+                load_images("mnist5k", split, Sections.of(self.cfg).data, size=28, channels=1, progress=False).images
                 for split in ("train", "test")
             ]
         )
@@ -193,7 +199,8 @@ class Inputs:
     def decoded(self) -> torch.Tensor:
         if self._decoded is None:
             start = time.perf_counter()
-            self._decoded = load_images(str(self.folder), "train", self.cfg, size=32, channels=1, progress=False).images
+            data = Sections.of(self.cfg).data
+            self._decoded = load_images(str(self.folder), "train", data, size=32, channels=1, progress=False).images
             self.decode_seconds = time.perf_counter() - start
         return self._decoded
 
@@ -209,8 +216,9 @@ class OurStep:
         device = torch.device(device)
         if channels_last:
             unet.to(memory_format=torch.channels_last)
-        self.cfg = dataclasses.replace(cfg, max_train_steps=10**6)  # the LR schedule never runs out
-        self.parts = build_parts(self.cfg, Accelerator(cpu=device.type == "cpu", mixed_precision="no"), unet, images)
+        sections = validate(dataclasses.replace(cfg, max_train_steps=10**6))  # the LR schedule never runs out
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+        self.parts = build_parts(accelerator, unet, images, **sections.pick(*PART_SECTIONS))
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         self.parts.autocast = (
             (lambda: torch.autocast(device.type, dtype=dtype)) if precision != "no" else contextlib.nullcontext
@@ -229,10 +237,10 @@ class OurStep:
         self.parts.unet = torch.compile(self.parts.unet, mode=mode)
 
     def __call__(self):
-        x0 = model_input(self.parts, self.cfg, next(self.batches))
+        x0 = model_input(self.parts, next(self.batches))
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        flags = train_step(self.parts, self.cfg, self.state, x0)
+        flags = train_step(self.parts, self.state, x0)
         if flags[0] == 0 and self.parts.accelerator.sync_gradients:
             after_update(self.parts, self.state)
 
@@ -596,7 +604,7 @@ def fid_inputs(shape: str, n: int) -> torch.Tensor:
     (Inception's cost does not depend on the pixels)."""
     channels, size = map(int, shape.split("x"))
     if (channels, size) == (1, 28):
-        return load_images("mnist5k", "test", DDPMConfig(), size=28, channels=1, limit=n, progress=False).images
+        return load_images("mnist5k", "test", DataSettings(), size=28, channels=1, limit=n, progress=False).images
     return torch.randint(
         0, 256, (n, channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )

@@ -22,7 +22,9 @@ try:
 except ImportError:  # a checkout without the install, run as python benchmarks/schedulers.py from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ddpm_hf.commands.common import original_flags  # noqa: E402
 from ddpm_hf.config.options import SCHEDULERS, DDPMConfig  # noqa: E402
+from ddpm_hf.config.sections import Sections  # noqa: E402
 from ddpm_hf.data.images import load_images, to_uint8  # noqa: E402
 from ddpm_hf.diffusion.sampling import generate, make_sampler  # noqa: E402
 from ddpm_hf.metrics.fid import FIDEvaluator  # noqa: E402
@@ -82,8 +84,11 @@ def main(argv=None):
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    evaluator = FIDEvaluator(cfg, args.reference, args.reference_split)
-    loaded = load_model(args.checkpoint, cfg)
+    sections = Sections.of(cfg)
+    evaluator = FIDEvaluator(
+        sections.fid, sections.data, args.reference, args.reference_split, batch_size=args.batch_size, seed=args.seed
+    )
+    loaded = load_model(args.checkpoint, original_flags(cfg))
     size, channels = loaded.unet.config.sample_size, loaded.unet.config.in_channels
     torch.manual_seed(args.seed)
     evaluator.reference_stats(size, channels)  # once, before any timing
@@ -97,7 +102,13 @@ def main(argv=None):
 
     if args.real_split:
         real = load_images(
-            args.reference, args.real_split, cfg, size=size, channels=channels, limit=args.num_samples, progress=False
+            args.reference,
+            args.real_split,
+            sections.data,
+            size=size,
+            channels=channels,
+            limit=args.num_samples,
+            progress=False,
         ).images
         record(
             dict(

@@ -32,14 +32,15 @@ _EXPORTS = {
     # settings and errors
     "DDPMConfig": "config.options",
     "build_parser": "config.options",
-    "parse_config": "config.options",
+    "parse_config": "config.parsing",
     "load_yaml": "config.options",
-    "validate": "config.options",
+    "validate": "config.sections",
+    "Sections": "config.sections",
     "DDPMError": "util.errors",
     "UsageError": "util.errors",
     "setup_logging": "util.logs",
     # training
-    "train": "training.trainer",
+    "train": "commands.train",
     "Trainer": "training.trainer",
     # models and pipelines
     "build_unet": "models.unet",
@@ -71,7 +72,7 @@ _EXPORTS = {
     # the Hub and checkpoints of the original
     "build_model_card": "hub.upload",
     "push_output": "hub.upload",
-    "convert": "models.convert_gzoo",
+    "convert": "commands.convert",
     "load_original_checkpoint": "models.convert_gzoo",
 }
 

@@ -60,7 +60,7 @@ def test_each_command_help_lists_its_own_flags(command, own, foreign, capsys):
 
 def test_modes_are_not_flags_of_their_own_command(capsys):
     """`ddpm-hf fid` is sample's --fid run: the switch is set, not offered."""
-    from ddpm_hf.config.options import parse_config
+    from ddpm_hf.config.parsing import parse_config
 
     for mode in ("fid", "nll", "inpaint"):
         parser = sample_cli.build("ddpm-hf " + mode, mode)

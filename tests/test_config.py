@@ -6,7 +6,9 @@ import sys
 import pytest
 from conftest import REPO
 
-from ddpm_hf.config.options import DDPMConfig, build_parser, load_yaml, parse_config, validate
+from ddpm_hf.config.options import DDPMConfig, build_parser, load_yaml
+from ddpm_hf.config.parsing import parse_config
+from ddpm_hf.config.sections import validate
 from ddpm_hf.util.errors import UsageError
 
 TRAIN_GROUPS = ("data", "model", "diffusion", "batch", "train", "output", "seed", "sampler", "samples")

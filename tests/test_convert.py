@@ -22,10 +22,11 @@ from conftest import REPO
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from ddpm_hf.commands.common import original_flags
+from ddpm_hf.commands.convert import main as convert_main
 from ddpm_hf.config.options import DDPMConfig
 from ddpm_hf.diffusion.sampling import denoise, make_sampler, num_inference_steps
 from ddpm_hf.models.convert_gzoo import load_original_checkpoint
-from ddpm_hf.models.convert_gzoo import main as convert_main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gzoo_unet_a"
 FIXTURE_FLAGS = json.loads(FIXTURE.with_suffix(".json").read_text())
@@ -206,7 +207,7 @@ def converted(tmp_path_factory):
     """The fixture converted by the command-line tool, loaded back with stock diffusers."""
     out = tmp_path_factory.mktemp("converted") / "pipeline"
     proc = run_module(
-        "ddpm_hf.models.convert_gzoo",
+        "ddpm_hf.commands.convert",
         "--checkpoint",
         FIXTURE.with_suffix(".pt"),
         "--output_dir",
@@ -284,12 +285,14 @@ def test_variants_match_the_original_forward(tmp_path, new_order, scale_shift, u
     eps = reference(x, t)
     path = tmp_path / "DDPM_cifar10_epoch7.pt"
     torch.save(reference.state, path)
-    loaded = load_original_checkpoint(str(path), cfg)
+    loaded = load_original_checkpoint(str(path), original_flags(cfg))
     with torch.no_grad():
         assert relative_error(loaded.unet(x, t).sample, eps) < 1e-5
     assert loaded.train_config["trained_epochs"] == 7 and loaded.scheduler_config["num_train_timesteps"] == 50
     if not new_order:  # the two qkv layouts differ, so the order flag matters for the weights
-        swapped = load_original_checkpoint(str(path), DDPMConfig(**{**cfg.to_dict(), "use_new_attention_order": True}))
+        swapped = load_original_checkpoint(
+            str(path), original_flags(DDPMConfig(**{**cfg.to_dict(), "use_new_attention_order": True}))
+        )
         with torch.no_grad():
             assert relative_error(swapped.unet(x, t).sample, eps) > 1e-3
 
@@ -298,7 +301,7 @@ def test_wrapped_keys_are_unwrapped(tmp_path, expected):
     """Files saved from a DDP-wrapped model carry `module.`; they convert the same."""
     state = torch.load(FIXTURE.with_suffix(".pt"), weights_only=True)
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "wrapped.pt")
-    loaded = load_original_checkpoint(str(tmp_path / "wrapped.pt"), fixture_config())
+    loaded = load_original_checkpoint(str(tmp_path / "wrapped.pt"), original_flags(fixture_config()))
     with torch.no_grad():
         assert relative_error(loaded.unet(expected["x"], expected["t"]).sample, expected["eps"]) < 1e-4
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.config.sections import DataSettings
 from ddpm_hf.data.images import REGISTRY, load_images, to_model_range, to_uint8
 from ddpm_hf.util.errors import DDPMError, UsageError
 
@@ -67,26 +68,26 @@ def test_image_folder_with_mixed_modes_sizes_and_a_broken_file(tmp_path, caplog)
         Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / f"rgb{i}.png")
     Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8), "L").save(tmp_path / "gray.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    data = load_images(str(tmp_path), "train", DDPMConfig(), size=16, channels=1)
+    data = load_images(str(tmp_path), "train", DataSettings(), size=16, channels=1)
     assert data.images.shape == (6, 1, 16, 16) and data.skipped == 1
     assert "warning: skipped 1 unreadable image(s) of 7 in" in caplog.text
     # Channels follow the first readable image (gray.png sorts before rgb*.png).
-    assert load_images(str(tmp_path), "test", DDPMConfig(), size=8).channels == 1
+    assert load_images(str(tmp_path), "test", DataSettings(), size=8).channels == 1
 
 
 def test_empty_or_missing_folder_and_unknown_names(tmp_path):
     with pytest.raises(UsageError, match="is empty"):
-        load_images(str(tmp_path), "train", DDPMConfig())
+        load_images(str(tmp_path), "train", DataSettings())
     with pytest.raises(UsageError, match="does not exist"):
-        load_images(str(tmp_path / "nope" / "x"), "train", DDPMConfig())
+        load_images(str(tmp_path / "nope" / "x"), "train", DataSettings())
     with pytest.raises(UsageError, match="unknown dataset 'mnsit'"):
-        load_images("mnsit", "train", DDPMConfig())
+        load_images("mnsit", "train", DataSettings())
 
 
 def test_unreachable_hub_dataset_fails_fast_naming_offline_alternatives():
     start = time.time()
     with pytest.raises(DDPMError, match="mnist5k or animalmnist"):
-        load_images("cifar10", "train", DDPMConfig())
+        load_images("cifar10", "train", DataSettings())
     assert time.time() - start < 10
 
 
@@ -98,7 +99,7 @@ def test_medmnist_from_a_local_npz(tmp_path):
     }
     arrays.update({f"{s}_labels": np.zeros((n, 1), np.uint8) for s, n in (("train", 12), ("val", 3), ("test", 5))})
     np.savez(tmp_path / "chestmnist.npz", **arrays)
-    data = load_images("chestmnist", "test", DDPMConfig(medmnist_root=str(tmp_path)))
+    data = load_images("chestmnist", "test", DataSettings(medmnist_root=str(tmp_path)))
     assert data.images.shape == (5, 1, 32, 32)
 
 
@@ -115,7 +116,7 @@ def test_shipped_arrays_are_stored_as_fixed_shape_arrays():
 
     from ddpm_hf.data.images import load_split
 
-    ds, column, _ = load_split("animalmnist", "test", DDPMConfig())
+    ds, column, _ = load_split("animalmnist", "test", DataSettings())
     assert isinstance(ds.features[column], datasets.Array2D) and ds.features[column].shape == (28, 28)
     block = ds.with_format("numpy", columns=[column])[:5][column]
     assert isinstance(block, np.ndarray) and block.shape == (5, 28, 28)

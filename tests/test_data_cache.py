@@ -14,7 +14,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from conftest import REPO
 from PIL import Image
 
-from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.config.sections import DataSettings
 from ddpm_hf.data import cache
 from ddpm_hf.data.images import SplitSource, batch_loader, load_images
 from ddpm_hf.util.errors import UsageError
@@ -49,8 +49,8 @@ def decodes(monkeypatch):
 
 
 def cached(folder, tmp_path, size=8, channels=3, **kw):
-    cfg = DDPMConfig(dataset=str(folder), cache_dir=str(tmp_path / "cache"))
-    return cache.cached_images(str(folder), "train", cfg, size, channels, progress=False, **kw)
+    data = DataSettings(dataset=str(folder), cache_dir=str(tmp_path / "cache"))
+    return cache.cached_images(str(folder), "train", data, size, channels, progress=False, **kw)
 
 
 def cache_files(tmp_path):
@@ -74,7 +74,7 @@ def mapped_from(tensor) -> str:
 
 
 def in_memory(folder, size=8, channels=3):
-    return load_images(str(folder), "train", DDPMConfig(dataset=str(folder)), size, channels, progress=False).images
+    return load_images(str(folder), "train", DataSettings(dataset=str(folder)), size, channels, progress=False).images
 
 
 def test_the_cache_holds_what_load_images_decodes_and_a_second_run_reuses_it(folder, tmp_path, decodes):
@@ -165,7 +165,7 @@ BUILDER = textwrap.dedent(
     """
     import hashlib, sys, time
     from pathlib import Path
-    from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.config.sections import DataSettings
     from ddpm_hf.data import cache
     from ddpm_hf.data.images import SplitSource
 
@@ -179,7 +179,7 @@ BUILDER = textwrap.dedent(
     print("ready", flush=True)
     while not Path(go).exists():
         time.sleep(0.05)
-    data = cache.cached_images(folder, "train", DDPMConfig(dataset=folder, cache_dir=cache_dir), 8, 3, progress=False)
+    data = cache.cached_images(folder, "train", DataSettings(dataset=folder, cache_dir=cache_dir), 8, 3, progress=False)
     print("sha", hashlib.sha256(data.images.numpy().tobytes()).hexdigest(), flush=True)
     """
 )
@@ -205,11 +205,11 @@ def test_two_processes_building_at_once_give_one_good_file(folder, tmp_path):
 def test_an_unusable_cache_dir_is_one_line_and_the_default_falls_back_to_memory(folder, tmp_path, caplog, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    cfg = DDPMConfig(dataset=str(folder), cache_dir=str(blocker / "cache"))
+    data = DataSettings(dataset=str(folder), cache_dir=str(blocker / "cache"))
     with pytest.raises(UsageError, match=r"cannot keep the decoded images in --cache_dir .*choose a writable folder"):
-        cache.cached_images(str(folder), "train", cfg, 8, 3, progress=False)
+        cache.cached_images(str(folder), "train", data, 8, 3, progress=False)
     monkeypatch.setattr(cache, "default_cache_dir", lambda: blocker / "cache")
-    data = cache.cached_images(str(folder), "train", DDPMConfig(dataset=str(folder)), 8, 3, progress=False)
+    data = cache.cached_images(str(folder), "train", DataSettings(dataset=str(folder)), 8, 3, progress=False)
     assert torch.equal(data.images, in_memory(folder))
     assert "decoding them into memory instead" in caplog.text
 

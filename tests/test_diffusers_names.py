@@ -11,9 +11,11 @@ from conftest import TINY_MODEL, run_script
 from PIL import Image
 
 import train_ddpm
+from ddpm_hf.commands.common import data_settings
 from ddpm_hf.config.aliases import RENAMED, UNSUPPORTED
-from ddpm_hf.config.options import parse_config
-from ddpm_hf.data.images import DataOptions, load_images
+from ddpm_hf.config.parsing import parse_config
+from ddpm_hf.config.sections import DataSettings
+from ddpm_hf.data.images import load_images
 from ddpm_hf.util.errors import UsageError
 
 # The diffusers example README's "Unconditional Flowers" command, with its own "Using your own data"
@@ -130,12 +132,12 @@ def test_yaml_keys_take_diffusers_names_too(tmp_path):
 def test_center_and_random_crop_of_non_square_images(tmp_path):
     folder = _folder(tmp_path / "imgs", n=4, shape=(16, 24))
     source = np.stack([np.asarray(Image.open(folder / f"img{i:02d}.png")) for i in range(4)]).transpose(0, 3, 1, 2)
-    center = load_images(str(folder), "train", DataOptions(size=16, channels=3), progress=False).images
+    center = load_images(str(folder), "train", DataSettings(size=16, channels=3), progress=False).images
     assert torch.equal(center, torch.from_numpy(source[:, :, :, 4:20]))  # 24 columns, the middle 16
 
     def random(seed):
         cfg = _parse("--dataset", str(folder), "--size", "16", "--channels", "3", "--random_crop", "--seed", str(seed))
-        return load_images(str(folder), "train", cfg, progress=False).images
+        return load_images(str(folder), "train", data_settings(cfg), progress=False, seed=cfg.seed).images
 
     windows = random(0)
     offsets = [

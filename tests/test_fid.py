@@ -13,7 +13,8 @@ import torch
 from conftest import TINY_TRAIN, run_script
 
 from ddpm_hf.commands.sample import run_sampling
-from ddpm_hf.config.options import DDPMConfig, validate
+from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.config.sections import DataSettings, FIDSettings, validate
 from ddpm_hf.data.images import load_images
 from ddpm_hf.metrics import fid
 from ddpm_hf.util.errors import DDPMError, UsageError
@@ -44,17 +45,14 @@ def tiny_weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluator(tiny_weights, tmp_path_factory):
-    cfg = DDPMConfig(
-        inception_weights=str(tiny_weights),
-        fid_cache_dir=str(tmp_path_factory.mktemp("cache")),
-        fid_reference_max=100,
-        batch_size=64,
+    settings = FIDSettings(
+        inception_weights=str(tiny_weights), fid_cache_dir=str(tmp_path_factory.mktemp("cache")), fid_reference_max=100
     )
-    return fid.FIDEvaluator(cfg, "mnist5k", "train")
+    return fid.FIDEvaluator(settings, DataSettings(), "mnist5k", "train", batch_size=64)
 
 
 def _images(name, split, limit=100):
-    return load_images(name, split, DDPMConfig(), size=SIZE, channels=1, limit=limit, progress=False).images
+    return load_images(name, split, DataSettings(), size=SIZE, channels=1, limit=limit, progress=False).images
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(evaluator):
@@ -110,16 +108,16 @@ def test_cached_reference_statistics_enter_torchmetrics_exactly():
 
 @pytest.mark.slow
 def test_reference_statistics_are_cached_per_size(evaluator, tmp_path):
-    cfg = evaluator.cfg
-    first = fid.reference_statistics(evaluator.extractor, "mnist5k", "test", SIZE, 1, cfg, tmp_path, max_images=30)
-    again = fid.reference_statistics(evaluator.extractor, "mnist5k", "test", SIZE, 1, cfg, tmp_path, max_images=30)
+    data = evaluator.data
+    first = fid.reference_statistics(evaluator.extractor, "mnist5k", "test", SIZE, 1, data, tmp_path, max_images=30)
+    again = fid.reference_statistics(evaluator.extractor, "mnist5k", "test", SIZE, 1, data, tmp_path, max_images=30)
     assert not first["cached"] and again["cached"] and again["cache"] == first["cache"]
     torch.testing.assert_close(again["cov_sum"], first["cov_sum"])
-    other = fid.reference_statistics(evaluator.extractor, "mnist5k", "test", 12, 1, cfg, tmp_path, max_images=30)
+    other = fid.reference_statistics(evaluator.extractor, "mnist5k", "test", 12, 1, data, tmp_path, max_images=30)
     assert other["cache"] != first["cache"] and len(list(tmp_path.glob("*.safetensors"))) == 2
     with open(first["cache"], "r+b") as f:  # a damaged cache file is recomputed, not trusted
         f.write(b"garbage!")
-    redone = fid.reference_statistics(evaluator.extractor, "mnist5k", "test", SIZE, 1, cfg, tmp_path, max_images=30)
+    redone = fid.reference_statistics(evaluator.extractor, "mnist5k", "test", SIZE, 1, data, tmp_path, max_images=30)
     assert not redone["cached"]
     torch.testing.assert_close(redone["sum"], first["sum"])
 
@@ -285,7 +283,7 @@ def test_real_inception_weights(tmp_path, monkeypatch):
     torch.testing.assert_close(as_state_dict(probe), features, atol=1e-4, rtol=1e-4)
     # Real features separate digits from animal silhouettes: 32 images each (Inception costs
     # 0.13 s per image on an idle 2-core CPU). Measured: FID 79 vs 185, KID 0.004 vs 0.10.
-    stats = fid.reference_statistics(extractor, "mnist5k", "test", SIZE, 1, DDPMConfig(), tmp_path, max_images=32)
+    stats = fid.reference_statistics(extractor, "mnist5k", "test", SIZE, 1, DataSettings(), tmp_path, max_images=32)
     digits = fid.fid_kid(stats, fid.extract_features(extractor, _images("mnist5k", "train", limit=32)))
     animals = fid.fid_kid(stats, fid.extract_features(extractor, _images("animalmnist", "test", limit=32)))
     assert digits["fid"] < 0.6 * animals["fid"] and digits["kid_mean"] < 0.3 * animals["kid_mean"]

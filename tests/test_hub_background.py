@@ -11,11 +11,12 @@ from conftest import REPO, TINY_TRAIN
 from hub_server import HubServer
 from test_hub import TOKEN, hub_env, run
 
+from ddpm_hf.config.sections import HubSettings
 from ddpm_hf.hub import upload
 
 
-class FakeCfg:
-    hub_model_id, hub_token, hub_private_repo, hub_license = "tester/fake", TOKEN, False, "mit"
+def hub_settings():
+    return HubSettings(hub_model_id="tester/fake", hub_token=TOKEN, hub_private_repo=False, hub_license="mit")
 
 
 def _export(folder):
@@ -37,7 +38,7 @@ def test_one_upload_in_flight_the_latest_waits_and_final_waits(monkeypatch, tmp_
     monkeypatch.setattr(upload, "push_output", fake_push)
     monkeypatch.setattr(upload, "upload_plan", lambda out, src: ({"train_log.jsonl": out / "train_log.jsonl"}, []))
     (tmp_path / "train_log.jsonl").write_text("staged\n")
-    push = upload.TrainingPush(FakeCfg(), tmp_path)
+    push = upload.TrainingPush(hub_settings(), tmp_path)
     start = time.time()
     for step in (1, 2, 3):
         push.snapshot(step, _export)
@@ -63,7 +64,7 @@ def test_final_drops_a_waiting_snapshot(monkeypatch, tmp_path):
     monkeypatch.setattr(upload, "create_repo", lambda *a: "tester/fake")
     monkeypatch.setattr(upload, "push_output", fake_push)
     monkeypatch.setattr(upload, "upload_plan", lambda out, src: ({}, []))
-    push = upload.TrainingPush(FakeCfg(), tmp_path)
+    push = upload.TrainingPush(hub_settings(), tmp_path)
     push.snapshot(1, _export)
     push.snapshot(2, _export)
     threading.Timer(0.5, release.set).start()
@@ -82,7 +83,7 @@ def test_a_failed_snapshot_is_one_warning_and_stops_later_snapshots(monkeypatch,
     monkeypatch.setattr(upload, "create_repo", lambda *a: "tester/fake")
     monkeypatch.setattr(upload, "push_output", failing_push)
     monkeypatch.setattr(upload, "upload_plan", lambda out, src: ({}, []))
-    push = upload.TrainingPush(FakeCfg(), tmp_path)
+    push = upload.TrainingPush(hub_settings(), tmp_path)
     push.snapshot(2, _export)
     push.wait()
     push.snapshot(4, _export)

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.config.sections import LatentSettings
 from ddpm_hf.data.images import to_model_range, to_uint8
 from ddpm_hf.diffusion.latent import (
     cached_to_latents,
@@ -88,12 +88,12 @@ def _losses(run):
 def test_vae_is_frozen_and_factor_comes_from_its_config(vae):
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
     assert downsample_factor(vae) == 8
-    cfg = DDPMConfig(channel_mult=[1, 2])
-    assert latent_format(cfg, vae, 1, 32) == (4, 4) and latent_format(cfg, vae, 3, 64) == (4, 8)
+    levels = [1, 2]
+    assert latent_format("tiny", vae, 1, 32, levels) == (4, 4) and latent_format("tiny", vae, 3, 64, levels) == (4, 8)
     with pytest.raises(UsageError, match="multiple of 16"):  # 8 (VAE) x 2 (UNet levels)
-        latent_format(cfg, vae, 1, 24)
+        latent_format("tiny", vae, 1, 24, levels)
     with pytest.raises(UsageError, match="pass --channels 3"):
-        latent_format(cfg, vae, 2, 32)
+        latent_format("tiny", vae, 2, 32, levels)
 
 
 def test_encode_decode_follow_the_original_rules(vae):
@@ -130,8 +130,8 @@ def test_cached_latents_equal_latents_encoded_on_the_fly(vae):
 
 def test_bad_vae_settings_fail_with_one_clear_line(tmp_path):
     with pytest.raises(UsageError, match="needs|add --latent"):
-        load_training_vae(DDPMConfig(cache_latents=True))
-    assert load_training_vae(DDPMConfig()) is None
+        load_training_vae(LatentSettings(cache_latents=True))
+    assert load_training_vae(LatentSettings()) is None
     with pytest.raises(UsageError, match="neither an existing folder nor a Hub id"):
         load_vae(str(tmp_path / "missing"))
     with pytest.raises(UsageError, match="without config.json"):

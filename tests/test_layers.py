@@ -13,7 +13,9 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-from ddpm_hf.config.options import DDPMConfig, load_yaml, parse_config
+from ddpm_hf.config.options import DDPMConfig, load_yaml
+from ddpm_hf.config.parsing import parse_config
+from ddpm_hf.config.sections import DataSettings, ModelSettings
 from ddpm_hf.util.errors import DDPMError, UsageError
 from ddpm_hf.util.hub_access import check_hub_repo, is_hub_id
 
@@ -323,11 +325,11 @@ def test_fid_and_data_agree_on_grayscale_modes(tmp_path):
 
 
 def test_commands_unpack_the_config_for_the_ood_data():
-    """load_set takes DataOptions (five fields), not the 70-field DDPMConfig with --size/--channels cleared."""
-    from ddpm_hf.data.images import DataOptions
+    """load_set takes the data section, not the whole DDPMConfig; a model decides --size/--channels."""
+    from ddpm_hf.commands.common import data_settings
 
-    opts = DataOptions.of(DDPMConfig(size=64, channels=3, image_column="img"), keep_format=False)
-    assert opts == DataOptions(None, None, "img", None, None)
+    opts = data_settings(DDPMConfig(size=64, channels=3, image_column="img"), keep_format=False)
+    assert opts == DataSettings(size=None, channels=None, image_column="img")
     assert "replace(cfg" not in (LIBRARY / "ood" / "scoring.py").read_text()
 
 
@@ -372,7 +374,7 @@ def test_sample_progress_bar_ticks_once_per_denoising_step(tmp_path, monkeypatch
     tiny = dict(
         model_channels=32, channel_mult=[1, 1], num_res_blocks=1, attention_resolutions=[2], num_head_channels=32
     )
-    unet = build_unet(DDPMConfig(**tiny), 1, 8).eval()
+    unet = build_unet(ModelSettings(**tiny), 1, 8).eval()
     config = make_noise_scheduler(10, 1e-4, 0.02).config
     loaded = types.SimpleNamespace(unet=unet, vae=None, scheduler_config=dict(config))
     cfg = DDPMConfig(batch_size=2, scheduler="ddim", sample_timesteps=3, fid=True)

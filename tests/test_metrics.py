@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run_script
 
-from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.config.sections import DataSettings, FIDSettings
 from ddpm_hf.data.images import load_images
 from ddpm_hf.diffusion.sampling import save_png
 from ddpm_hf.metrics import fid
@@ -92,11 +92,11 @@ def tiny_dinov2(tmp_path_factory):
 
 
 def _mnist(n, split="test"):
-    return load_images("mnist5k", split, DDPMConfig(), limit=n, progress=False).images
+    return load_images("mnist5k", split, DataSettings(), limit=n, progress=False).images
 
 
 def test_dinov2_extractor_from_a_local_folder(tiny_dinov2):
-    cfg = DDPMConfig(fid_feature_extractor="dinov2", dinov2_model=str(tiny_dinov2))
+    cfg = FIDSettings(fid_feature_extractor="dinov2", dinov2_model=str(tiny_dinov2))
     extractor = load_extractor(cfg)
     assert isinstance(extractor, DinoV2Features) and extractor.num_features == 32
     images = _mnist(6)
@@ -112,14 +112,13 @@ def test_dinov2_extractor_from_a_local_folder(tiny_dinov2):
 
 
 def test_fid_json_in_dinov2_space_with_prdc(tiny_dinov2, tmp_path):
-    cfg = DDPMConfig(
+    cfg = FIDSettings(
         fid_feature_extractor="dinov2",
         dinov2_model=str(tiny_dinov2),
         fid_cache_dir=str(tmp_path / "cache"),
         fid_reference_max=40,
-        batch_size=16,
     )
-    evaluator = fid.FIDEvaluator(cfg, "mnist5k", "test")
+    evaluator = fid.FIDEvaluator(cfg, DataSettings(), "mnist5k", "test", batch_size=16)
     folder = tmp_path / "samples"
     folder.mkdir()
     for i, image in enumerate(_mnist(40)):  # the reference's own images: a perfect "model"
@@ -158,6 +157,6 @@ def test_bad_dinov2_values_fail_with_exit_2(tmp_path):
     proc = run_script("sample_ddpm.py", "--checkpoint", "x", "--fid", "--fid_feature_extractor", "clip", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "fid_feature_extractor" in proc.stderr
     with pytest.raises(UsageError, match="neither an existing folder nor a Hub id"):
-        load_extractor(DDPMConfig(fid_feature_extractor="dinov2", dinov2_model=str(tmp_path / "missing")))
+        load_extractor(FIDSettings(fid_feature_extractor="dinov2", dinov2_model=str(tmp_path / "missing")))
     with pytest.raises(DDPMError, match="not available"):
-        load_extractor(DDPMConfig(fid_feature_extractor="dinov2", dinov2_model="someone/not-cached"))
+        load_extractor(FIDSettings(fid_feature_extractor="dinov2", dinov2_model="someone/not-cached"))

@@ -14,6 +14,7 @@ from PIL import Image
 from test_ood import random_pipeline, read_csv
 
 from ddpm_hf.config.options import FIELDS
+from ddpm_hf.config.sections import DataSettings
 from ddpm_hf.diffusion.inpaint import make_masks
 from ddpm_hf.diffusion.likelihood import refuse_latent
 from ddpm_hf.diffusion.prediction import to_epsilon, to_x0
@@ -197,10 +198,9 @@ def test_inpaint_outputs_keep_the_known_pixels(pipe, tmp_path):
     assert {"inpaint_grid.png", "inpaint.json", "inpainted_0.png", "mask_2.png"} <= {p.name for p in a.iterdir()}
     info = json.loads((a / "inpaint.json").read_text())
     assert info["num_images"] == 3 and info["model_calls_per_batch"] == 10 + 4 * 2 and len(info["hole_mse"]) == 3
-    from ddpm_hf.config.options import DDPMConfig
     from ddpm_hf.data.images import load_images
 
-    originals = load_images("mnist5k", "test", DDPMConfig(), size=16, channels=1, limit=3, progress=False).images
+    originals = load_images("mnist5k", "test", DataSettings(), size=16, channels=1, limit=3, progress=False).images
     for i in range(3):
         out = np.asarray(Image.open(a / f"inpainted_{i}.png"))
         assert np.array_equal(out, np.asarray(Image.open(tmp_path / "b" / f"inpainted_{i}.png")))  # seeded

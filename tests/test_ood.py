@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.config.sections import ModelSettings
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler
 from ddpm_hf.models.loader import model_format
 from ddpm_hf.models.pipeline import LoadedModel, save_pipeline
@@ -42,7 +43,7 @@ OFFLINE_SETS = ["--dataset", "mnist5k", "--out_dataset", "animalmnist"]
 def random_unet(channels=1, size=16, seed=0):
     """A tiny UNet with random (not zero-initialised) outputs: reconstructions depend on the input."""
     torch.manual_seed(seed)
-    unet = build_unet(DDPMConfig(**TINY_UNET), channels, size)
+    unet = build_unet(ModelSettings(**TINY_UNET), channels, size)
     with torch.no_grad():
         for p in unet.parameters():
             if not p.any():
@@ -174,6 +175,8 @@ def test_levels_share_one_model_call_per_timestep():
 def test_reconstruction_matches_the_original_code():
     """The fixture's `ddim_eta0_recon` was computed by GenerativeZoo's own outlier reconstruction."""
     convert = pytest.importorskip("ddpm_hf.models.convert_gzoo")
+    from ddpm_hf.commands.common import original_flags
+
     if not FIXTURE.with_suffix(".pt").exists():
         pytest.skip("fixture missing")
     flags = json.loads(FIXTURE.with_suffix(".json").read_text())
@@ -191,7 +194,7 @@ def test_reconstruction_matches_the_original_code():
         "size",
     )
     cfg = DDPMConfig(**{k: flags[k] for k in keys}, channels=flags["in_channels"])
-    loaded = convert.load_original_checkpoint(str(FIXTURE.with_suffix(".pt")), cfg)
+    loaded = convert.load_original_checkpoint(str(FIXTURE.with_suffix(".pt")), original_flags(cfg))
     sampler, levels = plan_levels([flags["recon_factor"]], loaded.scheduler_config, flags["sample_timesteps"])
     assert levels[0].t_start == int(expected["recon_t_start"])
     noise_scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end)

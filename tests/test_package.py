@@ -26,7 +26,7 @@ def test_public_api_resolves():
     missing = [name for name in ddpm_hf.__all__ if getattr(ddpm_hf, name, None) is None]
     assert not missing
     assert (
-        ddpm_hf.train.__module__ == "ddpm_hf.training.trainer"
+        ddpm_hf.train.__module__ == "ddpm_hf.commands.train"
         and ddpm_hf.load_model.__module__ == "ddpm_hf.models.loader"
     )
     assert ddpm_hf.__version__.count(".") == 2

@@ -16,7 +16,8 @@ from diffusers import DDIMPipeline, DiffusionPipeline, UNet2DModel
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
-from ddpm_hf.config.options import DDPMConfig, validate
+from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.config.sections import DataSettings, Sections, validate
 from ddpm_hf.data.images import StreamingBatches, batch_loader, stream_images
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, sample_batch
 from ddpm_hf.models.unet import unet_kwargs
@@ -37,7 +38,7 @@ TINY = DDPMConfig(
 
 def tiny_unet(seed=0):
     torch.manual_seed(seed)
-    return UNet2DModel(**unet_kwargs(TINY, 1, 16))  # random init: non-zero outputs and gradients
+    return UNet2DModel(**unet_kwargs(Sections.of(TINY).model, 1, 16))  # random init: non-zero outputs and gradients
 
 
 def test_bf16_step_runs_and_matches_fp32_loosely():
@@ -139,13 +140,13 @@ def ids(stream):
 
 
 def test_streaming_splits_a_shuffled_stream_across_processes(image_folder):
-    cfg = DDPMConfig(dataset=str(image_folder), streaming=True, max_train_steps=2, shuffle_buffer_size=4)
-    parts = [stream_images(str(image_folder), cfg, rank, 2) for rank in (0, 1)]
+    data = DataSettings(dataset=str(image_folder), streaming=True, shuffle_buffer_size=4)
+    parts = [stream_images(str(image_folder), data, 0, rank, 2) for rank in (0, 1)]
     assert (parts[0].channels, parts[0].size) == (1, 8)  # the first image's format; shorter side, centre crop
     first, second = ids(parts[0]), ids(parts[1])
     assert sorted(first + second) == list(range(12)) and not set(first) & set(second)
-    whole = stream_images(str(image_folder), cfg, 0, 1)
-    assert ids(whole) == ids(stream_images(str(image_folder), cfg, 0, 1))  # seeded: the same order every time
+    whole = stream_images(str(image_folder), data, 0, 0, 1)
+    assert ids(whole) == ids(stream_images(str(image_folder), data, 0, 0, 1))  # seeded: the same order every time
     assert sorted(ids(whole)) == list(range(12)) and ids(whole) != list(range(12))  # buffer-shuffled
     assert ex_shape(whole) == (1, 8, 8)
 
@@ -155,14 +156,14 @@ def ex_shape(stream):
 
 
 def test_streaming_batches_cycle_the_stream_and_skip_on_resume(image_folder):
-    cfg = DDPMConfig(dataset=str(image_folder), streaming=True, max_train_steps=2, shuffle_buffer_size=4)
-    batches = StreamingBatches(stream_images(str(image_folder), cfg), batch_size=5, num_batches=4)
+    data = DataSettings(dataset=str(image_folder), streaming=True, shuffle_buffer_size=4)
+    batches = StreamingBatches(stream_images(str(image_folder), data), batch_size=5, num_batches=4)
     batches.set_epoch(0)
     sizes = [b.shape[0] for (b,) in batches]
     assert sizes == [5, 5, 2, 5] and batches.passes == 1  # a pass of 12 images ends in a partial batch; the next begins
     batches.set_epoch(1)
     assert len(list(batches)) == 4
-    resumed = StreamingBatches(stream_images(str(image_folder), cfg), batch_size=5, num_batches=4)
+    resumed = StreamingBatches(stream_images(str(image_folder), data), batch_size=5, num_batches=4)
     resumed.set_epoch(1)
     assert len(list(resumed.skip(3))) == 1 and resumed.passes > 1  # resumed on a reshuffled stream, not replayed
 

@@ -23,16 +23,17 @@ from ddpm_hf.util import host_memory, lock
 for module in pkgutil.walk_packages(ddpm_hf.__path__, "ddpm_hf."):
     importlib.import_module(module.name)
 from diffusers import UNet2DModel
-from ddpm_hf import DDPMConfig
-from ddpm_hf.training.parts import build_parts
+from ddpm_hf import DDPMConfig, validate
+from ddpm_hf.training.parts import PART_SECTIONS, build_parts
 from ddpm_hf.training.monitoring import setup_tracker
 
 after_import = atexit._ncallbacks()
 unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,
                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                    norm_num_groups=4)
-parts = build_parts(DDPMConfig(batch_size=4), Accelerator(cpu=True), unet, torch.zeros(8, 1, 8, 8, dtype=torch.uint8))
-tracker = setup_tracker(DDPMConfig(report_to="wandb"))  # not logged in: offline, told through wandb.init
+sections = validate(DDPMConfig(batch_size=4)).pick(*PART_SECTIONS)
+parts = build_parts(Accelerator(cpu=True), unet, torch.zeros(8, 1, 8, 8, dtype=torch.uint8), **sections)
+tracker = setup_tracker("wandb")  # not logged in: offline, told through wandb.init
 after_calls = atexit._ncallbacks()
 atexit.unregister(lock.release_all)  # drops it only if it was registered
 print(json.dumps(dict(

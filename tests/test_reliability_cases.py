@@ -18,7 +18,9 @@ import pytest
 from conftest import REPO, TINY_MODEL, run_script, without_startup_notices
 from PIL import Image
 
-from ddpm_hf.config.options import DDPMConfig, build_parser, load_yaml, parse_config
+from ddpm_hf.config.options import build_parser, load_yaml
+from ddpm_hf.config.parsing import parse_config
+from ddpm_hf.config.sections import DataSettings
 from ddpm_hf.util.errors import DDPMError, UsageError
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -259,10 +261,10 @@ def test_16_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
     for i in range(2):
         Image.fromarray(values).save(tmp_path / f"{i}.png")
     assert Image.open(tmp_path / "0.png").mode == "I;16"
-    data = load_images(str(tmp_path), "train", DDPMConfig())
+    data = load_images(str(tmp_path), "train", DataSettings())
     assert data.channels == 1 and data.size == 16
     assert np.array_equal(data.images[0, 0].numpy(), np.arange(256).reshape(16, 16))  # 65535 -> 255, exactly
-    rgb = load_images(str(tmp_path), "train", DDPMConfig(), channels=3)
+    rgb = load_images(str(tmp_path), "train", DataSettings(), channels=3)
     assert np.array_equal(rgb.images[0, 2].numpy(), np.arange(256).reshape(16, 16))
 
 

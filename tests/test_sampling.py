@@ -3,7 +3,7 @@
 import torch
 from diffusers import DDIMPipeline, UNet2DModel
 
-from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.config.sections import ModelSettings
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, num_inference_steps, sample_batch
 from ddpm_hf.models.unet import unet_kwargs
 
@@ -26,7 +26,7 @@ def _random_unet():
     torch.manual_seed(0)  # not zero-initialised, so the noise prediction is non-trivial
     return UNet2DModel(
         **unet_kwargs(
-            DDPMConfig(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2], num_res_blocks=1), 1, 8
+            ModelSettings(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2], num_res_blocks=1), 1, 8
         )
     ).eval()
 

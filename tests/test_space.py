@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from conftest import REPO
 
-from ddpm_hf.data.images import DataOptions
+from ddpm_hf.data.images import DataSettings
 from ddpm_hf.data.sets import load_set
 
 SHIPPED = REPO / "pretrained" / "ddpm-mnist5k"
@@ -78,7 +78,7 @@ def free_port() -> int:
 
 
 def digits(channels, size, n, split="train"):
-    return load_set("mnist5k", split, DataOptions(), channels, size, n, "digits")
+    return load_set("mnist5k", split, DataSettings(), channels, size, n, "digits")
 
 
 def fit_detector(pipeline, folder, size, n):

@@ -8,6 +8,7 @@ import torch
 from diffusers import UNet2DModel
 
 from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.config.sections import validate
 from ddpm_hf.training.checkpoints import TrainerState
 from ddpm_hf.training.ema import ema_weights, make_ema
 from ddpm_hf.training.output import check_output_dir, prepare_output_dir
@@ -32,8 +33,8 @@ def test_overwrite_output_dir_removes_what_an_earlier_run_left(tmp_path):
         (out / name).mkdir(parents=True)
     for name in ("samples/epoch_0001.png", "train_log.jsonl", "fid.json", "ood_results.json", "notes.txt"):
         (out / name).write_text("x")
-    cfg = DDPMConfig(output_dir=str(out), overwrite_output_dir=True)
-    prepare_output_dir(check_output_dir(cfg), cfg)
+    check_output_dir(out, True, None, {})
+    prepare_output_dir(out, True)
     # The old grids, best_fid/, fid.json and the OOD results are gone; what is not a run's stays.
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["notes.txt", "samples"]
     assert list((out / "samples").iterdir()) == []
@@ -45,8 +46,8 @@ def test_without_overwrite_an_earlier_run_is_refused_and_kept(tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints" / "checkpoint-4").mkdir(parents=True)
     with pytest.raises(UsageError, match="holds checkpoints of an earlier run"):
-        cfg = DDPMConfig(output_dir=str(out))
-        prepare_output_dir(check_output_dir(cfg), cfg)
+        check_output_dir(out, False, None, {})
+        prepare_output_dir(out, False)
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
 
 
@@ -83,18 +84,18 @@ def test_trainer_step_updates_the_weights_the_ema_and_the_schedule():
     """train_step + after_update on build_parts, the step a run makes and benchmarks/run.py times."""
     from accelerate import Accelerator
 
-    from ddpm_hf.training.parts import build_parts
+    from ddpm_hf.training.parts import PART_SECTIONS, build_parts
     from ddpm_hf.training.train_step import after_update, model_input, train_step
 
-    cfg = DDPMConfig(batch_size=4, timesteps=50, sample_timesteps=10, lr=1e-3, ema_rate=0.9, n_epochs=2)
+    sections = validate(DDPMConfig(batch_size=4, timesteps=50, sample_timesteps=10, lr=1e-3, ema_rate=0.9, n_epochs=2))
     images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
-    parts = build_parts(cfg, Accelerator(cpu=True), _tiny_unet(), images)
+    parts = build_parts(Accelerator(cpu=True), _tiny_unet(), images, **sections.pick(*PART_SECTIONS))
     state = TrainerState.on(parts.accelerator.device)
     assert (parts.steps_per_epoch, parts.max_steps) == (2, 4)
     before = [p.detach().clone() for p in parts.model.parameters()]
     lr_before = parts.lr_scheduler.get_last_lr()[0]
     (batch,) = next(iter(parts.loader))
-    flags = train_step(parts, cfg, state, model_input(parts, cfg, batch))
+    flags = train_step(parts, state, model_input(parts, batch))
     assert flags.tolist() == [0.0, 0.0] and parts.accelerator.sync_gradients is True
     after_update(parts, state)
     assert state.global_step == 1 and state.loss_count == 1 and state.loss_sum.item() > 0
@@ -111,20 +112,22 @@ def test_micro_batches_give_the_batch_loss_and_gradient(micro):
     (drawn for the whole batch), the same mean loss and the same gradient as one pass."""
     from accelerate import Accelerator
 
-    from ddpm_hf.training.parts import build_parts
+    from ddpm_hf.training.parts import PART_SECTIONS, build_parts
     from ddpm_hf.training.train_step import forward_backward, model_input
 
     images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
     accelerator = Accelerator(cpu=True)
     results = {}
     for name, size in (("one_pass", 0), ("micro", micro)):
-        cfg = DDPMConfig(
-            batch_size=8, timesteps=50, sample_timesteps=10, loss_type="l2", snr_gamma=5.0, micro_batch_size=size
+        sections = validate(
+            DDPMConfig(
+                batch_size=8, timesteps=50, sample_timesteps=10, loss_type="l2", snr_gamma=5.0, micro_batch_size=size
+            )
         )
-        parts = build_parts(cfg, accelerator, _tiny_unet(), images)
+        parts = build_parts(accelerator, _tiny_unet(), images, **sections.pick(*PART_SECTIONS))
         assert parts.micro_batch == size
         torch.manual_seed(4)
-        loss = forward_backward(parts, cfg, model_input(parts, cfg, images))
+        loss = forward_backward(parts, model_input(parts, images))
         results[name] = loss, torch.cat([p.grad.flatten() for p in parts.model.parameters()])
     torch.testing.assert_close(results["micro"][0], results["one_pass"][0])
     torch.testing.assert_close(results["micro"][1], results["one_pass"][1], rtol=1e-5, atol=1e-7)

@@ -12,6 +12,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
 from ddpm_hf.config.options import DDPMConfig
+from ddpm_hf.config.sections import TrainingSettings
 from ddpm_hf.diffusion.losses import min_snr_weights, prediction_target
 from ddpm_hf.diffusion.sampling import make_noise_scheduler, make_sampler, noise_scheduler_from_config, sample_batch
 from ddpm_hf.models.pipeline import save_pipeline
@@ -138,11 +139,11 @@ def test_lr_schedulers():
         expected.append(opt.param_groups[0]["lr"])
         opt.step()
         reference.step()
-    assert curve(DDPMConfig(lr=1e-3, lr_scheduler="cosine", lr_warmup_steps=5)) == pytest.approx(expected)
-    assert curve(DDPMConfig(lr=1e-3, lr_scheduler="constant")) == pytest.approx([1e-3] * 20)
+    assert curve(TrainingSettings(lr=1e-3, lr_scheduler="cosine", lr_warmup_steps=5)) == pytest.approx(expected)
+    assert curve(TrainingSettings(lr=1e-3, lr_scheduler="constant")) == pytest.approx([1e-3] * 20)
     # one_cycle: OneCycleLR peaks at the last step of the warm-up, --warmup epochs (2 x 4 steps) or --lr_warmup_steps.
-    assert int(np.argmax(curve(DDPMConfig(lr=1e-3, warmup=2)))) == 7
-    assert int(np.argmax(curve(DDPMConfig(lr=1e-3, warmup=2, lr_warmup_steps=3)))) == 2
+    assert int(np.argmax(curve(TrainingSettings(lr=1e-3, warmup=2)))) == 7
+    assert int(np.argmax(curve(TrainingSettings(lr=1e-3, warmup=2, lr_warmup_steps=3)))) == 2
 
 
 def test_random_flip_mirrors_about_half_the_images():

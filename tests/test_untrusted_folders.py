@@ -308,14 +308,14 @@ def test_config_errors_show_at_most_60_characters_of_a_value(tmp_path):
 def test_convert_replaces_links_planted_in_its_output_folder(tmp_path, victim, capsys):
     from test_convert import FIXTURE, cli_flags, fixture_config
 
-    from ddpm_hf.models import convert_gzoo
+    from ddpm_hf.commands import convert
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     out = tmp_path / "out"
     _plant(out, "unet", elsewhere)
     _plant(out, "ddpm_hf_config.json", victim)
-    convert_gzoo.main(
+    convert.main(
         ["--checkpoint", str(FIXTURE.with_suffix(".pt")), "--output_dir", str(out), *cli_flags(fixture_config())]
     )
     assert capsys.readouterr().err == ""
@@ -368,16 +368,14 @@ def test_resume_skips_linked_checkpoints_and_replaces_links_at_final_names(train
 
 
 def test_resume_through_a_linked_checkpoint_is_refused(tmp_path, capsys):
-    from ddpm_hf.config.options import DDPMConfig
     from ddpm_hf.training.output import check_output_dir
     from ddpm_hf.util.errors import UsageError
 
     elsewhere = tmp_path / "elsewhere" / "checkpoint-5"
     elsewhere.mkdir(parents=True)
     link = _plant(tmp_path / "out", "checkpoints/checkpoint-5", elsewhere)
-    cfg = DDPMConfig(output_dir=str(tmp_path / "out"), resume_from_checkpoint=str(link))
     with pytest.raises(UsageError) as err:
-        check_output_dir(cfg)
+        check_output_dir(tmp_path / "out", False, str(link), {})
     assert err.value.exit_code == 2 and str(err.value) == (
         f"--resume_from_checkpoint {link} is a symbolic link (to {elsewhere}); a run never resumes through a link: "
         f"pass the folder itself"

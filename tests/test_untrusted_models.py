@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_unet
 
+from ddpm_hf.config.sections import DataSettings
 from ddpm_hf.util.errors import DDPMError
 
 DOC = REPO / "docs" / "bad-inputs.md"
@@ -173,20 +174,20 @@ NPZ_ROWS = {
 
 @pytest.mark.parametrize("case", list(NPZ_ROWS))
 def test_damaged_medmnist_file(case, tmp_path):
-    from ddpm_hf.data.images import DataOptions, load_split
+    from ddpm_hf.data.images import DataSettings, load_split
 
     make, message = NPZ_ROWS[case]
     make(tmp_path / "chestmnist.npz")
     with pytest.raises(DDPMError, match="^MedMNIST file .*chestmnist.npz ") as err:
-        load_split("chestmnist", "train", DataOptions(medmnist_root=str(tmp_path)))
+        load_split("chestmnist", "train", DataSettings(medmnist_root=str(tmp_path)))
     assert message in str(err.value) and "delete " in str(err.value)
 
 
 def test_intact_medmnist_file(tmp_path):
-    from ddpm_hf.data.images import DataOptions, load_split
+    from ddpm_hf.data.images import DataSettings, load_split
 
     _npz(tmp_path / "chestmnist.npz", train_images=np.zeros((3, 4, 4), np.uint8), train_labels=np.zeros((3, 14)))
-    ds, column, _ = load_split("chestmnist", "train", DataOptions(medmnist_root=str(tmp_path)))
+    ds, column, _ = load_split("chestmnist", "train", DataSettings(medmnist_root=str(tmp_path)))
     assert len(ds) == 3 and column == "image"
 
 
@@ -240,14 +241,14 @@ def test_sampling_batch_beyond_memory(pipe, tmp_path, capsys, monkeypatch):
 
 
 def test_decoding_beyond_memory_names_the_size(tmp_path, monkeypatch):
-    from ddpm_hf.data.images import DataOptions, load_images
+    from ddpm_hf.data.images import DataSettings, load_images
     from ddpm_hf.util.errors import UsageError
 
     monkeypatch.setattr("ddpm_hf.util.memory.available_memory", lambda device="cpu": 10**6)
     with pytest.raises(
         UsageError, match=r"decoding 50 images of mnist5k at 1x4096x4096 needs about 1\.7 GB of memory but 1\.0 MB"
     ):
-        load_images("mnist5k", "test", DataOptions(), size=4096, channels=1, limit=50)
+        load_images("mnist5k", "test", DataSettings(), size=4096, channels=1, limit=50)
     folder = tmp_path / "photos"
     folder.mkdir()
     from PIL import Image
@@ -256,7 +257,7 @@ def test_decoding_beyond_memory_names_the_size(tmp_path, monkeypatch):
     for i in range(3):
         Image.new("RGB", (8, 8)).save(folder / f"small_{i}.png")
     with pytest.raises(UsageError) as err:
-        load_images(str(folder), "train", DataOptions())
+        load_images(str(folder), "train", DataSettings())
     assert "the size follows the first image (" in str(err.value) and "a_big.png, 2048x1536): pass --size" in str(
         err.value
     )
@@ -341,13 +342,6 @@ def _images(folder: Path, *names):
         Image.new("L", (8, 8), 128).save(folder / name)
 
 
-class _Cfg:
-    image_column = dataset_config_name = medmnist_root = None
-
-    def __init__(self, output_dir=None):
-        self.output_dir = output_dir
-
-
 @pytest.mark.parametrize(
     "names, split, count",
     [
@@ -361,7 +355,7 @@ def test_folder_splits_ignore_file_names(names, split, count, tmp_path):
     from ddpm_hf.data.images import load_split
 
     _images(tmp_path / "data", *names)
-    ds, _, _ = load_split(str(tmp_path / "data"), split, _Cfg())
+    ds, _, _ = load_split(str(tmp_path / "data"), split, DataSettings())
     assert len(ds) == count
 
 
@@ -370,7 +364,7 @@ def test_output_dir_inside_the_dataset_is_not_data(tmp_path):
 
     _images(tmp_path / "data", "a.png", "b.png", "out/samples/epoch_0001.png")
     (tmp_path / "data" / "out" / "train_log.jsonl").write_text("{}\n")
-    ds, _, _ = load_split(str(tmp_path / "data"), "train", _Cfg(str(tmp_path / "data" / "out")))
+    ds, _, _ = load_split(str(tmp_path / "data"), "train", DataSettings(), exclude=str(tmp_path / "data" / "out"))
     assert len(ds) == 2
 
 
@@ -381,7 +375,7 @@ def test_folder_of_no_images_says_so(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("x")
     with pytest.raises(UsageError, match=r"holds no images \(1 other file\(s\): \.txt\); image files end in .*\.png"):
-        load_split(str(tmp_path / "data"), "train", _Cfg())
+        load_split(str(tmp_path / "data"), "train", DataSettings())
 
 
 # ---- 9. 32-bit float TIFFs and EXIF orientation ---------------------------------------------------------------
@@ -485,11 +479,11 @@ def test_tiny_first_image_is_named_not_size(tmp_path):
     ],
 )
 def test_size_from_the_first_image_blames_the_image(size, channel_mult, expected):
-    from ddpm_hf.config.options import DDPMConfig
+    from ddpm_hf.config.sections import ModelSettings
     from ddpm_hf.models.unet import check_size_from_first_image
     from ddpm_hf.util.errors import UsageError
 
-    cfg = DDPMConfig(channel_mult=list(channel_mult))
+    cfg = ModelSettings(channel_mult=list(channel_mult))
     with pytest.raises(UsageError) as err:
         check_size_from_first_image(cfg, size, f"a.png, {size}x{size}", "data")
     assert str(err.value).startswith(f"the first image of data (a.png, {size}x{size}) decides the training size")

@@ -54,3 +54,28 @@ def ready_device(mixed_precision, device) -> None:
     chosen = host_memory.applied()
     if chosen:
         logger.info(chosen)
+
+
+def data_settings(cfg, keep_format: bool = True):
+    """The data section of `cfg`; keep_format=False drops --size/--channels (a loaded model decides them)."""
+    from ..config.sections import Sections
+
+    data = Sections.of(cfg).data
+    return data if keep_format else data.without_format()
+
+
+def original_flags(cfg):
+    """What an original .pt checkpoint is read with (it records no flags): the run's data, model,
+    diffusion and latent sections, and every flag's value for the converted model's record."""
+    from ..config.sections import Sections
+    from ..models.convert_gzoo import OriginalFlags
+
+    sections = Sections.of(cfg)
+    return OriginalFlags(sections.data, sections.model, sections.diffusion, sections.latent, record=cfg.to_dict())
+
+
+def load_checkpoint_model(cfg, device):
+    """--checkpoint (and --revision) loaded on `device`: a pipeline folder, a Hub id or an original .pt."""
+    from ..models.loader import load_model
+
+    return load_model(cfg.checkpoint, original_flags(cfg), revision=cfg.revision, device=device)

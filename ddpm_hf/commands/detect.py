@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.images import DataOptions
 from ..data.sets import load_query_images, load_set, load_stats_images
-from ..models.loader import load_model, model_format
+from ..models.loader import model_format
 from ..ood.detector import MANIFEST, OODDetector, read_detector
 from ..ood.scoring import Scorer, plan_levels, require_lpips_weights
 from ..util.errors import UsageError
 from ..util.files import make_output_dir, remove, writing
 from ..util.lock import ensure_not_in_use, lock_output_dir
-from .common import compute_device
+from .common import compute_device, data_settings, load_checkpoint_model
 from .ood import settings_from_config
 
 HELD_OUT_DEFAULT = 500  # held-out in-distribution test images of --fit without --max_samples
@@ -63,11 +62,11 @@ def fit_command(cfg, device) -> OODDetector:
     settings = settings_from_config(cfg)
     if settings.lpips:
         require_lpips_weights()
-    loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
+    loaded = load_checkpoint_model(cfg, device)
     out = Path(cfg.output_dir)
     _claim_folder(out, (MANIFEST,), cfg.overwrite_output_dir, "a detector")
     channels, size = model_format(loaded)
-    data = DataOptions.of(cfg, keep_format=False)
+    data = data_settings(cfg, keep_format=False)
     limit = cfg.max_samples or HELD_OUT_DEFAULT
     heldout = load_set(cfg.dataset, "test", data, channels, size, limit, "held-out in-distribution")
     fit_images = load_stats_images(cfg.dataset, data, settings.stats_samples, channels, size, heldout)
@@ -91,7 +90,7 @@ def score_command(cfg, device) -> dict:
     """Score --images with the detector in --detector: scores.csv, anomalies.png and a one-line summary."""
     read_detector(cfg.detector)  # a damaged or foreign folder fails before the model is loaded
     detector = OODDetector.load(cfg.detector, cfg.checkpoint, device, mixed_precision=cfg.mixed_precision)
-    names, images = load_query_images(cfg.images, *detector.format, DataOptions.of(cfg, keep_format=False))
+    names, images = load_query_images(cfg.images, *detector.format, data_settings(cfg, keep_format=False))
     out = Path(cfg.output_dir) if cfg.output_dir else Path("ood_results") / f"{Path(cfg.detector).name}_scores"
     _claim_folder(out, ("scores.csv", "anomalies.png"), cfg.overwrite_output_dir, "detector scores")
     start = time.perf_counter()

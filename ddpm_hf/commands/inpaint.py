@@ -7,26 +7,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data.images import DataOptions, to_model_range, to_uint8
+from ..data.images import to_model_range, to_uint8
 from ..data.sets import load_set
 from ..diffusion.inpaint import hole_mse, make_masks, make_repaint_scheduler, model_calls, repaint, save_grid
 from ..diffusion.likelihood import refuse_latent
 from ..diffusion.prediction import prediction_type
 from ..diffusion.sampling import batch_generator, save_png
-from ..models.loader import load_model, model_format
+from ..models.loader import model_format
 from ..util.files import make_output_dir, write_json
 from ..util.precision import inference_autocast
-from .common import default_sample_dir, ready_device
+from .common import data_settings, default_sample_dir, load_checkpoint_model, ready_device
 
 
 def run_inpaint(cfg, device="cpu") -> Path:
     """sample_ddpm.py --inpaint: the first --num_samples test images of --dataset, masked and inpainted."""
-    loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
+    loaded = load_checkpoint_model(cfg, device)
     refuse_latent(loaded, "--inpaint")
     out = make_output_dir(cfg.output_dir or default_sample_dir(cfg.checkpoint))
     channels, size = model_format(loaded)
     images = to_model_range(
-        load_set(cfg.dataset, "test", DataOptions.of(cfg), channels, size, cfg.num_samples or 16, "inpainted")
+        load_set(cfg.dataset, "test", data_settings(cfg), channels, size, cfg.num_samples or 16, "inpainted")
     )
     masks = make_masks(cfg.mask, len(images), size, cfg.seed)
     ready_device(cfg.mixed_precision, device)

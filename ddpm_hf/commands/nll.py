@@ -2,24 +2,23 @@
 
 import time
 
-from ..data.images import DataOptions
 from ..data.sets import load_set
 from ..diffusion.likelihood import bits_per_dim, check_nll_timesteps, refuse_latent, summarise, unet_model_fn
 from ..diffusion.prediction import prediction_type
-from ..models.loader import load_model, model_format
+from ..models.loader import model_format
 from ..util.files import make_output_dir, write_json
-from .common import default_sample_dir, ready_device
+from .common import data_settings, default_sample_dir, load_checkpoint_model, ready_device
 
 
 def run_nll(cfg, device="cpu") -> dict:
     """sample_ddpm.py --nll: bits/dim of --dataset's test split (its first --num_samples images) -> nll.json."""
-    loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
+    loaded = load_checkpoint_model(cfg, device)
     refuse_latent(loaded, "--nll")
     T = loaded.scheduler_config["num_train_timesteps"]
     check_nll_timesteps(cfg.nll_timesteps, T)
     out = make_output_dir(cfg.output_dir or default_sample_dir(cfg.checkpoint))
     channels, size = model_format(loaded)
-    images = load_set(cfg.dataset, "test", DataOptions.of(cfg), channels, size, cfg.num_samples, "evaluated")
+    images = load_set(cfg.dataset, "test", data_settings(cfg), channels, size, cfg.num_samples, "evaluated")
     ready_device(cfg.mixed_precision, device)
     start = time.perf_counter()
     result = bits_per_dim(

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.images import DataOptions, same_dataset
+from ..data.images import same_dataset
 from ..data.sets import load_set, load_stats_images
-from ..models.loader import load_model, model_format
+from ..models.loader import model_format
 from ..ood.network import ScoreModel
 from ..ood.run import OODRun, evaluate
 from ..ood.scores import NLLScore, ReconScore, build_score
@@ -24,7 +24,7 @@ from ..util.files import make_output_dir, remove, writing
 from ..util.lock import ensure_not_in_use, lock_output_dir
 from ..util.logs import get_logger
 from ..util.precision import resolve_mixed_precision
-from .common import compute_device, default_output_dir, ready_device
+from .common import compute_device, data_settings, default_output_dir, load_checkpoint_model, ready_device
 
 logger = get_logger(__name__)
 
@@ -202,7 +202,7 @@ def _notices(cfg, channels: int, size: int, recon) -> None:
 
 
 def _load_sets(cfg, channels: int, size: int, with_stats: bool) -> dict:
-    data = DataOptions.of(cfg, keep_format=False)  # the model, not --size/--channels, decides the format
+    data = data_settings(cfg, keep_format=False)  # the model, not --size/--channels, decides the format
     images = {
         "in": load_set(cfg.dataset, "test", data, channels, size, cfg.max_samples, "in-distribution"),
         "out": load_set(cfg.out_dataset, "test", data, channels, size, cfg.max_samples, "OOD"),
@@ -294,7 +294,7 @@ def _prepare(cfg, device) -> tuple:
     settings = settings_from_config(cfg)
     if settings.lpips:
         require_lpips_weights()
-    loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
+    loaded = load_checkpoint_model(cfg, device)
     model = ScoreModel(loaded, device, settings.mixed_precision, settings.seed, settings.batch_size)
     return settings, loaded, build_score(settings.score, model, settings)
 

@@ -10,7 +10,8 @@ ddpm-hf ood --detector detectors/mnist5k --images my_images/ --output_dir scored
 import argparse
 
 # torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
-from ..config.options import TRAINING_ONLY, build_parser, parse_config
+from ..config.options import TRAINING_ONLY, build_parser
+from ..config.parsing import parse_config
 from ..util.errors import run_cli
 from ..util.logs import setup_logging
 from .program import command_help, program_name

@@ -11,7 +11,8 @@ FID runs wrote into it since training.
 
 from pathlib import Path
 
-from ..config.options import build_parser, parse_config
+from ..config.options import build_parser
+from ..config.parsing import parse_config
 from ..hub.upload import default_repo_id, push_output, write_model_card
 from ..util.errors import first_line, run_cli
 from ..util.logs import setup_logging

@@ -26,14 +26,13 @@ from ..diffusion.sampling import (
 )
 from ..metrics.sharded import SingleProcess, main_first, my_batches, process_state
 from ..models.convert_gzoo import epoch_in_name
-from ..models.loader import load_model
 from ..util.errors import UsageError
 from ..util.files import free_bytes, inside, make_output_dir, make_subdir, read_json, remove, safe_name, write_json
 from ..util.lock import LOCK_NAME, ensure_not_in_use, lock_output_dir
 from ..util.logs import get_logger
 from ..util.memory import available_memory, refuse_if_too_big, unet_batch_bytes
 from ..util.precision import inference_autocast, resolve_mixed_precision
-from .common import compute_device, default_sample_dir, ready_device
+from .common import compute_device, default_sample_dir, load_checkpoint_model, ready_device
 
 logger = get_logger(__name__)
 
@@ -244,9 +243,19 @@ def _before_loading(cfg, device):
     if cfg.fid_reference:
         if not cfg.fid:
             raise UsageError("--fid_reference measures the --fid folder; add --fid (and --num_samples N)")
-        from ..metrics.fid import FIDEvaluator, FIDSettings
+        from ..config.sections import Sections
+        from ..metrics.fid import FIDEvaluator
 
-        evaluator = FIDEvaluator(FIDSettings.of(cfg), cfg.fid_reference, cfg.fid_reference_split, device=device)
+        sections = Sections.of(cfg)
+        evaluator = FIDEvaluator(
+            sections.fid,
+            sections.data,
+            cfg.fid_reference,
+            cfg.fid_reference_split,
+            device=device,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+        )
     if cfg.checkpoint and not cfg.fid:
         early = Path(cfg.output_dir or default_sample_dir(cfg.checkpoint))
         ensure_not_in_use(early)
@@ -316,7 +325,7 @@ def run_sampling(cfg, device=None) -> Path:
     if state.num_processes > 1:
         device = state.device
     evaluator = _before_loading(cfg, device)
-    loaded = load_model(cfg.checkpoint, cfg, revision=cfg.revision, device=device)
+    loaded = load_checkpoint_model(cfg, device)
     num_images = cfg.num_samples or (50_000 if cfg.fid else 16)
     out, scheduler, steps, eta = _sampling_setup(cfg, loaded, device, num_images, state)
     ready_device(cfg.mixed_precision, device)  # after the checks: a bad input still gets one line

@@ -8,7 +8,8 @@ ddpm-hf sample --checkpoint DDPM_mnist_epoch100.pt --dataset mnist --timesteps 1
 """
 
 # torch and diffusers are imported after the flags are parsed: --help and a bad flag answer at once.
-from ..config.options import TRAINING_ONLY, build_parser, overwrite_flag, parse_config
+from ..config.options import TRAINING_ONLY, build_parser, overwrite_flag
+from ..config.parsing import parse_config
 from ..util.errors import run_cli
 from ..util.logs import setup_logging
 from .program import command_help, program_name

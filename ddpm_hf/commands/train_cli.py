@@ -9,7 +9,8 @@ ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m ddpm_hf 
 
 # torch, diffusers and the trainer are imported after the flags are parsed: --help and a bad flag
 # answer at once.
-from ..config.options import build_parser, parse_config
+from ..config.options import build_parser
+from ..config.parsing import parse_config
 from ..util.errors import run_cli
 from ..util.logs import setup_logging
 from .program import command_help, program_name
@@ -59,8 +60,8 @@ def build(prog=None):
 def main(argv, prog=None):
     cfg, _ = parse_config(build(prog), argv)
     setup_logging(cfg.log_level)
-    from ..training.trainer import train
     from .common import start_command
+    from .train import train
 
     start_command()  # the process-wide settings, once the flags are parsed
 

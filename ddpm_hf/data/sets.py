@@ -5,7 +5,6 @@ file, a glob or a Hub dataset id), each converted to the model's channels and si
 import glob
 import hashlib
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import List, Tuple
 
@@ -13,33 +12,34 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config.sections import DataSettings
 from ..util.errors import DDPMError, UsageError
 from ..util.hub_access import is_hub_id
 from ..util.logs import get_logger
-from .images import DataOptions, is_gray, load_images, pil_to_array, resolve_spec
+from .images import is_gray, load_images, pil_to_array, resolve_spec
 
 logger = get_logger(__name__)
 
 
-def native_format(name: str, split: str, data: DataOptions):
+def native_format(name: str, split: str, data: DataSettings):
     """(channels, size) a dataset has before conversion: the registry's, else its first image's."""
     spec = resolve_spec(name)
     if spec.channels:
         return spec.channels, spec.size
-    first = load_images(name, split, replace(data, size=None, channels=None), limit=1, progress=False)
+    first = load_images(name, split, data.without_format(), limit=1, progress=False)
     return first.channels, first.size
 
 
-def load_set(name: str, split: str, data: DataOptions, channels: int, size: int, limit, role: str):
+def load_set(name: str, split: str, data: DataSettings, channels: int, size: int, limit, role: str):
     """uint8 images at the model's format (not --size/--channels), with a notice when the dataset had to
-    be converted. `data`: DataOptions (or a DDPMConfig) for the rest of loading."""
-    data = DataOptions.of(data, keep_format=False)
+    be converted. `data`: the rest of loading (its --size/--channels are not used)."""
+    data = data.without_format()
     _conversion_notice(f"{role} set {name}", native_format(name, split, data), channels, size)
     return load_images(name, split, data, size=size, channels=channels, limit=limit, progress=False).images
 
 
 def load_stats_images(
-    dataset: str, data: DataOptions, stats_samples: int, channels, size, evaluated: torch.Tensor
+    dataset: str, data: DataSettings, stats_samples: int, channels, size, evaluated: torch.Tensor
 ) -> torch.Tensor:
     """`stats_samples` in-distribution training images, none of them equal to an evaluated image
     (a flat image folder has one split, so its train and test splits are the same images)."""
@@ -79,7 +79,7 @@ def _conversion_notice(what: str, native: Tuple[int, int], channels: int, size: 
         logger.warning(f"notice: {what} has {native_s} px images; {how} to the model's {size} px")
 
 
-def load_query_images(spec: str, channels: int, size: int, data: DataOptions = DataOptions()) -> tuple:
+def load_query_images(spec: str, channels: int, size: int, data: DataSettings = DataSettings()) -> tuple:
     """(names, uint8 images (N, C, size, size)) of the images a detector is asked about: a folder, an image
     file, a glob or a Hub dataset id (its test split). Images of another format are converted with a notice;
     an empty selection or an unreadable file is one line."""

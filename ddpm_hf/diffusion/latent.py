@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..config.sections import LatentSettings
 from ..data.images import to_model_range
 from ..util.errors import DDPMError, UsageError, first_line
 from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
@@ -91,15 +92,16 @@ def downsample_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def latent_format(cfg, vae, channels: int, size: int) -> tuple:
-    """(channels, size) of the UNet's input for `channels` x `size` images, checking that they can be encoded."""
+def latent_format(vae_name: str, vae, channels: int, size: int, channel_mult) -> tuple:
+    """(channels, size) of the UNet's input for `channels` x `size` images, checking that they can be
+    encoded by `vae` (--vae `vae_name`) and then downsampled by a UNet of levels `channel_mult`."""
     vae_channels = vae.config.in_channels
     if channels not in (1, vae_channels):
         raise UsageError(
-            f"the VAE {cfg.vae} encodes {vae_channels}-channel images, not {channels}-channel ones; "
+            f"the VAE {vae_name} encodes {vae_channels}-channel images, not {channels}-channel ones; "
             f"pass --channels {vae_channels}"
         )
-    factor, unet_factor = downsample_factor(vae), 2 ** (len(cfg.channel_mult) - 1)
+    factor, unet_factor = downsample_factor(vae), 2 ** (len(channel_mult) - 1)
     if size % (factor * unet_factor):
         raise UsageError(
             f"image size {size} px does not suit --latent: the VAE downsamples by {factor} and the UNet by "
@@ -163,10 +165,10 @@ def training_latents(vae, batch: torch.Tensor, mode: str, cached: bool) -> torch
     return cached_to_latents(vae, batch, mode) if cached else encode(vae, to_model_range(batch), mode)
 
 
-def load_training_vae(cfg):
+def load_training_vae(latent: LatentSettings):
     """The VAE of a training run (None without --latent), loaded before anything slow."""
-    if not cfg.latent:
-        if cfg.cache_latents:
+    if not latent.latent:
+        if latent.cache_latents:
             raise UsageError("--cache_latents caches the VAE latents of --latent; add --latent or drop --cache_latents")
         return None
-    return load_vae(cfg.vae)
+    return load_vae(latent.vae)

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from ..config.sections import HubSettings
 from ..util.errors import DDPMError, UsageError, first_line
 from ..util.files import read_json, write_text
 from ..util.hub_access import is_hub_id
@@ -680,9 +681,9 @@ class TrainingPush:
 
     background = True  # False: push snapshots synchronously (benchmarks/push_overlap.py measures both)
 
-    def __init__(self, cfg, out: Path):
-        self.cfg, self.out = cfg, Path(out)
-        self.repo_id = create_repo(cfg.hub_model_id or self.out.resolve().name, cfg.hub_token, cfg.hub_private_repo)
+    def __init__(self, hub: HubSettings, out: Path):
+        self.hub, self.out = hub, Path(out)
+        self.repo_id = create_repo(hub.hub_model_id or self.out.resolve().name, hub.hub_token, hub.hub_private_repo)
         self.snapshots_failed = False
         self._lock = threading.Lock()
         self._worker = None  # the thread uploading, or None
@@ -742,8 +743,8 @@ class TrainingPush:
             push_output(
                 root / "out",
                 self.repo_id,
-                self.cfg.hub_token,
-                license=self.cfg.hub_license,
+                self.hub.hub_token,
+                license=self.hub.hub_license,
                 pipeline_dir=root / "pipeline",
                 commit_message=f"EMA pipeline at step {step}",
                 create=False,
@@ -752,7 +753,7 @@ class TrainingPush:
             self.snapshots_failed = True
             # The reason only: push_output's retry advice would name the staged copy, deleted next.
             text = getattr(err, "reason", None) or (str(err) if isinstance(err, DDPMError) else "")
-            text = text or _describe(err, self.cfg.hub_token)
+            text = text or _describe(err, self.hub.hub_token)
             logger.warning(
                 f"warning: background push of step {step} failed: {text}; no more pushes until the end of training"
             )
@@ -774,8 +775,8 @@ class TrainingPush:
         push_output(
             self.out,
             self.repo_id,
-            self.cfg.hub_token,
-            license=self.cfg.hub_license,
+            self.hub.hub_token,
+            license=self.hub.hub_license,
             create=False,
             commit_message="Upload the trained DDPM pipeline (ddpm-hf)",
         )

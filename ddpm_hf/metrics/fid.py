@@ -26,7 +26,6 @@ import re
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +35,8 @@ from PIL import Image
 from torch.nn.modules.utils import _pair
 from tqdm.auto import tqdm
 
-from ..data.images import DataOptions, is_gray, to_8bit
+from ..config.sections import DataSettings, FIDSettings
+from ..data.images import is_gray, to_8bit
 from ..util.errors import DDPMError, UsageError
 from ..util.files import atomic_write, write_json
 from ..util.logs import ON_STDERR, get_logger
@@ -356,7 +356,7 @@ def default_cache_dir() -> Path:
     return Path(constants.HF_HOME) / "ddpm_hf" / "fid_stats"
 
 
-def _dataset_identity(name: str, cfg) -> dict:
+def _dataset_identity(name: str, data: DataSettings) -> dict:
     """What makes two reference datasets the same: a registry name or Hub id, or a local
     folder's absolute path plus a fingerprint of its files (so edits invalidate the cache)."""
     if os.path.isdir(name):
@@ -365,9 +365,7 @@ def _dataset_identity(name: str, cfg) -> dict:
             "".join(f"{p.relative_to(name)}:{p.stat().st_size}:{p.stat().st_mtime_ns};" for p in files).encode()
         ).hexdigest()[:16]
         return dict(dataset=str(Path(name).resolve()), files=fingerprint)
-    return dict(
-        dataset=name, config=getattr(cfg, "dataset_config_name", None), image_column=getattr(cfg, "image_column", None)
-    )
+    return dict(dataset=name, config=data.dataset_config_name, image_column=data.image_column)
 
 
 def _read_reference_cache(path: Path, key: dict) -> Optional[dict]:
@@ -414,18 +412,18 @@ def reference_statistics(
     split: str,
     size: int,
     channels: int,
-    cfg,
+    data: DataSettings,
     cache_dir=None,
     max_images: Optional[int] = None,
     batch_size: int = 64,
 ) -> dict:
     """FID sums and (at most KID_MAX_REFERENCE) KID features of a reference split, computed
-    once and cached as safetensors."""
+    once and cached as safetensors. `data`: how the reference is read (its --size/--channels unused)."""
     from ..data.images import load_images, resolve_spec
 
     resolve_spec(dataset)  # a bad name fails here, before any work
     key = dict(
-        **_dataset_identity(dataset, cfg),
+        **_dataset_identity(dataset, data),
         split=split,
         size=size,
         channels=channels,
@@ -440,14 +438,14 @@ def reference_statistics(
     cached = _read_reference_cache(path, key)
     if cached is not None:
         return cached
-    data = load_images(dataset, split, cfg, size=size, channels=channels, limit=max_images)
-    if len(data.images) < 2:
+    reference = load_images(dataset, split, data, size=size, channels=channels, limit=max_images)
+    if len(reference.images) < 2:
         raise UsageError(
-            f"the FID reference {dataset} ({split} split) has {len(data.images)} image(s); it needs at least 2"
+            f"the FID reference {dataset} ({split} split) has {len(reference.images)} image(s); it needs at least 2"
         )
     start = time.time()
     features = extract_features(
-        extractor, data.images, batch_size, desc=f"reference features ({dataset}, {split})"
+        extractor, reference.images, batch_size, desc=f"reference features ({dataset}, {split})"
     ).double()
     keep = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:KID_MAX_REFERENCE].sort().values
     stats = dict(sum=features.sum(0), cov_sum=features.T @ features, kid_features=features[keep].float().contiguous())
@@ -512,46 +510,37 @@ def fid_kid(reference: dict, features: torch.Tensor, seed: int = 0) -> dict:
     )
 
 
-def load_extractor(cfg, device="cpu"):
+def load_extractor(fid: FIDSettings, device="cpu"):
     """The feature extractor --fid_feature_extractor names: Inception (here) or DINOv2 (features.py)."""
-    if getattr(cfg, "fid_feature_extractor", "inception") == "dinov2":
+    if fid.fid_feature_extractor == "dinov2":
         from .features import load_dinov2
 
-        return load_dinov2(cfg.dinov2_model, device)
-    return load_feature_extractor(cfg.inception_weights, device=device)
-
-
-@dataclass(frozen=True)
-class FIDSettings(DataOptions):
-    """What FID/KID reads of the settings: the feature extractor, the reference's cache and size, batch
-    size and seed, and (inherited) the data options of loading the reference."""
-
-    fid_feature_extractor: str = "inception"
-    inception_weights: Optional[str] = None
-    dinov2_model: str = "facebook/dinov2-base"
-    fid_cache_dir: Optional[str] = None
-    fid_reference_max: Optional[int] = None
-    batch_size: int = 64
-    seed: int = 0
-
-    @classmethod
-    def of(cls, cfg) -> "FIDSettings":
-        """The FID settings of a DDPMConfig (or of any object with these fields)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+        return load_dinov2(fid.dinov2_model, device)
+    return load_feature_extractor(fid.inception_weights, device=device)
 
 
 class FIDEvaluator:
     """FID/KID against one reference split; the extractor is loaded at construction (so
     missing weights fail before any sampling), the reference statistics on first use.
-    `settings`: FIDSettings, or a DDPMConfig (its FID settings are taken)."""
+    `fid`: the extractor, the reference's cache and size; `data`: how the reference is read;
+    `batch_size` (at most 64 used) and `seed` (KID's subsets, PRDC)."""
 
-    def __init__(self, settings, reference: str, split: str = "train", device="cpu"):
-        cfg = settings if isinstance(settings, FIDSettings) else FIDSettings.of(settings)
-        self.cfg, self.reference, self.split = cfg, reference, split
+    def __init__(
+        self,
+        fid: FIDSettings,
+        data: DataSettings,
+        reference: str,
+        split: str = "train",
+        device="cpu",
+        batch_size: int = 64,
+        seed: int = 0,
+    ):
         from ..data.images import resolve_spec
 
         resolve_spec(reference)
-        self.extractor = load_extractor(cfg, device=device)
+        self.fid, self.data, self.reference, self.split = fid, data, reference, split
+        self.batch_size, self.seed = min(batch_size, 64), seed
+        self.extractor = load_extractor(fid, device=device)
         self._stats = {}
 
     def reference_stats(self, size: int, channels: int) -> dict:
@@ -562,10 +551,10 @@ class FIDEvaluator:
                 self.split,
                 size,
                 channels,
-                self.cfg,
-                self.cfg.fid_cache_dir,
-                self.cfg.fid_reference_max,
-                batch_size=min(self.cfg.batch_size, 64),
+                self.data,
+                self.fid.fid_cache_dir,
+                self.fid.fid_reference_max,
+                batch_size=self.batch_size,
             )
         return self._stats[size, channels]
 
@@ -579,15 +568,15 @@ class FIDEvaluator:
         """The (N, D) features of uint8 images: the part of `evaluate` each process runs on its share."""
         if not len(images):  # a process with no share (more processes than batches)
             return torch.zeros(0, self.extractor.num_features)
-        return extract_features(self.extractor, images, min(self.cfg.batch_size, 64), desc="generated features")
+        return extract_features(self.extractor, images, self.batch_size, desc="generated features")
 
     def score(self, features: torch.Tensor, size: int, channels: int, seconds: float = 0.0) -> dict:
         """Metrics of generated features (all of them, in image order: KID's subsets depend on it)."""
         ref = self.reference_stats(size, channels)
-        result = fid_kid(ref, features, seed=self.cfg.seed)
+        result = fid_kid(ref, features, seed=self.seed)
         from .features import prdc  # precision/recall/density/coverage against the reference's KID features
 
-        result.update(prdc(ref["kid_features"], features, seed=self.cfg.seed))
+        result.update(prdc(ref["kid_features"], features, seed=self.seed))
         return dict(
             result,
             num_generated=len(features),
@@ -596,7 +585,7 @@ class FIDEvaluator:
             image_size=size,
             channels=channels,
             reference=dict(
-                dataset=self.reference, split=self.split, max_images=self.cfg.fid_reference_max, cache=ref["cache"]
+                dataset=self.reference, split=self.split, max_images=self.fid.fid_reference_max, cache=ref["cache"]
             ),
             feature_extractor=self.extractor.info,
             seconds_features=round(seconds, 1),

@@ -8,24 +8,23 @@ is loaded). The renaming (docs/original.md, "The model") is
 derived from those flags block by block, so a wrong flag shows up as keys or shapes that
 do not match, reported in one line.
 
-    python -m ddpm_hf.models.convert_gzoo --checkpoint DDPM_mnist_epoch100.pt --output_dir ddpm-mnist --timesteps 1000
+    ddpm-hf convert --checkpoint DDPM_mnist_epoch100.pt --output_dir ddpm-mnist --timesteps 1000
 """
 
 import pickle
 import re
-import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..config.options import build_parser, parse_config
+from ..config.sections import DataSettings, DiffusionSettings, LatentSettings, ModelSettings, flags_of
 from ..diffusion.latent import latent_format, load_vae
-from ..diffusion.sampling import make_noise_scheduler, make_sampler
-from ..util.errors import DDPMError, UsageError, first_line, run_cli
-from ..util.files import make_output_dir, move_in, remove, writing
-from ..util.logs import get_logger, setup_logging
-from .pipeline import LoadedModel, public_config, save_pipeline
+from ..diffusion.sampling import make_noise_scheduler
+from ..util.errors import DDPMError, UsageError, first_line
+from ..util.logs import get_logger
+from .pipeline import LoadedModel, public_config
 from .unet import build_unet
 
 logger = get_logger(__name__)
@@ -44,26 +43,44 @@ KEY_PREFIXES = ("module.", "_orig_mod.")
 SHOWN = 4  # keys named per kind of mismatch in the one-line error
 
 
-def image_shape(cfg) -> tuple:
+@dataclass
+class OriginalFlags:
+    """The flags an original checkpoint was trained with, which it does not record: the image format
+    (data), the UNet (model), the noise schedule (diffusion) and --latent. `record`: every flag's value,
+    saved with the converted model (default: these sections' flags)."""
+
+    data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    diffusion: DiffusionSettings = field(default_factory=DiffusionSettings)
+    latent: LatentSettings = field(default_factory=LatentSettings)
+    record: Optional[dict] = None
+
+    def recorded(self) -> dict:
+        if self.record is not None:
+            return self.record
+        return flags_of(self.data, self.model, self.diffusion, self.latent)
+
+
+def image_shape(data: DataSettings) -> tuple:
     """(channels, size) of the images, from the flags alone (the original read them from the dataset)."""
     from ..data.images import resolve_spec
 
-    spec = resolve_spec(cfg.dataset)
-    channels, size = cfg.channels or spec.channels, cfg.size or spec.size
+    spec = resolve_spec(data.dataset)
+    channels, size = data.channels or spec.channels, data.size or spec.size
     if not channels or not size:
         raise UsageError(
-            f"--dataset {cfg.dataset} does not say the image channels and size without loading it; "
+            f"--dataset {data.dataset} does not say the image channels and size without loading it; "
             f"pass --channels and --size as the checkpoint was trained with"
         )
     return channels, size
 
 
-def block_layout(cfg) -> list:
+def block_layout(model: ModelSettings) -> list:
     """(original prefix, diffusers prefix, kind) of every parameterised block, in the original's order.
     kind is "plain" (same sub-keys), "res" (ResBlock) or "attn" (AttentionBlock)."""
-    levels = len(cfg.channel_mult)
-    attention = [2**i in cfg.attention_resolutions for i in range(levels)]
-    updown = cfg.resblock_updown
+    levels = len(model.channel_mult)
+    attention = [2**i in model.attention_resolutions for i in range(levels)]
+    updown = model.resblock_updown
     blocks = [
         ("time_embed.0", "time_embedding.linear_1", "plain"),
         ("time_embed.2", "time_embedding.linear_2", "plain"),
@@ -71,7 +88,7 @@ def block_layout(cfg) -> list:
     ]
     index = 1
     for level in range(levels):
-        for j in range(cfg.num_res_blocks):
+        for j in range(model.num_res_blocks):
             blocks.append((f"input_blocks.{index}.0", f"down_blocks.{level}.resnets.{j}", "res"))
             if attention[level]:
                 blocks.append((f"input_blocks.{index}.1", f"down_blocks.{level}.attentions.{j}", "attn"))
@@ -92,13 +109,13 @@ def block_layout(cfg) -> list:
     ]
     index = 0
     for up, level in enumerate(reversed(range(levels))):
-        for j in range(cfg.num_res_blocks + 1):
+        for j in range(model.num_res_blocks + 1):
             blocks.append((f"output_blocks.{index}.0", f"up_blocks.{up}.resnets.{j}", "res"))
             position = 1
             if attention[level]:
                 blocks.append((f"output_blocks.{index}.1", f"up_blocks.{up}.attentions.{j}", "attn"))
                 position = 2
-            if level and j == cfg.num_res_blocks:  # the upsample closes the level, inside the last block
+            if level and j == model.num_res_blocks:  # the upsample closes the level, inside the last block
                 blocks.append(
                     (
                         f"output_blocks.{index}.{position}" + ("" if updown else ".conv"),
@@ -149,9 +166,9 @@ def _split_qkv(tensor: torch.Tensor, heads: int, new_order: bool) -> tuple:
     return tuple(part.reshape(channels, *rest) for part in parts)
 
 
-def check_keys(state_dict: dict, unet, cfg, source: str) -> None:
+def check_keys(state_dict: dict, unet, flags: OriginalFlags, source: str) -> None:
     """One line naming what does not fit, or nothing."""
-    expected = _expected_original(unet, block_layout(cfg))
+    expected = _expected_original(unet, block_layout(flags.model))
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [
@@ -169,10 +186,10 @@ def check_keys(state_dict: dict, unet, cfg, source: str) -> None:
     first = state_dict.get("input_blocks.0.0.weight")
     if first is not None and first.dim() == 4:
         hint = f" (its first conv has {first.shape[0]} channels and {first.shape[1]} input channel(s)"
-        if first.shape[1] == 4 and not cfg.latent:
+        if first.shape[1] == 4 and not flags.latent.latent:
             hint += (
                 "; 4 inputs suggest a latent LatDDPM_ checkpoint: add --latent (python -m "
-                "ddpm_hf.models.convert_gzoo, sample_ddpm.py and ood_ddpm.py take it)"
+                "ddpm-hf convert, sample_ddpm.py and ood_ddpm.py take it)"
             )
         hint += ")"
     raise UsageError(
@@ -182,11 +199,11 @@ def check_keys(state_dict: dict, unet, cfg, source: str) -> None:
     )
 
 
-def convert_state_dict(state_dict: dict, unet, cfg, source: str = "the checkpoint") -> dict:
+def convert_state_dict(state_dict: dict, unet, flags: OriginalFlags, source: str = "the checkpoint") -> dict:
     """Original state dict -> `unet`'s state dict (checked first; raises UsageError on a mismatch)."""
-    check_keys(state_dict, unet, cfg, source)
+    check_keys(state_dict, unet, flags, source)
     converted = {}
-    for orig, diff, kind in block_layout(cfg):
+    for orig, diff, kind in block_layout(flags.model):
         for key, tensor in state_dict.items():
             if not key.startswith(orig + "."):
                 continue
@@ -204,7 +221,8 @@ def convert_state_dict(state_dict: dict, unet, cfg, source: str = "the checkpoin
             else:  # qkv
                 heads = unet.get_submodule(diff).heads
                 flat = tensor.squeeze(-1) if leaf == "weight" else tensor
-                for name, part in zip(("to_q", "to_k", "to_v"), _split_qkv(flat, heads, cfg.use_new_attention_order)):
+                parts = _split_qkv(flat, heads, flags.model.use_new_attention_order)
+                for name, part in zip(("to_q", "to_k", "to_v"), parts):
                     converted[f"{diff}.{name}.{leaf}"] = part.contiguous()
     return converted
 
@@ -239,25 +257,28 @@ def epoch_in_name(name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def load_original_checkpoint(path, cfg=None, device="cpu") -> LoadedModel:
+def load_original_checkpoint(path, flags: Optional[OriginalFlags] = None, device="cpu") -> LoadedModel:
     """An original `.pt` file -> LoadedModel (UNet2DModel, noise schedule, training flags)."""
-    from ..config.options import DDPMConfig
-
-    cfg = cfg or DDPMConfig()
-    if cfg.prediction_type != "epsilon" or cfg.beta_schedule != "linear":
+    flags = flags or OriginalFlags()
+    diffusion = flags.diffusion
+    if diffusion.prediction_type != "epsilon" or diffusion.beta_schedule != "linear":
         raise UsageError(
             f"an original .pt checkpoint predicts the noise on linear betas; drop --prediction_type "
-            f"{cfg.prediction_type} / --beta_schedule {cfg.beta_schedule} (they describe ddpm-hf training runs)"
+            f"{diffusion.prediction_type} / --beta_schedule {diffusion.beta_schedule} (they describe ddpm-hf "
+            "training runs)"
         )
     state_dict = read_state_dict(path)
-    channels, size = image_shape(cfg)
+    channels, size = image_shape(flags.data)
     # --latent: the original's LatDDPM_ UNet works on the VAE's latents (4 channels at 1/8 size for sd-vae-ft-mse).
-    vae = load_vae(cfg.vae, device) if cfg.latent else None
-    unet = build_unet(cfg, *(latent_format(cfg, vae, channels, size) if vae else (channels, size)))
-    unet.load_state_dict(convert_state_dict(state_dict, unet, cfg, source=str(path)))
-    scheduler = make_noise_scheduler(cfg.timesteps, cfg.beta_start, cfg.beta_end, clip_sample=cfg.clip_sample)
+    vae = load_vae(flags.latent.vae, device) if flags.latent.latent else None
+    unet_format = latent_format(flags.latent.vae, vae, channels, size, flags.model.channel_mult) if vae else None
+    unet = build_unet(flags.model, *(unet_format or (channels, size)))
+    unet.load_state_dict(convert_state_dict(state_dict, unet, flags, source=str(path)))
+    scheduler = make_noise_scheduler(
+        diffusion.timesteps, diffusion.beta_start, diffusion.beta_end, clip_sample=diffusion.clip_sample
+    )
     train_config = {
-        **public_config(cfg.to_dict()),
+        **public_config(flags.recorded()),
         "channels": channels,
         "size": size,
         "converted_from": Path(path).name,
@@ -266,50 +287,3 @@ def load_original_checkpoint(path, cfg=None, device="cpu") -> LoadedModel:
     if epochs is not None:
         train_config["trained_epochs"] = epochs
     return LoadedModel(unet.to(device).eval(), dict(scheduler.config), vae, train_config, str(path))
-
-
-def convert(cfg) -> Path:
-    """Write the converted checkpoint as a standard pipeline folder."""
-    if not cfg.checkpoint or not cfg.checkpoint.endswith(".pt"):
-        raise UsageError("--checkpoint must be an original .pt file")
-    if not cfg.output_dir:
-        raise UsageError("--output_dir is required: the folder to write the pipeline to")
-    out = Path(cfg.output_dir)
-    if (out / "model_index.json").exists():
-        raise UsageError(f"{out} already holds a pipeline; remove it or choose another --output_dir")
-    loaded = load_original_checkpoint(cfg.checkpoint, cfg)
-    make_output_dir(out)
-    # Saved aside and moved in whole: a link planted in `out` (unet/, ddpm_hf_config.json) is replaced, not
-    # written through, and a failed save leaves `out` as it was.
-    staging = out / ".pipeline.partial"
-    remove(staging)
-    with writing(out, "the pipeline", cleanup=[staging]):
-        scheduler = make_sampler("ddim", loaded.scheduler_config)
-        save_pipeline(staging, loaded.unet, scheduler, loaded.train_config, vae=loaded.vae)
-    move_in(staging, out, last="model_index.json")
-    logger.info(
-        f"converted {cfg.checkpoint} to the pipeline folder {out}; sample it with: python sample_ddpm.py "
-        f"--checkpoint {shlex.quote(str(out))}"
-    )
-    return out
-
-
-GROUPS = ("checkpoint", "output", "data", "model", "diffusion", "latent")
-
-
-@run_cli
-def main(argv, prog="python -m ddpm_hf.models.convert_gzoo"):
-    """`ddpm-hf convert` (ddpm_hf/commands/convert.py passes its name as `prog`)."""
-    parser = build_parser(
-        prog,
-        "Convert an original GenerativeZoo DDPM checkpoint (.pt) "
-        "into a diffusers pipeline folder; pass the flags it was trained with.",
-        GROUPS,
-    )
-    cfg, _ = parse_config(parser, argv)
-    setup_logging(cfg.log_level)
-    convert(cfg)
-
-
-if __name__ == "__main__":
-    main()

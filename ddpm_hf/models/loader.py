@@ -10,7 +10,7 @@ import torch
 
 from ..util.errors import DDPMError, UsageError
 from ..util.hub_access import check_hub_repo, hub_offline, is_hub_id
-from .convert_gzoo import load_original_checkpoint
+from .convert_gzoo import OriginalFlags, load_original_checkpoint
 from .pipeline import LoadedModel, check_pipeline_folder, load_pipeline, refuse_weight_file
 
 
@@ -38,17 +38,21 @@ def require_hub_model(repo_id: str, revision: Optional[str], flag: str = "--chec
 
 
 def load_model(
-    checkpoint: Optional[str], cfg=None, revision: Optional[str] = None, device="cpu", flag: str = "--checkpoint"
+    checkpoint: Optional[str],
+    original: Optional[OriginalFlags] = None,
+    revision: Optional[str] = None,
+    device="cpu",
+    flag: str = "--checkpoint",
 ) -> LoadedModel:
-    """A pipeline folder, a Hub model id or an original `.pt` file -> LoadedModel. `cfg` (the model,
-    diffusion and data flags) only describes a `.pt` file, which records none of them; `flag` names
-    the option the model came from in error lines."""
+    """A pipeline folder, a Hub model id or an original `.pt` file -> LoadedModel. `original` (the
+    data, model, diffusion and latent flags) only describes a `.pt` file, which records none of them;
+    `flag` names the option the model came from in error lines."""
     if not checkpoint:
         raise UsageError("--checkpoint is required: a trained pipeline folder, a Hub model id or an original .pt file")
     if checkpoint.endswith(".pt"):
         if not os.path.isfile(checkpoint):
             raise UsageError(f"checkpoint file {checkpoint} does not exist")
-        return load_original_checkpoint(checkpoint, cfg, device=device)
+        return load_original_checkpoint(checkpoint, original, device=device)
     refuse_weight_file(checkpoint)
     if os.path.isdir(checkpoint):
         if not Path(checkpoint, "model_index.json").exists():

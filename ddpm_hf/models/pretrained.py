@@ -37,7 +37,7 @@ def load_pretrained(source: str, revision: Optional[str] = None) -> StartModel:
     if source.endswith(".pt"):
         raise UsageError(
             f"{PRETRAINED_FLAG} takes a pipeline folder or a Hub model id; convert an original .pt file first "
-            f"(python -m ddpm_hf.models.convert_gzoo)"
+            f"(ddpm-hf convert)"
         )
     loaded = load_model(source, revision=revision, flag=PRETRAINED_FLAG)
     if loaded.vae is not None:

@@ -9,23 +9,23 @@ listed), the middle block always has attention, `num_head_channels` wins over
 import torch
 from diffusers import UNet2DModel
 
-from ..config.options import DDPMConfig
+from ..config.sections import ModelSettings
 from ..util.errors import UsageError
 
 MIN_DECIDED_SIZE = 8  # an image folder's first image smaller than this is no size to train at
 
 
-def _downsampling(cfg: DDPMConfig) -> tuple:
+def _downsampling(model: ModelSettings) -> tuple:
     """(levels, total downsampling factor) of the UNet that --channel_mult describes."""
-    levels = len(cfg.channel_mult)
+    levels = len(model.channel_mult)
     return levels, 2 ** (levels - 1)
 
 
-def check_size_from_first_image(cfg: DDPMConfig, size: int, first_image: str, dataset) -> None:
+def check_size_from_first_image(model: ModelSettings, size: int, first_image: str, dataset) -> None:
     """Without --size the first image of a folder decides the size: one that no UNet can train at
     (too small, or not divisible by its downsampling) blames that image and says which flag to give,
     instead of naming a --size that was never given."""
-    levels, factor = _downsampling(cfg)
+    levels, factor = _downsampling(model)
     smallest = max(MIN_DECIDED_SIZE, factor)
     if size < smallest:
         problem, suggestion = f"{size} px is too small to train at (at least {smallest})", max(32, factor)
@@ -42,34 +42,34 @@ def check_size_from_first_image(cfg: DDPMConfig, size: int, first_image: str, da
     )
 
 
-def unet_kwargs(cfg: DDPMConfig, in_channels: int, sample_size: int) -> dict:
-    levels, factor = _downsampling(cfg)
+def unet_kwargs(model: ModelSettings, in_channels: int, sample_size: int) -> dict:
+    levels, factor = _downsampling(model)
     if sample_size % factor:
         raise UsageError(
             f"--size {sample_size} is not divisible by {factor}, the UNet's total downsampling with "
             f"{levels} levels (--channel_mult); use a multiple of {factor}"
         )
-    attention = [2**i in cfg.attention_resolutions for i in range(levels)]
+    attention = [2**i in model.attention_resolutions for i in range(levels)]
     # Levels without attention get ResNet samplers with --resblock_updown; attention levels
     # take the sampler type from downsample_type/upsample_type.
     down_plain, up_plain = (
-        ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if cfg.resblock_updown else ("DownBlock2D", "UpBlock2D")
+        ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if model.resblock_updown else ("DownBlock2D", "UpBlock2D")
     )
     head_dim = (
-        cfg.num_head_channels
-        if cfg.num_head_channels != -1
-        else cfg.model_channels * cfg.channel_mult[0] // cfg.num_heads
+        model.num_head_channels
+        if model.num_head_channels != -1
+        else model.model_channels * model.channel_mult[0] // model.num_heads
     )
     return dict(
         sample_size=sample_size,
         in_channels=in_channels,
         out_channels=in_channels,
-        block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
-        layers_per_block=cfg.num_res_blocks,
+        block_out_channels=tuple(model.model_channels * m for m in model.channel_mult),
+        layers_per_block=model.num_res_blocks,
         down_block_types=tuple("AttnDownBlock2D" if a else down_plain for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else up_plain for a in reversed(attention)),
-        downsample_type="resnet" if cfg.resblock_updown else "conv",
-        upsample_type="resnet" if cfg.resblock_updown else "conv",
+        downsample_type="resnet" if model.resblock_updown else "conv",
+        upsample_type="resnet" if model.resblock_updown else "conv",
         attention_head_dim=head_dim,
         norm_num_groups=32,
         attn_norm_num_groups=32,
@@ -78,8 +78,8 @@ def unet_kwargs(cfg: DDPMConfig, in_channels: int, sample_size: int) -> dict:
         flip_sin_to_cos=True,
         freq_shift=0,
         downsample_padding=1,
-        dropout=cfg.dropout,
-        resnet_time_scale_shift="scale_shift" if cfg.use_scale_shift_norm else "default",
+        dropout=model.dropout,
+        resnet_time_scale_shift="scale_shift" if model.use_scale_shift_norm else "default",
     )
 
 
@@ -93,8 +93,8 @@ def zero_init_like_original(unet: UNet2DModel) -> None:
                     p.zero_()
 
 
-def build_unet(cfg: DDPMConfig, in_channels: int, sample_size: int) -> UNet2DModel:
-    unet = UNet2DModel(**unet_kwargs(cfg, in_channels, sample_size))
+def build_unet(model: ModelSettings, in_channels: int, sample_size: int) -> UNet2DModel:
+    unet = UNet2DModel(**unet_kwargs(model, in_channels, sample_size))
     zero_init_like_original(unet)
     return unet
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from ..config.options import DDPMConfig
+from ..config.sections import DataSettings, FIDSettings
 from ..data.images import to_uint8
 from ..diffusion.sampling import generate
 from ..util.extras import require_extra
@@ -23,11 +23,10 @@ logger = get_logger(__name__)
 PRDC = ("precision", "recall", "density", "coverage")  # k-NN metrics next to FID/KID (features.prdc)
 
 
-def setup_tracker(cfg: DDPMConfig):
-    """The tracker name Accelerate logs to (or None), and its wandb.init options: wandb never prompts for
-    a login. Offline goes through wandb.init's `mode`, not WANDB_MODE: a library call sets nothing
-    process-wide."""
-    tracker = cfg.tracker()
+def setup_tracker(tracker: str):
+    """The tracker name Accelerate logs to (or None) for --report_to `tracker` (wandb, tensorboard or none),
+    and its wandb.init options: wandb never prompts for a login. Offline goes through wandb.init's `mode`,
+    not WANDB_MODE: a library call sets nothing process-wide."""
     if tracker != "none":  # before the Accelerator: a missing package is one line, not accelerate's ValueError
         require_extra(tracker, "tracking", f"--report_to {tracker}", instead="pass --report_to none")
     if tracker == "wandb" and "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
@@ -60,26 +59,47 @@ class FidHook:
     """--eval_fid_every: FID/KID of the EMA model at epoch ends, logged to train_log.jsonl and the
     tracker; --save_best_fid keeps the best pipeline in best_fid/. Every process samples and extracts
     its share of the batches (seeded by global batch index: the same images as one process draws); the
-    features are gathered in image order and the main process scores them."""
+    features are gathered in image order and the main process scores them. The samples are drawn
+    with the DDIM `eta`, `seed` and `batch_size` of the grids; `settings` (the run's flags) go into the
+    best pipeline's record; `resuming`: a resumed run keeps the best FID it had."""
 
-    def __init__(self, cfg: DDPMConfig, out: Path, accelerator):
+    def __init__(
+        self,
+        fid: FIDSettings,
+        data: DataSettings,
+        *,
+        eta: float,
+        seed: int,
+        batch_size: int,
+        settings: dict,
+        out: Path,
+        accelerator,
+        resuming: bool = False,
+    ):
         from ..metrics.fid import FIDEvaluator
 
-        self.cfg, self.out, self.accelerator = cfg, out, accelerator
+        self.fid, self.out, self.accelerator = fid, out, accelerator
+        self.eta, self.seed, self.batch_size, self.settings = eta, seed, batch_size, settings
         self.best_dir = out / "best_fid"
         # Loads Inception now (on every process: each extracts its share): missing weights fail before any step.
         self.evaluator = FIDEvaluator(
-            cfg, cfg.fid_reference or cfg.dataset, cfg.fid_reference_split, device=accelerator.device
+            fid,
+            data,
+            fid.fid_reference or data.dataset,
+            fid.fid_reference_split,
+            device=accelerator.device,
+            batch_size=batch_size,
+            seed=seed,
         )
         self.best = math.inf
-        if cfg.resume_from_checkpoint and (self.best_dir / "fid.json").exists():
+        if resuming and (self.best_dir / "fid.json").exists():
             self.best = read_json(self.best_dir / "fid.json", "restore it or delete best_fid/")["fid"]
 
     def __call__(self, parts, epoch: int, global_step: int) -> None:
         """Evaluate the EMA model of the training parts (parts.py) after `global_step` updates."""
         from ..metrics.sharded import gather_in_order, image_indices, my_batches
 
-        count, batch_size = self.cfg.fid_num_samples, self.cfg.batch_size
+        count, batch_size = self.fid.fid_num_samples, self.batch_size
         mine = my_batches(count, batch_size, self.accelerator)
         with ema_weights(parts.ema, parts.model):
             # The same noise at every evaluation: FID changes come from the model, not the draw.
@@ -88,8 +108,8 @@ class FidHook:
                 parts.sampler,
                 count,
                 parts.sample_steps,
-                eta=self.cfg.ddpm,
-                seed=self.cfg.seed,
+                eta=self.eta,
+                seed=self.seed,
                 batch_size=batch_size,
                 vae=parts.vae,
                 progress=False,
@@ -102,7 +122,7 @@ class FidHook:
             size, channels = images.shape[-1], images.shape[1]  # the main process always has batch 0
             result = self.evaluator.score(features, size, channels, time.time() - start)
             self._report(result, len(features), epoch, global_step)
-            if self.cfg.save_best_fid and result["fid"] < self.best:
+            if self.fid.save_best_fid and result["fid"] < self.best:
                 self._save_best(parts, result, epoch, global_step)
         self.accelerator.wait_for_everyone()
 
@@ -133,5 +153,5 @@ class FidHook:
     def _save_best(self, parts, result: dict, epoch: int, global_step: int) -> None:
         self.best = result["fid"]
         make_subdir(self.out, self.best_dir.name)  # a link there is refused, not saved into
-        save_pipeline_atomically(self.best_dir, parts, self.cfg, global_step, fid=result["fid"])
+        save_pipeline_atomically(self.best_dir, parts, self.settings, global_step, fid=result["fid"])
         write_json(self.best_dir / "fid.json", dict(result, step=global_step, epoch=epoch))

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from diffusers import UNet2DModel
 
-from ..config.options import DDPMConfig
 from ..data.images import same_dataset
 from ..diffusion.sampling import make_sampler
 from ..models.pipeline import save_pipeline
@@ -76,13 +75,14 @@ TRACKER_PROJECT = "DDPM"  # the tracker's project name: tensorboard writes into 
 LINK_FREE = ("train_log.jsonl", "samples", "checkpoints", "best_fid", "logs", f"logs/{TRACKER_PROJECT}")
 
 
-def check_output_dir(cfg: DDPMConfig) -> Path:
-    """Refuse to clobber an earlier run and check that the folder can be written, creating
-    nothing yet: a run that fails on its data or flags leaves the disk as it was."""
-    out = Path(cfg.resolved_output_dir())
+def check_output_dir(out: Path, overwrite: bool, resume, record: dict):
+    """Refuse to clobber an earlier run and check that the folder `out` can be written, creating
+    nothing yet: a run that fails on its data or flags leaves the disk as it was. `resume`:
+    --resume_from_checkpoint; `record`: the run's flags (train_config.json), which a resume compares
+    with the checkpoint's run. Returns `resume` resolved (a checkpoint folder, 'latest' or None)."""
     for name in LINK_FREE:  # refused before any step, not when the first log line or grid is written
         refuse_link(out / name)
-    if not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
+    if not (overwrite or resume):
         if (out / "model_index.json").exists():
             raise UsageError(
                 f"{out} already holds a trained pipeline; pass --overwrite_output_dir to replace it, "
@@ -93,7 +93,7 @@ def check_output_dir(cfg: DDPMConfig) -> Path:
                 f"{out} holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue it, "
                 f"--overwrite_output_dir to start over, or another --output_dir"
             )
-    resume = cfg.resume_from_checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, out / "checkpoints")
+    resume = resolve_checkpoint(resume, out / "checkpoints")
     if resume and resume != "latest" and Path(resume).is_symlink():
         raise UsageError(
             f"--resume_from_checkpoint {resume} is a symbolic link (to {os.path.realpath(resume)}); a run never "
@@ -124,23 +124,22 @@ def check_output_dir(cfg: DDPMConfig) -> Path:
     if int(os.environ.get("RANK", "0")) == 0:  # the main process (the one that locks the folder)
         ensure_not_in_use(out)
     if resume:
-        check_resume_flags(cfg, out)
-    return out
+        check_resume_flags(record, resume, out)
+    return resume
 
 
-def check_resume_flags(cfg: DDPMConfig, out: Path) -> None:
+def check_resume_flags(record: dict, resume: str, out: Path) -> None:
     """A resume continues the run that wrote the checkpoint: its data, diffusion and batch flags (RESUME_FIXED)
     must be the same, or the optimiser state, data position and schedule no longer fit (one line lists them)."""
-    resume = cfg.resume_from_checkpoint
     if resume == "latest" and not list_checkpoints(out / "checkpoints"):
         return  # nothing to continue: a new run
-    record = (out if resume == "latest" else Path(resume).parent.parent) / "train_config.json"
+    saved_record = (out if resume == "latest" else Path(resume).parent.parent) / "train_config.json"
     try:
-        saved = read_json(record, "restore it, or resume with the flags of the run that wrote the checkpoints")
+        saved = read_json(saved_record, "restore it, or resume with the flags of the run that wrote the checkpoints")
     except FileNotFoundError:
         return
-    now = cfg.to_dict()
-    if cfg.pretrained_model_name_or_path:  # the same pretrained model brings the same schedule
+    now = dict(record)
+    if now.get("pretrained_model_name_or_path"):  # the same pretrained model brings the same schedule
         now.update({k: saved[k] for k in SCHEDULE_KEYS if k in saved})
     changed = [
         f"--{k} {_flag_value(now[k])} (the run used {_flag_value(saved[k])})"
@@ -149,8 +148,8 @@ def check_resume_flags(cfg: DDPMConfig, out: Path) -> None:
     ]
     if changed:
         raise UsageError(
-            f"--resume_from_checkpoint continues the run in {record.parent}, which used other data/diffusion/batch "
-            f"flags: {'; '.join(changed)}; {RESUME_ADVICE}"
+            f"--resume_from_checkpoint continues the run in {saved_record.parent}, which used other "
+            f"data/diffusion/batch flags: {'; '.join(changed)}; {RESUME_ADVICE}"
         )
 
 
@@ -158,14 +157,14 @@ def _flag_value(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def prepare_output_dir(out: Path, cfg: DDPMConfig, main: bool = True) -> Path:
+def prepare_output_dir(out: Path, overwrite: bool, main: bool = True) -> Path:
     """Create the output folder `out` (as check_output_dir checked it); in the main process hold it for
     this run (lock.py) and, with --overwrite_output_dir, remove what an earlier run left there
     (files.clear_earlier_run)."""
     out = make_output_dir(out)
     if main:
         lock_output_dir(out, "train_ddpm.py")
-    if main and cfg.overwrite_output_dir:
+    if main and overwrite:
         clear_earlier_run(out)
     return out
 
@@ -188,9 +187,9 @@ def append_log(log_path: Path, record: dict) -> None:
     append_line(log_path, json.dumps(record) + "\n", "a line of the training log", advice=RESUME_HINT)
 
 
-def export_pipeline(parts, cfg: DDPMConfig, folder: Path, step: int, **record) -> None:
-    """The training parts' EMA weights as a standard pipeline folder, its record saying what ran
-    (`step`, the resolved mixed precision, and `record`: e.g. the FID of best_fid/)."""
+def export_pipeline(parts, settings: dict, folder: Path, step: int, **record) -> None:
+    """The training parts' EMA weights as a standard pipeline folder, its record saying what ran: the
+    run's flags (`settings`), `step`, the resolved mixed precision, and `record` (e.g. the FID of best_fid/)."""
     final = UNet2DModel.from_config(parts.model.config)
     parts.ema.copy_to(final.parameters())
     trained = dict(
@@ -203,12 +202,12 @@ def export_pipeline(parts, cfg: DDPMConfig, folder: Path, step: int, **record) -
         folder,
         final,
         make_sampler("ddim", parts.noise_scheduler.config),
-        {**cfg.to_dict(), **trained},
+        {**settings, **trained},
         vae=parts.vae,
     )
 
 
-def save_pipeline_atomically(out: Path, parts, cfg: DDPMConfig, step: int, **record) -> None:
+def save_pipeline_atomically(out: Path, parts, settings: dict, step: int, **record) -> None:
     """export_pipeline into a hidden folder, then move its entries in with model_index.json last: the
     file that marks a finished run appears only when everything else is in place (the final output,
     best_fid/)."""
@@ -222,5 +221,5 @@ def save_pipeline_atomically(out: Path, parts, cfg: DDPMConfig, step: int, **rec
         advice=f"its partial files were removed{kept}; the last checkpoint is saved: free some space, then write "
         f"the pipeline with the same command plus --resume_from_checkpoint latest",
     ):
-        export_pipeline(parts, cfg, tmp, step, **record)
+        export_pipeline(parts, settings, tmp, step, **record)
     move_in(tmp, out, last="model_index.json")

@@ -14,7 +14,14 @@ from typing import Callable, Optional
 import torch
 from accelerate import Accelerator
 
-from ..config.options import DDPMConfig
+from ..config.sections import (
+    DataSettings,
+    DiffusionSettings,
+    LatentSettings,
+    ModelSettings,
+    SamplingSettings,
+    TrainingSettings,
+)
 from ..data.cache import cached_images
 from ..data.images import StreamingBatches, batch_loader, stream_images
 from ..diffusion.latent import encode_dataset, latent_format, load_training_vae
@@ -58,7 +65,20 @@ class TrainingParts:
     sampler: object  # --scheduler, for grids and FID
     sample_steps: int
     autocast: Callable  # Accelerate's mixed precision; benchmarks/run.py may set another
+    step: "StepSettings"
     vae: Optional[torch.nn.Module] = None  # --latent: the frozen AutoencoderKL (never prepared)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """What one step reads besides the parts: the batch's preparation and the loss."""
+
+    loss_type: str = "huber"
+    snr_gamma: Optional[float] = None
+    max_grad_norm: Optional[float] = None
+    random_flip: bool = False
+    latent_mode: str = "sample"
+    cached_latents: bool = False  # the loader serves --cache_latents moments, not images
 
 
 @dataclasses.dataclass
@@ -70,25 +90,41 @@ class TrainingData:
     vae: Optional[torch.nn.Module] = None
 
 
+# The settings sections build_parts reads (Sections' field names): `build_parts(..., **sections.pick(*PART_SECTIONS))`.
+PART_SECTIONS = ("training", "diffusion", "sampling", "data", "latent")
+
+
 def build_parts(
-    cfg: DDPMConfig, accelerator: Accelerator, unet, data, vae=None, scheduler_config=None
+    accelerator: Accelerator,
+    unet,
+    images,
+    *,
+    training: TrainingSettings,
+    diffusion: DiffusionSettings,
+    sampling: SamplingSettings,
+    data: DataSettings,
+    latent: LatentSettings,
+    vae=None,
+    scheduler_config=None,
 ) -> TrainingParts:
-    """The noise process (a start model's `scheduler_config`, else the flags), EMA, optimiser, loader
-    and LR schedule for `unet` on `data` (a uint8 image or latent tensor, or a stream under
+    """The noise process (a start model's `scheduler_config`, else `diffusion`), EMA, optimiser, loader
+    and LR schedule for `unet` on `images` (a uint8 image or latent tensor, or a stream under
     --streaming), prepared by Accelerate."""
-    noise_scheduler = _noise_scheduler(cfg, scheduler_config)
-    ema = make_ema(unet, cfg.ema_rate, cfg.ema_warmup, cfg.ema_inv_gamma, cfg.ema_power)
-    optimizer = make_optimizer(unet.parameters(), cfg.lr, cfg.decay, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_epsilon)
-    loader = _make_loader(cfg, data, accelerator.device)
-    if cfg.compile:
+    noise_scheduler = _noise_scheduler(diffusion, scheduler_config)
+    t = training
+    ema = make_ema(unet, t.ema_rate, t.ema_warmup, t.ema_inv_gamma, t.ema_power)
+    optimizer = make_optimizer(unet.parameters(), t.lr, t.weight_decay, (t.adam_beta1, t.adam_beta2), t.adam_epsilon)
+    loader = _make_loader(training, data, images, accelerator.device)
+    if t.compile:
         unet = torch.compile(unet)
-    if cfg.streaming:  # each process already reads its own part (split_dataset_by_node): Accelerate must not shard it
+    # Under --streaming each process already reads its own part (split_dataset_by_node): Accelerate must not shard it.
+    if data.streaming:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     else:
         unet, optimizer, loader = accelerator.prepare(unet, optimizer, loader)
     ema.to(accelerator.device)
-    steps_per_epoch = math.ceil(len(loader) / cfg.gradient_accumulation_steps)
-    max_steps = cfg.max_train_steps or cfg.n_epochs * steps_per_epoch
+    steps_per_epoch = math.ceil(len(loader) / t.gradient_accumulation_steps)
+    max_steps = t.max_train_steps or t.n_epochs * steps_per_epoch
     return TrainingParts(
         accelerator=accelerator,
         unet=unet,
@@ -98,96 +134,117 @@ def build_parts(
         optimizer=optimizer,
         # Stepped by hand once per optimiser update, so accumulation and process count never change its length.
         lr_scheduler=make_lr_scheduler(
-            optimizer.optimizer, cfg.lr_scheduler, cfg.lr, max_steps, cfg.lr_warmup(steps_per_epoch)
+            optimizer.optimizer, t.lr_scheduler, t.lr, max_steps, t.lr_warmup(steps_per_epoch)
         ),
         loader=loader,
         steps_per_epoch=steps_per_epoch,
         max_steps=max_steps,
-        micro_batch=resolve_micro_batch(cfg.micro_batch_size, cfg.batch_size, accelerator.device),
-        sampler=make_sampler(cfg.scheduler, noise_scheduler.config),
-        sample_steps=num_inference_steps(cfg.timesteps, cfg.sample_timesteps),
+        micro_batch=resolve_micro_batch(t.micro_batch_size, t.batch_size, accelerator.device),
+        sampler=make_sampler(sampling.scheduler, noise_scheduler.config),
+        sample_steps=num_inference_steps(diffusion.timesteps, sampling.sample_timesteps),
         autocast=accelerator.autocast,
+        step=StepSettings(
+            diffusion.loss_type, t.snr_gamma, t.max_grad_norm, t.random_flip, latent.latent_mode, latent.cache_latents
+        ),
         vae=vae,
     )
 
 
-def _noise_scheduler(cfg: DDPMConfig, scheduler_config=None):
+def _noise_scheduler(diffusion: DiffusionSettings, scheduler_config=None):
     if scheduler_config is not None:
         return noise_scheduler_from_config(scheduler_config)
+    d = diffusion
     return make_noise_scheduler(
-        cfg.timesteps,
-        cfg.beta_start,
-        cfg.beta_end,
-        cfg.beta_schedule,
-        cfg.prediction_type,
-        cfg.clip_sample,
-        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
-        timestep_spacing=cfg.timestep_spacing,
+        d.timesteps,
+        d.beta_start,
+        d.beta_end,
+        d.beta_schedule,
+        d.prediction_type,
+        d.clip_sample,
+        rescale_betas_zero_snr=d.rescale_betas_zero_snr,
+        timestep_spacing=d.timestep_spacing,
     )
 
 
-def _make_loader(cfg: DDPMConfig, data, device: torch.device):
-    if cfg.streaming:  # epochs are virtual: --max_train_steps in --n_epochs parts (warm-up, sample grids, FID)
-        steps = math.ceil(cfg.max_train_steps / cfg.n_epochs) * cfg.gradient_accumulation_steps
-        return StreamingBatches(data, cfg.batch_size, steps, cfg.num_workers, device)
-    return batch_loader(data, cfg.batch_size, cfg.seed, cfg.num_workers)
+def _make_loader(training: TrainingSettings, data: DataSettings, images, device: torch.device):
+    t = training
+    if data.streaming:  # epochs are virtual: --max_train_steps in --n_epochs parts (warm-up, sample grids, FID)
+        steps = math.ceil(t.max_train_steps / t.n_epochs) * t.gradient_accumulation_steps
+        return StreamingBatches(images, t.batch_size, steps, data.num_workers, device)
+    return batch_loader(images, t.batch_size, t.seed, data.num_workers)
 
 
 # ---- a run's inputs to build_parts ------------------------------------------------------------
 
 
-def load_training_data(cfg: DDPMConfig, accelerator: Accelerator, start=None) -> TrainingData:
+def load_training_data(
+    accelerator: Accelerator,
+    start=None,
+    *,
+    data: DataSettings,
+    model: ModelSettings,
+    latent: LatentSettings,
+    batch_size: int,
+    seed: int = 0,
+    exclude=None,
+) -> TrainingData:
     """The --latent VAE (loaded first: an unreachable one fails before the data), the images (or a
     stream of them), and the UNet sized for them or for their latents (`start`'s when a pretrained
-    model or UNet config is the start)."""
-    vae = load_training_vae(cfg)
-    if vae is not None and cfg.size and start is None:  # a --size the UNet cannot downsample fails before the data
-        unet_kwargs(cfg, 1, latent_format(cfg, vae, 1, cfg.size)[1])
+    model or UNet config is the start). `seed` draws --crop random windows and the stream's order;
+    `exclude`: a folder inside an image folder that is not data (the output folder)."""
+    vae = load_training_vae(latent)
+    if vae is not None and data.size and start is None:  # a --size the UNet cannot downsample fails before the data
+        unet_kwargs(model, 1, latent_format(latent.vae, vae, 1, data.size, model.channel_mult)[1])
     main = accelerator.is_main_process
     size, channels = (start.size, start.channels) if start else (None, None)  # a start model sets the format
-    data = (
-        stream_images(cfg.dataset, cfg, accelerator.process_index, accelerator.num_processes, size, channels)
-        if cfg.streaming
-        else cached_images(cfg.dataset, "train", cfg, size, channels, cfg.max_train_samples, main)
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    images = (
+        stream_images(data.dataset, data, seed, rank, processes, size, channels, exclude=exclude)
+        if data.streaming
+        else cached_images(data.dataset, "train", data, size, channels, data.max_train_samples, main, seed, exclude)
     )
-    if getattr(data, "first_image", ""):
-        check_size_from_first_image(cfg, data.size, data.first_image, cfg.dataset)
+    if getattr(images, "first_image", ""):
+        check_size_from_first_image(model, images.size, images.first_image, data.dataset)
     if vae is not None:
         vae.to(accelerator.device)  # never prepared: no DDP wrapper, no optimiser, no checkpoint
-    channels, size = latent_format(cfg, vae, data.channels, data.size) if vae else (data.channels, data.size)
-    unet = start.unet if start else build_unet(cfg, channels, size)
-    _check_batch_fits(cfg, unet, size, accelerator.device, getattr(data, "decided_by", ""))
-    _describe_data(cfg, accelerator, start, data, unet, vae, (channels, size))
-    if cfg.streaming:
-        return TrainingData(unet, data, vae)
+    unet_format = (
+        latent_format(latent.vae, vae, images.channels, images.size, model.channel_mult)
+        if vae
+        else (images.channels, images.size)
+    )
+    unet = start.unet if start else build_unet(model, *unet_format)
+    _check_batch_fits(batch_size, unet, unet_format[1], accelerator.device, getattr(images, "decided_by", ""))
+    _describe_data(data, latent, start, images, unet, vae, unet_format)
+    if data.streaming:
+        return TrainingData(unet, images, vae)
     # --cache_latents: the loader serves the encoded dataset instead of the images.
-    if cfg.cache_latents:
-        return TrainingData(unet, encode_dataset(vae, data.images, cfg.latent_mode, cfg.batch_size, progress=main), vae)
-    return TrainingData(unet, data.images, vae)
+    if latent.cache_latents:
+        encoded = encode_dataset(vae, images.images, latent.latent_mode, batch_size, progress=main)
+        return TrainingData(unet, encoded, vae)
+    return TrainingData(unet, images.images, vae)
 
 
-def _describe_data(cfg: DDPMConfig, accelerator: Accelerator, start, data, unet, vae, unet_format: tuple) -> None:
+def _describe_data(data: DataSettings, latent: LatentSettings, start, images, unet, vae, unet_format: tuple) -> None:
     if start:
         logger.info(describe(start))
     logger.info(
-        f"data: {cfg.dataset}, {'streamed' if cfg.streaming else len(data.images)} images of "
-        f"{data.channels}x{data.size}x{data.size}; UNet: {count_parameters(unet):,} parameters"
+        f"data: {data.dataset}, {'streamed' if data.streaming else len(images.images)} images of "
+        f"{images.channels}x{images.size}x{images.size}; UNet: {count_parameters(unet):,} parameters"
     )
     if vae is not None:
         channels, size = unet_format
         logger.info(
-            f"latent: the UNet diffuses {channels}x{size}x{size} latents of the VAE {cfg.vae} "
-            f"(latent_dist.{cfg.latent_mode} x {vae.config.scaling_factor}"
-            f"{', cached once' if cfg.cache_latents else ', encoded every batch'})"
+            f"latent: the UNet diffuses {channels}x{size}x{size} latents of the VAE {latent.vae} "
+            f"(latent_dist.{latent.latent_mode} x {vae.config.scaling_factor}"
+            f"{', cached once' if latent.cache_latents else ', encoded every batch'})"
         )
 
 
-def _check_batch_fits(cfg: DDPMConfig, unet, size: int, device: torch.device, decided_by: str) -> None:
+def _check_batch_fits(batch: int, unet, size: int, device: torch.device, decided_by: str) -> None:
     """A training batch (activations kept for the backward pass; weights, gradients and Adam's two
     moments) fits on the device, before the first step allocates it."""
     from ..util.memory import refuse_if_too_big, unet_batch_bytes
 
-    batch = cfg.batch_size
     need = unet_batch_bytes(unet.config, batch, size, training=True) + 16 * count_parameters(unet)
     refuse_if_too_big(
         need,

@@ -1,15 +1,16 @@
 """One training step through the parts (parts.py), as a run makes it and benchmarks/run.py times it:
 
-x0 = model_input(parts, cfg, batch)          uint8 images -> pixels in [-1, 1] or VAE latents
-flags = train_step(parts, cfg, state, x0)    forward/backward, collective flags, optimiser update
-after_update(parts, state)                   LR schedule, EMA, step counter (after an update)
+x0 = model_input(parts, batch)          uint8 images -> pixels in [-1, 1] or VAE latents
+flags = train_step(parts, state, x0)    forward/backward, collective flags, optimiser update
+after_update(parts, state)              LR schedule, EMA, step counter (after an update)
+
+What a step reads besides the parts is `parts.step` (parts.StepSettings).
 """
 
 import contextlib
 
 import torch
 
-from ..config.options import DDPMConfig
 from ..data.images import to_model_range
 from ..diffusion.latent import training_latents
 from .checkpoints import TrainerState
@@ -17,34 +18,34 @@ from .parts import TrainingParts
 from .steps import diffusion_loss, draw_noise, random_hflip
 
 
-def model_input(parts: TrainingParts, cfg: DDPMConfig, batch: torch.Tensor) -> torch.Tensor:
+def model_input(parts: TrainingParts, batch: torch.Tensor) -> torch.Tensor:
     """uint8 images -> what the UNet diffuses: pixels in [-1, 1], or the VAE's latents."""
-    if cfg.random_flip:
+    if parts.step.random_flip:
         batch = random_hflip(batch)
     if parts.vae:
-        return training_latents(parts.vae, batch, cfg.latent_mode, cfg.cache_latents)
+        return training_latents(parts.vae, batch, parts.step.latent_mode, parts.step.cached_latents)
     return to_model_range(batch)
 
 
 def train_step(
-    parts: TrainingParts, cfg: DDPMConfig, state: TrainerState, x0: torch.Tensor, stop_requested: bool = False
+    parts: TrainingParts, state: TrainerState, x0: torch.Tensor, stop_requested: bool = False
 ) -> torch.Tensor:
     """Forward and backward of one batch, and the optimiser update at the end of an accumulation.
     Returns the collective flags (any non-finite loss, any stop request): a non-finite loss makes
     no update and its gradients are dropped unused; a finite one joins the running loss."""
     with parts.accelerator.accumulate(parts.unet):
-        loss = forward_backward(parts, cfg, x0)
+        loss = forward_backward(parts, x0)
         flags = collective_flags(parts.accelerator, loss, stop_requested)
         if flags[0] > 0:
             parts.optimizer.zero_grad(set_to_none=True)
             return flags
-        update(parts, cfg.max_grad_norm)
+        update(parts, parts.step.max_grad_norm)
     state.loss_sum += loss.detach()
     state.loss_count += 1
     return flags
 
 
-def forward_backward(parts: TrainingParts, cfg: DDPMConfig, x0: torch.Tensor) -> torch.Tensor:
+def forward_backward(parts: TrainingParts, x0: torch.Tensor) -> torch.Tensor:
     """The batch's loss and its gradients, in pieces of `micro_batch` images: noise and timesteps
     are drawn for the whole batch, each piece's loss is weighted by its share of the batch, so the
     loss and gradient are the batch's (GroupNorm has no batch statistics); only one piece's
@@ -56,8 +57,9 @@ def forward_backward(parts: TrainingParts, cfg: DDPMConfig, x0: torch.Tensor) ->
     for i, (x, n, steps) in enumerate(pieces):
         last = i == len(pieces) - 1  # DDP all-reduces the gradients once, after the last piece
         with contextlib.nullcontext() if last else parts.accelerator.no_sync(parts.unet):
+            step = parts.step
             loss = diffusion_loss(
-                parts.unet, parts.noise_scheduler, x, cfg.loss_type, cfg.snr_gamma, parts.autocast, n, steps
+                parts.unet, parts.noise_scheduler, x, step.loss_type, step.snr_gamma, parts.autocast, n, steps
             ) * (len(x) / len(x0))
             parts.accelerator.backward(loss)
         total += loss.detach()

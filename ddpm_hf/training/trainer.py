@@ -5,7 +5,10 @@ every-step EMA of the parameters (never wrapped in DDP), sample grids from the E
 resumable checkpoints (checkpoints.py), a JSON-lines log, and at the end a standard diffusers
 pipeline folder holding the EMA weights.
 
-    Trainer(cfg).run()  ==  setup() -> resume() -> train_epochs() -> finish()
+    Trainer(data=..., model=..., ..., hub=...).run()  ==  setup() -> resume() -> train_epochs() -> finish()
+
+The Trainer takes the settings sections it uses (config/sections.py), never the whole configuration:
+`ddpm_hf.train(cfg)` (commands/train.py) checks a DDPMConfig and hands them over.
 
 The Trainer holds the training parts (parts.py: UNet, optimiser, LR schedule, EMA, loader, ...)
 and the run's state (checkpoints.TrainerState). One optimiser update is run_step() (train_step.py:
@@ -13,7 +16,6 @@ forward, backward, update) then end_of_step() (LR, EMA, log, checkpoint, stop); 
 draws the sample grid and the FID evaluation.
 """
 
-import dataclasses
 import functools
 import itertools
 import os
@@ -21,14 +23,27 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from ..config.options import DDPMConfig
+from ..config.sections import (
+    DataSettings,
+    DiffusionSettings,
+    FIDSettings,
+    HubSettings,
+    LatentSettings,
+    ModelSettings,
+    OutputSettings,
+    SamplingSettings,
+    TrainingSettings,
+    flags_of,
+)
 from ..diffusion.sampling import GRID_MAX, generate, schedule_settings, terminal_snr_notice
 from ..hub.upload import TrainingPush
 from ..models.pipeline import public_config
@@ -118,9 +133,31 @@ def _check_launch(accelerator) -> None:
         )
 
 
+# The sections of the settings a run reads (Sections' field names): `Trainer(**sections.pick(*TRAINER_SECTIONS))`.
+TRAINER_SECTIONS = ("data", "model", "diffusion", "latent", "training", "output", "sampling", "fid", "hub")
+
+
 class Trainer:
-    def __init__(self, cfg: DDPMConfig):
-        self.cfg = cfg
+    def __init__(
+        self,
+        *,
+        data: DataSettings,
+        model: ModelSettings,
+        diffusion: DiffusionSettings,
+        latent: LatentSettings,
+        training: TrainingSettings,
+        output: OutputSettings,
+        sampling: SamplingSettings,
+        fid: FIDSettings,
+        hub: HubSettings,
+        settings: Optional[dict] = None,
+    ):
+        self.data, self.model, self.diffusion, self.latent = data, model, diffusion, latent
+        self.training, self.output, self.sampling, self.fid, self.hub = training, output, sampling, fid, hub
+        # The flags' values by flag name (default: these sections'): train_config.json, the pipeline's record,
+        # the resume check.
+        sections = (data, model, diffusion, latent, training, output, sampling, fid, hub)
+        self.settings = dict(settings if settings is not None else flags_of(*sections))
         self.state = TrainerState()  # on the device, or a checkpoint's, once set up
         self.out = None  # the output folder, checked by setup()
         self.start = None  # the pretrained model or UNet config the run starts from (setup)
@@ -128,7 +165,7 @@ class Trainer:
         self.accelerator = None
         self.parts = None  # TrainingParts (parts.py), built by setup()
         self.fid_hook = None  # --eval_fid_every
-        self.hub = None  # --push_to_hub (main process)
+        self.push = None  # --push_to_hub (main process)
         self.progress = None  # the progress bar of train_epochs()
         self.last_log = (time.time(), 0)  # (time, step) of the last log line: the throughput's start
         self.last_saved = 0  # the step of the last checkpoint
@@ -142,20 +179,59 @@ class Trainer:
     def setup(self) -> None:
         """Check the flags, then the data, then create the output folder and the training parts: a
         run that fails on its flags or data leaves the disk as it was."""
-        self.out = check_output_dir(self.cfg)
+        self.out = Path(self.output.resolved_output_dir(self.data.dataset))
+        self._check_output_dir()
         self._check_flags()
-        self.tracker, self.tracker_options = setup_tracker(self.cfg)
+        self.tracker, self.tracker_options = setup_tracker(self.output.tracker())
         self.accelerator = self._make_accelerator()
-        data = load_training_data(self.cfg, self.accelerator, self.start)
-        self.fid_hook = FidHook(self.cfg, self.out, self.accelerator) if self.cfg.eval_fid_every else None
-        prepare_output_dir(self.out, self.cfg, main=self.main)
+        data = load_training_data(
+            self.accelerator,
+            self.start,
+            data=self.data,
+            model=self.model,
+            latent=self.latent,
+            batch_size=self.training.batch_size,
+            seed=self.training.seed,
+            exclude=self.output.output_dir,
+        )
+        self.fid_hook = self._make_fid_hook() if self.fid.eval_fid_every else None
+        prepare_output_dir(self.out, self.output.overwrite_output_dir, main=self.main)
         # --push_to_hub: the repository is created now, so a bad token or no network fails before training.
-        self.hub = TrainingPush(self.cfg, self.out) if self.cfg.push_to_hub and self.main else None
+        self.push = TrainingPush(self.hub, self.out) if self.hub.push_to_hub and self.main else None
         self.accelerator.wait_for_everyone()
-        scheduler_config = self.start.scheduler_config if self.start is not None else None
-        self.parts = build_parts(self.cfg, self.accelerator, data.unet, data.data, data.vae, scheduler_config)
+        self.parts = build_parts(
+            self.accelerator,
+            data.unet,
+            data.data,
+            training=self.training,
+            diffusion=self.diffusion,
+            sampling=self.sampling,
+            data=self.data,
+            latent=self.latent,
+            vae=data.vae,
+            scheduler_config=self.start.scheduler_config if self.start is not None else None,
+        )
         self.state = TrainerState.on(self.accelerator.device)
         self._print_notices()
+
+    def _check_output_dir(self) -> None:
+        output = self.output
+        resume = check_output_dir(self.out, output.overwrite_output_dir, output.resume_from_checkpoint, self.settings)
+        self.output = replace(output, resume_from_checkpoint=resume)
+        self.settings["resume_from_checkpoint"] = resume
+
+    def _make_fid_hook(self) -> FidHook:
+        return FidHook(
+            self.fid,
+            self.data,
+            eta=self.sampling.eta,
+            seed=self.training.seed,
+            batch_size=self.training.batch_size,
+            settings=self.settings,
+            out=self.out,
+            accelerator=self.accelerator,
+            resuming=bool(self.output.resume_from_checkpoint),
+        )
 
     def _print_notices(self) -> None:
         if self.main:  # after the checks of flags and data: a bad input still gets one line
@@ -168,55 +244,61 @@ class Trainer:
         if self.parts.micro_batch:
             how = (
                 ""
-                if self.cfg.micro_batch_size
+                if self.training.micro_batch_size
                 else f" (auto on a {self.accelerator.device.type.upper()}; --micro_batch_size 0: one pass)"
             )
             logger.info(
-                f"micro-batches: each batch of {self.cfg.batch_size} in passes of {self.parts.micro_batch} images{how}"
+                f"micro-batches: each batch of {self.training.batch_size} in passes of {self.parts.micro_batch} "
+                f"images{how}"
             )
 
     def _check_flags(self) -> None:
-        cfg = self.cfg
-        if cfg.micro_batch_size is not None and cfg.micro_batch_size < 0:
+        micro_batch, num_samples = self.training.micro_batch_size, self.sampling.num_samples
+        if micro_batch is not None and micro_batch < 0:
+            raise UsageError(f"--micro_batch_size must be >= 0 (0: the whole batch in one pass), got {micro_batch}")
+        if (num_samples or 0) > GRID_MAX:  # every image of a training grid is held in memory
             raise UsageError(
-                f"--micro_batch_size must be >= 0 (0: the whole batch in one pass), got {cfg.micro_batch_size}"
-            )
-        if (cfg.num_samples or 0) > GRID_MAX:  # every image of a training grid is held in memory
-            raise UsageError(
-                f"--num_samples {cfg.num_samples} is the size of the training sample grids; use at most {GRID_MAX} "
+                f"--num_samples {num_samples} is the size of the training sample grids; use at most {GRID_MAX} "
                 f"(sample_ddpm.py writes any number)"
             )
         self.start = self._start_model()
         # --size the UNet cannot downsample fails now, not after loading the data (--latent: once the VAE
         # is loaded, parts.load_training_data).
-        if cfg.size and self.start is None and not cfg.latent:
-            unet_kwargs(cfg, 1, cfg.size)
+        if self.data.size and self.start is None and not self.latent.latent:
+            unet_kwargs(self.model, 1, self.data.size)
 
     def _start_model(self):
         """--pretrained_model_name_or_path (its UNet and noise schedule; the run's records take its T, betas
         and prediction type) or --model_config_name_or_path (a new UNet of that config); None: the model flags."""
-        cfg = self.cfg
-        if cfg.pretrained_model_name_or_path:
-            start = load_pretrained(cfg.pretrained_model_name_or_path)
-            check_data_format(start, cfg.size, cfg.channels)
-            self.cfg = dataclasses.replace(cfg, **schedule_settings(start.scheduler_config, cfg.sample_timesteps))
+        model, size, channels = self.model, self.data.size, self.data.channels
+        if model.pretrained_model_name_or_path:
+            start = load_pretrained(model.pretrained_model_name_or_path)
+            check_data_format(start, size, channels)
+            self._take_schedule(start.scheduler_config)
             return start
-        if cfg.model_config_name_or_path:
-            return unet_from_config(cfg.model_config_name_or_path, cfg.size, cfg.channels)
+        if model.model_config_name_or_path:
+            return unet_from_config(model.model_config_name_or_path, size, channels)
         return None
 
+    def _take_schedule(self, scheduler_config) -> None:
+        """A pretrained start brings its noise schedule: the run diffuses, and records, its T and betas."""
+        taken = schedule_settings(scheduler_config, self.sampling.sample_timesteps)
+        self.settings.update(taken)
+        self.sampling = replace(self.sampling, sample_timesteps=taken.pop("sample_timesteps"))
+        self.diffusion = replace(self.diffusion, **taken)
+
     def _make_accelerator(self) -> Accelerator:
-        cfg = self.cfg
+        training = self.training
         accelerator = Accelerator(
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            gradient_accumulation_steps=training.gradient_accumulation_steps,
             mixed_precision=resolve_mixed_precision(
-                cfg.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu"
+                training.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu"
             ),
             log_with=self.tracker,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
-        set_seed(cfg.seed)
+        set_seed(training.seed)
         logger.debug(
             f"accelerate: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, on "
             f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
@@ -226,14 +308,14 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.parts, self.state, self.out / "checkpoints", self.cfg.checkpoints_total_limit)
+        return save_checkpoint(self.parts, self.state, self.out / "checkpoints", self.output.checkpoints_total_limit)
 
     def resume(self) -> None:
         """--resume_from_checkpoint: the checkpoint's weights, optimiser, RNG, EMA, data position and
         schedule; the log loses the lines of steps after it (they are trained again)."""
-        cfg = self.cfg
-        if cfg.resume_from_checkpoint:
-            resumed = load_checkpoint(self.parts, self.out / "checkpoints", cfg.resume_from_checkpoint)
+        resume = self.output.resume_from_checkpoint
+        if resume:
+            resumed = load_checkpoint(self.parts, self.out / "checkpoints", resume)
             if resumed is not None:
                 self.state = resumed.state
                 self._continue_schedule(resumed.planned_steps)
@@ -241,7 +323,7 @@ class Trainer:
                 trim_log(self.out / "train_log.jsonl", self.state.global_step)
         if self.main:
             make_subdir(self.out, "samples")  # a link there is refused: the grids would land where it points
-            write_json(self.out / "train_config.json", public_config(cfg.to_dict()))
+            write_json(self.out / "train_config.json", public_config(self.settings))
         if self.tracker == "tensorboard" and self.main:  # its event files go to OUTPUT_DIR/logs/TRACKER_PROJECT
             make_subdir(self.out, "logs", TRACKER_PROJECT)  # a link on the way is refused, not logged through
         if self.tracker:
@@ -259,12 +341,12 @@ class Trainer:
             )
 
     def _init_tracker(self) -> None:
-        record = public_config(self.cfg.to_dict())
+        record = public_config(self.settings)
         flat = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in record.items()}
         self.accelerator.init_trackers(
             TRACKER_PROJECT,
             config=flat,
-            init_kwargs={"wandb": {"name": f"DDPM_{Path(self.cfg.dataset).name}", **self.tracker_options}},
+            init_kwargs={"wandb": {"name": f"DDPM_{Path(self.data.dataset).name}", **self.tracker_options}},
         )
 
     # ---- the loop -------------------------------------------------------------------------
@@ -306,7 +388,7 @@ class Trainer:
         skip = self.state.batches if epoch == self.state.epoch else 0
         batches = loader
         if skip:
-            batches = loader.skip(skip) if self.cfg.streaming else self.accelerator.skip_first_batches(loader, skip)
+            batches = loader.skip(skip) if self.data.streaming else self.accelerator.skip_first_batches(loader, skip)
         for index, (batch,) in enumerate(batches, start=skip):
             self.state.epoch, self.state.batches = epoch, index + 1
             yield batch
@@ -314,14 +396,14 @@ class Trainer:
     def run_step(self, batch: torch.Tensor, stop=None) -> bool:
         """One batch through the parts (train_step.py). True when an optimiser update was made; a
         non-finite loss skips it (--skip_nonfinite_steps) or stops."""
-        x0 = model_input(self.parts, self.cfg, batch)
-        self.flags = train_step(self.parts, self.cfg, self.state, x0, bool(stop and stop.requested))
+        x0 = model_input(self.parts, batch)
+        self.flags = train_step(self.parts, self.state, x0, bool(stop and stop.requested))
         if self.flags[0] > 0:
             return self._skip_nonfinite()
         return self.accelerator.sync_gradients
 
     def _skip_nonfinite(self) -> bool:
-        if not self.cfg.skip_nonfinite_steps:
+        if not self.training.skip_nonfinite_steps:
             kept = list_checkpoints(self.out / "checkpoints")
             where = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint was saved yet"
             self.progress.close()  # the error line starts a line of its own
@@ -337,13 +419,13 @@ class Trainer:
         after_update(self.parts, self.state)
         step = self.state.global_step
         self.progress.update(1)
-        if step % self.cfg.logging_steps == 0 or step == self.parts.max_steps:
+        if step % self.output.logging_steps == 0 or step == self.parts.max_steps:
             self.log_step()
-        if step % self.cfg.checkpointing_steps == 0:
+        if step % self.output.checkpointing_steps == 0:
             self.save_checkpoint()
             self.last_saved = step
-            if self.hub and self.cfg.hub_strategy == "every_save":
-                self.hub.snapshot(step, functools.partial(export_pipeline, self.parts, self.cfg, step=step))
+            if self.push and self.hub.hub_strategy == "every_save":
+                self.push.snapshot(step, functools.partial(export_pipeline, self.parts, self.settings, step=step))
         if self.flags[1] > 0:
             self.stop_now()
             return True
@@ -354,7 +436,8 @@ class Trainer:
         state, accelerator = self.state, self.accelerator
         mean_loss = accelerator.reduce(state.loss_sum / max(state.loss_count, 1), "mean").item()
         now, (last_time, last_step) = time.time(), self.last_log
-        images_per_update = self.cfg.batch_size * accelerator.num_processes * self.cfg.gradient_accumulation_steps
+        training = self.training
+        images_per_update = training.batch_size * accelerator.num_processes * training.gradient_accumulation_steps
         record = dict(
             step=state.global_step,
             epoch=state.epoch,
@@ -390,9 +473,9 @@ class Trainer:
     def end_of_epoch(self, epoch: int) -> None:
         """The EMA sample grid (first epoch, every --sample_and_save_freq, last) and --eval_fid_every."""
         last = self.state.global_step >= self.parts.max_steps
-        if epoch == 0 or (epoch + 1) % self.cfg.sample_and_save_freq == 0 or last:
+        if epoch == 0 or (epoch + 1) % self.output.sample_and_save_freq == 0 or last:
             self.save_samples(epoch)
-        if self.fid_hook and ((epoch + 1) % self.cfg.eval_fid_every == 0 or last):
+        if self.fid_hook and ((epoch + 1) % self.fid.eval_fid_every == 0 or last):
             self.fid_hook(self.parts, epoch, self.state.global_step)
 
     def save_samples(self, epoch: int) -> None:
@@ -403,11 +486,11 @@ class Trainer:
                 images = generate(
                     parts.model,
                     parts.sampler,
-                    self.cfg.num_samples or 16,
+                    self.sampling.num_samples or 16,
                     parts.sample_steps,
-                    eta=self.cfg.ddpm,
-                    seed=self.cfg.seed,
-                    batch_size=self.cfg.batch_size,
+                    eta=self.sampling.eta,
+                    seed=self.training.seed,
+                    batch_size=self.training.batch_size,
                     vae=parts.vae,
                     progress=False,
                 )
@@ -428,7 +511,7 @@ class Trainer:
             if not (checkpoint_root / f"{CHECKPOINT_PREFIX}{step}").exists():
                 self.save_checkpoint()
             if self.main:
-                save_pipeline_atomically(self.out, self.parts, self.cfg, step)
+                save_pipeline_atomically(self.out, self.parts, self.settings, step)
                 logger.info(
                     f"saved the pipeline (EMA weights) to {self.out}; sample it with: python sample_ddpm.py "
                     "--checkpoint "
@@ -441,10 +524,5 @@ class Trainer:
             )
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
-        if self.hub:
-            self.hub.final()  # a failure leaves the saved output as it is: one line, non-zero exit (DDPMError)
-
-
-def train(cfg: DDPMConfig) -> Path:
-    """Train as train_ddpm.py does; returns the output folder (a diffusers pipeline)."""
-    return Trainer(cfg).run()
+        if self.push:
+            self.push.final()  # a failure leaves the saved output as it is: one line, non-zero exit (DDPMError)
