@@ -36,6 +36,8 @@ _EXPORTS = {
     "load_yaml": "config.options",
     "validate": "config.sections",
     "Sections": "config.sections",
+    "DataSettings": "config.sections",
+    "FIDSettings": "config.sections",
     "DDPMError": "util.errors",
     "UsageError": "util.errors",
     "setup_logging": "util.logs",

@@ -95,3 +95,10 @@ def test_no_library_function_below_the_commands_takes_the_whole_configuration():
         if (found := whole_configuration_takers(path.read_text()))
     }
     assert offenders == {}
+
+
+def test_sampling_and_ood_from_python_are_checked_as_their_commands(tmp_path):
+    for run in (ddpm_hf.run_sampling, ddpm_hf.run_ood):
+        with pytest.raises(UsageError, match=r"^--ddpm \(the DDIM eta\) must be >= 0, got -1.0$"):
+            run(DDPMConfig(checkpoint=str(tmp_path / "missing"), ddpm=-1.0, output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()

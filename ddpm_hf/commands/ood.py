@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.sections import validate
 from ..data.images import same_dataset
 from ..data.sets import load_set, load_stats_images
 from ..models.loader import model_format
@@ -301,7 +302,8 @@ def _prepare(cfg, device) -> tuple:
 
 def run_ood(cfg, device=None) -> dict:
     """ood_ddpm.py: score both test sets, print the report, write the four result files
-    (--fit and --detector: ddpm_hf/commands/detect.py)."""
+    (--fit and --detector: ddpm_hf/commands/detect.py). The flags are checked as the command checks them."""
+    validate(cfg, timesteps_known=False)
     start = time.perf_counter()
     device = compute_device(device)
     settings, loaded, score = _prepare(cfg, device)

@@ -13,6 +13,7 @@ import torch
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from ..config.sections import validate
 from ..data.images import to_uint8
 from ..diffusion.latent import downsample_factor
 from ..diffusion.sampling import (
@@ -313,7 +314,9 @@ def _sample_pngs(cfg, loaded, device, scheduler, steps, todo, advice, main=True)
 
 
 def run_sampling(cfg, device=None) -> Path:
-    """sample_ddpm.py: a grid plus one PNG per image, or (--fid) a resumable folder of PNGs."""
+    """sample_ddpm.py: a grid plus one PNG per image, or (--fid) a resumable folder of PNGs. The flags are
+    checked as the command checks them (T comes from the model)."""
+    validate(cfg, timesteps_known=False)
     device = compute_device(device)
     if cfg.nll or cfg.inpaint:  # the other two runs of sample_ddpm.py
         from .inpaint import run_inpaint

@@ -66,7 +66,7 @@ from .output import (
     save_pipeline_atomically,
     trim_log,
 )
-from .parts import build_parts, load_training_data
+from .parts import PART_SECTIONS, build_parts, load_training_data
 from .train_step import after_update, model_input, train_step
 
 logger = get_logger(__name__)
@@ -199,17 +199,10 @@ class Trainer:
         # --push_to_hub: the repository is created now, so a bad token or no network fails before training.
         self.push = TrainingPush(self.hub, self.out) if self.hub.push_to_hub and self.main else None
         self.accelerator.wait_for_everyone()
+        start_schedule = self.start.scheduler_config if self.start is not None else None
+        sections = {name: getattr(self, name) for name in PART_SECTIONS}
         self.parts = build_parts(
-            self.accelerator,
-            data.unet,
-            data.data,
-            training=self.training,
-            diffusion=self.diffusion,
-            sampling=self.sampling,
-            data=self.data,
-            latent=self.latent,
-            vae=data.vae,
-            scheduler_config=self.start.scheduler_config if self.start is not None else None,
+            self.accelerator, data.unet, data.data, **sections, vae=data.vae, scheduler_config=start_schedule
         )
         self.state = TrainerState.on(self.accelerator.device)
         self._print_notices()
