@@ -41,7 +41,8 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) sample_ddpm.py --config configs/quickstart.yaml --checkpoint $(DEMO) --output_dir $(DEMO)/generated --num_samples 64 --overwrite_output_dir
 	HF_HUB_OFFLINE=1 $(PY) ood_ddpm.py --config configs/quickstart.yaml --checkpoint $(DEMO) --output_dir $(DEMO)/ood --overwrite_output_dir
 
-# Unit tests and a thin end-to-end path (train -> sample -> OOD on a tiny model); no test marked slow.
+# Unit tests and a thin end-to-end path (train -> sample -> OOD on a tiny model); no test marked slow
+# (the slow ones: the longer end-to-end and robustness runs, in `make test-slow` and CI).
 test: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 

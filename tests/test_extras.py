@@ -79,6 +79,7 @@ def test_medmnist_site(monkeypatch, tmp_path):
         load_images("chestmnist", "test", DataSettings(medmnist_root=str(tmp_path)), limit=2, progress=False)
 
 
+@pytest.mark.slow
 def test_ood_lpips_without_the_package_fails_in_one_line(tmp_path):
     """The command line: a package that cannot be imported (a stand-in first on the path), one error line,
     before the model is read."""

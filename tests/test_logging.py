@@ -128,6 +128,7 @@ def test_a_bad_level_is_one_line(args, expected, tmp_path, capsys):
     assert exit_info.value.code == 2 and len(lines) == 1 and lines[0].startswith(expected.format(config=config))
 
 
+@pytest.mark.slow
 def test_train_at_warning_keeps_the_notices_and_drops_the_progress(tmp_path):
     proc = run_script(
         "train_ddpm.py", *TINY_TRAIN, "--max_train_samples", "32", "--max_train_steps", "1",

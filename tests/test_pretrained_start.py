@@ -31,6 +31,7 @@ def _weights(folder):
     return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.slow
 def test_fine_tuning_a_stock_ddpm_pipeline_takes_over_its_unet_and_schedule(tmp_path, stock_ddpm):
     out = tmp_path / "tuned"
     proc = run_script(
@@ -82,6 +83,7 @@ def test_our_pipeline_as_a_start_and_a_resize_to_its_format(tmp_path, trained_pi
     }
 
 
+@pytest.mark.slow
 def test_a_data_format_other_than_the_models_is_one_line(tmp_path, stock_ddpm):
     proc = run_script(
         "train_ddpm.py",
@@ -102,6 +104,7 @@ def test_a_data_format_other_than_the_models_is_one_line(tmp_path, stock_ddpm):
     assert len(missing.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_model_config_gives_that_architecture_with_new_weights(tmp_path, stock_ddpm):
     out = tmp_path / "from_config"
     config_file = stock_ddpm / "unet" / "config.json"

@@ -51,6 +51,7 @@ def _error_lines(stderr):
 # ---- the output-folder lock -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_live_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(
@@ -148,6 +149,7 @@ def test_lock_in_process(tmp_path):
 # ---- a full disk -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_full_disk_during_the_pipeline_save_then_resume_writes_it(tmp_path):
     out = tmp_path / "run"
     args = [*TRAIN, "--max_train_steps", "3", "--checkpointing_steps", "2", "--output_dir", out]
@@ -308,6 +310,7 @@ def test_capacity_problem():
 # ---- sample_ddpm.py outputs --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fid_folder_origin_same_model_other_path_and_overwrite(trained_pipeline, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(trained_pipeline, copy, ignore=shutil.ignore_patterns("checkpoints"))
@@ -339,6 +342,7 @@ def test_fid_folder_origin_same_model_other_path_and_overwrite(trained_pipeline,
     assert json.loads((folder / "fid_origin.json").read_text())["seed"] == 2
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_samples_and_the_grid_is_capped(trained_pipeline, tmp_path):
     out = tmp_path / "s"
     common = ["--checkpoint", trained_pipeline, "--output_dir", out, "--sample_timesteps", "1"]

@@ -73,6 +73,7 @@ def test_rescale_with_noise_prediction_is_refused_in_one_line():
     assert "--rescale_betas_zero_snr" in proc.stderr and "--prediction_type v_prediction" in proc.stderr
 
 
+@pytest.mark.slow
 def test_training_with_zero_terminal_snr_saves_it_and_prints_no_notice(tmp_path):
     out = tmp_path / "zsnr"
     argv = [*TINY_TRAIN, "--max_train_steps", "2", "--output_dir", out, "--prediction_type", "v_prediction"]
