@@ -16,7 +16,7 @@ from ..util.extras import require_extra
 from ..util.files import atomic_write, make_subdir, read_json, write_json
 from ..util.logs import get_logger
 from .ema import ema_weights
-from .output import RESUME_HINT, append_log, save_pipeline_atomically
+from .output import RESUME_HINT, TRACKER_PROJECT, append_log, save_pipeline_atomically
 
 logger = get_logger(__name__)
 
@@ -37,6 +37,14 @@ def setup_tracker(tracker: str):
             )
             return tracker, {"mode": "offline"}
     return (None if tracker == "none" else tracker), {}
+
+
+def init_tracker(accelerator, record: dict, dataset: str, options: dict) -> None:
+    """Start the tracker of setup_tracker with the run's flags (`record`, without secrets) as its config."""
+    flat = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in record.items()}
+    accelerator.init_trackers(
+        TRACKER_PROJECT, config=flat, init_kwargs={"wandb": {"name": f"DDPM_{Path(dataset).name}", **options}}
+    )
 
 
 def save_grid(images: torch.Tensor, path: Path, accelerator=None, tracker=None, step: int = 0) -> None:

@@ -18,7 +18,6 @@ draws the sample grid and the FID evaluation.
 
 import functools
 import itertools
-import os
 import shlex
 import signal
 import sys
@@ -28,8 +27,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..config.sections import (
@@ -53,10 +50,11 @@ from ..util import host_memory
 from ..util.errors import DDPMError, UsageError
 from ..util.files import make_subdir, write_json
 from ..util.logs import get_logger
-from ..util.precision import resolve_mixed_precision, warn_if_bf16_emulated
+from ..util.precision import warn_if_bf16_emulated
 from .checkpoints import CHECKPOINT_PREFIX, TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import ema_weights
-from .monitoring import FidHook, save_grid, setup_tracker
+from .launch import make_accelerator
+from .monitoring import FidHook, init_tracker, save_grid, setup_tracker
 from .output import (
     TRACKER_PROJECT,
     append_log,
@@ -102,35 +100,6 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def _check_launch(accelerator) -> None:
-    """Launches that would not do what their user meant."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise UsageError(
-            "FSDP shards the UNet's parameters, but the every-step EMA and the saved pipeline need them whole; "
-            "use DDP (configs/accelerate/multi_node_gpu.yaml) or DeepSpeed ZeRO-2 "
-            "(configs/accelerate/deepspeed_zero2.yaml)"
-        )
-    if (
-        accelerator.num_processes == 1
-        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-        and "MASTER_ADDR" in os.environ
-        and "WORLD_SIZE" not in os.environ
-    ):
-        # accelerate 1.x runs `launch --cpu --num_processes N` as ONE process unless it is given an MPI hostfile.
-        logger.warning(
-            "notice: accelerate started one CPU process; for several use "
-            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N train_ddpm.py ...`"
-        )
-    if accelerator.num_processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # torchrun started several processes, but without a GPU each one sees only itself unless
-        # ACCELERATE_USE_CPU is set: every process would train the whole run alone, into the same folder.
-        raise UsageError(
-            f"{os.environ['WORLD_SIZE']} processes were launched but each one would train alone (no GPU, and "
-            f"ACCELERATE_USE_CPU is not set); for CPU processes launch with ACCELERATE_USE_CPU=1 "
-            f"(see configs/accelerate/multi_cpu.yaml)"
-        )
 
 
 # The sections of the settings a run reads (Sections' field names): `Trainer(**sections.pick(*TRAINER_SECTIONS))`.
@@ -183,7 +152,7 @@ class Trainer:
         self._check_output_dir()
         self._check_flags()
         self.tracker, self.tracker_options = setup_tracker(self.output.tracker())
-        self.accelerator = self._make_accelerator()
+        self.accelerator = make_accelerator(self.training, self.out, self.tracker)
         data = load_training_data(
             self.accelerator,
             self.start,
@@ -280,25 +249,6 @@ class Trainer:
         self.sampling = replace(self.sampling, sample_timesteps=taken.pop("sample_timesteps"))
         self.diffusion = replace(self.diffusion, **taken)
 
-    def _make_accelerator(self) -> Accelerator:
-        training = self.training
-        accelerator = Accelerator(
-            gradient_accumulation_steps=training.gradient_accumulation_steps,
-            mixed_precision=resolve_mixed_precision(
-                training.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu"
-            ),
-            log_with=self.tracker,
-            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        )
-        set_seed(training.seed)
-        logger.debug(
-            f"accelerate: {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, on "
-            f"{accelerator.device}, mixed precision {accelerator.mixed_precision}"
-        )
-        _check_launch(accelerator)
-        return accelerator
-
     # ---- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         return save_checkpoint(self.parts, self.state, self.out / "checkpoints", self.output.checkpoints_total_limit)
@@ -320,7 +270,7 @@ class Trainer:
         if self.tracker == "tensorboard" and self.main:  # its event files go to OUTPUT_DIR/logs/TRACKER_PROJECT
             make_subdir(self.out, "logs", TRACKER_PROJECT)  # a link on the way is refused, not logged through
         if self.tracker:
-            self._init_tracker()
+            init_tracker(self.accelerator, public_config(self.settings), self.data.dataset, self.tracker_options)
 
     def _continue_schedule(self, planned_steps: int) -> None:
         """A resume with another --max_train_steps / --n_epochs: the LR of this step on the new schedule."""
@@ -332,15 +282,6 @@ class Trainer:
                 f"notice: the run was planned for {planned_steps} steps and now has {max_steps}; "
                 f"the LR schedule continues from step {step} on the new length"
             )
-
-    def _init_tracker(self) -> None:
-        record = public_config(self.settings)
-        flat = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in record.items()}
-        self.accelerator.init_trackers(
-            TRACKER_PROJECT,
-            config=flat,
-            init_kwargs={"wandb": {"name": f"DDPM_{Path(self.data.dataset).name}", **self.tracker_options}},
-        )
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self) -> Path:
