@@ -6,7 +6,7 @@ import glob
 import hashlib
 import os
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -79,14 +79,14 @@ def _conversion_notice(what: str, native: Tuple[int, int], channels: int, size: 
         logger.warning(f"notice: {what} has {native_s} px images; {how} to the model's {size} px")
 
 
-def load_query_images(spec: str, channels: int, size: int, data: DataSettings = DataSettings()) -> tuple:
+def load_query_images(spec: str, channels: int, size: int, data: Optional[DataSettings] = None) -> tuple:
     """(names, uint8 images (N, C, size, size)) of the images a detector is asked about: a folder, an image
     file, a glob or a Hub dataset id (its test split). Images of another format are converted with a notice;
     an empty selection or an unreadable file is one line."""
     files = _query_files(spec)
     if not files:
         if is_hub_id(spec) and not os.path.exists(spec):
-            images = load_set(spec, "test", data, channels, size, None, "the image set")
+            images = load_set(spec, "test", data or DataSettings(), channels, size, None, "the image set")
             return [f"{spec}[{i}]" for i in range(len(images))], images
         if os.path.isdir(spec):
             raise UsageError(f"image folder {spec} holds no images ({', '.join(IMAGE_SUFFIXES)}); put images in it")
