@@ -1,7 +1,7 @@
 """The settings in sections: one small dataclass per concern, each checking itself.
 
 `DDPMConfig` (options.py) is the flat table of flags and YAML keys, with their defaults and help; a
-command turns it into `Sections` (`check(cfg)`), runs every check, and hands the library only the
+command turns it into `Sections` (`validate(cfg)` runs every check and returns them) and hands the library only the
 sections a part needs, or plain arguments. A section's defaults are the flags' own (defined once, in
 options.py); inside, `--ddpm` is the DDIM `eta` and `--decay` the `weight_decay`.
 """
