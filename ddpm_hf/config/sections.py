@@ -48,9 +48,6 @@ class _Section:
     def check(self) -> None:
         """The section's own rules (none by default)."""
 
-    def replaced(self, **changes):
-        return dataclasses.replace(self, **changes)
-
 
 def _positive(section, *names: str, optional: bool = False) -> None:
     for name in names:
@@ -86,7 +83,7 @@ class DataSettings(_Section):
 
     def without_format(self) -> "DataSettings":
         """These settings with --size/--channels dropped: a loaded model decides the format."""
-        return self.replaced(size=None, channels=None)
+        return dataclasses.replace(self, size=None, channels=None)
 
 
 @dataclass
@@ -280,14 +277,10 @@ class OutputSettings(_Section):
 
     def resolved_output_dir(self, dataset: str) -> str:
         """--output_dir, else outputs/ddpm_<dataset's name>."""
-        return self.output_dir or default_output_dir(dataset)
+        return self.output_dir or f"outputs/ddpm_{Path(dataset).name}"
 
     def tracker(self) -> str:
         return "none" if self.no_wandb else self.report_to
-
-
-def default_output_dir(dataset: str) -> str:
-    return f"outputs/ddpm_{Path(dataset).name}"
 
 
 @dataclass
